@@ -1,0 +1,70 @@
+"""The attention-backend seam: what a backend is given, what it returns, and the exact merge.
+
+A batch is laid out as decode sequences first (one query token each), then prefill chunks.
+Backends write the step's new K/V into the paged cache and attend over each sequence's whole
+context. On request they also return the per-head log-sum-exp of the scores, which is what lets
+partial attentions over disjoint KV segments (attention offload, DistAttention) be merged
+exactly with `merge_partials`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    """One prefill chunk: queries are tokens [start, start + num_query) of a context of seq_len."""
+
+    query_start: int  # offset of its first token in the flat batch
+    num_query: int
+    seq_len: int  # context length including this chunk
+    slots: torch.Tensor | None  # [seq_len] slots of the whole context; None if no cached prefix
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    num_decode: int  # decode sequences come first in the flat batch, one token each
+    slot_mapping: torch.Tensor  # [N] cache slot each new token's K/V is written to
+    decode_slots: torch.Tensor | None  # [num_decode, max_len] context slots, padded with 0
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_len] True where a slot is real
+    prefills: tuple[PrefillSeq, ...]
+    scale: float
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        return_lse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write k/v at meta.slot_mapping, then attend.
+
+        q: [N, H, D]; k, v: [N, Hkv, D]; k_cache, v_cache: [num_slots, Hkv, D] (written in place).
+        Returns out [N, H, D] and, if return_lse, lse [N, H] in float32 (natural log).
+        """
+        ...
+
+
+def merge_partials(
+    outs: list[torch.Tensor], lses: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly combine attention computed over disjoint KV segments.
+
+    outs[i]: [N, H, D] softmax-normalized over segment i; lses[i]: [N, H].
+    out = sum_i exp(lse_i - lse) * out_i with lse = logsumexp_i(lse_i). A segment with no keys
+    for a query carries lse = -inf and weight 0.
+    """
+    lse_stack = torch.stack(lses)  # [S, N, H]
+    total = torch.logsumexp(lse_stack, dim=0)  # [N, H]
+    weights = torch.exp(lse_stack - total.unsqueeze(0)).nan_to_num(0.0)  # [S, N, H]
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True))
+    return out.to(outs[0].dtype), total

@@ -1,0 +1,41 @@
+"""Content identity of a KV block: the same prefix means the same block id everywhere.
+
+block_id = H(parent_block_id, token_ids of the block, model_id). The KV store, the router's
+prefix-aware placement and the engine's prefix cache all use this one definition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+BlockHash = bytes  # 16 bytes
+ROOT_HASH: BlockHash = b"\x00" * 16
+
+
+def hash_block(parent: BlockHash, token_ids: Sequence[int], model_id: str) -> BlockHash:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent)
+    h.update(np.asarray(token_ids, dtype="<i8").tobytes())
+    h.update(model_id.encode())
+    return h.digest()
+
+
+def hash_blocks(
+    token_ids: Sequence[int], block_size: int, model_id: str, include_partial: bool = False
+) -> list[BlockHash]:
+    """Chain the hashes of consecutive blocks of `token_ids`.
+
+    Only full blocks are hashed unless include_partial: a partial tail block's id then covers
+    just the tokens it holds (it is never entered in a prefix cache, but a transfer can name it).
+    """
+    out: list[BlockHash] = []
+    parent = ROOT_HASH
+    n_full = len(token_ids) // block_size
+    end = len(token_ids) if include_partial else n_full * block_size
+    for start in range(0, end, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size], model_id)
+        out.append(parent)
+    return out

@@ -1,0 +1,145 @@
+"""The KV block pool: reference counts, the prefix cache, and LRU eviction.
+
+Every block is in exactly one state:
+  free    ref_cnt == 0, no content hash       (in the free queue)
+  cached  ref_cnt == 0, content hash known    (in the free queue AND in the hash map)
+  in use  ref_cnt  > 0                        (maybe also in the hash map: shared prefix)
+Allocation pops the front of the free queue (least recently released); popping a cached block
+evicts its hash. Releasing appends to the back, so the free queue is the LRU order of eviction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.engine.block_hash import BlockHash
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: BlockHash | None = None
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    free: int
+    cached: int
+    in_use: int
+
+    @property
+    def total(self) -> int:
+        return self.free + self.cached + self.in_use
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.enable_caching = enable_caching
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[BlockHash, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be allocated now: truly free plus evictable cached ones."""
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take n blocks (ref_cnt 1 each), evicting the least recently released cached ones."""
+        if n > len(self._free):
+            raise RuntimeError(f"allocate({n}) with only {len(self._free)} free blocks")
+        out = []
+        for _ in range(n):
+            bid, _ = self._free.popitem(last=False)
+            blk = self.blocks[bid]
+            if blk.block_hash is not None:
+                del self._cached[blk.block_hash]
+                blk.block_hash = None
+            blk.ref_cnt = 1
+            out.append(bid)
+        return out
+
+    def release(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference from each block. Pass a request's blocks tail first, so that its
+        prefix, the part most likely to be shared again, is evicted last."""
+        for bid in block_ids:
+            blk = self.blocks[bid]
+            if blk.ref_cnt <= 0:
+                raise RuntimeError(f"release of block {bid} with ref_cnt {blk.ref_cnt}")
+            blk.ref_cnt -= 1
+            if blk.ref_cnt == 0:
+                self._free[bid] = None
+
+    def lookup(self, hashes: Sequence[BlockHash]) -> list[int]:
+        """The longest cached prefix of `hashes`, as block ids. Does not take references."""
+        out = []
+        if not self.enable_caching:
+            return out
+        for h in hashes:
+            bid = self._cached.get(h)
+            if bid is None:
+                break
+            out.append(bid)
+        return out
+
+    def acquire(self, block_ids: Sequence[int]) -> None:
+        """Take a reference on blocks found by lookup (pairs with release)."""
+        for bid in block_ids:
+            blk = self.blocks[bid]
+            if blk.ref_cnt == 0:
+                del self._free[bid]
+            blk.ref_cnt += 1
+
+    def cache(self, block_id: int, block_hash: BlockHash) -> None:
+        """Record that an in-use block now holds full, computed content with this hash.
+
+        If another block already holds the same content, this one stays uncached (a duplicate
+        computed concurrently); it is freed normally.
+        """
+        if not self.enable_caching:
+            return
+        blk = self.blocks[block_id]
+        if blk.block_hash is not None or block_hash in self._cached:
+            return
+        blk.block_hash = block_hash
+        self._cached[block_hash] = block_id
+
+    def is_cached(self, block_hash: BlockHash) -> bool:
+        return block_hash in self._cached
+
+    def usage(self) -> PoolUsage:
+        free = cached = in_use = 0
+        for b in self.blocks:
+            if b.ref_cnt > 0:
+                in_use += 1
+            elif b.block_hash is None:
+                free += 1
+            else:
+                cached += 1
+        return PoolUsage(free=free, cached=cached, in_use=in_use)
+
+    def check_integrity(self) -> PoolUsage:
+        """Raise if any invariant is broken; return the usage counts."""
+        for b in self.blocks:
+            if b.ref_cnt < 0:
+                raise AssertionError(f"block {b.block_id} has ref_cnt {b.ref_cnt}")
+            if (b.ref_cnt == 0) != (b.block_id in self._free):
+                raise AssertionError(f"block {b.block_id}: ref_cnt {b.ref_cnt} vs free queue")
+            if b.block_hash is not None and self._cached.get(b.block_hash) != b.block_id:
+                raise AssertionError(f"block {b.block_id}: hash not mapped back to it")
+        if len(self._cached) != sum(b.block_hash is not None for b in self.blocks):
+            raise AssertionError("hash map holds entries for blocks without that hash")
+        usage = self.usage()
+        if usage.total != self.num_blocks or usage.free + usage.cached != len(self._free):
+            raise AssertionError(f"usage {usage} does not add up to {self.num_blocks}")
+        return usage

