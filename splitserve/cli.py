@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Fetch and convert real models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU)")

@@ -1,0 +1,70 @@
+"""Shared pieces of the engine tests: building engines and the HF reference."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
+from services.engine.request import Request
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import ScheduledSeq, SchedulerOutput
+
+GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+
+
+def make_engine(model_dir: Path, **cfg) -> LLMEngine:
+    cfg.setdefault("num_kv_blocks", 256)
+    return LLMEngine(model_dir, EngineConfig(**cfg), seed=0)
+
+
+def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def forward_all_logits(engine: LLMEngine, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Our forward pass over several prompts in ONE flat batch; logits at every position."""
+    engine.pool.check_integrity()
+    so = SchedulerOutput()
+    reqs = []
+    for i, p in enumerate(prompts):
+        req = Request(f"p{i}", p, GREEDY, 0.0, engine.block_size, engine.model_id)
+        req.block_ids = engine.pool.allocate(-(-len(p) // engine.block_size))
+        reqs.append(req)
+        (so.decodes if len(p) == 1 else so.prefills).append(ScheduledSeq(req, 0, len(p)))
+    ids, pos, meta, _ = engine.runner.prepare(so)
+    logits = engine.model.forward(ids, pos, meta, engine.kv_cache, None)
+    for r in reqs:
+        engine.pool.release(r.block_ids)
+    out, start = [], 0
+    for s in so.seqs:
+        out.append(logits[start : start + s.num_new])
+        start += s.num_new
+    order = {id(s.request): k for k, s in enumerate(so.seqs)}
+    return [out[order[id(r)]] for r in reqs]
+
+
+def hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy decoding with its KV cache, never stopping at EOS (ignore_eos)."""
+    out: list[int] = []
+    # `past_key_values` works across the transformers versions on our machines (newer ones
+    # deprecate the name in favour of `cache`).
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        res = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(n):
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+    return out
