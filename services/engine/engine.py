@@ -12,8 +12,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from services.engine.attention_cpu import TorchAttentionBackend
 from services.engine.block_hash import ROOT_HASH, hash_block
 from services.engine.block_pool import BlockPool, PoolUsage
@@ -271,7 +269,11 @@ class LLMEngine:
         for j in range(blocks_for(n, bs)):
             end = min((j + 1) * bs, n)
             ids = tuple(tokens[j * bs : end])
-            h = req.block_hashes[j] if end - j * bs == bs else hash_block(parent, ids, self.model_id)
+            h = (
+                req.block_hashes[j]
+                if end - j * bs == bs
+                else hash_block(parent, ids, self.model_id)
+            )
             out.append(KVBlock(h, ids, self.kv_cache.read_block(req.block_ids[j], len(ids))))
             parent = h
         return out

@@ -62,7 +62,10 @@ class KVBlock:
         torch_dtype = _NAME_DTYPES[dtype]
         expected = int(np.prod(shape)) * torch.empty((), dtype=torch_dtype).element_size()
         if len(payload) != expected:
-            raise ValueError(f"KV payload has {len(payload)} bytes; {dtype} {shape} needs {expected}")
-        raw = torch.frombuffer(bytearray(payload) if isinstance(payload, bytes) else payload,
-                               dtype=torch.uint8)
+            raise ValueError(
+                f"KV payload has {len(payload)} bytes; {dtype} {shape} needs {expected}"
+            )
+        raw = torch.frombuffer(
+            bytearray(payload) if isinstance(payload, bytes) else payload, dtype=torch.uint8
+        )
         return cls(block_hash, token_ids, raw.view(torch_dtype).view(shape))

@@ -17,7 +17,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"
@@ -87,7 +87,9 @@ class Request:
             tokens = tokens or self.all_token_ids
             i = len(self.block_hashes)
             parent = self.block_hashes[-1] if self.block_hashes else ROOT_HASH
-            self.block_hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], self.model_id))
+            self.block_hashes.append(
+                hash_block(parent, tokens[i * bs : (i + 1) * bs], self.model_id)
+            )
 
 
 @dataclass(frozen=True)

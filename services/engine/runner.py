@@ -22,9 +22,7 @@ def _slots(block_ids: list[int], start: int, end: int, bs: int) -> np.ndarray:
 
 
 class ModelRunner:
-    def __init__(
-        self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, device: str
-    ) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, device: str) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.sampler = sampler

