@@ -22,17 +22,26 @@ class PrefillSeq:
     query_start: int  # offset of its first token in the flat batch
     num_query: int
     seq_len: int  # context length including this chunk
-    slots: torch.Tensor | None  # [seq_len] slots of the whole context; None if no cached prefix
+    block_table: torch.Tensor | None  # [ceil(seq_len / bs)] blocks of the whole context; None
+    # when the chunk is the whole context (no cached prefix), so it attends over its own K/V
 
 
 @dataclass(frozen=True)
 class AttentionMetadata:
     num_decode: int  # decode sequences come first in the flat batch, one token each
     slot_mapping: torch.Tensor  # [N] cache slot each new token's K/V is written to
-    decode_slots: torch.Tensor | None  # [num_decode, max_len] context slots, padded with 0
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_len] True where a slot is real
+    decode_block_table: torch.Tensor | None  # [num_decode, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * bs] True where real
     prefills: tuple[PrefillSeq, ...]
     scale: float
+    block_size: int
+
+
+def gather_blocks(cache: torch.Tensor, table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Contexts by block table: cache [num_slots, Hkv, D], table [..., nblk] -> [..., nblk*bs,
+    Hkv, D]. Selecting whole blocks is several times faster than selecting slot by slot."""
+    blocks = cache.view(-1, block_size, *cache.shape[1:]).index_select(0, table.reshape(-1))
+    return blocks.view(*table.shape[:-1], table.shape[-1] * block_size, *cache.shape[1:])
 
 
 class AttentionBackend(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.engine.attention import AttentionMetadata
+from services.engine.attention import AttentionMetadata, gather_blocks
 
 
 class TorchAttentionBackend:
@@ -31,9 +31,9 @@ class TorchAttentionBackend:
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         nd = meta.num_decode
         if nd:
-            assert meta.decode_slots is not None and meta.decode_mask is not None
-            kc = k_cache[meta.decode_slots]  # [B, L, Hkv, D]
-            vc = v_cache[meta.decode_slots]
+            assert meta.decode_block_table is not None and meta.decode_mask is not None
+            kc = gather_blocks(k_cache, meta.decode_block_table, meta.block_size)  # [B,L,Hkv,D]
+            vc = gather_blocks(v_cache, meta.decode_block_table, meta.block_size)
             o, s = _attend(
                 q[:nd].unsqueeze(2),  # [B, H, 1, D]
                 kc.transpose(1, 2),  # [B, Hkv, L, D]
@@ -48,13 +48,16 @@ class TorchAttentionBackend:
         for p in meta.prefills:
             sl = slice(p.query_start, p.query_start + p.num_query)
             qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
-            if p.slots is None:  # the chunk is the whole context: plain causal attention
+            if p.block_table is None:  # the chunk is the whole context: plain causal attention
                 ks = k[sl].transpose(0, 1).unsqueeze(0)  # [1, Hkv, T, D]
                 vs = v[sl].transpose(0, 1).unsqueeze(0)
                 mask = None
             else:
-                ks = k_cache[p.slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
-                vs = v_cache[p.slots].transpose(0, 1).unsqueeze(0)
+                ctx = slice(0, p.seq_len)
+                ks = gather_blocks(k_cache, p.block_table, meta.block_size)[ctx]  # [S, Hkv, D]
+                vs = gather_blocks(v_cache, p.block_table, meta.block_size)[ctx]
+                ks = ks.transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+                vs = vs.transpose(0, 1).unsqueeze(0)
                 mask = _offset_causal_mask(p.num_query, p.seq_len, q.device)
             o, s = _attend(qs, ks, vs, mask, meta.scale, return_lse, causal=mask is None)
             out[sl] = o.squeeze(0).transpose(0, 1)

@@ -56,25 +56,26 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(len(ids) - 1)
 
-        decode_slots = decode_mask = None
+        decode_table = decode_mask = None
         if so.decodes:
-            decode_slots, decode_mask = self._decode_context(so.decodes)
+            decode_table, decode_mask = self._decode_context(so.decodes)
         prefills = []
         offset = len(so.decodes)
         for s in so.prefills:
-            slots = None
+            table = None
             if s.start > 0:
-                slots = torch.from_numpy(_slots(s.request.block_ids, 0, s.end, bs))
-            prefills.append(PrefillSeq(offset, s.num_new, s.end, self._dev(slots)))
+                table = torch.tensor(s.request.block_ids[: -(-s.end // bs)], dtype=torch.long)
+            prefills.append(PrefillSeq(offset, s.num_new, s.end, self._dev(table)))
             offset += s.num_new
 
         meta = AttentionMetadata(
             num_decode=len(so.decodes),
             slot_mapping=self._dev(torch.from_numpy(np.concatenate(slot_parts))),
-            decode_slots=decode_slots,
+            decode_block_table=decode_table,
             decode_mask=decode_mask,
             prefills=tuple(prefills),
             scale=self.scale,
+            block_size=bs,
         )
         return (
             self._dev(torch.tensor(ids, dtype=torch.long)),
@@ -84,20 +85,17 @@ class ModelRunner:
         )
 
     def _decode_context(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of every decode sequence's whole context, padded to the longest: [B, L]."""
+        """Block table of every decode sequence's context, padded to the longest: [B, nblk],
+        and the mask of real slots: [B, 1, 1, nblk * bs]."""
         lens = np.array([s.end for s in decodes])
-        max_len = int(lens.max())
-        nblk = -(-max_len // self.bs)
+        nblk = -(-int(lens.max()) // self.bs)
         table = np.zeros((len(decodes), nblk), dtype=np.int64)
         for r, s in enumerate(decodes):
-            b = s.request.block_ids[:nblk]
+            b = s.request.block_ids[: -(-s.end // self.bs)]
             table[r, : len(b)] = b
-        p = np.arange(max_len)
-        slots = table[:, p // self.bs] * self.bs + p % self.bs  # [B, L]
-        valid = p[None, :] < lens[:, None]
-        slots = np.where(valid, slots, 0)
-        mask = torch.from_numpy(valid)[:, None, None, :]  # [B, 1, 1, L]
-        return self._dev(torch.from_numpy(slots)), self._dev(mask)
+        valid = np.arange(nblk * self.bs)[None, :] < lens[:, None]
+        mask = torch.from_numpy(valid)[:, None, None, :]
+        return self._dev(torch.from_numpy(table)), self._dev(mask)
 
     def _dev(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or self.device == "cpu":
