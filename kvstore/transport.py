@@ -1,0 +1,172 @@
+"""The data plane under Put and Get: how block bytes travel between a client and a holder.
+
+Control always goes over the holder's gRPC KVStore service; a transport decides where the
+payload goes. Two now:
+
+- StreamTransport: bytes inside the gRPC stream. Works everywhere.
+- SharedMemoryTransport: same host only. A writer leaves each payload as a file in the holder's
+  tmpfs directory and hands it over by name; a reader maps the holder's files. No bytes cross the
+  socket.
+
+An RDMA or GPU-direct library (Mooncake Transfer Engine, NIXL) or a CUDA IPC path fits the same
+shape: `reaches` says whether it can talk to that holder, `put`/`get` move blocks, and the client
+tries transports in order.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from kvstore.block import BlockError, BlockMeta, ChunkAssembler, StoredBlock, chunk_messages
+from kvstore.index import HolderInfo
+from protos.splitserve.v1 import kvstore_pb2 as pb
+from protos.splitserve.v1 import kvstore_pb2_grpc as pb_grpc
+
+GetItem = StoredBlock | bytes  # a block, or the id of one the holder does not have
+
+
+class Transport(Protocol):
+    name: str
+
+    def reaches(self, holder: HolderInfo) -> bool: ...
+
+    async def put(
+        self,
+        stub: pb_grpc.KVStoreStub,
+        holder: HolderInfo,
+        blocks: Sequence[StoredBlock],
+        reservation_id: str,
+        timeout: float,
+    ) -> list[pb.BlockStatus]: ...
+
+    def get(
+        self, stub: pb_grpc.KVStoreStub, holder: HolderInfo, ids: Sequence[bytes], timeout: float
+    ) -> AsyncIterator[GetItem]: ...
+
+
+class StreamTransport:
+    name = "stream"
+
+    def reaches(self, holder: HolderInfo) -> bool:
+        return True
+
+    async def put(self, stub, holder, blocks, reservation_id, timeout):
+        async def requests():
+            first = True
+            for b in blocks:
+                for c in chunk_messages(b.meta, b.payload):
+                    yield pb.PutRequest(chunk=c, reservation_id=reservation_id if first else "")
+                    first = False
+
+        resp = await stub.Put(requests(), timeout=timeout)
+        return list(resp.statuses)
+
+    async def get(self, stub, holder, ids, timeout):
+        asm = ChunkAssembler()
+        call = stub.Get(
+            pb.GetRequest(block_ids=ids, transport=pb.TRANSPORT_STREAM, allow_missing=True),
+            timeout=timeout,
+        )
+        async for resp in call:
+            if resp.missing_block_id:
+                yield bytes(resp.missing_block_id)
+                continue
+            block = asm.feed(resp.chunk)
+            if block is not None:
+                yield block
+
+
+class SharedMemoryTransport:
+    name = "shm"
+
+    def __init__(self, lease_ms: int = 10_000) -> None:
+        self.lease_ms = lease_ms
+        self._seen: dict[str, bool] = {}
+
+    def reaches(self, holder: HolderInfo) -> bool:
+        """True when this process sees the holder's tmpfs directory (same host and mounts)."""
+        if not holder.shm_dir:
+            return False
+        key = f"{holder.holder_id}:{holder.shm_dir}"
+        if key not in self._seen:
+            try:
+                marker = (Path(holder.shm_dir) / "holder").read_text()
+            except OSError:
+                marker = ""
+            self._seen[key] = marker == holder.holder_id
+        return self._seen[key]
+
+    async def put(self, stub, holder, blocks, reservation_id, timeout):
+        incoming = Path(holder.shm_dir) / "incoming"
+        written: list[Path] = []
+        try:
+            reqs = []
+            for i, b in enumerate(blocks):
+                path = incoming / f"{uuid.uuid4().hex}.part"
+                with path.open("wb") as fh:
+                    fh.write(b.payload)
+                written.append(path)
+                ref = pb.SharedMemoryRef(path=str(path), offset=0, length=b.meta.size)
+                chunk = pb.BlockChunk(header=b.meta.to_proto(), shm=ref, last=True)
+                reqs.append(pb.PutRequest(chunk=chunk, reservation_id="" if i else reservation_id))
+            resp = await stub.Put(iter(reqs), timeout=timeout)
+            return list(resp.statuses)
+        finally:
+            for p in written:  # adopted files were renamed away; these are the leftovers
+                p.unlink(missing_ok=True)
+
+    async def get(self, stub, holder, ids, timeout):
+        asm = ChunkAssembler()
+        call = stub.Get(
+            pb.GetRequest(
+                block_ids=ids,
+                transport=pb.TRANSPORT_SHARED_MEMORY,
+                allow_missing=True,
+                lease_ms=self.lease_ms,
+            ),
+            timeout=timeout,
+        )
+        async for resp in call:
+            if resp.missing_block_id:
+                yield bytes(resp.missing_block_id)
+                continue
+            c = resp.chunk
+            if not c.HasField("shm"):  # a disk-tier block arrives as bytes
+                block = asm.feed(c)
+                if block is not None:
+                    yield block
+                continue
+            meta = BlockMeta.from_proto(c.header)
+            try:
+                payload = _map_file(Path(c.shm.path), c.shm.offset, c.shm.length)
+            except OSError:
+                yield meta.block_id  # gone between the answer and the map: treat as missing
+                continue
+            yield StoredBlock(meta, payload)
+
+
+def _map_file(path: Path, offset: int, length: int):
+    if length == 0:
+        return b""
+    if offset % mmap.ALLOCATIONGRANULARITY:
+        raise BlockError(f"shared-memory offset {offset} is not page aligned")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        m = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=offset)
+    finally:
+        os.close(fd)
+    return memoryview(m)
+
+
+def channel_for(address: str) -> grpc.aio.Channel:
+    from kvstore.server import GRPC_OPTIONS
+
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
