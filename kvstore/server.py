@@ -417,12 +417,12 @@ async def serve_forever(server: KVStoreServer, announce) -> None:
     """Run until SIGTERM/SIGINT, then leave the index before closing the port."""
     import signal
 
-    address = await server.start()
-    announce(address)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before announcing: a caller may stop us at once
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, done.set)
+    address = await server.start()
+    announce(address)
     await done.wait()
     await server.stop()

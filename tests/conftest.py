@@ -47,3 +47,38 @@ def checked():
         usage = engine.check_integrity()
         if not engine.has_unfinished():
             assert usage.in_use == 0, f"blocks leaked: {usage}"
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis-compatible server (the embedded valkey) for the whole session."""
+    from kvstore.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as r:
+        yield r.url
+
+
+@pytest.fixture
+def fresh_redis():
+    """A private server a test may flush, restart or kill."""
+    from kvstore.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as r:
+        yield r
+
+
+@pytest.fixture
+def loop_thread():
+    from tests.kv_helpers import LoopThread
+
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def namespace(request) -> str:
+    """A key prefix per test so tests sharing the session server never see each other."""
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:10]}"
