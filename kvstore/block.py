@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import crc32c as _crc32c
 
+from kvstore.wire import Chunk
 from protos.splitserve.v1 import kvstore_pb2 as pb
 
 BLOCK_ID_BYTES = 16
@@ -188,25 +189,42 @@ def _as_bytes(payload: Payload, mv: memoryview) -> bytes:
     return payload if isinstance(payload, bytes) else mv.tobytes()
 
 
+def chunk_slices(
+    meta: BlockMeta, payload: Payload
+) -> Iterator[tuple[bytes | None, memoryview, bool]]:
+    """(serialized header on the first piece, payload slice, last) for the wire encoders."""
+    mv = memoryview(payload).cast("B")
+    n = mv.nbytes
+    header = meta.to_proto().SerializeToString()
+    if n == 0:
+        yield header, mv, True
+        return
+    for off in range(0, n, CHUNK_BYTES):
+        end = min(off + CHUNK_BYTES, n)
+        yield (header if off == 0 else None), mv[off:end], end == n
+
+
 class ChunkAssembler:
     """Reassembles blocks from a stream of chunks, validating the stream's shape."""
 
     def __init__(self, max_block_bytes: int | None = None) -> None:
         self.max_block_bytes = max_block_bytes
         self._meta: BlockMeta | None = None
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._received = 0
 
-    def feed(self, chunk: pb.BlockChunk) -> StoredBlock | None:
+    def feed(self, chunk: Chunk | pb.BlockChunk) -> StoredBlock | None:
         """Add one chunk; returns the block when it is complete. Raises BlockError."""
-        if chunk.HasField("header"):
+        if isinstance(chunk, pb.BlockChunk):
+            chunk = Chunk.from_pb(chunk)
+        if chunk.header is not None:
             if self._meta is not None:
                 raise BlockError(f"block {self._meta.hex}: a new header before its last chunk")
             self._meta = BlockMeta.from_proto(chunk.header, self.max_block_bytes)
         elif self._meta is None:
             raise BlockError("a chunk without a header starts a block")
         meta = self._meta
-        if chunk.data:
+        if len(chunk.data):
             self._received += len(chunk.data)
             if self._received > meta.size:
                 raise BlockError(f"block {meta.hex}: more payload than its header's {meta.size} B")
@@ -217,7 +235,11 @@ class ChunkAssembler:
             raise BlockError(
                 f"block {meta.hex}: {self._received} payload bytes, header says {meta.size}"
             )
-        payload = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        payload = (
+            self._parts[0]
+            if len(self._parts) == 1
+            else (b"".join(self._parts) if self._parts else b"")
+        )
         self._meta, self._parts, self._received = None, [], 0
         block = StoredBlock(meta, payload)
         block.verify()

@@ -20,9 +20,14 @@ import grpc
 
 from kvstore.block import BlockError, StoredBlock
 from kvstore.index import HolderInfo, IndexReader
-from kvstore.transport import SharedMemoryTransport, StreamTransport, Transport, channel_for
+from kvstore.transport import (
+    KVStoreMethods,
+    SharedMemoryTransport,
+    StreamTransport,
+    Transport,
+    channel_for,
+)
 from protos.splitserve.v1 import kvstore_pb2 as pb
-from protos.splitserve.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ class KVStoreClient:
             self.transports.insert(0, SharedMemoryTransport())
         self.timeout_s = timeout_s
         self.reservation_ttl_ms = reservation_ttl_ms
-        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.KVStoreStub]] = {}
+        self._channels: dict[str, tuple[grpc.aio.Channel, KVStoreMethods]] = {}
 
     async def close(self) -> None:
         for ch, _ in self._channels.values():
@@ -80,11 +85,11 @@ class KVStoreClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _stub(self, holder: HolderInfo) -> pb_grpc.KVStoreStub:
+    def _stub(self, holder: HolderInfo) -> KVStoreMethods:
         entry = self._channels.get(holder.address)
         if entry is None:
             ch = channel_for(holder.address)
-            entry = self._channels[holder.address] = (ch, pb_grpc.KVStoreStub(ch))
+            entry = self._channels[holder.address] = (ch, KVStoreMethods(ch))
         return entry[1]
 
     def _transport(self, holder: HolderInfo) -> Transport:

@@ -28,10 +28,12 @@ from kvstore.block import (
     ChunkAssembler,
     OversizeBlockError,
     StoredBlock,
-    chunk_messages,
+    chunk_slices,
 )
 from kvstore.block_store import DISK, MEMORY, BlockStore, PutResult
 from kvstore.index import RedisIndex
+from kvstore.wire import Chunk, PutItem, decode_put_request, encode_get_chunk, encode_get_missing
+from kvstore.wire import serialize as wire_serialize
 from protos.splitserve.v1 import kvstore_pb2 as pb
 from protos.splitserve.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -120,9 +122,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         size = 0
         try:
             async for req in request_iterator:
+                req: PutItem
+                if req.error:
+                    raise BlockError(req.error)
                 if req.reservation_id:
                     reservations.add(req.reservation_id)
-                if req.chunk.HasField("shm"):
+                if req.chunk.shm is not None:
                     if asm.in_progress:
                         raise BlockError("a shared-memory block inside another block's chunks")
                     block, path = self._adopt(req.chunk)
@@ -158,11 +163,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             ]
         )
 
-    def _adopt(self, chunk: pb.BlockChunk) -> tuple[StoredBlock, Path | None]:
+    def _adopt(self, chunk: Chunk) -> tuple[StoredBlock, Path | None]:
         """A same-host writer's block: verify the file it left in incoming/ and take it over."""
         if self.shm is None:
             raise BlockError("this holder has no shared-memory directory; send the bytes")
-        if not chunk.HasField("header"):
+        if chunk.header is None or chunk.shm is None:
             raise BlockError("a shared-memory block needs its header")
         meta = BlockMeta.from_proto(chunk.header, self.max_block_bytes)
         name = Path(chunk.shm.path).name
@@ -206,17 +211,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     else await asyncio.to_thread(self.store.get, bid)
                 )
                 if block is None:
-                    yield pb.GetResponse(missing_block_id=bid)
+                    yield encode_get_missing(bid)
                     continue
                 path = self.store.shm_path(bid) if use_shm else None
                 if path is not None:
                     ref = pb.SharedMemoryRef(path=str(path), offset=0, length=block.meta.size)
-                    yield pb.GetResponse(
-                        chunk=pb.BlockChunk(header=block.meta.to_proto(), shm=ref, last=True)
-                    )
+                    yield encode_get_chunk(block.meta.to_proto(), last=True, shm=ref)
                     continue
-                for c in chunk_messages(block.meta, block.payload):
-                    yield pb.GetResponse(chunk=c)
+                for header, data, last in chunk_slices(block.meta, block.payload):
+                    yield encode_get_chunk(header, data, last)
         finally:
             if not use_shm:  # shared-memory readers keep the pin for the lease to map the files
                 self.store.unpin(pin_id)
@@ -265,6 +268,36 @@ _STATS_FIELDS = (
     "gets",
     "puts",
 )
+
+
+def add_kvstore_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that Put and Get carry payloads through kvstore.wire
+    (no copies) instead of the generated message classes."""
+    unary = {
+        "Lookup": (pb.LookupRequest, pb.LookupResponse),
+        "Pin": (pb.PinRequest, pb.PinResponse),
+        "Unpin": (pb.UnpinRequest, pb.UnpinResponse),
+        "Stats": (pb.StatsRequest, pb.StatsResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=req.FromString,
+            response_serializer=resp.SerializeToString,
+        )
+        for name, (req, resp) in unary.items()
+    }
+    handlers["Put"] = grpc.stream_unary_rpc_method_handler(
+        servicer.Put,
+        request_deserializer=decode_put_request,
+        response_serializer=pb.PutResponse.SerializeToString,
+    )
+    handlers["Get"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Get,
+        request_deserializer=pb.GetRequest.FromString,
+        response_serializer=wire_serialize,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 async def _check_ids(ids: list[bytes], context) -> None:
@@ -363,7 +396,7 @@ class KVStoreServer:
             )
             self.store.sink = self.index
         servicer = KVStoreServicer(self.store, self.index, self.shm, self.max_block_bytes)
-        pb_grpc.add_KVStoreServicer_to_server(servicer, server)
+        add_kvstore_servicer(servicer, server)
         hs = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(hs, server)
         reflection.enable_server_reflection(

@@ -24,10 +24,10 @@ from typing import Protocol
 
 import grpc
 
-from kvstore.block import BlockError, BlockMeta, ChunkAssembler, StoredBlock, chunk_messages
+from kvstore.block import BlockError, BlockMeta, ChunkAssembler, StoredBlock, chunk_slices
 from kvstore.index import HolderInfo
+from kvstore.wire import decode_get_response, encode_put_request, serialize
 from protos.splitserve.v1 import kvstore_pb2 as pb
-from protos.splitserve.v1 import kvstore_pb2_grpc as pb_grpc
 
 GetItem = StoredBlock | bytes  # a block, or the id of one the holder does not have
 
@@ -39,7 +39,7 @@ class Transport(Protocol):
 
     async def put(
         self,
-        stub: pb_grpc.KVStoreStub,
+        stub: KVStoreMethods,
         holder: HolderInfo,
         blocks: Sequence[StoredBlock],
         reservation_id: str,
@@ -47,7 +47,7 @@ class Transport(Protocol):
     ) -> list[pb.BlockStatus]: ...
 
     def get(
-        self, stub: pb_grpc.KVStoreStub, holder: HolderInfo, ids: Sequence[bytes], timeout: float
+        self, stub: KVStoreMethods, holder: HolderInfo, ids: Sequence[bytes], timeout: float
     ) -> AsyncIterator[GetItem]: ...
 
 
@@ -59,11 +59,11 @@ class StreamTransport:
 
     async def put(self, stub, holder, blocks, reservation_id, timeout):
         async def requests():
-            first = True
+            resv = reservation_id
             for b in blocks:
-                for c in chunk_messages(b.meta, b.payload):
-                    yield pb.PutRequest(chunk=c, reservation_id=reservation_id if first else "")
-                    first = False
+                for header, data, last in chunk_slices(b.meta, b.payload):
+                    yield encode_put_request(header, data, last, reservation_id=resv)
+                    resv = ""
 
         resp = await stub.Put(requests(), timeout=timeout)
         return list(resp.statuses)
@@ -76,7 +76,7 @@ class StreamTransport:
         )
         async for resp in call:
             if resp.missing_block_id:
-                yield bytes(resp.missing_block_id)
+                yield resp.missing_block_id
                 continue
             block = asm.feed(resp.chunk)
             if block is not None:
@@ -114,8 +114,12 @@ class SharedMemoryTransport:
                     fh.write(b.payload)
                 written.append(path)
                 ref = pb.SharedMemoryRef(path=str(path), offset=0, length=b.meta.size)
-                chunk = pb.BlockChunk(header=b.meta.to_proto(), shm=ref, last=True)
-                reqs.append(pb.PutRequest(chunk=chunk, reservation_id="" if i else reservation_id))
+                reqs.append(
+                    encode_put_request(
+                        b.meta.to_proto(), last=True, shm=ref,
+                        reservation_id="" if i else reservation_id,
+                    )
+                )  # fmt: skip
             resp = await stub.Put(iter(reqs), timeout=timeout)
             return list(resp.statuses)
         finally:
@@ -135,14 +139,18 @@ class SharedMemoryTransport:
         )
         async for resp in call:
             if resp.missing_block_id:
-                yield bytes(resp.missing_block_id)
+                yield resp.missing_block_id
                 continue
             c = resp.chunk
-            if not c.HasField("shm"):  # a disk-tier block arrives as bytes
+            if c is None:
+                continue
+            if c.shm is None:  # a disk-tier block arrives as bytes
                 block = asm.feed(c)
                 if block is not None:
                     yield block
                 continue
+            if c.header is None:
+                raise BlockError("a shared-memory answer without its header")
             meta = BlockMeta.from_proto(c.header)
             try:
                 payload = _map_file(Path(c.shm.path), c.shm.offset, c.shm.length)
@@ -164,6 +172,39 @@ def _map_file(path: Path, offset: int, length: int):
     finally:
         os.close(fd)
     return memoryview(m)
+
+
+class KVStoreMethods:
+    """Client-side callables for one channel: the generated stub's, except Put and Get, which
+    carry payloads through kvstore.wire without copies."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        base = "/splitserve.v1.KVStore/"
+        self.Put = channel.stream_unary(
+            base + "Put",
+            request_serializer=serialize,
+            response_deserializer=pb.PutResponse.FromString,
+        )
+        self.Get = channel.unary_stream(
+            base + "Get",
+            request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=decode_get_response,
+        )
+        for name, resp in (
+            ("Lookup", pb.LookupResponse),
+            ("Pin", pb.PinResponse),
+            ("Unpin", pb.UnpinResponse),
+            ("Stats", pb.StatsResponse),
+        ):
+            setattr(
+                self,
+                name,
+                channel.unary_unary(
+                    base + name,
+                    request_serializer=serialize,
+                    response_deserializer=resp.FromString,
+                ),
+            )
 
 
 def channel_for(address: str) -> grpc.aio.Channel:

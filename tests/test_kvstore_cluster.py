@@ -235,6 +235,13 @@ def test_bad_requests_get_clear_status_codes(redis_url, namespace, loop_thread):
             put(pb.BlockChunk(data=b"abc", last=True))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+        raw_put = ch.stream_unary("/splitserve.v1.KVStore/Put")  # bytes that aren't a PutRequest
+        with pytest.raises(grpc.RpcError) as e:
+            raw_put(iter([b"\x0a\xff\xff"]))
+        assert (
+            e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in e.value.details()
+        )
+
         with pytest.raises(grpc.RpcError) as e:  # the stream ends inside a block
             put(pb.BlockChunk(header=ok.meta.to_proto(), data=bytes(ok.payload)[:50]))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
