@@ -16,9 +16,9 @@ from kvstore.wire import Chunk
 from protos.splitserve.v1 import kvstore_pb2 as pb
 
 BLOCK_ID_BYTES = 16
-# Payload bytes per stream message: well under gRPC's default 4 MiB message limit, large enough
+# Payload bytes per stream message: under the 16 MiB message limit both ends set, and large enough
 # that per-message overhead is small.
-CHUNK_BYTES = 2 * 1024 * 1024 - 4096
+CHUNK_BYTES = 4 * 1024 * 1024
 DTYPE_SIZES = {
     "float32": 4,
     "float16": 2,

@@ -101,14 +101,12 @@ class BlockStore:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def put_many(
-        self, blocks: Sequence[StoredBlock], adopt_files: Sequence[Path | None] | None = None
-    ) -> list[PutResult]:
+    def put_many(self, blocks: Sequence[StoredBlock]) -> list[PutResult]:
         results, landed = [], []
         with self._lock:
             self._expire_pins()
-            for i, b in enumerate(blocks):
-                r = self._put_one(b, adopt_files[i] if adopt_files else None)
+            for b in blocks:
+                r = self._put_one(b)
                 results.append(r)
                 if r.status == "ok":
                     landed.append((b.meta, r.tier))
@@ -118,7 +116,7 @@ class BlockStore:
                 self.sink.added(landed)
         return results
 
-    def _put_one(self, b: StoredBlock, adopt: Path | None) -> PutResult:
+    def _put_one(self, b: StoredBlock) -> PutResult:
         bid, size = b.block_id, b.meta.size
         tier = self.tier_of(bid)
         if tier is not None:
@@ -128,8 +126,7 @@ class BlockStore:
         if foreign and self.lent + size > self.lend_capacity:
             return PutResult(bid, "no_space", None, "lending cap reached on this holder")
         self.puts += 1
-        if size <= self.memory.capacity and self._make_room_in_memory(size, exclude=bid):
-            self.memory.add(b, adopt)
+        if size <= self.memory.capacity and self._place_in_memory(b):
             tier = MEMORY
         elif self.disk is not None and self._make_room_on_disk(size):
             self.disk.add(b)
@@ -142,6 +139,17 @@ class BlockStore:
 
     def _is_foreign(self, meta: BlockMeta) -> bool:
         return bool(meta.owner) and meta.owner != self.holder_id
+
+    def _place_in_memory(self, b: StoredBlock) -> bool:
+        m = self.memory
+        if not self._make_room_in_memory(b.meta.size, exclude=b.block_id):
+            return False
+        while not m.add(b):  # the bytes fit but the arena is fragmented: free one more extent
+            victim = next((k for k in m.entries if not self._pin_count[k]), None)
+            if victim is None:
+                return False
+            self._demote(victim, m.entries[victim])
+        return True
 
     def _make_room_in_memory(self, size: int, exclude: bytes) -> bool:
         m = self.memory
@@ -265,8 +273,16 @@ class BlockStore:
                 out += [(e.meta, DISK) for e in self.disk.entries.values()]
             return out
 
-    def shm_path(self, bid: bytes) -> Path | None:
-        return self.memory.shm_path(bid) if bid in self.memory.entries else None
+    def shm_location(self, bid: bytes) -> tuple[Path, int] | None:
+        """(arena file, offset) of a memory-tier block when the arena is in shared memory."""
+        e = self.memory.entries.get(bid)
+        if e is None or self.memory.arena.path is None:
+            return None
+        return self.memory.arena.path, e.offset
+
+    def close(self) -> None:
+        with self._lock:
+            self.memory.close()
 
     # -- pins -------------------------------------------------------------------------------
 

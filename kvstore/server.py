@@ -54,7 +54,7 @@ _STATUS_PB = {
 }
 # Put streams are stored in batches so the store's lock and the index's round trip are paid
 # once per batch rather than once per block.
-_BATCH_BLOCKS, _BATCH_BYTES = 256, 32 * 1024 * 1024
+_BATCH_BLOCKS, _BATCH_BYTES = 256, 8 * 1024 * 1024
 
 
 def host_id() -> str:
@@ -63,9 +63,9 @@ def host_id() -> str:
 
 @dataclass
 class SharedMemoryLayout:
-    """A holder's tmpfs directory: blocks/ (the memory tier's files), incoming/ (same-host writers
-    put files here and hand them over by name), and a marker naming the holder, by which a client
-    proves it sees the same files (same host and mount namespace)."""
+    """A holder's tmpfs directory: blocks/arena (the memory tier's arena, which same-host readers
+    map), incoming/ (same-host writers put files here and hand them over by name), and a marker
+    naming the holder, by which a client proves it sees the same files (same host and mounts)."""
 
     root: Path
 
@@ -117,9 +117,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         asm = ChunkAssembler(self.max_block_bytes)
         results: list[PutResult] = []
         batch: list[StoredBlock] = []
-        files: list[Path | None] = []
+        files: list[Path] = []
         reservations: set[str] = set()
         size = 0
+        # One batch is stored (in a worker thread) while the next is received; batches land in
+        # order because each store waits for the previous one first.
+        storing: asyncio.Task | None = None
+
+        async def flush() -> None:
+            nonlocal storing, batch, files, size
+            if storing is not None:
+                results.extend(await storing)
+            storing = asyncio.create_task(asyncio.to_thread(self._store, batch, files))
+            batch, files, size = [], [], 0
+
         try:
             async for req in request_iterator:
                 req: PutItem
@@ -131,24 +142,27 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     if asm.in_progress:
                         raise BlockError("a shared-memory block inside another block's chunks")
                     block, path = self._adopt(req.chunk)
+                    files.append(path)
                 else:
-                    block, path = asm.feed(req.chunk), None
+                    block = asm.feed(req.chunk)
                 if block is None:
                     continue
                 batch.append(block)
-                files.append(path)
                 size += block.meta.size
                 if len(batch) >= _BATCH_BLOCKS or size >= _BATCH_BYTES:
-                    results += await asyncio.to_thread(self.store.put_many, batch, files)
-                    batch, files, size = [], [], 0
+                    await flush()
             if asm.in_progress:
                 raise BlockError("the stream ended inside a block (no chunk with last=true)")
+            if batch:
+                await flush()
+            if storing is not None:
+                results.extend(await storing)
         except OversizeBlockError as e:
+            await _drain(storing)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except BlockError as e:
+            await _drain(storing)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if batch:
-            results += await asyncio.to_thread(self.store.put_many, batch, files)
         if self.index is not None and reservations:
             await asyncio.to_thread(self.index.release_reservations, sorted(reservations))
         return pb.PutResponse(
@@ -163,8 +177,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             ]
         )
 
-    def _adopt(self, chunk: Chunk) -> tuple[StoredBlock, Path | None]:
-        """A same-host writer's block: verify the file it left in incoming/ and take it over."""
+    def _store(self, blocks: list[StoredBlock], files: list[Path]) -> list[PutResult]:
+        try:
+            return self.store.put_many(blocks)
+        finally:
+            for f in files:  # same-host writers' files, copied into the arena
+                f.unlink(missing_ok=True)
+
+    def _adopt(self, chunk: Chunk) -> tuple[StoredBlock, Path]:
+        """A same-host writer's block: verify the file it left in incoming/ and read it."""
         if self.shm is None:
             raise BlockError("this holder has no shared-memory directory; send the bytes")
         if chunk.header is None or chunk.shm is None:
@@ -213,9 +234,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 if block is None:
                     yield encode_get_missing(bid)
                     continue
-                path = self.store.shm_path(bid) if use_shm else None
-                if path is not None:
-                    ref = pb.SharedMemoryRef(path=str(path), offset=0, length=block.meta.size)
+                loc = self.store.shm_location(bid) if use_shm else None
+                if loc is not None:
+                    ref = pb.SharedMemoryRef(
+                        path=str(loc[0]), offset=loc[1], length=block.meta.size
+                    )
                     yield encode_get_chunk(block.meta.to_proto(), last=True, shm=ref)
                     continue
                 for header, data, last in chunk_slices(block.meta, block.payload):
@@ -298,6 +321,12 @@ def add_kvstore_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> 
         response_serializer=wire_serialize,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+async def _drain(task: asyncio.Task | None) -> None:
+    # Blocks that arrived intact before a bad one are kept; let their store finish.
+    if task is not None:
+        await task
 
 
 async def _check_ids(ids: list[bytes], context) -> None:
@@ -434,6 +463,7 @@ class KVStoreServer:
             await self._server.stop(grace)
         if self._beat is not None:
             self._beat.join(timeout=5)
+        self.store.close()
         if self.shm is not None:
             shutil.rmtree(self.shm.root, ignore_errors=True)
 

@@ -6,13 +6,13 @@ The tiers only store and fetch; which block goes where, and when, is block_store
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvstore.arena import Arena
 from kvstore.block import BlockError, BlockMeta, Payload, StoredBlock
 from protos.splitserve.v1 import kvstore_pb2 as pb
 
@@ -23,46 +23,46 @@ _HDR = struct.Struct("<I")
 @dataclass
 class Entry:
     meta: BlockMeta
-    payload: Payload | None  # memory tier: the bytes (or a shared-memory map); disk: None
+    payload: Payload | None  # memory tier: a view of the arena; disk: None
+    offset: int = -1  # memory tier: where in the arena
 
 
 class MemoryTier:
-    """Blocks in RAM, in LRU order. With shm_dir, each payload is a file in a tmpfs directory
-    mapped read-only, so a reader on this host can map the same pages instead of streaming."""
+    """Blocks in RAM, in LRU order, inside one Arena. With shm_dir the arena is a tmpfs file that
+    a reader on this host maps once and reads at offsets instead of streaming."""
 
     def __init__(self, capacity: int, shm_dir: Path | None = None) -> None:
         self.capacity = capacity
         self.used = 0
         self.shm_dir = shm_dir
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
+        arena_path = None
         if shm_dir is not None:
             shm_dir.mkdir(parents=True, exist_ok=True)
-            for stale in shm_dir.iterdir():  # a previous run's files: its index entries are gone
-                _unlink(stale)
+            arena_path = shm_dir / "arena"
+        # Slack for alignment and fragmentation; capacity accounting stays in block bytes.
+        self.arena = Arena(capacity + capacity // 16 + (1 << 16), arena_path)
 
-    def shm_path(self, block_id: bytes) -> Path | None:
-        return None if self.shm_dir is None else self.shm_dir / block_id.hex()
-
-    def add(self, block: StoredBlock, adopt_file: Path | None = None) -> None:
-        payload: Payload = block.payload
-        path = self.shm_path(block.block_id)
-        if path is not None:
-            if adopt_file is not None:
-                os.replace(adopt_file, path)  # a same-host writer's file becomes ours, no copy
-            else:
-                _write_atomic(path, [block.payload])
-            payload = _map(path, block.meta.size)
-        self.entries[block.block_id] = Entry(block.meta, payload)
+    def add(self, block: StoredBlock, source=None) -> bool:
+        """Copy the block into the arena; False if no extent is free (evict and retry)."""
+        off = self.arena.alloc(block.meta.size)
+        if off is None:
+            return False
+        self.arena.write(off, block.payload if source is None else source)
+        view = self.arena.read(off, block.meta.size)
+        self.entries[block.block_id] = Entry(block.meta, view, off)
         self.used += block.meta.size
+        return True
 
     def remove(self, block_id: bytes) -> Entry:
         e = self.entries.pop(block_id)
         self.used -= e.meta.size
-        path = self.shm_path(block_id)
-        if path is not None:
-            # Readers that mapped it keep their pages; the name is gone for new ones.
-            _unlink(path)
+        self.arena.free(e.offset, e.meta.size)
         return e
+
+    def close(self) -> None:
+        self.entries.clear()
+        self.arena.close()
 
 
 class DiskTier:
@@ -142,13 +142,6 @@ def _write_atomic(path: Path, parts: list[Payload]) -> None:
         for p in parts:
             fh.write(p)
     os.replace(tmp, path)
-
-
-def _map(path: Path, size: int) -> Payload:
-    if size == 0:
-        return b""
-    with path.open("rb") as fh:
-        return memoryview(mmap.mmap(fh.fileno(), size, prot=mmap.PROT_READ))
 
 
 def _unlink(path: Path) -> None:

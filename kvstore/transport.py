@@ -89,6 +89,7 @@ class SharedMemoryTransport:
     def __init__(self, lease_ms: int = 10_000) -> None:
         self.lease_ms = lease_ms
         self._seen: dict[str, bool] = {}
+        self._maps: dict[str, tuple[int, memoryview]] = {}  # arena path -> (inode, mapping)
 
     def reaches(self, holder: HolderInfo) -> bool:
         """True when this process sees the holder's tmpfs directory (same host and mounts)."""
@@ -153,25 +154,31 @@ class SharedMemoryTransport:
                 raise BlockError("a shared-memory answer without its header")
             meta = BlockMeta.from_proto(c.header)
             try:
-                payload = _map_file(Path(c.shm.path), c.shm.offset, c.shm.length)
+                arena = self._arena(c.shm.path)
             except OSError:
-                yield meta.block_id  # gone between the answer and the map: treat as missing
+                yield meta.block_id  # the holder went away: treat as missing
                 continue
-            yield StoredBlock(meta, payload)
+            end = c.shm.offset + c.shm.length
+            if end > arena.nbytes:
+                raise BlockError(f"block {meta.hex}: shared-memory extent past the arena's end")
+            # Copied out while the holder's pin holds the extent: after the lease it may be
+            # reused, and a returned block must never change under its reader.
+            yield StoredBlock(meta, arena[c.shm.offset : end].tobytes())
 
-
-def _map_file(path: Path, offset: int, length: int):
-    if length == 0:
-        return b""
-    if offset % mmap.ALLOCATIONGRANULARITY:
-        raise BlockError(f"shared-memory offset {offset} is not page aligned")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        m = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=offset)
-    finally:
-        os.close(fd)
-    return memoryview(m)
+    def _arena(self, path: str) -> memoryview:
+        """The holder's arena, mapped once (again if the holder restarted with a new file)."""
+        ino = os.stat(path).st_ino
+        cached = self._maps.get(path)
+        if cached is not None and cached[0] == ino:
+            return cached[1]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            view = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
+        self._maps[path] = (ino, view)
+        return view
 
 
 class KVStoreMethods:

@@ -150,7 +150,7 @@ def test_disk_tier_survives_a_restart(tmp_path):
 
 
 def test_chunked_stream_round_trip_and_malformed_streams():
-    big = make_blocks(1, 5 * 1024 * 1024 + 3)[0]  # three chunks
+    big = make_blocks(1, 9 * 1024 * 1024 + 3)[0]  # three chunks
     asm = ChunkAssembler()
     chunks = list(chunk_messages(big.meta, big.payload))
     assert len(chunks) == 3
@@ -174,3 +174,30 @@ def test_chunked_stream_round_trip_and_malformed_streams():
         ChunkAssembler().feed(pb.BlockChunk(header=h, data=bytes(small.payload), last=True))
     with pytest.raises(BlockError, match="unknown dtype"):
         StoredBlock.build(b"x" * 16, "m", b"ab", [TensorSpec("complex7", (1,))])
+
+
+def test_arena_reuses_and_coalesces_extents():
+    from kvstore.arena import Arena
+
+    a = Arena(1024)
+    offs = [a.alloc(256) for _ in range(4)]
+    assert offs == [0, 256, 512, 768] and a.alloc(64) is None
+    a.free(256, 256)
+    assert a.alloc(256) == 256  # exact-size reuse
+    a.free(256, 256)
+    a.free(512, 256)
+    assert a.alloc(500) == 256  # two neighbours coalesced, first fit
+    a.write(256, b"x" * 500)
+    assert bytes(a.read(256, 500)) == b"x" * 500
+    assert a.alloc(100) is None
+
+
+def test_mixed_sizes_evict_until_an_extent_fits(tmp_path):
+    s = BlockStore("h0", 16 * KB, None)
+    small = make_blocks(4, 4 * KB, seed=1)
+    s.put_many(small)
+    s.delete([small[0].block_id, small[2].block_id])  # 8 KiB free, but in two 4 KiB holes
+    big = make_blocks(1, 8 * KB + 64, seed=2)[0]
+    assert s.put_many([big])[0].status == "ok"
+    assert bytes(s.get(big.block_id).payload) == bytes(big.payload)
+    assert s.stats().memory_used <= 16 * KB

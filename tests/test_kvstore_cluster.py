@@ -41,7 +41,7 @@ def test_round_trip_is_byte_exact(redis_url, namespace, loop_thread, shm):
     for i in range(3):
         loop_thread.server(redis_url=redis_url, namespace=namespace, holder_id=f"h{i}", shm=shm)
     # Sizes around the chunking boundary and an empty payload.
-    blocks = make_blocks(20, 3000) + make_blocks(2, 5 * MB + 1, seed=1) + make_blocks(1, 0, seed=2)
+    blocks = make_blocks(20, 3000) + make_blocks(2, 9 * MB + 1, seed=1) + make_blocks(1, 0, seed=2)
 
     async def go():
         async with client(redis_url, namespace, local_holder="h1", shared_memory=shm) as c:
