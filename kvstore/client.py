@@ -234,6 +234,16 @@ class KVStoreClient:
             log.info("get from %s stopped: %s", holder.holder_id, e)
         return [bid for bid in ids if bid in want]
 
+    async def unpin(self, address: str, pin_id: str) -> int:
+        """Release a pin on the holder at `address` (a prefill shard's, once its blocks are
+        pulled)."""
+        ch_entry = self._channels.get(address)
+        if ch_entry is None:
+            ch = channel_for(address)
+            ch_entry = self._channels[address] = (ch, KVStoreMethods(ch))
+        resp = await ch_entry[1].Unpin(pb.UnpinRequest(pin_id=pin_id), timeout=self.timeout_s)
+        return resp.released
+
     async def stats(self, holder: HolderInfo) -> pb.StatsResponse:
         return await self._stub(holder).Stats(pb.StatsRequest(), timeout=self.timeout_s)
 

@@ -400,14 +400,10 @@ class KVStoreServer:
             "lent": s.lent_bytes,
         }
 
-    async def start(self) -> str:
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        self._server = server
-        bound = server.add_insecure_port(f"{_bracket(self.host)}:{self.port}")
-        if bound == 0:
-            raise OSError(f"could not bind {self.host}:{self.port}")
-        self.port = bound
-        self.address = f"{_bracket(self.host)}:{bound}"
+    def attach(self, server: grpc.aio.Server, address: str) -> str:
+        """Serve KVStore on a server someone else owns (a prefill or decode process's own gRPC
+        server), reachable at `address`. Returns the service name (for health/reflection)."""
+        self.address = address
         if self.redis_url:
             info = {
                 "address": self.address,
@@ -426,6 +422,24 @@ class KVStoreServer:
             self.store.sink = self.index
         servicer = KVStoreServicer(self.store, self.index, self.shm, self.max_block_bytes)
         add_kvstore_servicer(servicer, server)
+        return SERVICE_NAME
+
+    async def begin(self) -> None:
+        """Once the server is up: adopt disk blocks, register, start heartbeats."""
+        self.store.adopt_disk()
+        if self.index is not None:
+            await asyncio.to_thread(self.index.heartbeat)
+            self._beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
+            self._beat.start()
+
+    async def start(self) -> str:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        self._server = server
+        bound = server.add_insecure_port(f"{_bracket(self.host)}:{self.port}")
+        if bound == 0:
+            raise OSError(f"could not bind {self.host}:{self.port}")
+        self.port = bound
+        self.attach(server, f"{_bracket(self.host)}:{bound}")
         hs = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(hs, server)
         reflection.enable_server_reflection(
@@ -434,11 +448,7 @@ class KVStoreServer:
             server,
         )  # fmt: skip
         await server.start()
-        self.store.adopt_disk()
-        if self.index is not None:
-            await asyncio.to_thread(self.index.heartbeat)
-            self._beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
-            self._beat.start()
+        await self.begin()
         await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await hs.set("", health_pb2.HealthCheckResponse.SERVING)
         self._hs = hs

@@ -247,6 +247,7 @@ class LLMEngine:
             num_output_tokens=req.num_output_tokens,
             num_cached_tokens=req.num_cached_tokens,
             kv_blocks=kv_blocks,
+            queue_time_s=(req.scheduled_time or now) - req.arrival_time,
         )
 
     def _stop_reason(self, req: Request, token: int, stopped: bool) -> FinishReason | None:

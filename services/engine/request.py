@@ -50,6 +50,7 @@ class Request:
     num_imported_tokens: int = 0  # prompt tokens whose KV arrived from outside
     num_preemptions: int = 0
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # when it first got a slot in a step (queueing ends)
     logprobs: list[SampledToken] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,3 +107,4 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     kv_blocks: list[KVBlock] | None = None  # on finish, when the request asked for export
+    queue_time_s: float = 0.0  # arrival to first scheduled step

@@ -11,6 +11,7 @@ resumes from there).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -162,6 +163,8 @@ class Scheduler:
             req.num_imported_tokens = computed - len(hits) * bs
         req.imported_kv = []
         req.num_computed_tokens = computed
+        if req.scheduled_time is None:
+            req.scheduled_time = time.monotonic()
         return ScheduledSeq(req, computed, num_new)
 
     def _preempt(self, req: Request) -> None:

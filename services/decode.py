@@ -1,0 +1,225 @@
+"""DecodeService: KV blocks -> token stream.
+
+Given a prefilled request (prompt token ids, first token, block references), it takes the
+blocks it already holds from its own prefix cache, pulls only the rest through the KV store
+(from whichever holder has them), admits the sequence to its running batch, and streams tokens.
+Blocks that can't be fetched (holder gone, evicted) are computed again here: the same tokens,
+only slower. In colocated mode the same server also takes requests with no prefill behind them
+and computes the prompt itself: the baseline that disaggregation is measured against.
+
+    splitserve serve decode --model DIR --port 0 --redis URL
+    splitserve serve colocated --model DIR --port 0 [--redis URL]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import grpc
+
+from kvstore.client import KVStoreClient
+from protos.splitserve.v1 import common_pb2 as cpb
+from protos.splitserve.v1 import decode_pb2 as pb
+from protos.splitserve.v1 import decode_pb2_grpc as pb_grpc
+from services.engine.block_hash import hash_blocks
+from services.engine.engine import LLMEngine
+from services.engine.errors import InvalidRequestError
+from services.engine.kv_transfer import KVBlock
+from services.engine_loop import EngineLoop, QueueFullError
+from services.grpc_app import ServiceApp
+from services.registry import Registration
+from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
+
+
+class DecodeServicer(pb_grpc.DecodeServicer):
+    def __init__(
+        self,
+        loop: EngineLoop,
+        kv: KVStoreClient | None,
+        model_name: str,
+        app: ServiceApp,
+        colocated: bool,
+    ) -> None:
+        self.loop = loop
+        self.kv = kv
+        self.model_name = model_name
+        self.app = app
+        self.colocated = colocated
+        self.engine = loop.engine
+        self._tasks: set[asyncio.Task] = set()  # unpins in flight (held so they aren't collected)
+
+    async def Decode(self, request, context):
+        if self.app.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this decode server is draining")
+        if request.model and request.model != self.model_name:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown model {request.model!r}; this server serves {self.model_name!r}",
+            )
+        with self.app.track():
+            try:
+                async for msg in self._decode(request):
+                    yield msg
+            except InvalidRequestError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except QueueFullError as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    async def _decode(self, request):
+        params = sampling_from_pb(request.sampling)
+        prompt = [int(t) for t in request.prompt_token_ids]
+        rid = request.request_id or uuid.uuid4().hex
+        timings = cpb.Timings()
+        kwargs: dict = {}
+        if request.HasField("first_token_id"):
+            first = int(request.first_token_id)
+            if not 0 <= first < self.engine.model_config.vocab_size:
+                raise InvalidRequestError(f"first_token_id {first} is outside the vocabulary")
+            if not prompt:
+                raise InvalidRequestError("prompt is empty: give at least one token")
+            t0 = time.monotonic()
+            kv_blocks = await self._pull(prompt, list(request.blocks), timings)
+            timings.transfer_ms = (time.monotonic() - t0) * 1e3
+            if request.pin_id and request.pin_holder_address and self.kv is not None:
+                task = asyncio.create_task(self._unpin(request.pin_holder_address, request.pin_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            kwargs = {"output_token_ids": [first], "kv_blocks": kv_blocks}
+        elif not self.colocated:
+            raise InvalidRequestError(
+                "this decode server continues prefilled requests: send first_token_id and the "
+                "prefill's block references (or use a colocated server)"
+            )
+        t_submit = time.monotonic()
+        sent_first = False
+        async for out in self.loop.generate(rid, prompt, params, **kwargs):
+            msg = pb.DecodeResponse(
+                token_ids=out.new_token_ids,
+                text=out.new_text,
+                logprobs=[logprob_to_pb(t) for t in out.logprobs],
+            )
+            if not sent_first:
+                timings.queue_ms = out.queue_time_s * 1e3
+                timings.admission_ms = (time.monotonic() - t_submit) * 1e3
+                msg.timings.CopyFrom(timings)
+                sent_first = True
+            if out.finished:
+                msg.finish_reason = str(out.finish_reason)
+                msg.usage.CopyFrom(
+                    cpb.Usage(
+                        prompt_tokens=len(prompt),
+                        completion_tokens=out.num_output_tokens,
+                        cached_tokens=out.num_cached_tokens,
+                    )
+                )
+            yield msg
+
+    async def _pull(self, prompt: list[int], refs, timings) -> list[KVBlock | None]:
+        """KV for the prompt's blocks: None where the prefix cache has it or it must be
+        recomputed; pulled from the store otherwise."""
+        e = self.engine
+        expected = hash_blocks(prompt, e.block_size, e.model_id, include_partial=True)
+        usable = 0  # refs must name exactly the prompt's blocks, in order
+        while usable < min(len(refs), len(expected)) and refs[usable].block_id == expected[usable]:
+            usable += 1
+        full = expected[: len(prompt) // e.block_size]
+        hits = await self.loop.call(lambda eng: len(eng.pool.lookup(full)))
+        hits = min(hits, usable)
+        need = [bytes(r.block_id) for r in refs[hits:usable]]
+        got = {}
+        if need and self.kv is not None:
+            res = await self.kv.get(need)
+            got = res.blocks
+        cache = e.kv_cache.data
+        out: list[KVBlock | None] = [None] * hits
+        for bid in need:
+            s = got.get(bid)
+            kv = stored_to_kv(s, e.model_id, cache) if s is not None else None
+            if kv is None:
+                timings.blocks_recomputed += 1
+            else:
+                timings.blocks_pulled += 1
+                timings.bytes_pulled += s.meta.size
+            out.append(kv)
+        timings.blocks_recomputed += max(0, len(expected) - usable)
+        return out
+
+    async def _unpin(self, address: str, pin_id: str) -> None:
+        assert self.kv is not None
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+            await self.kv.unpin(address, pin_id)
+
+
+class DecodeServer:
+    """A decode (or colocated) replica: engine, KV store client, gRPC service, registration."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        model_name: str,
+        redis_url: str | None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        namespace: str = "splitserve",
+        colocated: bool = False,
+        max_waiting: int = 256,
+        replica_id: str | None = None,
+        heartbeat_s: float = 1.0,
+        ttl_s: float = 5.0,
+    ) -> None:
+        self.role = "colocated" if colocated else "decode"
+        self.engine = engine
+        self.model_name = model_name
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.replica_id = replica_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.app = ServiceApp(host, port)
+        self.loop = EngineLoop(engine, max_waiting)
+        self.kv = KVStoreClient(redis_url, namespace) if redis_url else None
+        servicer = DecodeServicer(self.loop, self.kv, model_name, self.app, colocated)
+        pb_grpc.add_DecodeServicer_to_server(servicer, self.app.server)
+        self.app.add(SERVICE_NAME)
+        self.registration: Registration | None = None
+        self._ttl = (heartbeat_s, ttl_s)
+
+    @property
+    def address(self) -> str:
+        return self.app.address
+
+    async def start(self) -> str:
+        await self.app.start()
+        if self.redis_url:
+            self.registration = Registration(
+                self.redis_url,
+                self.role,
+                self.replica_id,
+                {"model": self.model_name, "address": self.address, "holder_id": ""},
+                self._load,
+                self.namespace,
+                *self._ttl,
+            )
+        return self.address
+
+    def _load(self) -> dict[str, int]:
+        ld = self.loop.load()
+        return {
+            "running": ld.running,
+            "waiting": ld.waiting,
+            "free_blocks": ld.free_blocks,
+            "total_blocks": ld.total_blocks,
+        }
+
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Drain: refuse new requests, finish the running ones, then leave the registry."""
+        await self.app.drain(drain_s)
+        if self.registration is not None:
+            self.registration.close()
+        await self.app.stop()
+        if self.kv is not None:
+            await self.kv.close()
+        self.loop.stop()

@@ -1,0 +1,164 @@
+"""The engine on its own thread, driven from asyncio.
+
+The engine is synchronous and not thread-safe; one thread owns it and steps it while there is
+work. Servicers submit requests and read their outputs through asyncio queues, and run any other
+engine call (prefix-cache lookups, integrity checks) on that thread with `call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from services.engine.engine import LLMEngine
+from services.engine.errors import EngineError
+from services.engine.request import RequestOutput
+
+
+class QueueFullError(EngineError):
+    """More requests are waiting than the server admits; the caller should back off."""
+
+
+@dataclass(frozen=True)
+class Load:
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending = 0  # submitted, not yet seen by the engine thread
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.steps = 0
+        self._thread.start()
+
+    # -- asyncio side ------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt: list[int], params, **kwargs
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine makes them. Leaving early (an exception, a
+        cancelled client) aborts the request and frees its blocks."""
+        if self.engine.num_waiting + self._pending >= self.max_waiting:
+            raise QueueFullError(
+                f"{self.max_waiting} requests are already waiting on this server; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._pending += 1
+        self._cmds.put(("add", request_id, prompt, params, kwargs, loop, q))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._cmds.put(("abort", request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) on the engine thread and return its result."""
+        fut = asyncio.get_running_loop().create_future()
+        self._cmds.put(("call", fn, fut))
+        return await fut
+
+    def load(self) -> Load:
+        e = self.engine
+        return Load(
+            e.num_running, e.num_waiting + self._pending, e.pool.num_free, e.pool.num_blocks
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cmds.put(("wake",))
+        self._thread.join(timeout=10)
+
+    # -- engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        e = self.engine
+        while not self._stop.is_set():
+            self._drain(block=not e.has_unfinished())
+            if self._stop.is_set() or not e.has_unfinished():
+                continue
+            try:
+                outs = e.step()
+            except Exception as exc:  # a bug, not bad input: fail the affected requests loudly
+                for rid in list(self._streams):
+                    e.abort(rid)
+                    self._send(rid, RuntimeError(f"engine step failed: {exc}"), final=True)
+                continue
+            self.steps += 1
+            for out in outs:
+                self._send(out.request_id, out, final=out.finished)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd)
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, prompt, params, kwargs, loop, q = cmd
+            self._pending -= 1
+            self._streams[rid] = (loop, q)
+            try:
+                self.engine.add_request(
+                    rid, prompt, params, arrival_time=time.monotonic(), **kwargs
+                )
+            except Exception as exc:
+                self._send(rid, exc, final=True)
+        elif kind == "abort":
+            self.engine.abort(cmd[1])
+            self._streams.pop(cmd[1], None)
+        elif kind == "call":
+            _, fn, fut = cmd
+            try:
+                res, err = fn(self.engine), None
+            except Exception as exc:
+                res, err = None, exc
+            with contextlib.suppress(RuntimeError):
+                fut.get_loop().call_soon_threadsafe(_set, fut, res, err)
+
+    def _send(self, rid: str, item, final: bool) -> None:
+        entry = self._streams.pop(rid, None) if final else self._streams.get(rid)
+        if entry is not None:
+            loop, q = entry
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                loop.call_soon_threadsafe(q.put_nowait, item)
+
+
+def _set(fut: asyncio.Future, result, exc) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,212 @@
+"""PrefillService: prompt -> KV blocks in the store + the first token.
+
+It runs prompts through its engine (chunked prefill, batched with whatever else is waiting),
+publishes each request's KV blocks to its own in-process KV store shard (registered in the Redis
+index like any holder) and pins them until decode has pulled them or the lease ends: DistServe's
+pull model, where prefill's memory is the buffer and decode takes the KV when it has room.
+
+    splitserve serve prefill --model DIR --port 0 --redis URL
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from kvstore.server import KVStoreServer
+from protos.splitserve.v1 import common_pb2 as cpb
+from protos.splitserve.v1 import prefill_pb2 as pb
+from protos.splitserve.v1 import prefill_pb2_grpc as pb_grpc
+from services.engine.engine import LLMEngine
+from services.engine.errors import InvalidRequestError
+from services.engine.request import FinishReason
+from services.engine_loop import EngineLoop, QueueFullError
+from services.grpc_app import ServiceApp
+from services.registry import Registration
+from services.wire import kv_to_stored, logprob_to_pb, sampling_from_pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prefill"].full_name
+
+
+class PrefillServicer(pb_grpc.PrefillServicer):
+    def __init__(
+        self,
+        loop: EngineLoop,
+        kv: KVStoreServer,
+        model_name: str,
+        app: ServiceApp,
+        pin_lease_ms: int = 30_000,
+    ) -> None:
+        self.loop = loop
+        self.kv = kv
+        self.model_name = model_name
+        self.app = app
+        self.pin_lease_ms = pin_lease_ms
+        self.engine = loop.engine
+
+    async def Prefill(self, request, context):
+        if self.app.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this prefill server is draining")
+        if request.model and request.model != self.model_name:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown model {request.model!r}; this server serves {self.model_name!r}",
+            )
+        with self.app.track():
+            try:
+                return await self._prefill(request)
+            except InvalidRequestError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except QueueFullError as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    async def _prefill(self, request) -> pb.PrefillResponse:
+        params = sampling_from_pb(request.sampling)
+        prompt = [int(t) for t in request.prompt_token_ids]
+        rid = request.request_id or uuid.uuid4().hex
+        # Only the first token here; decode continues with the caller's full parameters.
+        first = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+        t0 = time.monotonic()
+        final = None
+        async for out in self.loop.generate(rid, prompt, first, export_kv=True):
+            final = out
+        assert final is not None and final.finished
+        t1 = time.monotonic()
+        if final.finish_reason == FinishReason.STOP:
+            finish = "stop"
+        elif params.max_tokens == 1:
+            finish = "length"
+        else:
+            finish = ""
+        blocks = [kv_to_stored(b, self.engine.model_id) for b in final.kv_blocks or []]
+        results = await asyncio.to_thread(self.kv.store.put_many, blocks)
+        refs, pin_id = [], ""
+        if not finish:
+            stored = [b for b, r in zip(blocks, results, strict=True) if r.status != "no_space"]
+            lease = (request.pin_lease_ms or self.pin_lease_ms) / 1000
+            pin_id, held, _ = self.kv.store.pin([b.block_id for b in stored], lease)
+            held_set = set(held)
+            refs = [
+                cpb.BlockRef(
+                    block_id=b.block_id,
+                    num_tokens=len(b.meta.token_ids),
+                    size=b.meta.size,
+                    holder_id=self.kv.holder_id,
+                    address=self.kv.address,
+                )
+                for b in stored
+                if b.block_id in held_set
+            ]
+        t2 = time.monotonic()
+        tok = final.logprobs[0] if final.logprobs else None
+        queue_s = min(final.queue_time_s, t1 - t0)
+        return pb.PrefillResponse(
+            request_id=rid,
+            first_token_id=final.new_token_ids[0],
+            first_logprob=logprob_to_pb(tok) if tok is not None else None,
+            first_text=final.new_text,
+            finish_reason=finish,
+            blocks=refs,
+            pin_id=pin_id,
+            holder_id=self.kv.holder_id,
+            holder_address=self.kv.address,
+            usage=cpb.Usage(
+                prompt_tokens=len(prompt),
+                completion_tokens=1,
+                cached_tokens=final.num_cached_tokens,
+            ),
+            timings=cpb.Timings(
+                queue_ms=queue_s * 1e3,
+                prefill_ms=(t1 - t0 - queue_s) * 1e3,
+                publish_ms=(t2 - t1) * 1e3,
+            ),
+        )
+
+
+class PrefillServer:
+    """A prefill replica: engine, in-process KV shard, gRPC service, registration."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        model_name: str,
+        redis_url: str | None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        kv_memory_bytes: int = 1 << 30,
+        kv_disk: tuple[Path, int] | None = None,
+        namespace: str = "splitserve",
+        max_waiting: int = 256,
+        pin_lease_ms: int = 30_000,
+        replica_id: str | None = None,
+        heartbeat_s: float = 1.0,
+        ttl_s: float = 5.0,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.replica_id = replica_id or f"prefill-{uuid.uuid4().hex[:8]}"
+        self.app = ServiceApp(host, port)
+        self.loop = EngineLoop(engine, max_waiting)
+        self.kv = KVStoreServer(
+            kv_memory_bytes,
+            redis_url,
+            kv_disk,
+            holder_id=self.replica_id,
+            namespace=namespace,
+            heartbeat_s=heartbeat_s,
+            ttl_s=ttl_s,
+        )
+        self.app.add(self.kv.attach(self.app.server, self.app.address))
+        servicer = PrefillServicer(self.loop, self.kv, model_name, self.app, pin_lease_ms)
+        pb_grpc.add_PrefillServicer_to_server(servicer, self.app.server)
+        self.app.add(SERVICE_NAME)
+        self.registration: Registration | None = None
+        self._ttl = (heartbeat_s, ttl_s)
+
+    @property
+    def address(self) -> str:
+        return self.app.address
+
+    async def start(self) -> str:
+        await self.app.start()
+        await self.kv.begin()
+        if self.redis_url:
+            self.registration = Registration(
+                self.redis_url,
+                "prefill",
+                self.replica_id,
+                {"model": self.model_name, "address": self.address, "holder_id": self.replica_id},
+                self._load,
+                self.namespace,
+                *self._ttl,
+            )
+        return self.address
+
+    def _load(self) -> dict[str, int]:
+        ld = self.loop.load()
+        return {
+            "running": ld.running,
+            "waiting": ld.waiting,
+            "free_blocks": ld.free_blocks,
+            "total_blocks": ld.total_blocks,
+        }
+
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Drain: refuse new prompts, finish those in flight, keep serving KV until decoders
+        have pulled what is pinned (or the drain time ends), then leave the registry."""
+        deadline = time.monotonic() + drain_s
+        await self.app.drain(drain_s)
+        if self.registration is not None:
+            self.registration.close()
+        while self.kv.store.stats().pinned_blocks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.kv.stop()
+        await self.app.stop()
+        self.loop.stop()
