@@ -216,7 +216,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         await _check_ids(ids, context)
         use_shm = request.transport == pb.TRANSPORT_SHARED_MEMORY and self.shm is not None
         lease_s = (request.lease_ms or 5000) / 1000
-        pin_id, _, missing = self.store.pin(ids, lease_s)
+        pin_id, _, missing = self.store.pin(ids, lease_s, request.pin_id if use_shm else "")
         try:
             if missing and not request.allow_missing:
                 shown = ", ".join(b.hex() for b in missing[:4])

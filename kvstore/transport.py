@@ -15,6 +15,8 @@ tries transports in order.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import mmap
 import os
 import uuid
@@ -129,15 +131,26 @@ class SharedMemoryTransport:
 
     async def get(self, stub, holder, ids, timeout):
         asm = ChunkAssembler()
+        pin_id = uuid.uuid4().hex
         call = stub.Get(
             pb.GetRequest(
                 block_ids=ids,
                 transport=pb.TRANSPORT_SHARED_MEMORY,
                 allow_missing=True,
                 lease_ms=self.lease_ms,
+                pin_id=pin_id,
             ),
             timeout=timeout,
         )
+        try:
+            async for item in self._read(call, asm):
+                yield item
+        finally:
+            # Everything is copied out: let the holder evict again without waiting for the lease.
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+                await stub.Unpin(pb.UnpinRequest(pin_id=pin_id), timeout=timeout)
+
+    async def _read(self, call, asm: ChunkAssembler) -> AsyncIterator[GetItem]:
         async for resp in call:
             if resp.missing_block_id:
                 yield resp.missing_block_id

@@ -178,20 +178,26 @@ class DecodeServer:
         self.redis_url = redis_url
         self.namespace = namespace
         self.replica_id = replica_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
-        self.app = ServiceApp(host, port)
+        self.colocated = colocated
         self.loop = EngineLoop(engine, max_waiting)
-        self.kv = KVStoreClient(redis_url, namespace) if redis_url else None
-        servicer = DecodeServicer(self.loop, self.kv, model_name, self.app, colocated)
-        pb_grpc.add_DecodeServicer_to_server(servicer, self.app.server)
-        self.app.add(SERVICE_NAME)
+        self.kv: KVStoreClient | None = None
         self.registration: Registration | None = None
+        self._bind = (host, port)
         self._ttl = (heartbeat_s, ttl_s)
+        self.app: ServiceApp
 
     @property
     def address(self) -> str:
         return self.app.address
 
     async def start(self) -> str:
+        # gRPC channels and servers belong to the loop that runs them: built here.
+        self.app = ServiceApp(*self._bind)
+        if self.redis_url:
+            self.kv = KVStoreClient(self.redis_url, self.namespace)
+        servicer = DecodeServicer(self.loop, self.kv, self.model_name, self.app, self.colocated)
+        pb_grpc.add_DecodeServicer_to_server(servicer, self.app.server)
+        self.app.add(SERVICE_NAME)
         await self.app.start()
         if self.redis_url:
             self.registration = Registration(

@@ -152,7 +152,6 @@ class PrefillServer:
         self.redis_url = redis_url
         self.namespace = namespace
         self.replica_id = replica_id or f"prefill-{uuid.uuid4().hex[:8]}"
-        self.app = ServiceApp(host, port)
         self.loop = EngineLoop(engine, max_waiting)
         self.kv = KVStoreServer(
             kv_memory_bytes,
@@ -163,18 +162,24 @@ class PrefillServer:
             heartbeat_s=heartbeat_s,
             ttl_s=ttl_s,
         )
-        self.app.add(self.kv.attach(self.app.server, self.app.address))
-        servicer = PrefillServicer(self.loop, self.kv, model_name, self.app, pin_lease_ms)
-        pb_grpc.add_PrefillServicer_to_server(servicer, self.app.server)
-        self.app.add(SERVICE_NAME)
         self.registration: Registration | None = None
+        self._bind = (host, port)
+        self._pin_lease_ms = pin_lease_ms
         self._ttl = (heartbeat_s, ttl_s)
+        self.app: ServiceApp
 
     @property
     def address(self) -> str:
         return self.app.address
 
     async def start(self) -> str:
+        # The gRPC server belongs to the event loop that runs it: built here, not in __init__.
+        self.app = ServiceApp(*self._bind)
+        self.app.add(self.kv.attach(self.app.server, self.app.address))
+        servicer = PrefillServicer(self.loop, self.kv, self.model_name, self.app,
+                                   self._pin_lease_ms)  # fmt: skip
+        pb_grpc.add_PrefillServicer_to_server(servicer, self.app.server)
+        self.app.add(SERVICE_NAME)
         await self.app.start()
         await self.kv.begin()
         if self.redis_url:

@@ -242,6 +242,129 @@ def serve_kvstore(
             embedded.close()
 
 
+def _serve_engine_service(
+    role: str,
+    model: str,
+    dtype: str,
+    host: str,
+    port: int,
+    redis_url: str | None,
+    namespace: str,
+    max_waiting: int,
+    kv_memory: str,
+    num_kv_blocks: int | None,
+) -> None:
+    import asyncio
+
+    from kvstore.redis_server import EmbeddedRedis, RedisServerError
+    from kvstore.sizes import parse_size
+    from services.engine.config import EngineConfig
+    from services.engine.engine import LLMEngine
+    from services.engine.errors import EngineError
+    from services.grpc_app import run_until_signal
+
+    try:
+        kv_bytes = parse_size(kv_memory)
+    except ValueError as e:
+        fail(str(e))
+    model_dir = resolve_model(model)
+    try:
+        cfg = EngineConfig(dtype=dtype, num_kv_blocks=num_kv_blocks)
+        engine = LLMEngine(model_dir, cfg)
+    except (EngineError, ValueError) as e:
+        fail(str(e))
+    embedded = None
+    if redis_url is None and role != "colocated":
+        try:
+            embedded = EmbeddedRedis().start()
+        except RedisServerError as e:
+            fail(str(e))
+        redis_url = embedded.url
+        err.print(f"private Redis-compatible server at {redis_url}", highlight=False)
+    name = model if model in _known_models() else model_dir.name
+    if role == "prefill":
+        from services.prefill import PrefillServer
+
+        server = PrefillServer(
+            engine, name, redis_url, host, port, kv_bytes, namespace=namespace,
+            max_waiting=max_waiting,
+        )  # fmt: skip
+    else:
+        from services.decode import DecodeServer
+
+        server = DecodeServer(
+            engine, name, redis_url, host, port, namespace=namespace,
+            colocated=role == "colocated", max_waiting=max_waiting,
+        )  # fmt: skip
+
+    def announce(address: str) -> None:
+        print(address, flush=True)
+
+    try:
+        asyncio.run(run_until_signal(server.start, server.stop, announce))
+    except OSError as e:
+        fail(str(e))
+    finally:
+        if embedded is not None:
+            embedded.close()
+
+
+def _known_models() -> tuple[str, ...]:
+    from splitserve.models_pull import KNOWN_MODELS
+
+    return KNOWN_MODELS
+
+
+def _service_command(role: str, doc: str):
+    def command(
+        model: ModelOpt = "smollm2-135m-instruct",
+        dtype: DtypeOpt = "auto",
+        port: Annotated[int, typer.Option("--port", help="gRPC port; 0 picks a free one")] = 0,
+        host: Annotated[str, typer.Option("--host", help="Address to bind")] = "127.0.0.1",
+        redis_url: Annotated[
+            str | None,
+            typer.Option("--redis", help="Redis URL (default: a private local server)"),
+        ] = None,
+        namespace: Annotated[str, typer.Option("--namespace")] = "splitserve",
+        max_waiting: Annotated[
+            int, typer.Option("--max-waiting", help="Queue bound; past it: RESOURCE_EXHAUSTED")
+        ] = 256,
+        kv_memory: Annotated[
+            str, typer.Option("--kv-memory", help="Prefill's KV shard memory, e.g. 2GiB")
+        ] = "1GiB",
+        num_kv_blocks: Annotated[
+            int | None, typer.Option("--num-kv-blocks", help="Engine KV cache size in blocks")
+        ] = None,
+    ) -> None:
+        _serve_engine_service(
+            role, model, dtype, host, port, redis_url, namespace, max_waiting, kv_memory,
+            num_kv_blocks,
+        )  # fmt: skip
+
+    command.__doc__ = doc
+    return command
+
+
+serve_app.command("prefill")(
+    _service_command(
+        "prefill",
+        "Prefill service: prompts -> KV blocks in the store + first token. Prints its address.",
+    )
+)
+serve_app.command("decode")(
+    _service_command(
+        "decode",
+        "Decode service: prefilled requests -> token streams, pulling KV from the store.",
+    )
+)
+serve_app.command("colocated")(
+    _service_command(
+        "colocated",
+        "Both phases on one engine (the baseline): whole requests -> token streams.",
+    )
+)
+
+
 def main() -> None:
     app()
 

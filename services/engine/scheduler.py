@@ -158,6 +158,9 @@ class Scheduler:
         self.pool.acquire(hits)
         req.block_ids = hits + self.pool.allocate(need)
         out.kv_loads.extend((req.block_ids[pos], blk.kv) for pos, blk in loads)
+        for pos, blk in loads:  # imported full blocks join the prefix cache like computed ones
+            if blk.num_tokens == bs:
+                self.pool.cache(req.block_ids[pos], req.block_hashes[pos])
         if req.num_preemptions == 0:
             req.num_cached_tokens = len(hits) * bs
             req.num_imported_tokens = computed - len(hits) * bs

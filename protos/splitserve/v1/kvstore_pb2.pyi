@@ -108,16 +108,18 @@ class PutResponse(_message.Message):
     def __init__(self, statuses: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("block_ids", "transport", "allow_missing", "lease_ms")
+    __slots__ = ("block_ids", "transport", "allow_missing", "lease_ms", "pin_id")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
     block_ids: _containers.RepeatedScalarFieldContainer[bytes]
     transport: Transport
     allow_missing: bool
     lease_ms: int
-    def __init__(self, block_ids: _Optional[_Iterable[bytes]] = ..., transport: _Optional[_Union[Transport, str]] = ..., allow_missing: _Optional[bool] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    pin_id: str
+    def __init__(self, block_ids: _Optional[_Iterable[bytes]] = ..., transport: _Optional[_Union[Transport, str]] = ..., allow_missing: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., pin_id: _Optional[str] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("chunk", "missing_block_id")
