@@ -365,6 +365,36 @@ serve_app.command("colocated")(
 )
 
 
+@app.command()
+def up(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Application YAML (models, replicas, auth)")
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option("--model", help="Demo model: smollm2-135m-instruct, a preset (tiny), a DIR"),
+    ] = "smollm2-135m-instruct",
+    port: Annotated[int, typer.Option("--port", help="HTTP port")] = 8000,
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC Generate port")] = 50051,
+    mode: Annotated[
+        str, typer.Option("--mode", help="disaggregated | colocated (demo only)")
+    ] = "disaggregated",
+) -> None:
+    """Bring the whole system up here: Redis, Ray, prefill/decode replicas and the router. The
+    first stdout line is the URL; Ctrl-C stops everything."""
+    from splitserve.app_config import ConfigError, load_config
+    from splitserve.up import demo_config, run_up
+
+    try:
+        cfg = load_config(config) if config else demo_config(model, port, grpc_port, mode)
+    except ConfigError as e:
+        fail(str(e))
+    try:
+        run_up(cfg, announce=lambda url: print(url, flush=True))
+    except (FileNotFoundError, OSError) as e:
+        fail(str(e))
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,119 @@
+"""The router's gRPC API: `splitserve.v1.Generate`, server streaming, for gRPC clients.
+
+Same backend, tokenizers and tenants as the HTTP API; the API key travels as metadata
+`authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import grpc
+
+from protos.splitserve.v1 import common_pb2 as cpb
+from protos.splitserve.v1 import generate_pb2 as pb
+from protos.splitserve.v1 import generate_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generate"].full_name
+
+_CODES = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+}
+
+
+class Backend(Protocol):
+    def models(self) -> list[tuple[str, int]]: ...
+
+    def generate(
+        self, model: str, prompt_ids: list[int], params: Any, request_id: str, **kw: Any
+    ) -> AsyncIterator[Any]: ...
+
+
+class GenerateServicer(pb_grpc.GenerateServicer):
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizers: dict[str, Any],
+        sampling_from_pb: Callable[[cpb.SamplingParams], Any],
+        authenticate: Callable[[str | None], str | None] | None,
+    ) -> None:
+        """authenticate(api key or None) -> tenant name, or None when the key is refused;
+        None as a whole means auth is off (the local demo)."""
+        self.backend = backend
+        self.tokenizers = tokenizers
+        self.sampling_from_pb = sampling_from_pb
+        self.authenticate = authenticate
+
+    async def Generate(self, request, context):
+        tenant = ""
+        if self.authenticate is not None:
+            md = dict(context.invocation_metadata() or ())
+            auth = md.get("authorization", "")
+            key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+            who = self.authenticate(key)
+            if who is None:
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or invalid API key: send metadata 'authorization: Bearer <key>'",
+                )
+            tenant = who or ""
+        models = dict(self.backend.models())
+        model = request.model or (next(iter(models)) if len(models) == 1 else "")
+        if model not in models:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown model {request.model!r}; served: {', '.join(models)}",
+            )
+        try:
+            params = self.sampling_from_pb(request.sampling)
+            prompt = self._prompt(request, model)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+        if len(prompt) + params.max_tokens > models[model]:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length {models[model]}",
+            )
+        rid = request.request_id or uuid.uuid4().hex
+        gen = self.backend.generate(model, prompt, params, rid, tenant=tenant)
+        try:
+            async for piece in gen:
+                msg = pb.GenerateResponse(
+                    token_ids=piece.token_ids, text=piece.text, logprobs=piece.logprobs
+                )
+                if piece.finish_reason:
+                    msg.finish_reason = piece.finish_reason
+                if piece.usage is not None:
+                    msg.usage.CopyFrom(piece.usage)
+                yield msg
+        except grpc.aio.AioRpcError as e:
+            await context.abort(_CODES.get(e.code().name, grpc.StatusCode.INTERNAL), e.details())
+        except RuntimeError as e:  # no replica up
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        finally:
+            await gen.aclose()
+
+    def _prompt(self, request, model: str) -> list[int]:
+        kind = request.WhichOneof("input")
+        tok = self.tokenizers[model]
+        if kind == "prompt_token_ids":
+            return [int(t) for t in request.prompt_token_ids.ids]
+        if kind == "chat":
+            msgs = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not msgs:
+                raise ValueError("chat has no messages")
+            try:
+                return tok.apply_chat_template(msgs)
+            except Exception as e:
+                raise ValueError(str(e)) from None
+        if kind == "prompt":
+            return tok.encode(request.prompt)
+        raise ValueError("give one of prompt, prompt_token_ids or chat")

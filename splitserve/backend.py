@@ -1,0 +1,162 @@
+"""The router's backend: find a model's replicas in the registry, place each request (prefix-aware
+prefill, least-loaded decode), and run it through prefill and decode with the P/D client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kvstore.index import IndexReader
+from router.placement import Candidate, PrefixAffinity, pick_decode, pick_prefill
+from services.engine.block_hash import hash_blocks
+from services.engine.sampling_params import SamplingParams
+from services.pd_client import PDClient, Piece
+from services.registry import Replica, list_replicas
+
+log = logging.getLogger(__name__)
+
+
+class NoReplicaError(RuntimeError):
+    """No live replica serves the model right now (starting, or all gone): HTTP 503."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    model_id: str  # the engines' block-hash identity
+    block_size: int
+    max_model_len: int
+    mode: str  # disaggregated | colocated
+
+
+class PoolBackend:
+    def __init__(
+        self,
+        redis_url: str,
+        models: dict[str, ModelInfo],
+        namespace: str = "splitserve",
+        refresh_s: float = 0.5,
+    ) -> None:
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.models_info = models
+        self.refresh_s = refresh_s
+        self._replicas: dict[tuple[str, str], tuple[float, list[Replica]]] = {}
+        self._clients: dict[tuple[str, str | None], PDClient] = {}
+        self._outstanding: dict[str, int] = defaultdict(int)  # prefill replica -> tokens
+        self._affinity: dict[str, PrefixAffinity] = defaultdict(PrefixAffinity)
+        self._index: IndexReader | None = None
+
+    def models(self) -> list[tuple[str, int]]:
+        return [(m.name, m.max_model_len) for m in self.models_info.values()]
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        if self._index is not None:
+            await self._index.close()
+
+    async def _live(self, role: str, model: str) -> list[Replica]:
+        key = (role, model)
+        now = time.monotonic()
+        cached = self._replicas.get(key)
+        if cached is None or now - cached[0] > self.refresh_s:
+            reps = await asyncio.to_thread(
+                list_replicas, self.redis_url, role, model, self.namespace
+            )
+            self._replicas[key] = cached = (now, reps)
+        return cached[1]
+
+    def _client(self, decode: str, prefill: str | None, model: str) -> PDClient:
+        key = (decode, prefill)
+        c = self._clients.get(key)
+        if c is None:
+            c = self._clients[key] = PDClient(decode, prefill, model=model)
+        return c
+
+    async def _prefix_blocks(self, info: ModelInfo, prompt: list[int], holders: list[str]):
+        """How many leading prompt blocks each holder has in its KV shard."""
+        ids = hash_blocks(prompt, info.block_size, info.model_id)
+        if not ids or not holders:
+            return ids, {}
+        if self._index is None:
+            self._index = IndexReader(self.redis_url, self.namespace)
+        try:
+            locs = await self._index.locate([b.hex() for b in ids])
+        except Exception as e:  # the index is an optimisation; placement works without it
+            log.warning("prefix lookup failed: %s", e)
+            return ids, {}
+        out = {}
+        for h in holders:
+            n = 0
+            while n < len(locs) and h in locs[n]:
+                n += 1
+            out[h] = n
+        return ids, out
+
+    async def generate(
+        self,
+        model: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        tenant: str = "",
+        **_: object,
+    ) -> AsyncIterator[Piece]:
+        info = self.models_info[model]
+        if info.mode == "colocated":
+            reps = await self._live("colocated", model)
+            if not reps:
+                raise NoReplicaError(f"no colocated replica of {model!r} is up")
+            cands = [_cand(r) for r in reps]
+            d = pick_decode(cands, None)
+            async for piece in self._client(d.address, None, model).generate(
+                prompt_ids, params, request_id
+            ):
+                yield piece
+            return
+        pre_reps, dec_reps = await asyncio.gather(
+            self._live("prefill", model), self._live("decode", model)
+        )
+        if not pre_reps or not dec_reps:
+            raise NoReplicaError(f"{model!r} has no live prefill or decode replica yet")
+        ids, prefix = await self._prefix_blocks(info, prompt_ids, [r.holder_id for r in pre_reps])
+        p = pick_prefill(
+            [
+                _cand(r, self._outstanding[r.replica_id], prefix.get(r.holder_id, 0))
+                for r in pre_reps
+            ]
+        )
+        affinity = self._affinity[model]
+        d = pick_decode([_cand(r) for r in dec_reps], affinity.lookup(ids[:64]))
+        affinity.record(ids[:64], d.replica_id)
+        self._outstanding[p.replica_id] += len(prompt_ids)
+        counted = True
+        try:
+            async for piece in self._client(d.address, p.address, model).generate(
+                prompt_ids, params, request_id
+            ):
+                if counted:
+                    self._outstanding[p.replica_id] -= len(prompt_ids)
+                    counted = False
+                yield piece
+        finally:
+            if counted:
+                self._outstanding[p.replica_id] -= len(prompt_ids)
+
+
+def _cand(r: Replica, outstanding: int = 0, prefix: int = 0) -> Candidate:
+    return Candidate(
+        replica_id=r.replica_id,
+        address=r.address,
+        running=r.running,
+        waiting=r.waiting,
+        free_blocks=r.free_blocks,
+        total_blocks=r.total_blocks,
+        outstanding_tokens=outstanding,
+        prefix_blocks=prefix,
+    )

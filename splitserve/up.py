@@ -1,0 +1,120 @@
+"""`splitserve up`: the whole system on this machine (or a cluster, with --config).
+
+It resolves the models (pulling SmolLM2-135M-Instruct once if needed), starts a private
+Redis-compatible server unless the config names one, starts Ray locally and the Serve
+application, prints the URL with an example request, and on Ctrl-C or SIGTERM stops everything
+it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from rich.console import Console
+
+from splitserve.app_config import AppConfig, ModelSpec, parse_config
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def demo_config(model: str, port: int, grpc_port: int, mode: str) -> AppConfig:
+    """The local demo: one model, one replica per role, auth off (and said so)."""
+    return parse_config(
+        {
+            "http": {"host": "127.0.0.1", "port": port},
+            "grpc": {"host": "127.0.0.1", "port": grpc_port},
+            "auth": {"enabled": False},
+            "models": [
+                {"name": Path(model).name if "/" in model else model, "path": model, "mode": mode}
+            ],
+        }
+    )
+
+
+def resolve_model_path(spec: ModelSpec) -> Path:
+    from services.engine.presets import PRESETS, make_model
+    from splitserve.models_pull import KNOWN_MODELS, pull_model, splitserve_home
+
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        return path
+    if spec.path in KNOWN_MODELS:
+        return pull_model(spec.path)
+    if spec.path in PRESETS:
+        out = splitserve_home() / "models" / f"preset-{spec.path}"
+        if not (out / "config.json").exists():
+            make_model(spec.path, out, seed=0)
+        return out
+    raise FileNotFoundError(
+        f"model {spec.path!r}: not a directory, a known model ({', '.join(KNOWN_MODELS)}) "
+        f"or a preset ({', '.join(PRESETS)})"
+    )
+
+
+def run_up(cfg: AppConfig, announce=print) -> None:
+    import ray
+    from ray import serve
+
+    from kvstore.redis_server import EmbeddedRedis
+    from splitserve.app import build_application
+
+    model_dirs = {m.name: resolve_model_path(m) for m in cfg.models}
+    embedded = None
+    redis_url = cfg.redis
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if redis_url is None:
+            embedded = EmbeddedRedis().start()
+            redis_url = embedded.url
+        if not cfg.auth.enabled:
+            err.print(
+                "[yellow]authentication is OFF (local demo): anyone who can reach "
+                f"{cfg.http.host}:{cfg.http.port} can use it[/]",
+                highlight=False,
+            )
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        app = build_application(cfg, redis_url, model_dirs)
+        serve.run(app, name="splitserve", route_prefix="/")
+        url = f"http://{cfg.http.host}:{cfg.http.port}"
+        first = cfg.models[0].name
+        announce(url)
+        err.print(
+            f"splitserve is up at {url} (OpenAI-compatible; gRPC Generate on "
+            f"{cfg.grpc.host}:{cfg.grpc.port}). Try:\n"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
+            f'\'{{"model": "{first}", "messages": [{{"role": "user", "content": '
+            f'"What is the capital of France?"}}], "stream": true}}\'',
+            highlight=False,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        err.print("stopping...", highlight=False)
+        try:
+            from ray import serve as _serve
+
+            _serve.shutdown()
+        except Exception as e:  # shutting down anyway
+            err.print(f"serve shutdown: {e}", highlight=False)
+        try:
+            import ray as _ray
+
+            _ray.shutdown()
+        except Exception as e:
+            err.print(f"ray shutdown: {e}", highlight=False)
+        if embedded is not None:
+            embedded.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
