@@ -1,8 +1,11 @@
 """One pre-mapped region that holds a memory tier's block bytes.
 
 Keeping each block in its own fresh allocation costs a page fault per 4 KiB on every put (the
-kernel zeroes and maps new pages), which on loopback halves throughput. The arena is mapped and
-populated once; blocks are copied into extents of it and extents are reused after eviction.
+kernel zeroes and maps new pages), which on loopback halves throughput. The arena is mapped once
+and extents are reused after eviction, so steady-state puts never fault. Populating a large
+budget up front would stall start-up for seconds, so a background thread pre-faults it instead,
+with MADV_POPULATE_WRITE: that maps pages without touching their contents, so it is safe next to
+concurrent writes.
 Backed by a tmpfs file, the same region is what same-host readers map (one mapping per holder,
 addressed by offset), so shared memory costs no per-block files either.
 
@@ -16,10 +19,14 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import threading
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 ALIGN = 64
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 
 
 def _round(n: int) -> int:
@@ -30,21 +37,34 @@ class Arena:
     def __init__(self, capacity: int, path: Path | None = None) -> None:
         self.capacity = _round(capacity)
         self.path = path
-        populate = getattr(mmap, "MAP_POPULATE", 0)
         if path is not None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            # A new inode, never a truncated old one: a reader that still maps a previous
+            # holder's arena at this path keeps reading that one (truncating it would SIGBUS it).
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.ftruncate(fd, self.capacity)
-                self._mm = mmap.mmap(fd, self.capacity, flags=mmap.MAP_SHARED | populate)
+                self._mm = mmap.mmap(fd, self.capacity, flags=mmap.MAP_SHARED)
             finally:
                 os.close(fd)
         else:
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
-            self._mm = mmap.mmap(-1, self.capacity, flags=flags)
+            self._mm = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self._mm)
+        self._np = np.frombuffer(self._mm, np.uint8)
+        self._closed = threading.Event()
+        threading.Thread(target=self._prefault, name="arena-prefault", daemon=True).start()
         self._top = 0
         self._free: dict[int, list[int]] = defaultdict(list)  # extent size -> offsets
         self.allocated = 0
+
+    def _prefault(self, chunk: int = 64 << 20) -> None:
+        for off in range(0, self.capacity, chunk):
+            if self._closed.is_set():
+                return
+            try:
+                self._mm.madvise(_MADV_POPULATE_WRITE, off, min(chunk, self.capacity - off))
+            except (OSError, ValueError):  # an older kernel, or closed meanwhile: fault lazily
+                return
 
     def alloc(self, n: int) -> int | None:
         size = _round(n)
@@ -65,8 +85,9 @@ class Arena:
         self.allocated -= size
 
     def write(self, off: int, data) -> None:
-        src = memoryview(data).cast("B")
-        self.view[off : off + src.nbytes] = src
+        # numpy's copy releases the GIL, so the event loop keeps receiving during large copies.
+        src = np.frombuffer(data, np.uint8)
+        np.copyto(self._np[off : off + src.size], src)
 
     def read(self, off: int, n: int) -> memoryview:
         return self.view[off : off + n]
@@ -101,6 +122,8 @@ class Arena:
         return None
 
     def close(self) -> None:
+        self._closed.set()
+        del self._np
         # A block view still held elsewhere keeps the mapping alive until it is dropped.
         with contextlib.suppress(BufferError):
             self.view.release()

@@ -13,14 +13,15 @@ import random
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
-from kvstore.block import BlockError, StoredBlock
+from kvstore.block import BlockError, BlockMeta, StoredBlock
 from kvstore.index import HolderInfo, IndexReader
 from kvstore.transport import (
+    InPlace,
     KVStoreMethods,
     SharedMemoryTransport,
     StreamTransport,
@@ -32,6 +33,7 @@ from protos.splitserve.v1 import kvstore_pb2 as pb
 log = logging.getLogger(__name__)
 
 _TIER_RANK = {"memory": 0, "disk": 1}
+Deliver = Callable[[BlockMeta, memoryview], None]
 
 
 @dataclass
@@ -46,9 +48,9 @@ class PutReport:
 
 @dataclass
 class GetResult:
-    blocks: dict[bytes, StoredBlock] = field(default_factory=dict)
+    blocks: dict[bytes, StoredBlock] = field(default_factory=dict)  # empty when `into` is used
     missing: list[bytes] = field(default_factory=list)
-    sources: dict[bytes, str] = field(default_factory=dict)  # block id -> holder id
+    sources: dict[bytes, str] = field(default_factory=dict)  # block id -> holder id (delivered)
 
 
 class KVStoreClient:
@@ -105,7 +107,9 @@ class KVStoreClient:
         report = PutReport()
         if not blocks:
             return report
-        live = await self.index.live_holders(refresh=True)
+        live = await self.index.live_holders()
+        if not live:
+            live = await self.index.live_holders(refresh=True)
         if not live:
             report.failed = {b.block_id: "no live KV holder is registered" for b in blocks}
             return report
@@ -180,7 +184,11 @@ class KVStoreClient:
 
     # -- get --------------------------------------------------------------------------------
 
-    async def get(self, ids: Sequence[bytes]) -> GetResult:
+    async def get(self, ids: Sequence[bytes], into: Deliver | None = None) -> GetResult:
+        """Fetch blocks by id. With `into`, each verified block is handed to
+        into(meta, payload view) instead of being kept: the view is valid only during the call
+        (it may be the holder's shared memory or the received message), so the callback copies
+        it where it belongs, e.g. straight into a KV cache. No intermediate buffer is made."""
         result = GetResult()
         ids = list(dict.fromkeys(bytes(i) for i in ids))
         if not ids:
@@ -195,7 +203,7 @@ class KVStoreClient:
             for bid in pending:
                 groups[candidates[bid].pop(0)].append(bid)
             got = await asyncio.gather(
-                *(self._fetch(live[hid], gids, result) for hid, gids in groups.items())
+                *(self._fetch(live[hid], gids, result, into) for hid, gids in groups.items())
             )
             failed = [bid for f in got for bid in f]
             pending = [bid for bid in failed if candidates[bid]]
@@ -211,23 +219,29 @@ class KVStoreClient:
 
         return sorted((hid for hid in loc if hid in live), key=key)
 
-    async def _fetch(self, holder: HolderInfo, ids: list[bytes], result: GetResult) -> list[bytes]:
+    async def _fetch(
+        self, holder: HolderInfo, ids: list[bytes], result: GetResult, into: Deliver | None
+    ) -> list[bytes]:
         """Fetch from one holder; returns the ids it did not deliver intact."""
         want = set(ids)
         try:
             async for item in self._transport(holder).get(
-                self._stub(holder), holder, ids, self.timeout_s
+                self._stub(holder), holder, ids, self.timeout_s, copy=into is None
             ):
                 if isinstance(item, bytes):
                     continue
                 if item.block_id not in want:
                     continue
                 try:
-                    item.verify()
+                    if not isinstance(item, InPlace):
+                        item.verify()
                 except BlockError as e:
                     log.warning("%s sent a bad block: %s", holder.holder_id, e)
                     continue
-                result.blocks[item.block_id] = item
+                if into is None:
+                    result.blocks[item.block_id] = item
+                else:
+                    into(item.meta, memoryview(item.payload))
                 result.sources[item.block_id] = holder.holder_id
                 want.discard(item.block_id)
         except (grpc.aio.AioRpcError, BlockError, OSError) as e:

@@ -131,6 +131,13 @@ return 1
 """
 
 
+_LOCATE = """
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = redis.call('HGETALL', k) end
+return out
+"""
+
+
 class RedisIndex:
     """A holder's side of the index (synchronous: the block store calls it under its lock).
 
@@ -294,6 +301,7 @@ class IndexReader:
         self._holders: dict[str, HolderInfo] = {}
         self._holders_at = -1e9
         self._reserve = self.r.register_script(_RESERVE)
+        self._locate = self.r.register_script(_LOCATE)
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -317,15 +325,17 @@ class IndexReader:
         return self._holders
 
     async def locate(self, hex_ids: Sequence[str]) -> list[dict[str, tuple[str, int]]]:
-        """For each id: holder_id -> (tier, size), live holders only."""
+        """For each id: holder_id -> (tier, size), live holders only. One script call rather
+        than a pipeline of HGETALLs: the client packs and parses one command, not one per id.
+        (All keys in one call: fine on one Redis; a Redis Cluster would need hash tags.)"""
         live = await self.live_holders()
-        p = self.r.pipeline(transaction=False)
-        for hx in hex_ids:
-            p.hgetall(self.k.block(hx))
+        if not hex_ids:
+            return []
+        flat = await self._locate(keys=[self.k.block(hx) for hx in hex_ids])
         out = []
-        for h in await p.execute() if hex_ids else []:
+        for pairs in flat:
             entry = {}
-            for hid_raw, v in h.items():
+            for hid_raw, v in zip(pairs[::2], pairs[1::2], strict=True):
                 hid = _s(hid_raw)
                 if hid in live:
                     code, size = _s(v).split(":")

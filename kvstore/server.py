@@ -114,7 +114,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.max_block_bytes = max_block_bytes
 
     async def Put(self, request_iterator, context):
-        asm = ChunkAssembler(self.max_block_bytes)
+        asm = ChunkAssembler(self.max_block_bytes, verify=False)  # verified in _store
         results: list[PutResult] = []
         batch: list[StoredBlock] = []
         files: list[Path] = []
@@ -178,7 +178,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         )
 
     def _store(self, blocks: list[StoredBlock], files: list[Path]) -> list[PutResult]:
+        """In a worker thread: CRC checks (the C code releases the GIL) and the copies into the
+        arena run beside the event loop, which keeps receiving the next batch."""
         try:
+            for b in blocks:
+                b.verify()
             return self.store.put_many(blocks)
         finally:
             for f in files:  # same-host writers' files, copied into the arena
@@ -207,9 +211,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 )
         except FileNotFoundError:
             raise BlockError(f"block {meta.hex}: shared-memory file {name} not found") from None
-        block = StoredBlock(meta, data)
-        block.verify()
-        return block, path
+        return StoredBlock(meta, data), path  # verified in _store
 
     async def Get(self, request, context):
         ids = [bytes(b) for b in request.block_ids]

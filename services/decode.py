@@ -30,6 +30,7 @@ from services.engine.errors import InvalidRequestError
 from services.engine.kv_transfer import KVBlock
 from services.engine_loop import EngineLoop, QueueFullError
 from services.grpc_app import ServiceApp
+from services.metrics import RequestMetrics, ServiceMetrics
 from services.registry import Registration
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
 
@@ -44,6 +45,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         model_name: str,
         app: ServiceApp,
         colocated: bool,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.loop = loop
         self.kv = kv
@@ -51,26 +53,31 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.app = app
         self.colocated = colocated
         self.engine = loop.engine
+        role = "colocated" if colocated else "decode"
+        self.metrics = metrics or ServiceMetrics(role, model_name, loop)
         self._tasks: set[asyncio.Task] = set()  # unpins in flight (held so they aren't collected)
 
     async def Decode(self, request, context):
+        rec = self.metrics.request(context)
         if self.app.draining:
+            rec.finish("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this decode server is draining")
         if request.model and request.model != self.model_name:
+            rec.finish("invalid_argument")
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown model {request.model!r}; this server serves {self.model_name!r}",
             )
-        with self.app.track():
+        with self.app.track(), rec:
             try:
-                async for msg in self._decode(request):
+                async for msg in self._decode(request, rec):
                     yield msg
             except InvalidRequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except QueueFullError as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
-    async def _decode(self, request):
+    async def _decode(self, request, rec: RequestMetrics):
         params = sampling_from_pb(request.sampling)
         prompt = [int(t) for t in request.prompt_token_ids]
         rid = request.request_id or uuid.uuid4().hex
@@ -85,6 +92,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             t0 = time.monotonic()
             kv_blocks = await self._pull(prompt, list(request.blocks), timings)
             timings.transfer_ms = (time.monotonic() - t0) * 1e3
+            self.metrics.kv_pulled(timings)
             if request.pin_id and request.pin_holder_address and self.kv is not None:
                 task = asyncio.create_task(self._unpin(request.pin_holder_address, request.pin_id))
                 self._tasks.add(task)
@@ -98,6 +106,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         t_submit = time.monotonic()
         sent_first = False
         async for out in self.loop.generate(rid, prompt, params, **kwargs):
+            rec.output(out)
             msg = pb.DecodeResponse(
                 token_ids=out.new_token_ids,
                 text=out.new_text,
@@ -110,6 +119,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 sent_first = True
             if out.finished:
                 msg.finish_reason = str(out.finish_reason)
+                rec.finish(msg.finish_reason)
                 msg.usage.CopyFrom(
                     cpb.Usage(
                         prompt_tokens=len(prompt),
@@ -171,6 +181,7 @@ class DecodeServer:
         replica_id: str | None = None,
         heartbeat_s: float = 1.0,
         ttl_s: float = 5.0,
+        metrics_port: int | None = None,
     ) -> None:
         self.role = "colocated" if colocated else "decode"
         self.engine = engine
@@ -185,6 +196,9 @@ class DecodeServer:
         self._bind = (host, port)
         self._ttl = (heartbeat_s, ttl_s)
         self.app: ServiceApp
+        self.metrics = ServiceMetrics(self.role, model_name, self.loop)
+        self._metrics_port = metrics_port  # /metrics over HTTP: None off, 0 a free port
+        self.metrics_address: str | None = None
 
     @property
     def address(self) -> str:
@@ -195,10 +209,13 @@ class DecodeServer:
         self.app = ServiceApp(*self._bind)
         if self.redis_url:
             self.kv = KVStoreClient(self.redis_url, self.namespace)
-        servicer = DecodeServicer(self.loop, self.kv, self.model_name, self.app, self.colocated)
+        servicer = DecodeServicer(self.loop, self.kv, self.model_name, self.app, self.colocated,
+                                  self.metrics)  # fmt: skip
         pb_grpc.add_DecodeServicer_to_server(servicer, self.app.server)
         self.app.add(SERVICE_NAME)
         await self.app.start()
+        if self._metrics_port is not None:
+            self.metrics_address = self.metrics.serve(self._bind[0], self._metrics_port)
         if self.redis_url:
             self.registration = Registration(
                 self.redis_url,
@@ -228,4 +245,5 @@ class DecodeServer:
         await self.app.stop()
         if self.kv is not None:
             await self.kv.close()
+        await self.metrics.aclose()
         self.loop.stop()

@@ -27,6 +27,7 @@ from services.engine.errors import InvalidRequestError
 from services.engine.request import FinishReason
 from services.engine_loop import EngineLoop, QueueFullError
 from services.grpc_app import ServiceApp
+from services.metrics import RequestMetrics, ServiceMetrics
 from services.registry import Registration
 from services.wire import kv_to_stored, logprob_to_pb, sampling_from_pb
 
@@ -41,6 +42,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         model_name: str,
         app: ServiceApp,
         pin_lease_ms: int = 30_000,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.loop = loop
         self.kv = kv
@@ -48,24 +50,28 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         self.app = app
         self.pin_lease_ms = pin_lease_ms
         self.engine = loop.engine
+        self.metrics = metrics or ServiceMetrics("prefill", model_name, loop)
 
     async def Prefill(self, request, context):
+        rec = self.metrics.request(context)
         if self.app.draining:
+            rec.finish("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this prefill server is draining")
         if request.model and request.model != self.model_name:
+            rec.finish("invalid_argument")
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown model {request.model!r}; this server serves {self.model_name!r}",
             )
-        with self.app.track():
+        with self.app.track(), rec:
             try:
-                return await self._prefill(request)
+                return await self._prefill(request, rec)
             except InvalidRequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except QueueFullError as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
-    async def _prefill(self, request) -> pb.PrefillResponse:
+    async def _prefill(self, request, rec: RequestMetrics) -> pb.PrefillResponse:
         params = sampling_from_pb(request.sampling)
         prompt = [int(t) for t in request.prompt_token_ids]
         rid = request.request_id or uuid.uuid4().hex
@@ -75,6 +81,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         final = None
         async for out in self.loop.generate(rid, prompt, first, export_kv=True):
             final = out
+            rec.output(out)
         assert final is not None and final.finished
         t1 = time.monotonic()
         if final.finish_reason == FinishReason.STOP:
@@ -103,6 +110,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 if b.block_id in held_set
             ]
         t2 = time.monotonic()
+        self.metrics.kv_published(blocks, results, t2 - t1)
+        rec.finish(finish or "handoff")
         tok = final.logprobs[0] if final.logprobs else None
         queue_s = min(final.queue_time_s, t1 - t0)
         return pb.PrefillResponse(
@@ -146,6 +155,7 @@ class PrefillServer:
         replica_id: str | None = None,
         heartbeat_s: float = 1.0,
         ttl_s: float = 5.0,
+        metrics_port: int | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -167,6 +177,9 @@ class PrefillServer:
         self._pin_lease_ms = pin_lease_ms
         self._ttl = (heartbeat_s, ttl_s)
         self.app: ServiceApp
+        self.metrics = ServiceMetrics("prefill", model_name, self.loop)
+        self._metrics_port = metrics_port  # /metrics over HTTP: None off, 0 a free port
+        self.metrics_address: str | None = None
 
     @property
     def address(self) -> str:
@@ -177,11 +190,13 @@ class PrefillServer:
         self.app = ServiceApp(*self._bind)
         self.app.add(self.kv.attach(self.app.server, self.app.address))
         servicer = PrefillServicer(self.loop, self.kv, self.model_name, self.app,
-                                   self._pin_lease_ms)  # fmt: skip
+                                   self._pin_lease_ms, self.metrics)  # fmt: skip
         pb_grpc.add_PrefillServicer_to_server(servicer, self.app.server)
         self.app.add(SERVICE_NAME)
         await self.app.start()
         await self.kv.begin()
+        if self._metrics_port is not None:
+            self.metrics_address = self.metrics.serve(self._bind[0], self._metrics_port)
         if self.redis_url:
             self.registration = Registration(
                 self.redis_url,
@@ -214,4 +229,5 @@ class PrefillServer:
             await asyncio.sleep(0.05)
         await self.kv.stop()
         await self.app.stop()
+        await self.metrics.aclose()
         self.loop.stop()

@@ -54,6 +54,13 @@ def test_round_trip_is_byte_exact(redis_url, namespace, loop_thread, shm):
                 assert bytes(got.payload) == bytes(b.payload) and got.meta == b.meta
             again = await c.put(blocks)  # already indexed: nothing is sent twice
             assert again.ok
+            delivered = {}  # the zero-copy path: views handed to a callback, copied out there
+            res2 = await c.get(
+                [b.block_id for b in blocks],
+                into=lambda meta, view: delivered.__setitem__(meta.block_id, bytes(view)),
+            )
+            assert not res2.missing and not res2.blocks
+            assert all(delivered[b.block_id] == bytes(b.payload) for b in blocks)
             return rep
 
     rep = asyncio.run(go())
