@@ -221,7 +221,12 @@ class DecodeServer:
                 self.redis_url,
                 self.role,
                 self.replica_id,
-                {"model": self.model_name, "address": self.address, "holder_id": ""},
+                {
+                    "model": self.model_name,
+                    "address": self.address,
+                    "holder_id": "",
+                    "metrics_address": getattr(self, "metrics_address", "") or "",
+                },
                 self._load,
                 self.namespace,
                 *self._ttl,

@@ -62,13 +62,19 @@ class PDClient:
         await self.close()
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        tenant: str = "",
     ) -> AsyncIterator[Piece]:
         """Stream a request. gRPC errors (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE)
         propagate as grpc.aio.AioRpcError. Closing the iterator early cancels the decode stream,
         which aborts the sequence on the decode server."""
         rid = request_id or uuid.uuid4().hex
         sampling = sampling_to_pb(params)
+        # The tenant rides as metadata so every service can label its metrics with it.
+        md = (("x-splitserve-tenant", tenant),) if tenant else None
         dreq = decode_pb2.DecodeRequest(
             request_id=rid, model=self.model, prompt_token_ids=prompt_ids, sampling=sampling
         )
@@ -80,6 +86,7 @@ class PDClient:
                     sampling=sampling,
                 ),
                 timeout=self.timeout_s,
+                metadata=md,
             )  # fmt: skip
             first = Piece(
                 [pre.first_token_id],
@@ -97,7 +104,7 @@ class PDClient:
             dreq.pin_id = pre.pin_id
             dreq.pin_holder_address = pre.holder_address
             prefill_timings = pre.timings
-        call = self.decode.Decode(dreq, timeout=self.timeout_s)
+        call = self.decode.Decode(dreq, timeout=self.timeout_s, metadata=md)
         try:
             async for msg in call:
                 yield Piece(

@@ -202,7 +202,12 @@ class PrefillServer:
                 self.redis_url,
                 "prefill",
                 self.replica_id,
-                {"model": self.model_name, "address": self.address, "holder_id": self.replica_id},
+                {
+                    "model": self.model_name,
+                    "address": self.address,
+                    "holder_id": self.replica_id,
+                    "metrics_address": getattr(self, "metrics_address", "") or "",
+                },
                 self._load,
                 self.namespace,
                 *self._ttl,

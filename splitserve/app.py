@@ -58,14 +58,14 @@ class EngineReplica:
 
             self.server = PrefillServer(
                 engine, spec.name, redis_url, _bind_host(), 0, parse_size(side.kv_memory),
-                namespace=namespace, max_waiting=side.max_waiting,
+                namespace=namespace, max_waiting=side.max_waiting, metrics_port=0,
             )  # fmt: skip
         else:
             from services.decode import DecodeServer
 
             self.server = DecodeServer(
                 engine, spec.name, redis_url, _bind_host(), 0, namespace=namespace,
-                colocated=role == "colocated", max_waiting=side.max_waiting,
+                colocated=role == "colocated", max_waiting=side.max_waiting, metrics_port=0,
             )  # fmt: skip
         self.address = await self.server.start()
         log.info("%s replica of %s serving on %s", role, spec.name, self.address)

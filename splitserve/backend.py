@@ -115,7 +115,7 @@ class PoolBackend:
             cands = [_cand(r) for r in reps]
             d = pick_decode(cands, None)
             async for piece in self._client(d.address, None, model).generate(
-                prompt_ids, params, request_id
+                prompt_ids, params, request_id, tenant
             ):
                 yield piece
             return
@@ -138,7 +138,7 @@ class PoolBackend:
         counted = True
         try:
             async for piece in self._client(d.address, p.address, model).generate(
-                prompt_ids, params, request_id
+                prompt_ids, params, request_id, tenant
             ):
                 if counted:
                     self._outstanding[p.replica_id] -= len(prompt_ids)

@@ -253,6 +253,7 @@ def _serve_engine_service(
     max_waiting: int,
     kv_memory: str,
     num_kv_blocks: int | None,
+    metrics_port: int | None,
 ) -> None:
     import asyncio
 
@@ -287,18 +288,20 @@ def _serve_engine_service(
 
         server = PrefillServer(
             engine, name, redis_url, host, port, kv_bytes, namespace=namespace,
-            max_waiting=max_waiting,
+            max_waiting=max_waiting, metrics_port=metrics_port,
         )  # fmt: skip
     else:
         from services.decode import DecodeServer
 
         server = DecodeServer(
             engine, name, redis_url, host, port, namespace=namespace,
-            colocated=role == "colocated", max_waiting=max_waiting,
+            colocated=role == "colocated", max_waiting=max_waiting, metrics_port=metrics_port,
         )  # fmt: skip
 
     def announce(address: str) -> None:
         print(address, flush=True)
+        if getattr(server, "metrics_address", None):
+            err.print(f"metrics at http://{server.metrics_address}/metrics", highlight=False)
 
     try:
         asyncio.run(run_until_signal(server.start, server.stop, announce))
@@ -335,10 +338,14 @@ def _service_command(role: str, doc: str):
         num_kv_blocks: Annotated[
             int | None, typer.Option("--num-kv-blocks", help="Engine KV cache size in blocks")
         ] = None,
+        metrics_port: Annotated[
+            int | None,
+            typer.Option("--metrics-port", help="Serve Prometheus /metrics here (0: any port)"),
+        ] = None,
     ) -> None:
         _serve_engine_service(
             role, model, dtype, host, port, redis_url, namespace, max_waiting, kv_memory,
-            num_kv_blocks,
+            num_kv_blocks, metrics_port,
         )  # fmt: skip
 
     command.__doc__ = doc
