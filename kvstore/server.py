@@ -32,7 +32,14 @@ from kvstore.block import (
 )
 from kvstore.block_store import DISK, MEMORY, BlockStore, PutResult
 from kvstore.index import RedisIndex
-from kvstore.wire import Chunk, PutItem, decode_put_request, encode_get_chunk, encode_get_missing
+from kvstore.wire import (
+    Chunk,
+    PutItem,
+    decode_put_request,
+    encode_get_batch,
+    encode_get_chunk,
+    encode_get_missing,
+)
 from kvstore.wire import serialize as wire_serialize
 from protos.splitserve.v1 import kvstore_pb2 as pb
 from protos.splitserve.v1 import kvstore_pb2_grpc as pb_grpc
@@ -226,6 +233,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"blocks not held here: {shown}{more}"
                 )
+            refs: list[tuple[pb.BlockHeader, pb.SharedMemoryRef]] = []
             for bid in ids:
                 tier = self.store.tier_of(bid)
                 block = (
@@ -241,10 +249,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     ref = pb.SharedMemoryRef(
                         path=str(loc[0]), offset=loc[1], length=block.meta.size
                     )
-                    yield encode_get_chunk(block.meta.to_proto(), last=True, shm=ref)
+                    refs.append((block.meta.to_proto(), ref))
+                    if len(refs) >= 256:
+                        yield encode_get_batch(refs)
+                        refs = []
                     continue
                 for header, data, last in chunk_slices(block.meta, block.payload):
                     yield encode_get_chunk(header, data, last)
+            if refs:
+                yield encode_get_batch(refs)
         finally:
             if not use_shm:  # shared-memory readers keep the pin for the lease to map the files
                 self.store.unpin(pin_id)

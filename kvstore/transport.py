@@ -168,33 +168,36 @@ class SharedMemoryTransport:
             task.add_done_callback(_BACKGROUND.discard)
 
     async def _read(self, call, asm: ChunkAssembler, copy: bool) -> AsyncIterator[GetItem]:
+        arenas: dict[str, memoryview | None] = {}  # one stat per arena per call, not per block
         async for resp in call:
             if resp.missing_block_id:
                 yield resp.missing_block_id
                 continue
-            c = resp.chunk
-            if c is None:
-                continue
-            if c.shm is None:  # a disk-tier block arrives as bytes
-                block = asm.feed(c)
-                if block is not None:
-                    yield block
-                continue
-            if c.header is None:
-                raise BlockError("a shared-memory answer without its header")
-            meta = BlockMeta.from_proto(c.header)
-            try:
-                arena = self._arena(c.shm.path)
-            except OSError:
-                yield meta.block_id  # the holder went away: treat as missing
-                continue
-            end = c.shm.offset + c.shm.length
-            if end > arena.nbytes:
-                raise BlockError(f"block {meta.hex}: shared-memory extent past the arena's end")
-            # The holder's pin holds the extent only until this get ends: a block that outlives
-            # the call is copied out, so it never changes under its reader.
-            view = arena[c.shm.offset : end]
-            yield InPlace(meta, view.tobytes() if copy else view)
+            for c in resp.batch or ([resp.chunk] if resp.chunk is not None else []):
+                if c.shm is None:  # a disk-tier block arrives as bytes
+                    block = asm.feed(c)
+                    if block is not None:
+                        yield block
+                    continue
+                if c.header is None:
+                    raise BlockError("a shared-memory answer without its header")
+                meta = BlockMeta.from_proto(c.header)
+                if c.shm.path not in arenas:
+                    try:
+                        arenas[c.shm.path] = self._arena(c.shm.path)
+                    except OSError:
+                        arenas[c.shm.path] = None  # the holder went away
+                arena = arenas[c.shm.path]
+                if arena is None:
+                    yield meta.block_id  # treated as missing: another holder, or recompute
+                    continue
+                end = c.shm.offset + c.shm.length
+                if end > arena.nbytes:
+                    raise BlockError(f"block {meta.hex}: shared-memory extent past the arena end")
+                # The holder's pin holds the extent only until this get ends: a block that
+                # outlives the call is copied out, so it never changes under its reader.
+                view = arena[c.shm.offset : end]
+                yield InPlace(meta, view.tobytes() if copy else view)
 
     def _arena(self, path: str) -> memoryview:
         """The holder's arena, mapped once (again if the holder restarted with a new file)."""

@@ -19,7 +19,7 @@ from protos.splitserve.v1 import kvstore_pb2 as pb
 # Field numbers from kvstore.proto (BlockChunk, PutRequest, GetResponse).
 _CHUNK_HEADER, _CHUNK_DATA, _CHUNK_LAST, _CHUNK_SHM = 1, 2, 3, 4
 _PUT_CHUNK, _PUT_RESERVATION = 1, 2
-_GET_CHUNK, _GET_MISSING = 1, 2
+_GET_CHUNK, _GET_MISSING, _GET_BATCH = 1, 2, 3
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 
@@ -113,6 +113,16 @@ def encode_get_chunk(
     return encode_chunk_message(_GET_CHUNK, header, data, last, shm)
 
 
+def encode_get_batch(refs: list[tuple[pb.BlockHeader, pb.SharedMemoryRef]]) -> bytes:
+    """Several shared-memory references in one GetResponse."""
+    parts: list = []
+    for header, shm in refs:
+        parts += _wrap(
+            _GET_BATCH, _chunk_parts(header.SerializeToString(), b"", True, shm.SerializeToString())
+        )
+    return b"".join(parts)
+
+
 def encode_get_missing(block_id: bytes) -> bytes:
     return _key(_GET_MISSING, _LEN) + _varint(len(block_id)) + block_id
 
@@ -188,6 +198,7 @@ class PutItem:
 class GetItem:
     chunk: Chunk | None = None
     missing_block_id: bytes = b""
+    batch: list[Chunk] | None = None
 
 
 def decode_put_request(raw: bytes) -> PutItem:
@@ -211,4 +222,8 @@ def decode_get_response(raw: bytes) -> GetItem:
             item.chunk = _decode_chunk(v)
         elif field == _GET_MISSING and wire == _LEN:
             item.missing_block_id = bytes(v)
+        elif field == _GET_BATCH and wire == _LEN:
+            if item.batch is None:
+                item.batch = []
+            item.batch.append(_decode_chunk(v))
     return item

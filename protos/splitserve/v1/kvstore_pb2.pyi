@@ -122,12 +122,14 @@ class GetRequest(_message.Message):
     def __init__(self, block_ids: _Optional[_Iterable[bytes]] = ..., transport: _Optional[_Union[Transport, str]] = ..., allow_missing: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., pin_id: _Optional[str] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("chunk", "missing_block_id")
+    __slots__ = ("chunk", "missing_block_id", "batch")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     MISSING_BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     chunk: BlockChunk
     missing_block_id: bytes
-    def __init__(self, chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., missing_block_id: _Optional[bytes] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[BlockChunk]
+    def __init__(self, chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., missing_block_id: _Optional[bytes] = ..., batch: _Optional[_Iterable[_Union[BlockChunk, _Mapping]]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("block_ids",)
