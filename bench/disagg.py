@@ -91,15 +91,18 @@ async def run_requests(client: PDClient, prompts, params, concurrent: bool) -> l
         t0 = time.perf_counter()
         first = None
         n = 0
-        pre = dec = None
+        pre = dec = usage = None
         async for piece in client.generate(p, params):
             if first is None:
                 first = time.perf_counter()
             n += len(piece.token_ids)
             pre = pre or piece.prefill_timings
             dec = dec or piece.decode_timings
+            usage = piece.usage or usage
         end = time.perf_counter()
-        return {"ttft": first - t0, "e2e": end - t0, "n": n, "pre": pre, "dec": dec}
+        cached = usage.cached_tokens if usage is not None else 0
+        return {"ttft": first - t0, "e2e": end - t0, "n": n, "pre": pre, "dec": dec,
+                "cached": cached}  # fmt: skip
 
     if concurrent:
         return list(await asyncio.gather(*(one(p) for p in prompts)))
@@ -125,7 +128,10 @@ def summarize(preset, scenario, mode, prompts, results, wall, per_token_bytes) -
     admission = 0.0 if colocated else mean(lambda r: dec(r, "admission_ms"))
     transfer = mean(lambda r: dec(r, "transfer_ms"))
     kv = mean(lambda r: dec(r, "bytes_pulled"))
-    theo = statistics.fmean(len(p) * per_token_bytes for p in prompts)
+    # What had to move: the prompt's KV less what the decode's prefix cache already held.
+    theo = statistics.fmean(
+        (len(p) - r["cached"]) * per_token_bytes for p, r in zip(prompts, results, strict=True)
+    )
     out = sum(r["n"] for r in results)
     return Row(
         preset=preset, scenario=scenario, mode=mode, requests=len(prompts),
