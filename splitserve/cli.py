@@ -386,6 +386,10 @@ def up(
     mode: Annotated[
         str, typer.Option("--mode", help="disaggregated | colocated (demo only)")
     ] = "disaggregated",
+    redis_url: Annotated[
+        str | None,
+        typer.Option("--redis", help="Use this Redis (default: a private local server)"),
+    ] = None,
 ) -> None:
     """Bring the whole system up here: Redis, Ray, prefill/decode replicas and the router. The
     first stdout line is the URL; Ctrl-C stops everything."""
@@ -396,6 +400,8 @@ def up(
         cfg = load_config(config) if config else demo_config(model, port, grpc_port, mode)
     except ConfigError as e:
         fail(str(e))
+    if redis_url:
+        cfg = cfg.model_copy(update={"redis": redis_url})
     try:
         run_up(cfg, announce=lambda url: print(url, flush=True))
     except (FileNotFoundError, OSError) as e:

@@ -1,0 +1,216 @@
+"""Tenants: who may call the API (API keys, kept only as SHA-256 digests) and how much of it
+each may use at once.
+
+    # tenants.yaml (or the same document as JSON)
+    tenants:
+      - name: team-a
+        keys: [9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08]  # sha256 hex
+        max_concurrent: 16   # requests running at once
+        max_queued: 64       # more wait here in arrival order; past both: HTTP 429
+
+A digest is `hash_key(key)` (`printf %s KEY | sha256sum`). Without a file, `Tenants.load()`
+reads the environment: SPLITSERVE_TENANTS holds a path to such a file or the document itself;
+SPLITSERVE_API_KEY holds one plain key for a single tenant "default" (hashed on load).
+
+Limits count HTTP requests (a request with n=4 holds one slot) and are per router replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_TENANTS = "SPLITSERVE_TENANTS"
+ENV_API_KEY = "SPLITSERVE_API_KEY"
+
+
+class TenantsConfigError(ValueError):
+    """A tenants file or variable that cannot be used; the message names the field."""
+
+
+class TenantBusyError(Exception):
+    """The tenant already has max_concurrent requests running and max_queued waiting."""
+
+
+def hash_key(key: str) -> str:
+    """The hex SHA-256 digest a tenants file lists for an API key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+class _TenantSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    keys: list[str] = Field(min_length=1)
+    max_concurrent: int = Field(32, ge=1)
+    max_queued: int = Field(128, ge=0)
+
+    @field_validator("keys")
+    @classmethod
+    def _digests(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if len(k) != 64 or any(c not in "0123456789abcdefABCDEF" for c in k):
+                raise ValueError(
+                    "keys are SHA-256 hex digests (64 hex characters) of the API keys, not "
+                    "the keys themselves: printf %s KEY | sha256sum"
+                )
+        return [k.lower() for k in keys]
+
+
+class _TenantsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tenants: list[_TenantSpec] = Field(min_length=1)
+
+
+# -- admission ---------------------------------------------------------------------------------
+
+
+class Tenant:
+    """One tenant's admission: at most max_concurrent requests run; up to max_queued more wait
+    in arrival order; any further one is refused (TenantBusyError).
+
+    acquire() and release() pair up: every acquire that returns is matched by one release."""
+
+    def __init__(self, name: str, max_concurrent: int, max_queued: int) -> None:
+        self.name = name
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self.running = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self.running < self.max_concurrent and not self._waiters:
+            self.running += 1
+            return
+        if len(self._waiters) >= self.max_queued:
+            raise TenantBusyError(
+                f"tenant {self.name!r} has {self.running} requests running and "
+                f"{len(self._waiters)} queued, its limit; retry later"
+            )
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # release() hands its slot over: `running` stays as it is
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot arrived as we were cancelled: pass it on
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.running -= 1
+
+
+@dataclass(frozen=True)
+class _Key:
+    digest: bytes
+    tenant: Tenant
+
+
+class Tenants:
+    def __init__(self, tenants: Iterable[tuple[str, Iterable[str], int, int]]) -> None:
+        """tenants: (name, key digests as hex, max_concurrent, max_queued)."""
+        self._by_name: dict[str, Tenant] = {}
+        self._keys: list[_Key] = []
+        for name, digests, max_concurrent, max_queued in tenants:
+            if name in self._by_name:
+                raise TenantsConfigError(f"tenant {name!r} is listed twice")
+            t = self._by_name[name] = Tenant(name, max_concurrent, max_queued)
+            for d in digests:
+                raw = bytes.fromhex(d)
+                if any(k.digest == raw for k in self._keys):
+                    raise TenantsConfigError(f"tenant {name!r}: a key digest is listed twice")
+                self._keys.append(_Key(raw, t))
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "tenants") -> Tenants:
+        try:
+            f = _TenantsFile.model_validate(data)
+        except ValidationError as e:
+            lines = [
+                f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: "
+                + err["msg"].removeprefix("Value error, ")
+                for err in e.errors()
+            ]
+            raise TenantsConfigError(f"{source}: " + "; ".join(lines)) from None
+        return cls((t.name, t.keys, t.max_concurrent, t.max_queued) for t in f.tenants)
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "tenants") -> Tenants:
+        """A YAML or JSON document (JSON is YAML)."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise TenantsConfigError(f"{source} is not valid YAML or JSON: {e}") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Tenants:
+        """From a file; with no path, from $SPLITSERVE_TENANTS (a path or the document) or
+        $SPLITSERVE_API_KEY (one key, tenant "default")."""
+        if path is not None:
+            p = Path(path)
+            try:
+                text = p.read_text()
+            except OSError as e:
+                raise TenantsConfigError(f"cannot read tenants file {p}: {e.strerror}") from None
+            return cls.from_text(text, str(p))
+        env = os.environ.get(ENV_TENANTS, "").strip()
+        if env:
+            if "\n" not in env and Path(env).is_file():
+                return cls.load(env)
+            return cls.from_text(env, f"${ENV_TENANTS}")
+        key = os.environ.get(ENV_API_KEY, "")
+        if key:
+            return cls([("default", [hash_key(key)], 32, 128)])
+        raise TenantsConfigError(
+            f"authentication is on but no tenants are configured: give a tenants file, set "
+            f"${ENV_TENANTS} or ${ENV_API_KEY}, or turn auth off"
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def tenant(self, name: str) -> Tenant:
+        return self._by_name[name]
+
+    def lookup(self, key: str | None) -> Tenant | None:
+        """The tenant an API key belongs to. Every stored digest is compared, in constant time
+        each, so the time taken says nothing about which key (if any) matched."""
+        if not key:
+            return None
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        found = None
+        for k in self._keys:
+            if hmac.compare_digest(k.digest, digest):
+                found = k.tenant
+        return found
+
+    def authenticate(self, key: str | None) -> str | None:
+        """The tenant's name, or None when the key is refused (router.grpc_api's contract)."""
+        t = self.lookup(key)
+        return t.name if t is not None else None

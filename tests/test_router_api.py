@@ -1,0 +1,685 @@
+"""The OpenAI-compatible HTTP API (router.app) on a real uvicorn, over a real colocated decode
+server running the tiny model, driven by the official openai client and by raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import statistics
+import time
+from types import SimpleNamespace
+
+import httpx2
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.app import build_app
+from router.tenants import Tenant, TenantBusyError, Tenants, TenantsConfigError, hash_key
+from services.decode import DecodeServer
+from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
+from services.engine.sampling_params import SamplingParams
+from services.engine.tokenizer import load_tokenizer
+from tests.kv_helpers import LoopThread, wait_for
+from tests.router_helpers import ColocatedBackend, InstantBackend, serve
+
+KEY, TIGHT_KEY = "sk-main-0123456789", "sk-tight-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name three rivers."},
+]
+
+
+def engine(model_dir, **kw) -> LLMEngine:
+    return LLMEngine(model_dir, EngineConfig(num_kv_blocks=256, **kw), seed=0)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir):
+    """The app with auth on, a tenant `main` and a tenant `tight` (1 running, none queued),
+    over a colocated server; `busy` names a server that refuses every request (max_waiting 0),
+    `down` an address nobody listens on."""
+    lt = LoopThread()
+    server = DecodeServer(engine(tiny_model_dir), "tiny", None, colocated=True)
+    busy = DecodeServer(engine(tiny_model_dir), "tiny", None, colocated=True, max_waiting=0)
+    lt.run(server.start())
+    lt.run(busy.start())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    max_len = server.engine.max_model_len
+    backend = ColocatedBackend(
+        {"tiny": (server.address, max_len), "busy": (busy.address, max_len),
+         "down": (down, max_len), "flaky": (down, max_len)}
+    )  # fmt: skip
+    tok = load_tokenizer(tiny_model_dir)
+    tenants = Tenants.from_dict(
+        {
+            "tenants": [
+                {"name": "main", "keys": [hash_key(KEY)], "max_concurrent": 64},
+                {"name": "tight", "keys": [hash_key(TIGHT_KEY)], "max_concurrent": 1,
+                 "max_queued": 0},
+            ]
+        }
+    )  # fmt: skip
+    tokenizers = {"tiny": tok, "busy": tok, "down": tok, "flaky": tok}
+    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20)
+    with serve(app) as url:
+        yield SimpleNamespace(
+            url=url, server=server, lt=lt, backend=backend, tok=tok, max_len=max_len,
+            client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0),
+        )  # fmt: skip
+    lt.run(server.stop(drain_s=1))
+    lt.run(busy.stop(drain_s=1))
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model_dir) -> LLMEngine:
+    """The engine on its own: what greedy output must be."""
+    return engine(tiny_model_dir)
+
+
+def in_use(stack) -> int:
+    return stack.lt.run(stack.server.loop.call(lambda e: e.check_integrity())).in_use
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """After each test, the server's block pool is intact and every block is released."""
+    yield
+    if "stack" in request.fixturenames:
+        stack = request.getfixturevalue("stack")
+        wait_for(lambda: in_use(stack) == 0, timeout=5)
+
+
+def greedy(ref: LLMEngine, prompt_ids: list[int], n: int) -> str:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return ref.generate([prompt_ids], params)[0].text
+
+
+def assert_error_shape(r: httpx2.Response) -> dict:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str)
+    assert err["param"] is None or isinstance(err["param"], str)
+    assert err["code"] is None or isinstance(err["code"], str)
+    return err
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+def test_completion_greedy_equals_engine_streaming_or_not(stack, ref):
+    prompt = "The quick brown fox"
+    ids = stack.tok.encode(prompt)
+    want = greedy(ref, ids, 20)
+    c = stack.client
+    r = c.completions.create(
+        model="tiny", prompt=prompt, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == "tiny"
+    assert [(ch.index, ch.text, ch.finish_reason) for ch in r.choices] == [(0, want, "length")]
+    u = r.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (len(ids), 20, len(ids) + 20)
+    # The same prompt as token ids.
+    r2 = c.completions.create(
+        model="tiny", prompt=ids, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r2.choices[0].text == want
+
+    chunks = list(
+        c.completions.create(
+            model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    *body, last = chunks
+    assert "".join(ch.choices[0].text for ch in body) == want
+    assert [ch.choices[0].finish_reason for ch in body][-1] == "length"
+    assert all(ch.choices[0].finish_reason is None for ch in body[:-1])
+    assert all(ch.usage is None and ch.id == chunks[0].id for ch in body)
+    assert last.choices == [] and last.usage.completion_tokens == 20
+    assert last.usage.prompt_tokens == len(ids)
+
+
+def test_chat_greedy_equals_engine_streaming_or_not(stack, ref):
+    ids = stack.tok.apply_chat_template(CHAT)  # the template with the generation prompt
+    want = greedy(ref, ids, 16)
+    c = stack.client
+    r = c.chat.completions.create(
+        model="tiny", messages=CHAT, max_completion_tokens=16, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    msg = r.choices[0].message
+    assert (msg.role, msg.content, r.choices[0].finish_reason) == ("assistant", want, "length")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 16)
+
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=16, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == len(ids) + 16
+
+
+def test_n_samples_use_seed_plus_index(stack):
+    c = stack.client
+    kw = {"model": "tiny", "prompt": "Once upon", "max_tokens": 8, "temperature": 1.0}
+    r = c.completions.create(n=3, seed=7, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    singles = [c.completions.create(seed=7 + i, **kw).choices[0].text for i in range(3)]
+    assert [ch.text for ch in r.choices] == singles
+    assert r.usage.completion_tokens == sum(
+        c.completions.create(seed=7 + i, **kw).usage.completion_tokens for i in range(3)
+    )
+    # Streaming, chat: n interleaved choices, each whole.
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=6, temperature=1.0, seed=11, n=2, stream=True
+        )
+    )
+    texts = ["", ""]
+    for ch in chunks:
+        texts[ch.choices[0].index] += ch.choices[0].delta.content or ""
+    one = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, seed=12)
+    assert texts[1] == one.choices[0].message.content
+
+
+def test_batch_prompts(stack, ref):
+    c = stack.client
+    prompts = ["Red sky at night", "A stitch in time"]
+    r = c.completions.create(
+        model="tiny", prompt=prompts, n=2, max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    ids = [stack.tok.encode(p) for p in prompts]
+    want = [greedy(ref, x, 6) for x in ids]
+    # Choice index = prompt index * n + sample index.
+    assert [(ch.index, ch.text) for ch in r.choices] == [
+        (0, want[0]), (1, want[0]), (2, want[1]), (3, want[1])
+    ]  # fmt: skip
+    assert r.usage.prompt_tokens == len(ids[0]) + len(ids[1])
+    assert r.usage.completion_tokens == 24
+
+
+def test_stop_strings_cut_the_text(stack, ref):
+    prompt = "Water flows"
+    full = greedy(ref, stack.tok.encode(prompt), 24)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    want = full[: full.index(stop)]
+    c = stack.client
+    for s in (stop, [stop, "\x00never"]):
+        r = c.completions.create(
+            model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=s,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop")
+    chunks = list(
+        c.completions.create(
+            model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop, stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs(stack):
+    c = stack.client
+    r = c.completions.create(model="tiny", prompt="Snow falls", max_tokens=6, temperature=0,
+                             logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    for t, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert chosen <= 0 and top[t] == chosen and 2 <= len(top) <= 3
+        assert chosen == pytest.approx(max(top.values()))  # greedy takes the likeliest
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+
+    r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, temperature=0,
+                                  logprobs=True, top_logprobs=3,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for e in content:
+        assert e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 3
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+    # Streaming: each chunk carries the logprobs of its own tokens.
+    chunks = list(
+        c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, temperature=0,
+                                  logprobs=True, stream=True, extra_body={"ignore_eos": True})
+    )  # fmt: skip
+    streamed = [e.token for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]  # fmt: skip
+    assert streamed == [e.token for e in content]
+
+
+def test_models_health_and_metrics(stack):
+    models = stack.client.models.list()
+    assert {m.id for m in models.data} == {"tiny", "busy", "down", "flaky"}
+    assert httpx2.get(f"{stack.url}/health").json() == {"status": "ok"}
+
+    def count(**labels) -> float:
+        text = httpx2.get(f"{stack.url}/metrics").text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        return sum(
+            s.value
+            for s in fams["splitserve:router_requests"].samples
+            if s.name.endswith("_total") and labels.items() <= s.labels.items()
+        )
+
+    ok = {"endpoint": "completion", "model": "tiny", "tenant": "main", "status": "200"}
+    unknown = {"endpoint": "chat", "model": "", "tenant": "main", "status": "404"}
+    before = count(**ok), count(**unknown)
+    stack.client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):  # a model name a client made up is no label
+        stack.client.chat.completions.create(model="made-up", messages=CHAT, max_tokens=2)
+    assert (count(**ok), count(**unknown)) == (before[0] + 1, before[1] + 1)
+
+
+# -- auth and limits ---------------------------------------------------------------------------
+
+
+def test_auth(stack):
+    url = stack.url
+    for key in ("sk-wrong", KEY + "x", KEY[:-1]):
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as ei:
+            bad.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert ei.value.status_code == 401
+        assert ei.value.body["code"] == "invalid_api_key"
+    for headers in ({}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": "Bearer"}):  # fmt: skip
+        r = httpx2.post(f"{url}/v1/completions", headers=headers, json={"model": "tiny"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert_error_shape(r)
+    assert httpx2.get(f"{url}/v1/models").status_code == 401
+    n = len(stack.backend.calls)
+    r = stack.client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert [t for _, _, t in stack.backend.calls[n:]] == ["main"]  # the backend knows who
+
+
+def test_tenant_over_its_limit_gets_429_with_retry_after(stack):
+    tight = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=TIGHT_KEY, max_retries=0)
+    body = {"model": "tiny", "prompt": "Long story", "max_tokens": 1500, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    headers = {"Authorization": f"Bearer {TIGHT_KEY}"}
+    url = f"{stack.url}/v1/completions"
+    with httpx2.Client(timeout=30) as h, h.stream("POST", url, json=body, headers=headers) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept: dropping the iterator closes the connection
+        next(lines)  # the one request the tenant may run is running
+        with pytest.raises(openai.RateLimitError) as ei:
+            tight.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert ei.value.response.headers["retry-after"] == "1"
+        assert ei.value.body["code"] == "rate_limit_exceeded"
+        # Other tenants are not held back.
+        assert stack.client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    # Leaving the stream frees the slot.
+    wait_for(lambda: _ok(tight), timeout=5)
+
+
+def _ok(client) -> bool:
+    try:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        return True
+    except openai.RateLimitError:
+        return False
+
+
+def test_backend_refusals_become_429_and_503(stack):
+    c = stack.client
+    with pytest.raises(openai.RateLimitError) as ei:  # RESOURCE_EXHAUSTED: queue full
+        c.completions.create(model="busy", prompt="hi", max_tokens=2)
+    assert ei.value.response.headers["retry-after"] == "1"
+    for stream in (False, True):  # UNAVAILABLE, before a streamed response starts too
+        with pytest.raises(openai.InternalServerError) as ei:
+            c.completions.create(model="down", prompt="hi", max_tokens=2, stream=stream)
+        assert ei.value.status_code == 503
+
+
+def test_tenant_admission_is_fifo_and_every_slot_comes_back():
+    async def go():
+        t = Tenant("a", max_concurrent=1, max_queued=2)
+        await t.acquire()
+        got = []
+
+        async def wait(name):
+            await t.acquire()
+            got.append(name)
+
+        w1, w2 = asyncio.create_task(wait("w1")), asyncio.create_task(wait("w2"))
+        await asyncio.sleep(0)
+        assert (t.running, t.queued) == (1, 2)
+        with pytest.raises(TenantBusyError):  # 1 running + 2 queued is the limit
+            await t.acquire()
+        w1.cancel()  # a client that leaves while queued gives its place up
+        await asyncio.sleep(0)
+        assert t.queued == 1
+        t.release()  # the slot goes straight to the next in line
+        await w2
+        assert got == ["w2"] and (t.running, t.queued) == (1, 0)
+        w3 = asyncio.create_task(wait("w3"))
+        await asyncio.sleep(0)
+        t.release()  # handed to w3 ...
+        w3.cancel()  # ... which is cancelled before it runs: it must pass the slot on
+        await asyncio.gather(w3, return_exceptions=True)
+        assert (t.running, t.queued) == (0, 0)
+
+    asyncio.run(go())
+
+
+def test_tenants_config(tmp_path, monkeypatch):
+    doc = f"""
+tenants:
+  - name: team-a
+    keys: [{hash_key("a1")}, {hash_key("a2").upper()}]
+    max_concurrent: 2
+  - name: team-b
+    keys: [{hash_key("b1")}]
+"""
+    f = tmp_path / "tenants.yaml"
+    f.write_text(doc)
+    t = Tenants.load(f)
+    assert [t.authenticate(k) for k in ("a1", "a2", "b1", "b2", "", None)] == [
+        "team-a", "team-a", "team-b", None, None, None
+    ]  # fmt: skip
+    assert (t.tenant("team-a").max_concurrent, t.tenant("team-b").max_queued) == (2, 128)
+    monkeypatch.setenv("SPLITSERVE_TENANTS", json.dumps(
+        {"tenants": [{"name": "j", "keys": [hash_key("j1")]}]}))  # fmt: skip
+    assert Tenants.load().authenticate("j1") == "j"
+    monkeypatch.setenv("SPLITSERVE_TENANTS", str(f))
+    assert Tenants.load().authenticate("b1") == "team-b"
+    monkeypatch.delenv("SPLITSERVE_TENANTS")
+    monkeypatch.setenv("SPLITSERVE_API_KEY", "plain")
+    assert Tenants.load().authenticate("plain") == "default"
+    monkeypatch.delenv("SPLITSERVE_API_KEY")
+    with pytest.raises(TenantsConfigError, match="no tenants are configured"):
+        Tenants.load()
+    bad = {
+        "tenants.0.keys: keys are SHA-256": [{"name": "x", "keys": ["sk-plain"]}],
+        "listed twice": [{"name": "x", "keys": [hash_key("1")]},
+                         {"name": "x", "keys": [hash_key("2")]}],
+        "a key digest is listed twice": [{"name": "x", "keys": [hash_key("1")]},
+                                         {"name": "y", "keys": [hash_key("1")]}],
+        "tenants.0.max_concurrent": [{"name": "x", "keys": [hash_key("1")],
+                                      "max_concurrent": 0}],
+        "tenants: List should have at least 1 item": [],
+    }  # fmt: skip
+    for match, tenants in bad.items():
+        with pytest.raises(TenantsConfigError, match=match):
+            Tenants.from_dict({"tenants": tenants})
+    with pytest.raises(TenantsConfigError, match="cannot read"):
+        Tenants.load(tmp_path / "missing.yaml")
+
+
+def test_replica_lost_mid_stream_ends_the_stream_with_an_error_event(stack, tiny_model_dir):
+    flaky = DecodeServer(engine(tiny_model_dir), "tiny", None, colocated=True)
+    stack.lt.run(flaky.start())
+    stack.backend.set_address("flaky", flaky.address)
+    stream = stack.client.completions.create(
+        model="flaky", prompt="Go on", max_tokens=1500, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    got = 0
+    with pytest.raises(openai.APIError) as ei:
+        for _ in stream:
+            got += 1
+            if got == 5:  # the replica goes away, its stream with it
+                stack.lt.run(flaky.app.stop(grace=0))
+    assert 5 <= got < 1500 and ei.value.message
+
+    def idle() -> bool:
+        return not stack.lt.run(flaky.loop.call(lambda e: e.has_unfinished()))
+
+    wait_for(idle, timeout=5)  # the replica aborted the request when its stream went
+    assert stack.lt.run(flaky.loop.call(lambda e: e.check_integrity())).in_use == 0
+    flaky.loop.stop()
+    assert stack.client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+
+
+# -- disconnects -------------------------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(stack):
+    body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 1900,
+            "ignore_eos": True}  # fmt: skip
+    # ~1.2 ms a token: 1900 tokens take over 2 s, so a pool empty within 1 s means an abort.
+    url = f"{stack.url}/v1/completions"
+    with (
+        httpx2.Client(timeout=30) as h,
+        h.stream("POST", url, json={**body, "stream": True}, headers=AUTH) as r,
+    ):
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert in_use(stack) > 0
+    t0 = time.monotonic()
+    wait_for(lambda: in_use(stack) == 0, timeout=1.5)
+    assert time.monotonic() - t0 < 1.5
+    # A non-streaming request whose client gives up is aborted too.
+    with pytest.raises(httpx2.ReadTimeout):
+        httpx2.post(f"{stack.url}/v1/completions", json=body, headers=AUTH, timeout=0.5)
+    wait_for(lambda: in_use(stack) == 0, timeout=1.5)
+    assert not stack.lt.run(stack.server.loop.call(lambda e: e.has_unfinished()))
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+CHAT_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+# (argument, bad values) for both endpoints; each must be a 400 naming the argument.
+COMMON_BAD = {
+    "model": [1, None, [], {}, True, ""],
+    "max_tokens": ["5", 5.5, -1, 0, True, 2**64, [], {}],
+    "temperature": ["1", -0.1, 2.5, True, []],
+    "top_p": [0, 1.5, "x", -1],
+    "n": [0, -1, 1000, "2", 1.5],
+    "seed": ["1", 1.5, 2**70, -(2**70)],
+    "stop": [1, [1], {}, [""], ["a"] * 17, [None]],
+    "stream": ["yes", 1, None],
+    "stream_options": ["x", {"include_usage": "yes"}, {"bogus": 1}, {"include_usage": True}],
+    "presence_penalty": [3, -3, "0"],
+    "frequency_penalty": [3, -2.5],
+    "top_k": [-2, "1", 1.5],
+    "min_p": [2, -0.1],
+    "repetition_penalty": [0, -1, 101],
+    "min_tokens": [-1, "1", 5],
+    "ignore_eos": ["true", 1],
+    "stop_token_ids": [[-1], "1", [1.5], [2**40]],
+    "user": [1, [], "x" * 1000],
+    "logit_bias": [{"1": 5}, "x", {"1": "a"}],
+    "skip_special_tokens": ["no"],
+    "foo": [1, "bar", None],
+    "max_token": [5],
+}
+COMPLETION_BAD = {
+    "prompt": [1, None, {}, True, [], [[]], [1.5], [-1], [2**40], ["a", 1], [[1], ["a"]], [True]],
+    "logprobs": [21, -1, "1", True],
+    "echo": [True, "x"],
+    "best_of": [3, 0],
+    "suffix": ["x", 1],
+}
+CHAT_BAD = {
+    "messages": [
+        [],
+        None,
+        "hi",
+        {},
+        [1],
+        [{}],
+        [{"role": "tool", "content": "x"}],
+        [{"role": "bogus", "content": "x"}],
+        [{"role": "user", "content": 1}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "user", "content": [{"text": "x"}]}],
+        [{"role": 1, "content": "x"}],
+        [{"role": "user", "content": [1]}],
+        [{"role": "user", "content": {"a": 1}}],
+        [{"role": "user", "content": "x", "name": 1}],
+    ],
+    "logprobs": ["true", 1],
+    "top_logprobs": [21, -1, 3],
+    "max_completion_tokens": [0, "1", -5],
+    "tools": [[{"type": "function", "function": {"name": "f"}}], "x"],
+    "tool_choice": ["required", 1],
+    "response_format": [{"type": "json_object"}, "json"],
+    "functions": [[{"name": "f"}]],
+    "modalities": [["audio"]],
+    "audio": [{"voice": "x"}],
+    "metadata": [{"a": 1}, "x"],
+    "store": ["yes"],
+}
+
+BAD_BODIES = [
+    b"", b"{", b"}", b"[", b"null", b"1", b'"str"', b"[]", b"[{}]", b"{'model': 'tiny'}",
+    b'{"model": "tiny",}', b'{"model": tiny}', b"\xff\xfe\x00", b'{"model": "t\xffiny"}',
+    b'{"model":"tiny","prompt":"\xc3\x28"}', b"NaN", b"[" * 10000 + b"]" * 10000,
+    b'{"a":' * 5000, b"\x00" * 100, b'{"model":"tiny","prompt":"hi","max_tokens":NaN}',
+    b'{"model":"tiny","prompt":"hi","max_tokens":1e400}', b'{"model":"tiny","prompt":"\\ud800"}',
+    b'{"model":"tiny","prompt":"hi","temperature":Infinity}', b"true", b"{}",
+]  # fmt: skip
+
+
+def hostile_requests(max_len: int) -> list[tuple[str, str, dict, bytes, int | None, str | None]]:
+    """(method, path, headers, body, expected status or None for any 4xx, expected param)."""
+    out = []
+
+    def add(path, body, status=400, param=None, method="POST", headers=AUTH):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        out.append((method, path, headers, raw, status, param))
+
+    for path, base, extra in (
+        ("/v1/completions", COMPLETION, COMPLETION_BAD),
+        ("/v1/chat/completions", CHAT_BODY, CHAT_BAD),
+    ):
+        for field, values in {**COMMON_BAD, **extra}.items():
+            for v in values:
+                add(path, {**base, field: v}, 400, field)
+        for b in BAD_BODIES:
+            add(path, b, 400)
+        rng = random.Random(0)
+        good = json.dumps(base).encode()
+        for _ in range(8):  # truncated and random bytes
+            add(path, good[: rng.randrange(1, len(good) - 1)], 400)
+            add(path, rng.randbytes(rng.randrange(1, 200)), 400)
+        for model in ("nope", "TINY", "tiny ", "x" * 300):
+            add(path, {**base, "model": model}, 404, "model")
+        # Lengths: past the context, or token ids past the vocabulary (the engine says so).
+        add(path, {**base, "max_tokens": max_len}, 400)
+        add(path, {**base, "max_tokens": 2**31 - 1}, 400)
+        add(path, {**base, "seed": 2**63 - 1, "n": 2}, 400, "seed")
+        del_model = {k: v for k, v in base.items() if k != "model"}
+        add(path, del_model, 400, "model")
+        add(path, {**base, "model": "tiny"}, 401, None, headers={})
+        add(
+            path,
+            {**base, "model": "tiny"},
+            401,
+            None,
+            headers={"Authorization": "Bearer " + "k" * 10000},
+        )
+        add(
+            path,
+            {**base, "model": "tiny"},
+            401,
+            None,
+            headers={"Authorization": b"Bearer \xc3\xa9t\xc3\xa9"},
+        )
+        add(path, {**base, "padding": "x" * (1 << 20)}, 413)
+        add(path, {"model": "tiny"}, 400)
+        add(path, b"", 405, method="GET")
+        add(path, b"", 405, method="PUT")
+    c = "/v1/completions"
+    add(c, {**COMPLETION, "prompt": "hi " * (max_len + 10)}, 400, "prompt")
+    add(c, {**COMPLETION, "prompt": [5] * max_len}, 400, "prompt")
+    add(c, {**COMPLETION, "prompt": [5, 100000]}, 400)
+    add(c, {**COMPLETION, "prompt": ["hi"] * 100, "n": 3}, 400, "n")
+    add(c, {**COMPLETION, "prompt": [[5], []]}, 400, "prompt")
+    add("/v1/chat/completions", {**CHAT_BODY, "messages": [
+        {"role": "user", "content": "hi " * (max_len + 10)}]}, 400, "messages")  # fmt: skip
+    add("/v1/models", b"", 405)
+    add("/v1/nope", b"{}", 404)
+    add("/v2/completions", json.dumps(COMPLETION).encode(), 404)
+    return out
+
+
+def test_hostile_requests_get_4xx_with_error_bodies(stack):
+    cases = hostile_requests(stack.max_len)
+    assert len(cases) >= 200
+    n_calls = len(stack.backend.calls)
+    failures = []
+    with httpx2.Client(base_url=stack.url, timeout=30) as h:
+        for method, path, headers, body, status, param in cases:
+            r = h.request(method, path, headers=headers, content=body)
+            try:
+                err = assert_error_shape(r)
+                assert status is None or r.status_code == status
+                assert param is None or (err["param"] or "").startswith(param), err
+                if r.status_code == 429:
+                    assert "retry-after" in r.headers
+            except AssertionError as e:
+                failures.append((method, path, body[:120], r.status_code, r.text[:300], str(e)))
+    assert not failures, "\n".join(map(repr, failures[:20]))
+    # Only the out-of-vocabulary prompt reached the engine; the server is still healthy.
+    assert len(stack.backend.calls) - n_calls <= 2
+    assert httpx2.get(f"{stack.url}/health").status_code == 200
+    r = stack.client.completions.create(model="tiny", prompt="still fine", max_tokens=3)
+    assert r.usage.completion_tokens >= 1
+
+
+def test_chunked_oversize_body_is_413(stack):
+    def body():
+        for _ in range(40):
+            yield b"x" * (64 << 10)  # 2.5 MiB in all, no Content-Length
+
+    r = httpx2.post(f"{stack.url}/v1/completions", headers=AUTH, content=body())
+    assert r.status_code == 413 and assert_error_shape(r)["code"] == "request_too_large"
+
+
+# -- overhead ----------------------------------------------------------------------------------
+
+
+def test_router_overhead(tiny_model_dir):
+    """With a backend that answers at once, the router adds well under 1 ms a request at p50
+    (over a bare /health round trip) and streams over 20k tokens/s."""
+    tenants = Tenants.from_dict({"tenants": [{"name": "t", "keys": [hash_key(KEY)]}]})
+    app = build_app(InstantBackend(), {"tiny": load_tokenizer(tiny_model_dir)}, tenants)
+    body = {"model": "tiny", "prompt": "How fast is the router?", "max_tokens": 1}
+    with serve(app) as url, httpx2.Client(base_url=url, headers=AUTH) as h:
+
+        def p50(fn) -> float:
+            ts = []
+            for _ in range(300):
+                t = time.perf_counter()
+                assert fn().status_code == 200
+                ts.append(time.perf_counter() - t)
+            return statistics.median(ts[50:])
+
+        base = p50(lambda: h.get("/health"))
+        full = p50(lambda: h.post("/v1/completions", json=body))
+        stream = p50(lambda: h.post("/v1/completions", json={**body, "stream": True}))
+        assert full - base < 1e-3 and stream - base < 1e-3, (base, full, stream)
+        n = 20_000
+        t = time.perf_counter()
+        with h.stream("POST", "/v1/completions",
+                      json={**body, "max_tokens": n, "stream": True}) as r:  # fmt: skip
+            raw = b"".join(r.iter_bytes())
+        rate = n / (time.perf_counter() - t)
+        assert raw.count(b"data: ") == n + 1 and rate > 20_000, rate

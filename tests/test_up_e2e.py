@@ -1,0 +1,179 @@
+"""The whole system as a user meets it: `splitserve up` (Ray Serve, router, prefill and decode
+replicas, a real valkey) driven by the official openai client and the gRPC Generate client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from services.registry import list_replicas
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def system(redis_url):
+    port, gport = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", "tiny", "--port", str(port),
+           "--grpc-port", str(gport), "--redis", redis_url]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http://"):
+        proc.kill()
+        pytest.fail(f"splitserve up did not come up: {proc.stderr.read()[-3000:]}")
+    yield {"url": url, "grpc": f"127.0.0.1:{gport}", "redis": redis_url, "proc": proc}
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(90)
+    finally:
+        proc.kill()
+    # Nothing it started is left behind (its whole session: Ray, replicas, servers).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
+        if not left.stdout.strip():
+            break
+        time.sleep(0.5)
+    assert not left.stdout.strip(), f"processes left behind: {left.stdout}"
+
+
+def _client(system):
+    from openai import OpenAI
+
+    return OpenAI(base_url=system["url"] + "/v1", api_key="unused-auth-off", max_retries=0)
+
+
+def test_chat_and_completions_streaming_and_not(system):
+    c = _client(system)
+    models = [m.id for m in c.models.list().data]
+    assert models == ["tiny"]
+    chat = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=12,
+        temperature=0, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.completion_tokens == 12 and chat.usage.prompt_tokens > 0
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + 12
+    stream = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=12,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text == chat.choices[0].message.content and usage.completion_tokens == 12
+
+
+def test_greedy_equals_splitserve_generate(system, tmp_path):
+    c = _client(system)
+    prompt = "Once upon a time"
+    out = c.completions.create(
+        model="tiny", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
+    home = os.environ.get("SPLITSERVE_HOME", os.path.expanduser("~/.cache/splitserve"))
+    model_dir = os.path.join(home, "models", "preset-tiny")
+    gen = subprocess.run(
+        [sys.executable, "-m", "splitserve.cli", "generate", "--model", model_dir, "--prompt",
+         prompt, "--max-tokens", "16", "--temperature", "0", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
+    ref = json.loads(gen.stdout.strip().splitlines()[-1])
+    # `generate` stops at EOS; compare the shared length.
+    n = len(ref["token_ids"])
+    assert out.usage.completion_tokens >= n
+    assert out.choices[0].text.startswith(ref["text"])
+
+
+def test_grpc_generate_client(system):
+    from protos.splitserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+
+    with grpc.insecure_channel(system["grpc"]) as ch:
+        stub = generate_pb2_grpc.GenerateStub(ch)
+        req = generate_pb2.GenerateRequest(
+            model="tiny", prompt="Hello", sampling=common_pb2.SamplingParams(
+                max_tokens=8, temperature=0, ignore_eos=True))  # fmt: skip
+        msgs = list(stub.Generate(req, timeout=60))
+    assert sum(len(m.token_ids) for m in msgs) == 8
+    assert msgs[-1].finish_reason == "length" and msgs[-1].usage.completion_tokens == 8
+    with grpc.insecure_channel(system["grpc"]) as ch, pytest.raises(grpc.RpcError) as e:
+        list(generate_pb2_grpc.GenerateStub(ch).Generate(
+            generate_pb2.GenerateRequest(model="nope", prompt="x"), timeout=30))  # fmt: skip
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_disconnect_frees_blocks_everywhere(system):
+    import httpx
+
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with (
+        httpx.Client(timeout=60) as h,
+        h.stream("POST", system["url"] + "/v1/completions", json=body) as r,
+    ):
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 5:
+                break  # hang up mid-stream
+
+    def idle() -> bool:
+        reps = [*list_replicas(system["redis"], "decode", "tiny"),
+                *list_replicas(system["redis"], "prefill", "tiny")]  # fmt: skip
+        return bool(reps) and all(
+            r.running == 0 and r.waiting == 0 and r.free_blocks == r.total_blocks for r in reps
+        )
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not idle():
+        time.sleep(0.25)
+    assert idle()
+
+
+def test_hostile_requests_get_4xx_and_server_stays_healthy(system):
+    import httpx
+
+    bad = [b"{", b"[]", b'{"model": 5}', b'{"model": "tiny", "prompt": "x", "max_tokens": -1}',
+           b'{"model": "tiny", "messages": []}', b'{"model": "nope", "prompt": "x"}',
+           b'{"model": "tiny", "prompt": "x", "temperature": "hot"}',
+           b'{"model": "tiny", "prompt": "x", "max_tokens": 99999999}', b"\xff\xfe"]  # fmt: skip
+    with httpx.Client(timeout=30) as h:
+        for i in range(200):
+            path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+            r = h.post(system["url"] + path, content=bad[i % len(bad)],
+                       headers={"content-type": "application/json"})  # fmt: skip
+            assert 400 <= r.status_code < 500, (r.status_code, r.text)
+            assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+        assert h.get(system["url"] + "/health").status_code == 200
+
+
+def test_metrics_endpoint_parses_and_moves(system):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def total() -> float:
+        text = httpx.get(system["url"] + "/metrics", timeout=10).text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        fam = fams.get("splitserve:router_requests")
+        return sum(s.value for s in fam.samples if s.name.endswith("_total")) if fam else 0.0
+
+    before = total()
+    _client(system).completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert total() >= before + 1
