@@ -74,6 +74,7 @@ class SimServer:
         self.host, self.port = host, port
         self.stats = SimStats()
         self._server: asyncio.Server | None = None
+        self._conns: set[_Conn] = set()
         # Monotonic time at which each prefill slot is next free (the FIFO queue's state).
         self._slots = [0.0] * self.latency.prefill_slots
 
@@ -92,7 +93,9 @@ class SimServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            self._server.close_clients()
+            for c in list(self._conns):
+                if c.transport is not None:
+                    c.transport.close()
             await self._server.wait_closed()
 
     async def __aenter__(self) -> SimServer:
@@ -133,9 +136,11 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.server._conns.add(self)
 
     def connection_lost(self, exc) -> None:
         self.transport = None
+        self.server._conns.discard(self)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

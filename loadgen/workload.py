@@ -97,7 +97,7 @@ def time_factor(trace: Trace, cfg: ReplayConfig) -> float:
         return cfg.speedup
     if not math.isfinite(trace.mean_rate):
         raise ValueError(f"trace {trace.name} has no time span: --rate cannot scale it")
-    return trace.mean_rate / cfg.rate
+    return cfg.rate / trace.mean_rate
 
 
 def plan(trace: Trace, cfg: ReplayConfig, prompts: PromptFactory) -> list[Planned]:
