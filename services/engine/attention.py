@@ -35,6 +35,9 @@ class AttentionMetadata:
     prefills: tuple[PrefillSeq, ...]
     scale: float
     block_size: int
+    # CUDA backend: context length of each decode sequence, int32 [num_decode] (0: a padding
+    # row of a CUDA graph); its decode_block_table is int32 and decode_mask is None.
+    decode_context_lens: torch.Tensor | None = None
 
 
 def gather_blocks(cache: torch.Tensor, table: torch.Tensor, block_size: int) -> torch.Tensor:

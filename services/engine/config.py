@@ -182,7 +182,15 @@ def _eos_ids(raw: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:
 class EngineConfig:
     """Knobs of one engine instance.
 
-    num_kv_blocks None sizes the cache from kv_cache_memory_bytes.
+    num_kv_blocks None sizes the cache from kv_cache_memory_bytes on the CPU, and on a GPU from
+    gpu_memory_utilization: that fraction of the card's memory, less what is already in use
+    (weights, other processes) and the activations of a max_num_batched_tokens forward pass.
+
+    GPU only: kernels "auto" runs the fused Triton path (paged decode kernel, fused RMSNorm,
+    RoPE + KV write, SiLU-mul), "torch" the reference path the CPU runs. enforce_eager skips
+    CUDA graphs for decode steps. async_scheduling lets the CPU schedule and prepare step n+1
+    while the GPU computes step n (step() then returns step n's outputs).
+    load_format "dummy" skips the checkpoint and draws random weights on the device (benchmarks).
     """
 
     block_size: int = 16
@@ -195,6 +203,12 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "cpu"
     model_id: str | None = None  # identity used in block hashes; defaults to the model dir name
+    gpu_memory_utilization: float = 0.9
+    kernels: str = "auto"  # auto | torch
+    enforce_eager: bool = False
+    max_graph_batch_size: int = 256  # decode steps up to this many sequences replay a graph
+    async_scheduling: bool = True
+    load_format: str = "auto"  # auto | dummy
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -205,6 +219,16 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kernels not in ("auto", "torch"):
+            raise ValueError(f"kernels must be auto or torch, got {self.kernels!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.max_graph_batch_size < 0:
+            raise ValueError("max_graph_batch_size must be >= 0")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype}")
 

@@ -1,6 +1,11 @@
 """The engine: add requests, step, get outputs. One step is schedule -> run -> postprocess.
 
 Single-threaded by contract: callers (the services) serialize add_request/abort/step.
+
+On a CUDA device with async scheduling, step() schedules and launches step n+1, then reads
+step n's sampled tokens and returns step n's outputs: the CPU's scheduling and bookkeeping
+overlap the GPU's work. Tokens in flight are counted by the scheduler as pending; a step whose
+sampling needs their values (penalties) waits for them first.
 """
 
 from __future__ import annotations
@@ -12,22 +17,26 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from services.engine.attention import AttentionMetadata, PrefillSeq
 from services.engine.attention_cpu import TorchAttentionBackend
 from services.engine.block_hash import ROOT_HASH, hash_block
 from services.engine.block_pool import BlockPool, PoolUsage
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.detokenizer import IncrementalDetokenizer
-from services.engine.errors import InvalidRequestError
+from services.engine.errors import InvalidRequestError, ModelLoadError
+from services.engine.fused_ops import triton_available
 from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock
 from services.engine.model import LlamaModel
 from services.engine.request import FinishReason, Request, RequestOutput, Status
 from services.engine.runner import ModelRunner
-from services.engine.sampler import SampledToken, Sampler
+from services.engine.sampler import SampledToken, Sampler, _has_penalty
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler, blocks_for
+from services.engine.scheduler import Scheduler, SchedulerOutput, blocks_for
 from services.engine.tokenizer import Tokenizer, load_tokenizer
-from services.engine.weights import load_weights
+from services.engine.weights import load_weights, random_weights
 
 
 @dataclass
@@ -82,19 +91,49 @@ class LLMEngine:
         )
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
         self.block_size = bs = config.block_size
-        weights = load_weights(model_dir, mcfg, self.dtype, self.device)
+        on_gpu = torch.device(self.device).type == "cuda"
+        # The fused CUDA path: Triton kernels, CUDA graphs, async scheduling.
+        self.fused = config.kernels == "auto" and triton_available(self.device)
+        if config.load_format == "dummy":
+            weights = random_weights(mcfg, self.dtype, self.device, seed or 0)
+        else:
+            weights = load_weights(model_dir, mcfg, self.dtype, self.device)
+        if self.fused:
+            from services.engine.attention_cuda import CudaAttentionBackend
+
+            backend = CudaAttentionBackend()
+        else:
+            backend = TorchAttentionBackend()
         self.model = LlamaModel(
-            mcfg, weights, TorchAttentionBackend(), self.max_model_len, self.dtype, self.device
+            mcfg, weights, backend, self.max_model_len, self.dtype, self.device, fused=self.fused
         )
-        num_blocks = config.num_kv_blocks or max(
-            2, config.kv_cache_memory_bytes // KVCache.bytes_per_block(mcfg, bs, self.dtype)
-        )
+        per_block = KVCache.bytes_per_block(mcfg, bs, self.dtype)
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        elif on_gpu:
+            num_blocks = self._gpu_kv_blocks(per_block)
+        else:
+            num_blocks = max(2, config.kv_cache_memory_bytes // per_block)
         self.kv_cache = KVCache.allocate(mcfg, num_blocks, bs, self.dtype, self.device)
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(seed), self.device)
+        if self.fused:
+            from services.engine.runner_cuda import CudaModelRunner
+
+            self.runner = CudaModelRunner(
+                self.model, self.kv_cache, Sampler(seed), self.device,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                max_graph_batch_size=config.max_graph_batch_size,
+                use_cuda_graphs=not config.enforce_eager,
+            )  # fmt: skip
+        else:
+            self.runner = ModelRunner(self.model, self.kv_cache, Sampler(seed), self.device)
+        self.async_scheduling = self.fused and config.async_scheduling
+        self._inflight: tuple[SchedulerOutput, object] | None = None  # (so, StepHandle)
         eos = set(mcfg.eos_token_ids)
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
@@ -189,7 +228,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     @property
     def num_running(self) -> int:
@@ -202,6 +241,8 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         so = self.scheduler.schedule()
         if so.is_empty:
             return []
@@ -216,9 +257,50 @@ class LLMEngine:
             outputs.append(self._append_token(req, tok, now))
         return outputs
 
+    def _step_async(self) -> list[RequestOutput]:
+        """Launch step n+1, then finish step n (whose outputs this returns)."""
+        prev, self._inflight = self._inflight, None
+        outputs: list[RequestOutput] = []
+        if prev is not None and self._needs_values(prev[0]):
+            outputs += self._finish_step(*prev)
+            prev = None
+        so = self.scheduler.schedule()
+        if not so.is_empty:
+            handle = self.runner.launch(so)
+            for seq in so.seqs:
+                self.scheduler.commit(seq)
+                if seq.samples:
+                    seq.request.num_pending_tokens += 1
+            self._inflight = (so, handle)
+        if prev is not None:
+            outputs += self._finish_step(*prev)
+        return outputs
+
+    @staticmethod
+    def _needs_values(so: SchedulerOutput) -> bool:
+        """The next step's sampling reads the tokens of this one (penalties count them)."""
+        return any(s.samples and _has_penalty(s.request.params) for s in so.seqs)
+
+    def _finish_step(self, so: SchedulerOutput, handle) -> list[RequestOutput]:
+        sampled = handle.result()
+        outputs = []
+        now = time.monotonic()
+        for seq, tok in zip(so.seqs, sampled, strict=True):
+            if tok is None:
+                continue
+            req = seq.request
+            req.num_pending_tokens -= 1
+            if req.status == Status.FINISHED:  # aborted, or ended while this step ran
+                continue
+            outputs.append(self._append_token(req, tok, now))
+        return outputs
+
     def _append_token(self, req: Request, tok: SampledToken, now: float) -> RequestOutput:
         req.output_token_ids.append(tok.token_id)
+        hashed = len(req.block_hashes)
         req.update_hashes()
+        if len(req.block_hashes) > hashed and req.status == Status.RUNNING:
+            self.scheduler.cache_hashed(req, hashed)
         if req.first_token_time is None:
             req.first_token_time = now
         text, stopped = "", False
@@ -278,6 +360,54 @@ class LLMEngine:
             out.append(KVBlock(h, ids, self.kv_cache.read_block(req.block_ids[j], len(ids))))
             parent = h
         return out
+
+    # -- GPU memory -----------------------------------------------------------------------
+
+    def _gpu_kv_blocks(self, per_block: int) -> int:
+        """KV blocks that fit in gpu_memory_utilization of the card after the weights, the
+        peak activations of a full-budget forward pass, the sampler's float32 logits and the
+        CUDA graphs' pool."""
+        cfg = self.config
+        activations = self._profile_forward()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        vocab = self.model_config.vocab_size
+        rows = max(cfg.max_num_seqs, cfg.max_graph_batch_size)
+        logits = 8 * rows * vocab * 4  # float32 copies of the sampled rows' logits
+        budget = total * cfg.gpu_memory_utilization - (total - free) - activations - logits
+        num_blocks = int(budget // per_block) - 1
+        if num_blocks < 2:
+            raise ModelLoadError(
+                f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
+                f"{total / 2**30:.1f} GiB, activations need {activations / 2**30:.1f} GiB; "
+                "raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_forward(self) -> int:
+        """Peak bytes a forward pass over max_num_batched_tokens prompt tokens allocates."""
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        bs = self.block_size
+        cache = KVCache.allocate(self.model_config, 1, bs, self.dtype, self.device)
+        meta = AttentionMetadata(
+            num_decode=0,
+            slot_mapping=torch.arange(n, device=self.device) % bs,  # all into the one block
+            decode_block_table=None,
+            decode_mask=None,
+            prefills=(PrefillSeq(0, n, n, None),),
+            scale=self.model_config.head_dim**-0.5,
+            block_size=bs,
+        )
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        last = torch.tensor([n - 1], device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.model.forward(ids, pos, meta, cache, last)
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - base
 
     # -- conveniences ---------------------------------------------------------------------
 

@@ -149,10 +149,12 @@ def make_model(
     dtype: str | None = None,
     variant: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    write_weights: bool = True,
 ) -> Path:
     """Write a complete Hugging Face model directory for `preset` and return its path.
 
-    The same (preset, seed, dtype) always gives byte-identical weights.
+    The same (preset, seed, dtype) always gives byte-identical weights. write_weights=False
+    writes only the config and tokenizer (for engines with load_format "dummy").
     """
     spec = get_preset(preset, variant)
     if dtype is not None:
@@ -171,6 +173,8 @@ def make_model(
     (out / "config.json").write_text(json.dumps(hf_config(spec), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2) + "\n")
 
+    if not write_weights:
+        return out
     torch_dtype = DTYPES[spec.dtype]
     specs = [(name, shape, torch_dtype) for name, shape in parameter_shapes(spec)]
     write_safetensors(

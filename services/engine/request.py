@@ -49,6 +49,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_imported_tokens: int = 0  # prompt tokens whose KV arrived from outside
     num_preemptions: int = 0
+    # Tokens sampled by a step still running on the device (async scheduling): counted by the
+    # scheduler as if known, appended when the step's results are read.
+    num_pending_tokens: int = 0
     first_token_time: float | None = None
     scheduled_time: float | None = None  # when it first got a slot in a step (queueing ends)
     logprobs: list[SampledToken] = field(default_factory=list)

@@ -35,13 +35,24 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) ->
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _angles(cfg: ModelConfig, max_len: int) -> torch.Tensor:
+    inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    pos = torch.arange(max_len, dtype=torch.float32)
+    return pos[:, None] * inv_freq[None, :]  # [max_len, D/2]
+
+
+def cos_sin_table(cfg: ModelConfig, max_len: int, device: str) -> torch.Tensor:
+    """[max_len, D] float32: cos of the D/2 angles of each position, then their sin (the fused
+    CUDA kernel's table; the same angles as RotaryEmbedding, never rounded to the model dtype)."""
+    freqs = _angles(cfg, max_len)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+
+
 class RotaryEmbedding:
     """Precomputed cos/sin tables indexed by absolute position."""
 
     def __init__(self, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str) -> None:
-        inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        pos = torch.arange(max_len, dtype=torch.float32)
-        freqs = pos[:, None] * inv_freq[None, :]  # [max_len, D/2]
+        freqs = _angles(cfg, max_len)
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, D]
         self.cos = emb.cos().to(dtype=dtype, device=device)
         self.sin = emb.sin().to(dtype=dtype, device=device)

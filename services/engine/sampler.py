@@ -335,10 +335,32 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
         # logits: [B, V], any float dtype, any device
+        if not rows:
+            if logits.dim() != 2 or logits.shape[0] != 0:
+                raise ValueError(f"logits {tuple(logits.shape)} do not match 0 rows")
+            return []
+        tokens, want_lp, raw_lp = self.sample_tokens(logits, rows)
+        return self.package(tokens.tolist(), [r.params for r in rows], want_lp, raw_lp)
+
+    @staticmethod
+    def is_plain_greedy(rows: Sequence[SamplingRow]) -> bool:
+        """Every row is an argmax of the raw logits: no logprobs, penalties or min_tokens."""
+        return all(
+            _is_greedy(r.params)
+            and r.params.logprobs is None
+            and not _has_penalty(r.params)
+            and len(r.output_token_ids) >= r.params.min_tokens
+            for r in rows
+        )
+
+    def sample_tokens(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """The sampled ids on the logits' device, without waiting for them: (tokens [B], the
+        rows that want logprobs, their raw log-probabilities [L, V] or None). `package` turns
+        them into SampledTokens once the ids are on the host."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
-        if not rows:
-            return []
         dev = logits.device
         params = [r.params for r in rows]
 
@@ -366,7 +388,7 @@ class Sampler:
                 tokens[_index(greedy, dev)] = _rows(x, greedy).argmax(dim=-1)
             if sampled:
                 tokens[_index(sampled, dev)] = self._sample(_rows(x, sampled), rows, sampled)
-        return self._package(tokens.tolist(), params, want_lp, raw_lp)
+        return tokens, want_lp, raw_lp
 
     def _sample(
         self, x: torch.Tensor, rows: Sequence[SamplingRow], which: Sequence[int]
@@ -397,7 +419,7 @@ class Sampler:
         return draw(probs, torch.tensor(uniforms, dtype=torch.float64, device=dev))
 
     @staticmethod
-    def _package(
+    def package(
         token_list: list[int],
         params: Sequence[SamplingParams],
         want_lp: Sequence[int],

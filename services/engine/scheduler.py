@@ -27,15 +27,18 @@ class ScheduledSeq:
     request: Request
     start: int  # num_computed_tokens before this step
     num_new: int
+    # This step computes the request's last token (known or pending), so it yields a new one.
+    # Fixed when scheduled: the request's token count moves on before the step's results are read.
+    samples: bool = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.samples is None:
+            r = self.request
+            object.__setattr__(self, "samples", self.end == r.num_tokens + r.num_pending_tokens)
 
     @property
     def end(self) -> int:
         return self.start + self.num_new
-
-    @property
-    def samples(self) -> bool:
-        """This step computes the request's last known token, so it yields a new one."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass
@@ -62,6 +65,13 @@ class SchedulerOutput:
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+def _finishes_on_pending(req: Request) -> bool:
+    """The token in flight reaches max_tokens or the context limit, so the request ends there."""
+    n_out = req.num_output_tokens + req.num_pending_tokens
+    n_all = req.num_tokens + req.num_pending_tokens
+    return n_out >= req.params.max_tokens or (req.max_len > 0 and n_all >= req.max_len)
 
 
 class Scheduler:
@@ -91,7 +101,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending_tokens and _finishes_on_pending(req):
+                i += 1  # its in-flight token is its last: nothing more to compute
+                continue
+            num_new = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
             need = blocks_for(req.num_computed_tokens + num_new, self.block_size) - len(
                 req.block_ids
             )
@@ -116,6 +129,8 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             req = self.waiting[0]
+            if req.num_pending_tokens:  # preempted with a token in flight: admit once it lands
+                break
             admitted = self._admit(req, budget, out)
             if admitted is None:
                 break
@@ -187,7 +202,15 @@ class Scheduler:
         req = seq.request
         req.num_computed_tokens = seq.end
         bs = self.block_size
-        for j in range(seq.start // bs, seq.end // bs):
+        # A block whose last token is still pending has no hash yet; cache_hashed takes it.
+        for j in range(seq.start // bs, min(seq.end // bs, len(req.block_hashes))):
+            self.pool.cache(req.block_ids[j], req.block_hashes[j])
+
+    def cache_hashed(self, req: Request, num_hashes_before: int) -> None:
+        """Cache computed blocks that got their hash only now, when a token sampled by an
+        earlier, already committed step was appended."""
+        stop = min(len(req.block_hashes), req.num_computed_tokens // self.block_size)
+        for j in range(num_hashes_before, stop):
             self.pool.cache(req.block_ids[j], req.block_hashes[j])
 
     def finish(self, req: Request, reason: FinishReason) -> None:

@@ -1,0 +1,350 @@
+"""The model runner on a CUDA device: one host-to-device copy per step, decode steps replayed
+as CUDA graphs, sampling on the GPU, and results read back without stalling the next step.
+
+A step's integer inputs (token ids, positions, cache slots, decode context lengths and block
+tables, logits rows) are packed into one pinned buffer and cross in one copy; two such buffers
+alternate, so the CPU fills step n+1's while step n's may still be on its way.
+
+Async scheduling: `launch` returns a StepHandle at once; the sampled ids reach the host by an
+asynchronous copy and `StepHandle.result` waits for them. Step n+1 may be launched before that:
+a token that step n sampled and the host has not seen yet is named in the input ids as
+-(1 + its row in step n), and the device takes it from the previous step's token buffer.
+
+CUDA graphs: pure-decode steps of up to max_graph_batch_size sequences are padded to the next
+captured size and replayed; a padding row has slot -1 (writes nothing) and context length 0
+(attends to nothing). The graph covers the whole forward pass and the greedy argmax; steps with
+other sampling run the sampler on the graph's logits.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.engine.attention import AttentionMetadata, PrefillSeq
+from services.engine.kv_cache import KVCache
+from services.engine.model import LlamaModel
+from services.engine.sampler import SampledToken, Sampler, SamplingRow
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import ScheduledSeq, SchedulerOutput
+
+
+@dataclass
+class StepHandle:
+    """One launched step; result() waits for its sampled tokens."""
+
+    host_tokens: torch.Tensor  # pinned int64 [S], filled by an async copy
+    event: torch.cuda.Event  # recorded after that copy
+    samples: list[bool]  # per scheduled seq
+    params: list[SamplingParams]  # per sampling row
+    want_lp: list[int]  # sampling rows that want logprobs
+    raw_lp: torch.Tensor | None  # [len(want_lp), V] on the device
+    _result: list[SampledToken | None] | None = None
+
+    def result(self) -> list[SampledToken | None]:
+        if self._result is None:
+            self.event.synchronize()
+            ids = self.host_tokens.tolist()
+            picked = [t for t, s in zip(ids, self.samples, strict=True) if s]
+            toks = iter(Sampler.package(picked, self.params, self.want_lp, self.raw_lp))
+            self._result = [next(toks) if s else None for s in self.samples]
+        return self._result
+
+
+def graph_batch_sizes(limit: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, every 32 beyond, up to limit."""
+    sizes = [s for s in (1, 2, 4) if s < limit]
+    s = 8
+    while s < limit:
+        sizes.append(s)
+        s += 8 if s < 64 else 16 if s < 256 else 32
+    return [*sizes, limit] if limit > 0 else []
+
+
+class _Inputs:
+    """The packed int32 step inputs: a pinned host buffer and its device twin, with fixed
+    offsets so that CUDA graphs can hold views of the device side."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: str) -> None:
+        self.max_blocks = max_blocks
+        t, s = max_tokens, max_seqs
+        self.off = {
+            "ids": 0, "pos": t, "slots": 2 * t, "lens": 3 * t, "rows": 3 * t + s,
+            "sidx": 3 * t + 2 * s, "table": 3 * t + 3 * s,
+        }  # fmt: skip
+        size = 3 * t + 3 * s + s * max_blocks
+        self.host = [torch.zeros(size, dtype=torch.int32).pin_memory() for _ in range(2)]
+        self.np = [h.numpy() for h in self.host]
+        self.dev = torch.zeros(size, dtype=torch.int32, device=device)
+        self.parity = 0
+        self.sizes = (t, s)
+
+    def view(self, name: str, n: int) -> torch.Tensor:
+        o = self.off[name]
+        return self.dev[o : o + n]
+
+    def table(self, rows: int) -> torch.Tensor:
+        o = self.off["table"]
+        return self.dev[o : o + rows * self.max_blocks].view(rows, self.max_blocks)
+
+    def host_np(self, name: str, n: int) -> np.ndarray:
+        o = self.off[name]
+        return self.np[self.parity][o : o + n]
+
+    def host_table(self) -> np.ndarray:
+        o = self.off["table"]
+        return self.np[self.parity][o:].reshape(-1, self.max_blocks)
+
+    def upload(self, table_rows: int) -> None:
+        n = self.off["table"] + table_rows * self.max_blocks
+        self.dev[:n].copy_(self.host[self.parity][:n], non_blocking=True)
+        self.parity ^= 1
+
+
+class CudaModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: KVCache,
+        sampler: Sampler,
+        device: str,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        max_graph_batch_size: int,
+        use_cuda_graphs: bool,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sampler = sampler
+        self.device = device
+        self.bs = kv_cache.block_size
+        self.scale = model.cfg.head_dim**-0.5
+        self.graph_sizes = graph_batch_sizes(min(max_graph_batch_size, max_num_seqs))
+        max_seqs = max(max_num_seqs, *self.graph_sizes, 1)
+        max_tokens = max(max_num_batched_tokens, max_seqs)
+        self.inputs = _Inputs(max_tokens, max_seqs, -(-max_model_len // self.bs), device)
+        # Sampled ids of the last step, by scheduled-seq index; the next step reads its pending
+        # tokens here. Host copies alternate like the inputs.
+        self.tokens = torch.zeros(max_seqs, dtype=torch.long, device=device)
+        self._host_tokens = [torch.zeros(max_seqs, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._tok_parity = 0
+        self._rows: dict[str, int] = {}  # request id -> its row in `tokens` (last step)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        if use_cuda_graphs and self.graph_sizes:
+            self.capture()
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def run(self, so: SchedulerOutput) -> list[SampledToken | None]:
+        return self.launch(so).result()
+
+    def launch(self, so: SchedulerOutput) -> StepHandle:
+        for block_id, kv in so.kv_loads:
+            self.kv_cache.write_block(block_id, kv.to(self.kv_cache.data.device))
+        seqs = so.seqs
+        sampling = [i for i, s in enumerate(seqs) if s.samples]
+        rows = [_row(seqs[i]) for i in sampling]
+        plain = Sampler.is_plain_greedy(rows)
+        graph_bs = self._graph_size(so)
+        if graph_bs:
+            logits = self._replay(so, graph_bs)  # [graph_bs, V]; argmax already in self.tokens
+            if not plain:
+                logits = logits[: len(seqs)][_index(sampling, self.device)]
+        else:
+            ids, pos, meta, logits_rows = self.prepare(so, sampling)
+            logits = self.model.forward(ids, pos, meta, self.kv_cache, logits_rows)  # [M, V]
+            if plain:
+                sidx = self.inputs.view("sidx", len(sampling)).long()
+                self.tokens.index_copy_(0, sidx, logits.argmax(dim=-1))
+        want_lp: list[int] = []
+        raw_lp = None
+        if not plain:
+            toks, want_lp, raw_lp = self.sampler.sample_tokens(logits, rows)
+            self.tokens.index_copy_(0, _index(sampling, self.device), toks)
+        self._rows = {seqs[i].request.request_id: i for i in sampling}
+
+        host = self._host_tokens[self._tok_parity][: len(seqs)]
+        self._tok_parity ^= 1
+        host.copy_(self.tokens[: len(seqs)], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepHandle(
+            host, event, [s.samples for s in seqs], [r.params for r in rows], want_lp, raw_lp
+        )
+
+    def prepare(
+        self, so: SchedulerOutput, sampling: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Device tensors of one eager step: (input ids, positions, metadata, logits rows)."""
+        seqs = so.seqs
+        if sampling is None:
+            sampling = [i for i, s in enumerate(seqs) if s.samples]
+        inp = self.inputs
+        n_tok = so.num_tokens
+        nd = len(so.decodes)
+        ids = inp.host_np("ids", n_tok)
+        pos = inp.host_np("pos", n_tok)
+        slots = inp.host_np("slots", n_tok)
+        self._fill_decodes(so.decodes, ids, pos, slots, nd)
+        t = nd
+        starts = []
+        for s in so.prefills:
+            self._fill_tokens(s, ids[t : t + s.num_new])
+            pos[t : t + s.num_new] = np.arange(s.start, s.end)
+            slots[t : t + s.num_new] = _slots(s.request.block_ids, s.start, s.end, self.bs)
+            starts.append(t)
+            t += s.num_new
+        ends = np.cumsum([s.num_new for s in seqs])
+        inp.host_np("rows", len(sampling))[:] = ends[sampling] - 1 if sampling else []
+        inp.host_np("sidx", len(sampling))[:] = sampling
+        inp.upload(nd)
+
+        prefills = []
+        for start, s in zip(starts, so.prefills, strict=True):
+            table = None
+            if s.start > 0:
+                blocks = s.request.block_ids[: -(-s.end // self.bs)]
+                table = torch.tensor(blocks, dtype=torch.long).to(self.device, non_blocking=True)
+            prefills.append(PrefillSeq(start, s.num_new, s.end, table))
+        meta = AttentionMetadata(
+            num_decode=nd,
+            slot_mapping=inp.view("slots", n_tok),
+            decode_block_table=inp.table(nd) if nd else None,
+            decode_mask=None,
+            prefills=tuple(prefills),
+            scale=self.scale,
+            block_size=self.bs,
+            decode_context_lens=inp.view("lens", nd) if nd else None,
+        )
+        ids_dev = self._resolve(inp.view("ids", n_tok))
+        return ids_dev, inp.view("pos", n_tok), meta, inp.view("rows", len(sampling)).long()
+
+    def _fill_tokens(self, s: ScheduledSeq, out: np.ndarray) -> None:
+        """Input ids of s's tokens; a pending token becomes -(1 + its row in the last step)."""
+        req = s.request
+        known = min(s.end, req.num_tokens)
+        if s.start < known:
+            out[: known - s.start] = req.all_token_ids[s.start : known]
+        if s.end > known:  # at most one: the token the last step sampled
+            out[known - s.start] = -1 - self._rows[req.request_id]
+
+    def _fill_decodes(
+        self,
+        decodes: list[ScheduledSeq],
+        ids: np.ndarray,
+        pos: np.ndarray,
+        slots: np.ndarray,
+        nd: int,
+    ) -> None:
+        if not decodes:
+            return
+        bs = self.bs
+        lens = self.inputs.host_np("lens", nd)
+        table = self.inputs.host_table()
+        rows = self._rows
+        for r, s in enumerate(decodes):
+            req = s.request
+            p = s.start
+            n_known = req.num_tokens
+            if p < n_known:
+                n_prompt = len(req.prompt_token_ids)
+                ids[r] = (
+                    req.prompt_token_ids[p] if p < n_prompt else req.output_token_ids[p - n_prompt]
+                )
+            else:
+                ids[r] = -1 - rows[req.request_id]
+            blocks = req.block_ids
+            pos[r] = p
+            slots[r] = blocks[p // bs] * bs + p % bs
+            lens[r] = p + 1
+            nblk = p // bs + 1
+            table[r, :nblk] = blocks[:nblk]
+
+    def _resolve(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input ids with pending tokens taken from the last step's token buffer."""
+        prev = self.tokens[(-1 - ids).clamp_(min=0)]
+        return torch.where(ids >= 0, ids.long(), prev)
+
+    # -- CUDA graphs ----------------------------------------------------------------------------
+
+    def _graph_size(self, so: SchedulerOutput) -> int:
+        if not self._graphs or so.prefills:
+            return 0
+        i = bisect.bisect_left(self.graph_sizes, len(so.decodes))
+        return self.graph_sizes[i] if i < len(self.graph_sizes) else 0
+
+    def _replay(self, so: SchedulerOutput, graph_bs: int) -> torch.Tensor:
+        inp = self.inputs
+        nd = len(so.decodes)
+        ids = inp.host_np("ids", graph_bs)
+        pos = inp.host_np("pos", graph_bs)
+        slots = inp.host_np("slots", graph_bs)
+        self._fill_decodes(so.decodes, ids, pos, slots, nd)
+        ids[nd:] = 0
+        pos[nd:] = 0
+        slots[nd:] = -1
+        inp.host_np("lens", graph_bs)[nd:] = 0
+        inp.upload(graph_bs)
+        graph, logits = self._graphs[graph_bs]
+        graph.replay()
+        return logits
+
+    def _decode_body(self, batch: int) -> torch.Tensor:
+        inp = self.inputs
+        meta = AttentionMetadata(
+            num_decode=batch,
+            slot_mapping=inp.view("slots", batch),
+            decode_block_table=inp.table(batch),
+            decode_mask=None,
+            prefills=(),
+            scale=self.scale,
+            block_size=self.bs,
+            decode_context_lens=inp.view("lens", batch),
+        )
+        ids = self._resolve(inp.view("ids", batch))
+        logits = self.model.forward(ids, inp.view("pos", batch), meta, self.kv_cache, None)
+        self.tokens[:batch] = logits.argmax(dim=-1)
+        return logits
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per batch size, largest first, sharing one memory pool."""
+        inp = self.inputs
+        # Padding inputs for capture: they write nothing and attend to nothing.
+        inp.dev[inp.off["slots"] : inp.off["lens"]].fill_(-1)
+        inp.dev[inp.off["ids"] : inp.off["slots"]].zero_()
+        inp.view("lens", max(self.graph_sizes)).zero_()
+        self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for batch in sorted(self.graph_sizes, reverse=True):
+                self._decode_body(batch)  # warm up: Triton compiles, cuBLAS picks kernels
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                    logits = self._decode_body(batch)
+                self._graphs[batch] = (graph, logits)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+
+def _slots(block_ids: list[int], start: int, end: int, bs: int) -> np.ndarray:
+    pos = np.arange(start, end)
+    return np.asarray(block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs
+
+
+def _index(idx: list[int], device: str) -> torch.Tensor:
+    return torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _row(s: ScheduledSeq) -> SamplingRow:
+    r = s.request
+    out = r.output_token_ids
+    if r.num_pending_tokens:  # the sampled position counts the tokens still in flight
+        out = [*out, *([-1] * r.num_pending_tokens)]
+    return SamplingRow(r.params, r.prompt_token_ids, out)
