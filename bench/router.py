@@ -249,7 +249,9 @@ def end_to_end(model: str, mode: str, chats: int, tokens: int) -> dict:
 
             t = time.perf_counter()
             res = await asyncio.gather(*(chat(i) for i in range(chats)))
-            return res, time.perf_counter() - t
+            wall = time.perf_counter() - t
+            await c.close()
+            return res, wall
 
         res, wall = asyncio.run(go())
     finally:

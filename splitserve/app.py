@@ -40,6 +40,10 @@ class EngineReplica:
         spec = ModelSpec.model_validate(model)
         side: ReplicaSpec = getattr(spec, role)
         e = spec.engine
+        if _device(side) == "cpu":
+            import torch
+
+            torch.set_num_threads(side.threads or os.cpu_count() or 1)
         engine = await asyncio.to_thread(
             LLMEngine,
             model_dir,
@@ -185,5 +189,6 @@ def build_application(cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path
     return RouterReplica.options(
         name="router",
         num_replicas=cfg.router.replicas,
+        max_ongoing_requests=cfg.router.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.router.num_cpus},
     ).bind(build, *workers)

@@ -44,6 +44,8 @@ class ReplicaSpec(_Strict):
     max_waiting: int = Field(256, ge=1)
     kv_memory: str = "1GiB"  # prefill: its KV shard
     autoscaling: Autoscaling | None = None
+    # CPU engines: torch threads (0: all cores; Ray would otherwise pin a 0-CPU replica to one).
+    threads: int = Field(0, ge=0)
 
 
 class EngineSpec(_Strict):
@@ -78,6 +80,9 @@ class AuthSpec(_Strict):
 class RouterSpec(_Strict):
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0, ge=0)
+    # Serve's per-replica cap on requests in flight (its default, 5, would queue streams in the
+    # proxy); tenant limits are the real admission control.
+    max_ongoing_requests: int = Field(4096, ge=1)
 
 
 class AppConfig(_Strict):
