@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a project virtualenv in .venv with splitserve and its dependencies.
-# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test
+# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test, scripts/setup.sh test,bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -19,6 +19,11 @@ if [ ! -x .venv/bin/python ]; then
     fi
     "$PY" -m venv .venv
   fi
+fi
+# The bench extra's Mooncake wheel links libibverbs and librdmacm, even for TCP.
+if [[ ",$extras," == *",bench,"* ]] && command -v apt-get >/dev/null \
+  && ! dpkg -s libibverbs1 librdmacm1 >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq libibverbs1 librdmacm1 >/dev/null
 fi
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip

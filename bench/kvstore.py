@@ -1,0 +1,1038 @@
+"""KV block store throughput and index latency, against a raw gRPC stream, memcpy and Mooncake.
+
+Blocks are real KV blocks: 16 tokens of [layers, K and V, tokens, KV heads, head_dim] for the tiny
+preset (float32, 8 KiB) and for Llama-3.1-8B (bfloat16, 2 MiB); a call puts or gets 16 of them.
+Every server runs in its own process, as in a deployment, so client and server never share a
+Python thread:
+
+- 1 client -> 1 server and 4 client processes -> 3 servers, put and get, with the bytes inside the
+  gRPC stream ("stream", what a client on another host gets) and through the holder's shared
+  memory ("shm", a client on the holder's host);
+- the ceiling: a bare grpc.aio stream (no protobuf, no store, no checksum) of the same bytes in
+  the same chunk sizes, on the same loopback, from the same client processes. Its server drops
+  each chunk it receives (a store copies it into memory of its own); its client keeps the chunks
+  to the end of the call, as a get must hand them over ("raw-grpc-drop": dropped at once, a
+  reference point only). For 1 -> 1 the raw stream and both store paths run interleaved, call
+  by call, so that the load of a shared 2-core machine shifts all of them alike;
+- a plain memcpy of the same bytes, the yardstick for the shared-memory get (and a copy into new
+  buffers, the least any get that returns fresh objects pays);
+- Redis index lookups of 64 ids (what every get and put starts with);
+- Mooncake Store over TCP moving the same 2 MiB blocks: a store process that holds the data, a
+  client process with no memory of its own, plain put/get and put_batch/get_batch
+  (`pip install '.[bench]'`; skipped, and said so, where it is not installed).
+
+    python bench/kvstore.py [--quick] [--json PATH]
+
+GB/s are 1e9 bytes a second. Summary: get_ratio_to_raw / put_ratio_to_raw are the stream path
+over the raw stream (1 -> 1, 2 MiB blocks); shm_ratio_to_memcpy is the shared-memory get over
+memcpy; lookup_p99_ms; get_ratio_to_mooncake is the stream get over Mooncake's TCP get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvstore.block import CHUNK_BYTES, StoredBlock, TensorSpec
+from kvstore.client import KVStoreClient
+from kvstore.index import IndexReader
+from kvstore.redis_server import EmbeddedRedis
+from kvstore.server import GRPC_OPTIONS
+
+BLOCK_TOKENS = 16  # EngineConfig.block_size
+PRESETS = ("tiny", "llama-8b")
+MAIN_BLOCK = "llama-8b"  # the block size the summary's ratios are about
+MODEL_ID = "bench"
+RAW_SERVICE = "bench.RawStream"
+MANY_CLIENTS, MANY_SERVERS = 4, 3
+_ONE = "1c->1s"
+LOOKUP_IDS = 64
+BARRIER_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 30.0
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]  # [L, 2, T, Hkv, D], as services.engine.kv_transfer.KVBlock
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Config:
+    min_s: float  # each measurement runs at least this long...
+    min_calls: int  # ...and at least this many timed calls
+    batch: int  # blocks per put/get call (16 blocks: a 256-token prefix)
+    # Per client and measurement. Puts stop here so that no holder ever evicts: each holder's
+    # memory (an arena it fills at start) is sized from this, and a put measures storing, not
+    # eviction.
+    put_cap_bytes: int
+    lookups: int
+    many_blocks: tuple[str, ...]  # block presets for the 4 -> 3 runs
+
+
+QUICK = Config(0.8, 3, 16, 256 << 20, 500, (MAIN_BLOCK,))
+FULL = Config(2.0, 5, 16, 384 << 20, 5000, PRESETS)
+
+
+def put_bytes_max(cfg: Config, shape: BlockShape) -> int:
+    """The most one put measurement stores: the cap, the call that crosses it and the warm-up."""
+    return cfg.put_cap_bytes + 2 * shape.nbytes * cfg.batch
+
+
+def memory_sizes(cfg: Config, shape: BlockShape) -> tuple[int, int]:
+    """Memory tiers for the 1 -> 1 holder and each 4 -> 3 holder: two put measurements (stream,
+    shm) of each client that puts there, and room for the tiny blocks."""
+    per = put_bytes_max(cfg, shape)
+    per_holder = -(-MANY_CLIENTS // MANY_SERVERS)
+    return 2 * per + (256 << 20), 2 * per_holder * per + (256 << 20)
+
+
+@dataclass
+class Timing:
+    start: float  # time.monotonic(): one clock for every process on the host
+    end: float
+    calls: int
+    blocks: int
+    nbytes: int
+    latencies: list[float]
+
+
+@dataclass
+class Result:
+    scenario: str  # "1c->1s" | "4c->3s" | "local"
+    system: str  # splitserve-stream | splitserve-shm | raw-grpc | mooncake-tcp[-batch] | ...
+    op: str  # put | get | copy | lookup
+    block: str
+    block_bytes: int
+    clients: int
+    calls: int  # timed calls over all clients (a call moves `batch` blocks or looks up 64 ids)
+    blocks: int
+    bytes: int
+    # 1c->1s splitserve and raw-grpc: the sum of the system's own calls (they ran interleaved);
+    # 4c->3s: from the first client's start to the last one's end; otherwise the timed calls' span.
+    wall_s: float
+    gb_s: float
+    calls_s: float
+    p50_ms: float  # per call
+    p99_ms: float
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, grpcio {grpc.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def block_shapes() -> dict[str, BlockShape]:
+    from services.engine.presets import get_preset  # imports torch: main process only
+
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
+    out = {}
+    for name in PRESETS:
+        p = get_preset(name)
+        shape = (p.num_layers, 2, BLOCK_TOKENS, p.num_kv_heads, p.resolved_head_dim)
+        out[name] = BlockShape(name, p.dtype, shape, itemsize[p.dtype] * int(np.prod(shape)))
+    return out
+
+
+def payloads(nbytes: int, count: int, seed: int) -> list[memoryview]:
+    """`count` distinct payloads (a batch never rereads one block's bytes from cache)."""
+    mv = memoryview(np.random.default_rng(seed).bytes(nbytes * count))
+    return [mv[i * nbytes : (i + 1) * nbytes] for i in range(count)]
+
+
+def chunks_of(blocks: list[memoryview]) -> list[bytes]:
+    """The data chunks the store's stream transport cuts these blocks into."""
+    out = []
+    for mv in blocks:
+        n = mv.nbytes
+        out += [bytes(mv[o : min(o + CHUNK_BYTES, n)]) for o in range(0, max(n, 1), CHUNK_BYTES)]
+    return out
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+def _stop(n: int, elapsed: float, per_call: int, cap: int | None, cfg: Config) -> bool:
+    if n < cfg.min_calls:
+        return False
+    return elapsed >= cfg.min_s or (cap is not None and n * per_call >= cap)
+
+
+class Op:
+    """One kind of call to time: `call(i)` moves one batch of blocks (i < 0: the warm-up)."""
+
+    nbytes = 0  # per call
+    blocks = 0  # per call
+    cap: int | None = None  # stop once this many bytes went (puts fill the holders)
+
+    async def __aenter__(self) -> Op:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        pass
+
+    async def call(self, i: int) -> None:
+        raise NotImplementedError
+
+
+async def run_alone(op: Op, cfg: Config, barrier=None) -> Timing:
+    """Calls back to back; with a barrier, every client process starts its timed calls at once."""
+    async with op:
+        await op.call(-1)  # warm-up: connections, the index's holder cache, first-touch pages
+        if barrier is not None:
+            barrier.wait(BARRIER_TIMEOUT_S)
+        lat: list[float] = []
+        t0 = e = time.monotonic()
+        while not _stop(len(lat), e - t0, op.nbytes, op.cap, cfg):
+            s = time.monotonic()
+            await op.call(len(lat))
+            e = time.monotonic()
+            lat.append(e - s)
+    n = len(lat)
+    return Timing(t0, e, n, n * op.blocks, n * op.nbytes, lat)
+
+
+async def run_interleaved(ops: dict[str, Op], cfg: Config) -> dict[str, Timing]:
+    """One call of each op in turn, so that a change in the machine's load (2 cores, shared) hits
+    every system alike; each op's time is the sum of its own calls."""
+    async with contextlib.AsyncExitStack() as stack:
+        for op in ops.values():
+            await stack.enter_async_context(op)
+            await op.call(-1)
+        lat: dict[str, list[float]] = {k: [] for k in ops}
+        active = list(ops)
+        while active:
+            for k in list(active):
+                op = ops[k]
+                s = time.monotonic()
+                await op.call(len(lat[k]))
+                lat[k].append(time.monotonic() - s)
+                if _stop(len(lat[k]), sum(lat[k]), op.nbytes, op.cap, cfg):
+                    active.remove(k)
+    out = {}
+    for k, op in ops.items():
+        n = len(lat[k])
+        out[k] = Timing(0.0, sum(lat[k]), n, n * op.blocks, n * op.nbytes, lat[k])
+    return out
+
+
+def timed_sync(
+    call: Callable[[int], None],
+    cfg: Config,
+    per_call_bytes: int,
+    per_call_blocks: int,
+    cap: int | None = None,
+) -> Timing:
+    call(-1)
+    lat: list[float] = []
+    t0 = e = time.monotonic()
+    while not _stop(len(lat), e - t0, per_call_bytes, cap, cfg):
+        s = time.monotonic()
+        call(len(lat))
+        e = time.monotonic()
+        lat.append(e - s)
+    n = len(lat)
+    return Timing(t0, e, n, n * per_call_blocks, n * per_call_bytes, lat)
+
+
+def merge(ts: list[Timing]) -> Timing:
+    """Clients that ran at once: their bytes over the span from the first start to the last end."""
+    return Timing(
+        min(t.start for t in ts),
+        max(t.end for t in ts),
+        sum(t.calls for t in ts),
+        sum(t.blocks for t in ts),
+        sum(t.nbytes for t in ts),
+        [x for t in ts for x in t.latencies],
+    )
+
+
+def to_result(
+    scenario: str, system: str, op: str, shape: BlockShape | None, t: Timing, clients: int = 1
+) -> Result:
+    wall = t.end - t.start
+    lat_ms = np.array(t.latencies) * 1e3
+    return Result(
+        scenario=scenario,
+        system=system,
+        op=op,
+        block=shape.name if shape else "-",
+        block_bytes=shape.nbytes if shape else 0,
+        clients=clients,
+        calls=t.calls,
+        blocks=t.blocks,
+        bytes=t.nbytes,
+        wall_s=round(wall, 4),
+        gb_s=round(t.nbytes / wall / 1e9, 4),
+        calls_s=round(t.calls / wall, 1),
+        p50_ms=round(float(np.percentile(lat_ms, 50)), 3),
+        p99_ms=round(float(np.percentile(lat_ms, 99)), 3),
+    )
+
+
+# -- the raw stream: the transport alone ------------------------------------------------------
+
+
+async def _serve_raw() -> None:
+    """bytes in, bytes out: no protobuf, no store, no checksum. Prints its address, serves until
+    SIGTERM."""
+    held: dict[tuple[int, int], list[bytes]] = {}
+
+    async def put(request_iterator, context):
+        # Each chunk dropped once counted: a store copies it into memory of its own (the holder's
+        # arena) and drops it too, so the transport alone is the ceiling.
+        n = 0
+        async for chunk in request_iterator:
+            n += len(chunk)
+        return n.to_bytes(8, "little")
+
+    async def get(request, context):
+        count, nbytes = struct.unpack("<QQ", request)
+        if (count, nbytes) not in held:  # made on the client's warm-up call, kept after
+            held[(count, nbytes)] = chunks_of(payloads(nbytes, count, seed=7))
+        for c in held[(count, nbytes)]:
+            yield c
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    handler = grpc.method_handlers_generic_handler(
+        RAW_SERVICE,
+        {
+            "Put": grpc.stream_unary_rpc_method_handler(put),
+            "Get": grpc.unary_stream_rpc_method_handler(get),
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"127.0.0.1:{port}", flush=True)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    await server.stop(0)
+
+
+class RawPut(Op):
+    def __init__(self, address: str, shape: BlockShape, cfg: Config, seed: int) -> None:
+        self.address = address
+        self.chunks = chunks_of(payloads(shape.nbytes, cfg.batch, seed))
+        # The puts' cap too: interleaved with them, it covers the same window with as many calls.
+        self.nbytes, self.blocks, self.cap = shape.nbytes * cfg.batch, cfg.batch, cfg.put_cap_bytes
+
+    async def __aenter__(self) -> RawPut:
+        self.channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+        self.put = self.channel.stream_unary(f"/{RAW_SERVICE}/Put")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.channel.close()
+
+    async def call(self, i: int) -> None:
+        async def stream():
+            for c in self.chunks:
+                yield c
+
+        got = int.from_bytes(await self.put(stream()), "little")
+        if got != self.nbytes:
+            raise BenchError(f"raw put: the server counted {got} bytes of {self.nbytes}")
+
+
+class RawGet(Op):
+    def __init__(self, address: str, shape: BlockShape, cfg: Config, keep: bool = True) -> None:
+        self.address, self.keep = address, keep
+        self.request = struct.pack("<QQ", cfg.batch, shape.nbytes)
+        self.nbytes, self.blocks = shape.nbytes * cfg.batch, cfg.batch
+
+    async def __aenter__(self) -> RawGet:
+        self.channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+        self.get = self.channel.unary_stream(f"/{RAW_SERVICE}/Get")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.channel.close()
+
+    async def call(self, i: int) -> None:
+        # A get delivers what it received into the caller's memory (a KV cache): each chunk is
+        # copied into one preallocated buffer, as the store's `get(ids, into=...)` does.
+        # `keep=False` drops each chunk unread instead: what the bare stream costs.
+        if not hasattr(self, "dst"):
+            self.dst = np.empty(self.nbytes, np.uint8)
+        got = 0
+        async for chunk in self.get(self.request):
+            if self.keep:
+                self.dst[got : got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            got += len(chunk)
+        if got != self.nbytes:
+            raise BenchError(f"raw get: {got} bytes of {self.nbytes}")
+
+
+# -- the KV store -----------------------------------------------------------------------------
+
+
+async def check_path(client: KVStoreClient, shm: bool) -> None:
+    """The path under test is the one in use: with shared_memory=True a holder the client cannot
+    map would silently be served over the stream."""
+    if shm and not all(
+        client.transports[0].reaches(h) for h in (await client.index.live_holders()).values()
+    ):
+        raise BenchError("shared memory does not reach every holder (is /dev/shm too small?)")
+
+
+class KVPut(Op):
+    """Builds (checksums) and puts a batch of fresh blocks per call. `ids` keeps the newest ids:
+    the last to be evicted, so a get that follows finds them."""
+
+    def __init__(self, redis_url: str, ns: str, shm: bool, shape: BlockShape, cfg: Config,
+                 seed: int, holder: str | None = None) -> None:  # fmt: skip
+        self.args = (redis_url, ns, holder, shm)
+        self.data = payloads(shape.nbytes, cfg.batch, seed)
+        self.tensors = [TensorSpec(shape.dtype, shape.shape)]
+        self.nbytes, self.blocks, self.cap = shape.nbytes * cfg.batch, cfg.batch, cfg.put_cap_bytes
+        self.keep = max(LOOKUP_IDS, cfg.batch)
+        self.ids: list[bytes] = []
+
+    async def __aenter__(self) -> KVPut:
+        url, ns, holder, shm = self.args
+        self.client = KVStoreClient(url, ns, local_holder=holder, shared_memory=shm)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+
+    async def call(self, i: int) -> None:
+        tokens = tuple(range(BLOCK_TOKENS))
+        blocks = [
+            StoredBlock.build(uuid.uuid4().bytes, MODEL_ID, p, self.tensors, tokens)
+            for p in self.data
+        ]
+        if i < 0:
+            await check_path(self.client, self.args[3])
+        report = await self.client.put(blocks)
+        if report.failed or len(report.stored) != len(blocks):
+            why = next(iter(report.failed.values()), "not stored")
+            raise BenchError(f"put: {len(report.failed)} of {len(blocks)} blocks failed: {why}")
+        self.ids = [*self.ids, *(b.block_id for b in blocks)][-self.keep :]
+
+
+class KVGet(Op):
+    """Gets `ids` in batches into one caller buffer; the client verifies every block's CRC32C
+    before delivering it."""
+
+    def __init__(self, redis_url: str, ns: str, shm: bool, shape: BlockShape, ids: list[bytes],
+                 cfg: Config) -> None:  # fmt: skip
+        self.args = (redis_url, ns, shm)
+        self.batches = [ids[i : i + cfg.batch] for i in range(0, len(ids), cfg.batch)]
+        if not self.batches or len(self.batches[-1]) != cfg.batch:
+            raise BenchError(f"get: {len(ids)} ids do not make whole batches of {cfg.batch}")
+        self.nbytes, self.blocks = shape.nbytes * cfg.batch, cfg.batch
+
+    async def __aenter__(self) -> KVGet:
+        url, ns, shm = self.args
+        self.client = KVStoreClient(url, ns, shared_memory=shm)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+
+    async def call(self, i: int) -> None:
+        want = self.batches[i % len(self.batches)]
+        # Delivered straight into the caller's memory (as decode fills its KV cache): each
+        # verified block is copied once from the holder's shared memory or the received message.
+        if not hasattr(self, "dst"):
+            self.dst = np.empty(self.nbytes, np.uint8)
+        slot = {bid: k * (self.nbytes // self.blocks) for k, bid in enumerate(want)}
+
+        def into(meta, view) -> None:
+            off = slot[meta.block_id]
+            self.dst[off : off + meta.size] = np.frombuffer(view, np.uint8)
+
+        res = await self.client.get(want, into=into)
+        if res.missing or len(res.sources) != len(want):
+            raise BenchError(f"get: {len(res.missing)} of {len(want)} blocks missing")
+        if i < 0:
+            await check_path(self.client, self.args[2])
+
+
+async def lookups(redis_url: str, ns: str, ids: list[bytes], cfg: Config) -> Timing:
+    hex_ids = [i.hex() for i in ids[-LOOKUP_IDS:]]
+    if len(hex_ids) != LOOKUP_IDS:
+        raise BenchError(f"lookup: only {len(hex_ids)} ids were put")
+    reader = IndexReader(redis_url, ns)
+    try:
+        for _ in range(20):  # warm-up: the connection pool, the live-holder cache
+            if not all(await reader.locate(hex_ids)):
+                raise BenchError("lookup: an id that was put is not in the index")
+        lat: list[float] = []
+        t0 = e = time.monotonic()
+        for _ in range(cfg.lookups):
+            s = time.monotonic()
+            await reader.locate(hex_ids)
+            e = time.monotonic()
+            lat.append(e - s)
+    finally:
+        await reader.close()
+    return Timing(t0, e, len(lat), 0, 0, lat)
+
+
+def memcpy(shape: BlockShape, cfg: Config, fresh: bool = False) -> Timing:
+    """A batch's bytes copied into one buffer that is reused, or (fresh) into a new buffer per
+    block, kept until the batch is done: what any get that returns new objects pays at least."""
+    data = payloads(shape.nbytes, cfg.batch, seed=3)
+    dst = np.empty(shape.nbytes * cfg.batch, np.uint8)
+    src = np.frombuffer(data[0].obj, np.uint8)
+
+    def call(i: int) -> None:
+        if fresh:
+            kept = [bytes(p) for p in data]
+            del kept
+        else:
+            np.copyto(dst, src)
+
+    return timed_sync(call, cfg, shape.nbytes * cfg.batch, cfg.batch)
+
+
+# -- client processes for the 4 -> 3 runs ---------------------------------------------------
+
+_OPS = {op.__name__: op for op in (RawPut, RawGet, KVPut, KVGet)}
+
+
+def _client_worker(conn, barrier) -> None:
+    """A spawned client process: runs ops for the bench until it sends None. Replies with the
+    timing and, for puts, the newest ids."""
+    import traceback
+
+    loop = asyncio.new_event_loop()
+    conn.send(("ready", None))
+    while (cmd := conn.recv()) is not None:
+        name, cfg, kwargs = cmd
+        try:
+            op = _OPS[name](cfg=cfg, **kwargs)
+            t = loop.run_until_complete(run_alone(op, cfg, barrier))
+            conn.send(("ok", (t, getattr(op, "ids", None))))
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"))
+    loop.close()
+
+
+class ClientPool:
+    def __init__(self, n: int) -> None:
+        ctx = mp.get_context("spawn")  # a fork would copy the parent's gRPC state
+        self.barrier = ctx.Barrier(n)
+        self.conns, self.procs = [], []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_client_worker, args=(child, self.barrier), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def _recv(self, conn, timeout: float):
+        if not conn.poll(timeout):
+            raise BenchError("a client process did not answer")
+        return conn.recv()
+
+    def wait_ready(self) -> None:
+        for c in self.conns:
+            self._recv(c, START_TIMEOUT_S)
+
+    async def run(self, commands: list[tuple[str, Config, dict]]) -> list:
+        for c, cmd in zip(self.conns, commands, strict=True):
+            c.send(cmd)
+        tasks = [
+            asyncio.ensure_future(asyncio.to_thread(self._recv, c, BARRIER_TIMEOUT_S * 2))
+            for c in self.conns
+        ]
+        for fut in asyncio.as_completed(tasks):
+            status, out = await fut
+            if status != "ok":
+                self.barrier.abort()  # the others may be waiting for this one
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise BenchError(f"client process failed: {out}")
+        return [t.result()[1] for t in tasks]
+
+    def close(self) -> None:
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.send(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+
+
+# -- Mooncake Store (peer) ------------------------------------------------------------------
+
+
+def _to_log(path: str) -> None:
+    """Send this process's stdout and stderr (Mooncake logs through glog) to a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _mooncake_store(host: str, metadata: str, master: str, segment: int, buffer: int):
+    from mooncake.store import MooncakeDistributedStore
+
+    store = MooncakeDistributedStore()
+    rc = store.setup(host, metadata, segment, buffer, "tcp", "", master)
+    if rc != 0:
+        raise BenchError(f"MooncakeDistributedStore.setup returned {rc}")
+    return store
+
+
+def _mooncake_holder(conn, host, metadata, master, segment, log) -> None:
+    """The server side: a store process that contributes memory and holds the objects."""
+    _to_log(log)
+    try:
+        store = _mooncake_store(host, metadata, master, segment, 16 << 20)
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    conn.recv()
+    store.close()
+
+
+def _mooncake_client(conn, host, metadata, master, nbytes, cfg, log) -> None:
+    """The client side: no memory of its own, so every put and get crosses TCP to the holder."""
+    _to_log(log)
+    try:
+        # The staging buffer must take a whole batch (put_batch/get_batch).
+        store = _mooncake_store(host, metadata, master, 0, 2 * nbytes * cfg.batch + (64 << 20))
+        data = payloads(nbytes, cfg.batch, seed=11)
+        total = nbytes * cfg.batch
+        keys: list[str] = []
+
+        def put(i: int) -> None:
+            keys[:] = [uuid.uuid4().hex for _ in data]
+            for k, p in zip(keys, data, strict=True):
+                if (rc := store.put(k, p)) != 0:
+                    raise BenchError(f"mooncake put returned {rc}")
+
+        def get(i: int) -> None:
+            for k in keys:
+                if len(store.get(k)) != nbytes:
+                    raise BenchError(f"mooncake get of {k}: wrong size")
+
+        def put_batch(i: int) -> None:
+            keys[:] = [uuid.uuid4().hex for _ in data]
+            if (rc := store.put_batch(keys, data)) != 0:
+                raise BenchError(f"mooncake put_batch returned {rc}")
+
+        def get_batch(i: int) -> None:
+            if [len(b) for b in store.get_batch(keys)] != [nbytes] * len(keys):
+                raise BenchError("mooncake get_batch: wrong sizes")
+
+        out = {"put": timed_sync(put, cfg, total, cfg.batch, cfg.put_cap_bytes)}
+        if store.get(keys[0]) != bytes(data[0]):
+            raise BenchError("mooncake returned different bytes than were put")
+        out["get"] = timed_sync(get, cfg, total, cfg.batch)
+        out["put_batch"] = timed_sync(put_batch, cfg, total, cfg.batch, cfg.put_cap_bytes)
+        out["get_batch"] = timed_sync(get_batch, cfg, total, cfg.batch)
+        store.close()
+        conn.send(("ok", out))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def mooncake_master_binary() -> str | None:
+    found = shutil.which("mooncake_master") or str(
+        Path(sys.executable).with_name("mooncake_master")
+    )
+    return found if os.access(found, os.X_OK) else None
+
+
+def run_mooncake(shape: BlockShape, cfg: Config, logdir: Path) -> dict[str, Timing] | str:
+    """Mooncake's numbers, or why there are none."""
+    binary = mooncake_master_binary()
+    if importlib.util.find_spec("mooncake") is None or binary is None:
+        return "not installed (pip install '.[bench]')"
+    rpc, http, metrics, holder_port, client_port = (free_port() for _ in range(5))
+    master_addr, metadata = f"127.0.0.1:{rpc}", f"http://127.0.0.1:{http}/metadata"
+    log = logdir / "mooncake.log"
+    with log.open("ab") as fh:
+        master = subprocess.Popen(
+            [binary, f"--rpc_port={rpc}", "--rpc_address=127.0.0.1",
+             "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
+             f"--http_metadata_server_port={http}", f"--metrics_port={metrics}",
+             "--enable_metric_reporting=false"],
+            stdout=fh, stderr=fh,
+        )  # fmt: skip
+    # The segment takes both put measurements (no eviction during a put) and a margin.
+    segment = 2 * put_bytes_max(cfg, shape) + (256 << 20)
+    ctx = mp.get_context("spawn")
+    holder_conn, child = ctx.Pipe()
+    holder = ctx.Process(
+        target=_mooncake_holder,
+        args=(child, f"127.0.0.1:{holder_port}", metadata, master_addr, segment, str(log)),
+        daemon=True,
+    )
+    client = None
+    try:
+        for port in (rpc, http):
+            wait_port(port, master)
+        holder.start()
+        if not holder_conn.poll(START_TIMEOUT_S):
+            return f"its store process did not start ({last_line(log)})"
+        status, why = holder_conn.recv()
+        if status != "ready":
+            return f"failed to start: {why}"
+        conn, child = ctx.Pipe()
+        client = ctx.Process(
+            target=_mooncake_client,
+            args=(child, f"127.0.0.1:{client_port}", metadata, master_addr, shape.nbytes, cfg,
+                  str(log)),
+            daemon=True,
+        )  # fmt: skip
+        client.start()
+        if not conn.poll(BARRIER_TIMEOUT_S):
+            return f"its client did not finish ({last_line(log)})"
+        status, out = conn.recv()
+        return out if status == "ok" else f"failed: {out}"
+    except (BenchError, OSError, EOFError) as e:
+        return f"failed: {e}"
+    finally:
+        with contextlib.suppress(OSError):
+            holder_conn.send(None)
+        for p in (client, holder):
+            if p is not None and p.pid is not None:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+        stop_proc(master)
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def last_line(log: Path) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1] if lines else "no log"
+
+
+def wait_port(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[0]} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listens on port {port} after {START_TIMEOUT_S} s")
+
+
+def launch(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("ab") as fh:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=fh, text=True)
+
+
+def address_of(proc: subprocess.Popen, log: Path) -> str:
+    """A server's first stdout line is the address it bound."""
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+    line = proc.stdout.readline().strip() if ready else ""
+    if not line:
+        stop_proc(proc)
+        tail = log.read_text(errors="replace")[-800:]
+        raise BenchError(f"{' '.join(proc.args[:6])} did not start:\n{tail}")
+    return line
+
+
+def stop_proc(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def kv_server_args(redis_url: str, ns: str, holder: str, memory: int) -> list[str]:
+    return [
+        sys.executable, "-c", "from splitserve.cli import main; main()",
+        "serve", "kvstore", "--port", "0", "--redis", redis_url, "--memory", str(memory),
+        "--namespace", ns, "--holder-id", holder,
+    ]  # fmt: skip
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def report(r: Result) -> None:
+    rate = f"{r.gb_s:7.3f} GB/s" if r.bytes else f"{r.calls_s:7.0f} /s  "
+    print(
+        f"{r.scenario:>7} {r.block:>8} {r.system:>19} {r.op:>6}: {rate}  "
+        f"p50 {r.p50_ms:8.3f} ms  p99 {r.p99_ms:8.3f} ms  "
+        f"({r.calls} calls, {r.clients} client{'s' if r.clients > 1 else ''}, {r.wall_s:.2f} s)",
+        flush=True,
+    )
+
+
+async def bench(cfg: Config, shapes: dict[str, BlockShape], logdir: Path) -> tuple[list, str]:
+    results: list[Result] = []
+
+    def add(*args, **kwargs) -> None:
+        r = to_result(*args, **kwargs)
+        results.append(r)
+        report(r)
+
+    main = shapes[MAIN_BLOCK]
+    # Mooncake first and alone: its processes start before this one opens any gRPC channel, and
+    # its holder's memory is given back before our holders take theirs.
+    mc = run_mooncake(main, cfg, logdir)
+    if isinstance(mc, str):
+        mooncake = f"mooncake: {mc}, skipped"
+        print(mooncake, flush=True)
+    else:
+        mooncake = "mooncake: measured"
+        for key, system in (("", "mooncake-tcp"), ("_batch", "mooncake-tcp-batch")):
+            add(_ONE, system, "put", main, mc[f"put{key}"])
+            add(_ONE, system, "get", main, mc[f"get{key}"])
+
+    tag = uuid.uuid4().hex[:6]
+    one_ns, many_ns = f"bench-{tag}-1s", f"bench-{tag}-3s"
+    mem_one, mem_many = memory_sizes(cfg, main)
+    servers: list[tuple[subprocess.Popen, Path]] = []
+    pool = None
+    with EmbeddedRedis() as redis_srv:
+        url = redis_srv.url
+        try:
+            # Every process starts at once, before any measurement.
+            for name, ns, memory in [("kv1-0", one_ns, mem_one)] + [
+                (f"kv3-{i}", many_ns, mem_many) for i in range(MANY_SERVERS)
+            ]:
+                args = kv_server_args(url, ns, f"{ns}-h{name[-1]}", memory)
+                servers.append((launch(args, logdir / f"{name}.log"), logdir / f"{name}.log"))
+            for i in range(MANY_SERVERS):
+                log = logdir / f"raw-{i}.log"
+                servers.append((launch([sys.executable, __file__, "--serve-raw"], log), log))
+            pool = ClientPool(MANY_CLIENTS)
+            addresses = [address_of(p, log) for p, log in servers]
+            raw = addresses[-MANY_SERVERS:]
+            pool.wait_ready()
+
+            # 1 client (this process) -> 1 server, the systems interleaved call by call.
+            for name in PRESETS:
+                shape = shapes[name]
+                puts = {
+                    "raw-grpc": RawPut(raw[0], shape, cfg, seed=1),
+                    "splitserve-stream": KVPut(url, one_ns, False, shape, cfg, seed=1),
+                    "splitserve-shm": KVPut(url, one_ns, True, shape, cfg, seed=2),
+                }
+                for system, t in (await run_interleaved(puts, cfg)).items():
+                    add(_ONE, system, "put", shape, t)
+                gets: dict[str, Op] = {
+                    "raw-grpc": RawGet(raw[0], shape, cfg),
+                    "raw-grpc-drop": RawGet(raw[0], shape, cfg, keep=False),
+                }
+                for system, shm in (("splitserve-stream", False), ("splitserve-shm", True)):
+                    ids = puts[system].ids[-cfg.batch :]
+                    gets[system] = KVGet(url, one_ns, shm, shape, ids, cfg)
+                for system, t in (await run_interleaved(gets, cfg)).items():
+                    add(_ONE, system, "get", shape, t)
+            add("local", "memcpy", "copy", main, memcpy(main, cfg))
+            add("local", "memcpy-new-buffers", "copy", main, memcpy(main, cfg, fresh=True))
+            ids = puts["splitserve-stream"].ids
+            add("local", "redis-index", "lookup", None, await lookups(url, one_ns, ids, cfg))
+
+            # 4 client processes -> 3 servers, one system at a time: aggregate GB/s over the
+            # clients' common span.
+            clients = range(MANY_CLIENTS)
+            for name in cfg.many_blocks:
+                shape = shapes[name]
+                raws = [dict(address=raw[i % MANY_SERVERS], shape=shape) for i in clients]
+                out = await pool.run([("RawPut", cfg, dict(**r, seed=100 + i))
+                                      for i, r in enumerate(raws)])  # fmt: skip
+                add("4c->3s", "raw-grpc", "put", shape, merge([t for t, _ in out]), MANY_CLIENTS)
+                out = await pool.run([("RawGet", cfg, r) for r in raws])
+                add("4c->3s", "raw-grpc", "get", shape, merge([t for t, _ in out]), MANY_CLIENTS)
+                for system, shm in (("splitserve-stream", False), ("splitserve-shm", True)):
+                    kv = dict(redis_url=url, ns=many_ns, shm=shm, shape=shape)
+                    out = await pool.run(
+                        [("KVPut", cfg, dict(**kv, seed=100 + i,
+                                             holder=f"{many_ns}-h{i % MANY_SERVERS}"))
+                         for i in clients]
+                    )  # fmt: skip
+                    add("4c->3s", system, "put", shape, merge([t for t, _ in out]), MANY_CLIENTS)
+                    # Each client reads a quarter of everyone's newest blocks: its batches span
+                    # the three holders, so one get fans out to several.
+                    newest = [b for _, ids in out for b in ids[-cfg.batch :]]
+                    newest = [newest[j] for j in np.random.default_rng(5).permutation(len(newest))]
+                    out = await pool.run(
+                        [("KVGet", cfg, dict(**kv, ids=newest[i::MANY_CLIENTS])) for i in clients]
+                    )
+                    add("4c->3s", system, "get", shape, merge([t for t, _ in out]), MANY_CLIENTS)
+        finally:
+            if pool is not None:
+                pool.close()
+            for p, _ in servers:
+                stop_proc(p)
+    return results, mooncake
+
+
+def find(results: list[Result], scenario: str, system: str, op: str, block: str = MAIN_BLOCK):
+    for r in results:
+        if (r.scenario, r.system, r.op, r.block) == (scenario, system, op, block):
+            return r
+    return None
+
+
+def ratio(a: Result | None, b: Result | None) -> float | None:
+    return round(a.gb_s / b.gb_s, 3) if a and b and b.gb_s else None
+
+
+# summary key, (numerator row), (denominator row), goal: ratios of GB/s, 2 MiB blocks.
+RATIOS = (
+    ("get_ratio_to_raw", (_ONE, "splitserve-stream", "get"), (_ONE, "raw-grpc", "get"), 0.8),
+    ("put_ratio_to_raw", (_ONE, "splitserve-stream", "put"), (_ONE, "raw-grpc", "put"), 0.8),
+    ("shm_ratio_to_memcpy", (_ONE, "splitserve-shm", "get"), ("local", "memcpy", "copy"), 0.5),
+    ("get_ratio_to_mooncake", (_ONE, "splitserve-stream", "get"), (_ONE, "mooncake-tcp", "get"),
+     1.0),
+    ("put_ratio_to_mooncake", (_ONE, "splitserve-stream", "put"), (_ONE, "mooncake-tcp", "put"),
+     1.0),
+    ("get_ratio_to_raw_4c3s", ("4c->3s", "splitserve-stream", "get"),
+     ("4c->3s", "raw-grpc", "get"), 0.8),
+    ("put_ratio_to_raw_4c3s", ("4c->3s", "splitserve-stream", "put"),
+     ("4c->3s", "raw-grpc", "put"), 0.8),
+)  # fmt: skip
+LOOKUP_P99_GOAL_MS = 1.0
+
+
+def summarize(results: list[Result]) -> dict:
+    s: dict = {}
+    lookup = find(results, "local", "redis-index", "lookup", block="-")
+    for key, num, den, _ in RATIOS:
+        if key == "get_ratio_to_mooncake":  # the issue's five keys first, in its order
+            s["lookup_p99_ms"] = lookup.p99_ms if lookup else None
+        s[key] = ratio(find(results, *num), find(results, *den))
+    # The same two ratios from the median call: a few slow calls (this machine is shared) move a
+    # short run's GB/s; its median call barely moves.
+    for key, num, den, _ in RATIOS[:2]:
+        n, d = find(results, *num), find(results, *den)
+        s[f"{key}_p50"] = round(d.p50_ms / n.p50_ms, 3) if n and d else None
+    s["lookup_p50_ms"] = lookup.p50_ms if lookup else None
+    s["lookups_s"] = lookup.calls_s if lookup else None
+    for key, row in (
+        ("get_gb_s", (_ONE, "splitserve-stream", "get")),
+        ("put_gb_s", (_ONE, "splitserve-stream", "put")),
+        ("shm_get_gb_s", (_ONE, "splitserve-shm", "get")),
+        ("shm_put_gb_s", (_ONE, "splitserve-shm", "put")),
+        ("raw_get_gb_s", (_ONE, "raw-grpc", "get")),
+        ("raw_put_gb_s", (_ONE, "raw-grpc", "put")),
+        ("mooncake_get_gb_s", (_ONE, "mooncake-tcp", "get")),
+        ("mooncake_put_gb_s", (_ONE, "mooncake-tcp", "put")),
+    ):
+        r = find(results, *row)
+        s[key] = r.gb_s if r else None
+    return s
+
+
+def print_goals(summary: dict) -> None:
+    print(f"\n{'goal (2 MiB blocks)':<52} {'measured':>9} {'target':>9}")
+    rows = [(k, f"{n[1]} {n[2]} / {d[1]} {d[2]} ({n[0]})", ">=", g) for k, n, d, g in RATIOS]
+    rows.append(("lookup_p99_ms", f"index lookup p99 of {LOOKUP_IDS} ids, ms", "<=",
+                 LOOKUP_P99_GOAL_MS))  # fmt: skip
+    for key, label, op, goal in rows:
+        v = summary[key]
+        if v is None:
+            print(f"{label:<52} {'-':>9} {op} {goal:<6} not measured")
+            continue
+        met = v >= goal if op == ">=" else v <= goal
+        print(f"{label:<52} {v:>9.3f} {op} {goal:<6} {'met' if met else 'missed'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter run, under 60 s on 2 cores")
+    ap.add_argument("--json", type=Path, help="write the report here")
+    ap.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve_raw:
+        asyncio.run(_serve_raw())
+        return 0
+
+    cfg = QUICK if args.quick else FULL
+    shapes = block_shapes()
+    print(f"machine: {machine()}\nconfig: {asdict(cfg)}", flush=True)
+    for s in shapes.values():
+        print(f"block {s.name}: {s.dtype} {list(s.shape)} = {s.nbytes} B", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-kvstore-") as tmp:
+        try:
+            results, mooncake = asyncio.run(bench(cfg, shapes, Path(tmp)))
+        except BenchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            for log in sorted(Path(tmp).glob("*.log")):
+                if tail := log.read_text(errors="replace").strip().splitlines()[-5:]:
+                    print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
+            return 1
+    summary = summarize(results)
+    print_goals(summary)
+    print("summary:", json.dumps(summary))
+    if args.json:
+        out = {
+            "bench": "kvstore",
+            "machine": machine(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(["python", "bench/kvstore.py", *(argv or sys.argv[1:])]),
+            "config": {**asdict(cfg), "blocks": {k: asdict(v) for k, v in shapes.items()}},
+            "mooncake": mooncake,
+            "results": [asdict(r) for r in results],
+            "summary": summary,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
