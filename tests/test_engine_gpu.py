@@ -271,9 +271,11 @@ def _engine_logits(engine, prompt: list[int], num_decode: int) -> torch.Tensor:
 
 
 def test_bf16_logits_llama1b_close_to_transformers(tmp_path):
-    """Our bf16 logits are as close to a float32 reference as transformers' bf16 logits are,
-    and within 2% (relative L2) of transformers' bf16 logits. Also checks KV sizing from free
-    GPU memory."""
+    """Tolerance: our bf16 logits are no further from a float32 reference than transformers'
+    bf16 logits are (relative L2, 10% slack; both measured ~2.5-3% on an H200), pick the
+    reference's argmax as often (3 points slack), and are within 4% relative L2 of
+    transformers' bf16 logits (two bf16 computations, each ~3% from float32). Prefill and
+    decode-kernel positions both count. Also checks KV sizing from free GPU memory."""
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
     from services.engine.presets import make_model
@@ -302,12 +304,17 @@ def test_bf16_logits_llama1b_close_to_transformers(tmp_path):
         with torch.inference_mode():
             ref16 = hf16(ids).logits[0].float()
             ref32 = hf32(ids).logits[0].double()
-        e_ours, e_hf, d = rel_err(ours, ref32), rel_err(ref16, ref32), rel_err(ours, ref16)
-        agree = (ours.argmax(-1) == ref16.argmax(-1)).float().mean().item()
-        report.append((n, e_ours, e_hf, d, agree))
-    print("\nbf16 llama-1b (len, ours-vs-fp32, hf-bf16-vs-fp32, ours-vs-hf-bf16, argmax agree):")
-    for row in report:
-        print("  {}: {:.2e} {:.2e} {:.2e} {:.3f}".format(*row))
-    for _, e_ours, e_hf, d, _ in report:
-        assert e_ours < 1.5 * e_hf + 1e-3, report
-        assert d < 2e-2, report
+        top = ref32.argmax(-1)
+        report.append({
+            "len": n,
+            "ours_vs_fp32": rel_err(ours, ref32),
+            "hf_bf16_vs_fp32": rel_err(ref16, ref32),
+            "ours_vs_hf_bf16": rel_err(ours, ref16),
+            "ours_argmax_agree": (ours.argmax(-1) == top).float().mean().item(),
+            "hf_argmax_agree": (ref16.argmax(-1) == top).float().mean().item(),
+        })  # fmt: skip
+    print("\nbf16 llama-1b against transformers:", *report, sep="\n  ")
+    for r in report:
+        assert r["ours_vs_fp32"] < 1.1 * r["hf_bf16_vs_fp32"], report
+        assert r["ours_argmax_agree"] > r["hf_argmax_agree"] - 0.03, report
+        assert r["ours_vs_hf_bf16"] < 4e-2, report
