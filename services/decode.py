@@ -31,7 +31,7 @@ from services.engine.kv_transfer import KVBlock
 from services.engine_loop import EngineLoop, QueueFullError
 from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
-from services.registry import Registration
+from services.registry import Registration, register_replica
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
@@ -217,30 +217,20 @@ class DecodeServer:
         if self._metrics_port is not None:
             self.metrics_address = self.metrics.serve(self._bind[0], self._metrics_port)
         if self.redis_url:
-            self.registration = Registration(
+            self.registration = register_replica(
                 self.redis_url,
                 self.role,
                 self.replica_id,
-                {
-                    "model": self.model_name,
-                    "address": self.address,
-                    "holder_id": "",
-                    "metrics_address": getattr(self, "metrics_address", "") or "",
-                },
-                self._load,
-                self.namespace,
-                *self._ttl,
+                model=self.model_name,
+                address=self.address,
+                load=lambda: self.loop.load().as_dict(),
+                holder_id="",
+                metrics_address=getattr(self, "metrics_address", "") or "",
+                ns=self.namespace,
+                heartbeat_s=self._ttl[0],
+                ttl_s=self._ttl[1],
             )
         return self.address
-
-    def _load(self) -> dict[str, int]:
-        ld = self.loop.load()
-        return {
-            "running": ld.running,
-            "waiting": ld.waiting,
-            "free_blocks": ld.free_blocks,
-            "total_blocks": ld.total_blocks,
-        }
 
     async def stop(self, drain_s: float = 30.0) -> None:
         """Drain: refuse new requests, finish the running ones, then leave the registry."""

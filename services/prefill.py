@@ -28,7 +28,7 @@ from services.engine.request import FinishReason
 from services.engine_loop import EngineLoop, QueueFullError
 from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
-from services.registry import Registration
+from services.registry import Registration, register_replica
 from services.wire import kv_to_stored, logprob_to_pb, sampling_from_pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prefill"].full_name
@@ -198,30 +198,20 @@ class PrefillServer:
         if self._metrics_port is not None:
             self.metrics_address = self.metrics.serve(self._bind[0], self._metrics_port)
         if self.redis_url:
-            self.registration = Registration(
+            self.registration = register_replica(
                 self.redis_url,
                 "prefill",
                 self.replica_id,
-                {
-                    "model": self.model_name,
-                    "address": self.address,
-                    "holder_id": self.replica_id,
-                    "metrics_address": getattr(self, "metrics_address", "") or "",
-                },
-                self._load,
-                self.namespace,
-                *self._ttl,
+                model=self.model_name,
+                address=self.address,
+                load=lambda: self.loop.load().as_dict(),
+                holder_id=self.replica_id,
+                metrics_address=getattr(self, "metrics_address", "") or "",
+                ns=self.namespace,
+                heartbeat_s=self._ttl[0],
+                ttl_s=self._ttl[1],
             )
         return self.address
-
-    def _load(self) -> dict[str, int]:
-        ld = self.loop.load()
-        return {
-            "running": ld.running,
-            "waiting": ld.waiting,
-            "free_blocks": ld.free_blocks,
-            "total_blocks": ld.total_blocks,
-        }
 
     async def stop(self, drain_s: float = 30.0) -> None:
         """Drain: refuse new prompts, finish those in flight, keep serving KV until decoders

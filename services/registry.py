@@ -85,6 +85,30 @@ class Registration:
         self.r.close()
 
 
+def register_replica(
+    url: str,
+    role: str,
+    replica_id: str,
+    *,
+    model: str,
+    address: str,
+    load: Callable[[], dict[str, int]],
+    holder_id: str = "",
+    metrics_address: str = "",
+    ns: str = "splitserve",
+    heartbeat_s: float = 1.0,
+    ttl_s: float = 5.0,
+) -> Registration:
+    """A prefill/decode/colocated replica's entry, as the router reads it."""
+    info = {
+        "model": model,
+        "address": address,
+        "holder_id": holder_id,
+        "metrics_address": metrics_address,
+    }
+    return Registration(url, role, replica_id, info, load, ns, heartbeat_s, ttl_s)
+
+
 def list_replicas(url: str, role: str, model: str | None = None, ns: str = "splitserve"):
     """Live replicas of a role (optionally serving `model`)."""
     r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0)
