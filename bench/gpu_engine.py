@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -128,6 +129,47 @@ class Shape:
 # -- our engine -------------------------------------------------------------------------------
 
 
+class GpuClock:
+    """Device time of each launched step (events around runner.launch) and the idle gaps
+    between consecutive steps."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.runner = engine.runner if hasattr(engine.runner, "launch") else None
+        self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def __enter__(self) -> GpuClock:
+        if self.runner is None:
+            return self
+        original = self.runner.launch
+        marks = self.marks
+
+        def timed(so):
+            a = torch.cuda.Event(enable_timing=True)
+            a.record()
+            handle = original(so)
+            b = torch.cuda.Event(enable_timing=True)
+            b.record()
+            marks.append((a, b))
+            return handle
+
+        self.runner.launch = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.runner is not None:
+            del self.runner.launch
+
+    def busy_and_idle_ms(self, first: int) -> tuple[float, float] | None:
+        """Mean device ms per step, and mean idle ms before a step, from step `first` on."""
+        marks = self.marks[first:]
+        if len(marks) < 2:
+            return None
+        torch.cuda.synchronize()
+        busy = [a.elapsed_time(b) for a, b in marks]
+        idle = [max(0.0, p[1].elapsed_time(n[0])) for p, n in itertools.pairwise(marks)]
+        return statistics.fmean(busy), statistics.fmean(idle)
+
+
 class WaitClock:
     """Host seconds spent waiting for the GPU's sampled tokens (StepHandle.result)."""
 
@@ -172,7 +214,8 @@ def engine_decode(engine: LLMEngine, batch: int, seed: int, new: int = NEW) -> d
     t_all = None
     after = total = steps_after = 0
     wait_at_all = 0.0
-    with WaitClock() as clock:
+    first_decode_launch = 0
+    with WaitClock() as clock, GpuClock(engine) as gpu:
         while engine.has_unfinished():
             outs = engine.step()
             now = time.perf_counter()
@@ -183,13 +226,19 @@ def engine_decode(engine: LLMEngine, batch: int, seed: int, new: int = NEW) -> d
                     after += len(o.new_token_ids)
             if t_all is None and len(started) == batch:
                 t_all, wait_at_all = now, clock.wait_s
+                first_decode_launch = len(gpu.marks)
             elif t_all is not None:
                 steps_after += 1
     t_end = time.perf_counter()
     assert total == batch * new, (total, batch * new)
     steps = max(1, steps_after)
     wait_ms = (clock.wait_s - wait_at_all) / steps * 1e3
+    device = gpu.busy_and_idle_ms(first_decode_launch)
     return {
+        # launch-to-launch device time of a decode step (inputs copy, forward, sampling, copy
+        # back) and the mean time the device sat idle before one
+        "device_busy_ms": device[0] if device else None,
+        "device_idle_ms": device[1] if device else None,
         "decode_tok_s": after / (t_end - t_all),
         "e2e_tok_s": total / (t_end - t0),
         "step_ms": (t_end - t_all) / steps * 1e3,
@@ -273,12 +322,15 @@ def bench_engine(model_dir: Path, shape: Shape, quick: bool, out_dir: Path, name
         ("triton_eager", dict(enforce_eager=True, async_scheduling=False), (1, 64)),
         ("graphs_sync", dict(async_scheduling=False), (1, 64)),
         ("full", dict(), decode_batches),
+        ("full_gc_unfrozen", dict(), (64,)),  # the same, the cyclic GC left as Python has it
     ]
     if quick:
-        variants = variants[-1:]
+        variants = [v for v in variants if v[0] == "full"]
     for label, cfg, batches in variants:
         t = time.perf_counter()
         engine = make_engine(model_dir, **cfg)
+        if label == "full_gc_unfrozen":
+            gc.unfreeze()
         build_s = time.perf_counter() - t
         engine_decode(engine, 2, seed=999, new=8)  # warm-up: Triton JIT, allocator
         v: dict = {"build_s": build_s, "num_kv_blocks": engine.pool.num_blocks, "decode": {}}
@@ -469,6 +521,8 @@ def summarize(report: dict) -> None:
                 ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.1f}x hf" if ref else ""
                 gpu = f" gpu {r['gpu_step_ms']:.2f} ms" if r.get("gpu_step_ms") else ""
                 gpu += f" host {r['host_busy_ms']:.2f} ms"
+                if r.get("device_idle_ms") is not None:
+                    gpu += f" dev {r['device_busy_ms']:.2f}+idle {r['device_idle_ms']:.2f} ms"
                 print(f"{name:9} {label:13} decode b{b:<3} {r['decode_tok_s']:9.1f} tok/s "
                       f"{r['fraction_of_roofline']:6.1%} roof  step {r['step_ms']:.2f} ms{gpu} "
                       f"{ratio}")  # fmt: skip

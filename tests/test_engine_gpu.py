@@ -163,6 +163,17 @@ def test_greedy_float32_equals_cpu(tiny_model_dir, prompts, cpu_tokens, config, 
     assert engine.generate([prompts[2]], GREEDY)[0].token_ids == cpu_tokens[2]
 
 
+def test_large_batches_equal_cpu(tiny_model_dir, checked):
+    """48 requests decode together (the 48-row graph) and with 9 to 48 rows as they finish;
+    split-KV decode over contexts up to ~300 tokens."""
+    prompts = random_prompts(48, 2048, 1, 250, seed=5)
+    params = [SamplingParams(max_tokens=8 + i, temperature=0.0, ignore_eos=True) for i in range(48)]
+    cpu = make_engine(tiny_model_dir, num_kv_blocks=1024).generate(prompts, params)
+    engine = checked(gpu_engine(tiny_model_dir, num_kv_blocks=1024, max_num_batched_tokens=2048))
+    gpu = engine.generate(prompts, params)
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+
+
 def test_preemption_and_prefix_cache_on_gpu(tiny_model_dir, prompts, cpu_tokens, checked):
     engine = checked(gpu_engine(tiny_model_dir, num_kv_blocks=24, max_num_batched_tokens=64))
     outs = engine.generate(prompts, GREEDY)
