@@ -136,12 +136,17 @@ class GpuClock:
     def __init__(self, engine: LLMEngine) -> None:
         self.runner = engine.runner if hasattr(engine.runner, "launch") else None
         self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.replays: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def __enter__(self) -> GpuClock:
         if self.runner is None:
             return self
         original = self.runner.launch
         marks = self.marks
+        graphs = self.runner._graphs
+        self._graphs = dict(graphs)
+        for bs, (graph, logits) in self._graphs.items():
+            graphs[bs] = (_TimedGraph(graph, self.replays), logits)
 
         def timed(so):
             a = torch.cuda.Event(enable_timing=True)
@@ -158,6 +163,15 @@ class GpuClock:
     def __exit__(self, *exc) -> None:
         if self.runner is not None:
             del self.runner.launch
+            self.runner._graphs.update(self._graphs)
+
+    def replay_ms(self, first: int) -> float | None:
+        """Mean device ms of the graph replays themselves (no input or output copies)."""
+        events = self.replays[first:]
+        if not events:
+            return None
+        torch.cuda.synchronize()
+        return statistics.fmean(a.elapsed_time(b) for a, b in events)
 
     def busy_and_idle_ms(self, first: int) -> tuple[float, float] | None:
         """Mean device ms per step, and mean idle ms before a step, from step `first` on."""
@@ -168,6 +182,18 @@ class GpuClock:
         busy = [a.elapsed_time(b) for a, b in marks]
         idle = [max(0.0, p[1].elapsed_time(n[0])) for p, n in itertools.pairwise(marks)]
         return statistics.fmean(busy), statistics.fmean(idle)
+
+
+class _TimedGraph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, events: list) -> None:
+        self.graph, self.events = graph, events
+
+    def replay(self) -> None:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        self.graph.replay()
+        b.record()
+        self.events.append((a, b))
 
 
 class WaitClock:
@@ -214,7 +240,7 @@ def engine_decode(engine: LLMEngine, batch: int, seed: int, new: int = NEW) -> d
     t_all = None
     after = total = steps_after = 0
     wait_at_all = 0.0
-    first_decode_launch = 0
+    first_decode_launch = first_replay = 0
     with WaitClock() as clock, GpuClock(engine) as gpu:
         while engine.has_unfinished():
             outs = engine.step()
@@ -226,7 +252,7 @@ def engine_decode(engine: LLMEngine, batch: int, seed: int, new: int = NEW) -> d
                     after += len(o.new_token_ids)
             if t_all is None and len(started) == batch:
                 t_all, wait_at_all = now, clock.wait_s
-                first_decode_launch = len(gpu.marks)
+                first_decode_launch, first_replay = len(gpu.marks), len(gpu.replays)
             elif t_all is not None:
                 steps_after += 1
     t_end = time.perf_counter()
@@ -239,6 +265,7 @@ def engine_decode(engine: LLMEngine, batch: int, seed: int, new: int = NEW) -> d
         # back) and the mean time the device sat idle before one
         "device_busy_ms": device[0] if device else None,
         "device_idle_ms": device[1] if device else None,
+        "graph_replay_ms": gpu.replay_ms(first_replay),
         "decode_tok_s": after / (t_end - t_all),
         "e2e_tok_s": total / (t_end - t0),
         "step_ms": (t_end - t_all) / steps * 1e3,
@@ -272,6 +299,22 @@ def gpu_decode_step_ms(engine: LLMEngine, batch: int) -> float | None:
         return None
     graph, _ = graphs[batch]
     return time_cuda(graph.replay, 20) * 1e3
+
+
+def replay_drift(engine: LLMEngine, batch: int, reps: int = 150) -> dict:
+    """Back-to-back replays of one decode graph for ~1 s: the first and last 20 (ms), to see
+    whether the device slows down over a sustained run (clocks, power)."""
+    graph, _ = engine.runner._graphs[batch]
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        times.append((a, b))
+    torch.cuda.synchronize()
+    ms = [a.elapsed_time(b) for a, b in times]
+    return {"first20_ms": statistics.median(ms[:20]), "last20_ms": statistics.median(ms[-20:])}
 
 
 def kernel_profile(engine: LLMEngine, batch: int, path: Path) -> list[dict]:
@@ -349,6 +392,7 @@ def bench_engine(model_dir: Path, shape: Shape, quick: bool, out_dir: Path, name
                 r["fraction_of_peak"] = r["prefill_tok_s"] / r["roofline_tok_s"]
                 v["prefill"][t_len] = r
         if label == "full":
+            v["replay_drift_b64"] = replay_drift(engine, 64)
             v["kernels_b1"] = kernel_profile(engine, 1, out_dir / f"kernels-{name}-b1.json")
             v["kernels_b64"] = kernel_profile(engine, 64, out_dir / f"kernels-{name}-b64.json")
         res[label] = v
@@ -523,6 +567,8 @@ def summarize(report: dict) -> None:
                 gpu += f" host {r['host_busy_ms']:.2f} ms"
                 if r.get("device_idle_ms") is not None:
                     gpu += f" dev {r['device_busy_ms']:.2f}+idle {r['device_idle_ms']:.2f} ms"
+                if r.get("graph_replay_ms") is not None:
+                    gpu += f" (graph {r['graph_replay_ms']:.2f})"
                 print(f"{name:9} {label:13} decode b{b:<3} {r['decode_tok_s']:9.1f} tok/s "
                       f"{r['fraction_of_roofline']:6.1%} roof  step {r['step_ms']:.2f} ms{gpu} "
                       f"{ratio}")  # fmt: skip
@@ -537,6 +583,11 @@ def summarize(report: dict) -> None:
         for t, r in hf.get("prefill", {}).items():
             print(f"{name:9} transformers  prefill {t:<5} {r['prefill_tok_s']:9.0f} tok/s "
                   f"{r['fraction_of_peak']:6.1%} peak")  # fmt: skip
+    for name, m in report["models"].items():
+        drift = m["splitserve"].get("full", {}).get("replay_drift_b64")
+        if drift:
+            print(f"{name} b64 graph replays: first 20 {drift['first20_ms']:.2f} ms, "
+                  f"last 20 {drift['last20_ms']:.2f} ms")  # fmt: skip
     for g in report["goals"]:
         print(f"goal llama-8b {g['goal']}: {g['value']:.3g} (target {g['target']:g}) "
               f"{'met' if g['met'] else 'MISSED'}")  # fmt: skip
