@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import machine
+from bench.report import machine, write_report
 from kvstore.redis_server import EmbeddedRedis
 from services.engine.config import ModelConfig
 from services.engine.presets import make_model
@@ -245,14 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"{r.preset}_{r.scenario}_{r.mode}_tok_s"] = r.output_tok_s
         summary[f"{r.preset}_{r.scenario}_{r.mode}_ttft_ms"] = r.ttft_mean_ms
     print("summary:", json.dumps(summary))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "bench": "disagg", "machine": machine(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python", "bench/disagg.py", *(argv or sys.argv[1:])]),
-            "results": [asdict(r) for r in rows], "summary": summary,
-        }, indent=2) + "\n")  # fmt: skip
+    write_report(args.json, "disagg", argv, [asdict(r) for r in rows], summary)
     return 0
 
 

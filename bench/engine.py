@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -29,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import machine, write_report
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.presets import make_model
@@ -51,21 +50,6 @@ class Result:
     ttft_mean_s: float
     ttft_p50_s: float
     tpot_mean_ms: float  # DistServe's: (e2e - ttft) / (out - 1), averaged over requests
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
-    )
 
 
 def prompts_from_corpus(tokenizer, lengths: list[int], seed: int) -> list[list[int]]:
@@ -255,18 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         for s in ("single", "concurrent"):
             summary.setdefault(f"{m}_ratio_{s}", ratio(results, m, s))
     print("summary:", json.dumps(summary))
-    if args.json:
-        report = {
-            "bench": "engine",
-            "machine": machine(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python", "bench/engine.py", *(argv or sys.argv[1:])]),
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-            "results": [asdict(r) for r in results],
-            "summary": summary,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(
+        args.json, "engine", argv, [asdict(r) for r in results], summary,
+        config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+    )  # fmt: skip
     return 0
 
 

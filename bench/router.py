@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import machine
+from bench.report import machine, write_report
 from router.app import build_app
 from services.engine.presets import make_model
 from services.engine.sampling_params import SamplingParams
@@ -315,14 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in e2e:
         summary[f"e2e_{r['mode']}_tokens_per_s"] = r["tokens_per_s"]
     print("summary:", json.dumps(summary))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "bench": "router", "machine": machine(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python", "bench/router.py", *(argv or sys.argv[1:])]),
-            "results": results, "summary": summary,
-        }, indent=2) + "\n")  # fmt: skip
+    write_report(args.json, "router", argv, results, summary)
     return 0
 
 
