@@ -37,7 +37,6 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
-import platform
 import select
 import shutil
 import signal
@@ -57,6 +56,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import machine as base_machine
 from kvstore.block import CHUNK_BYTES, StoredBlock, TensorSpec
 from kvstore.client import KVStoreClient
 from kvstore.index import IndexReader
@@ -148,18 +148,7 @@ class Result:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, grpcio {grpc.__version__}, "
-        f"Python {platform.python_version()}"
-    )
+    return base_machine(f"grpcio {grpc.__version__}")
 
 
 def block_shapes() -> dict[str, BlockShape]:
