@@ -184,7 +184,8 @@ class EngineConfig:
 
     num_kv_blocks None sizes the cache from kv_cache_memory_bytes on the CPU, and on a GPU from
     gpu_memory_utilization: that fraction of the card's memory, less what is already in use
-    (weights, other processes) and the activations of a max_num_batched_tokens forward pass.
+    (weights, other processes) and the activations of a max_num_batched_tokens forward pass,
+    capped at four times what max_num_seqs contexts of max_model_len can hold.
 
     GPU only: kernels "auto" runs the fused Triton path (paged decode kernel, fused RMSNorm,
     RoPE + KV write, SiLU-mul), "torch" the reference path the CPU runs. enforce_eager skips

@@ -372,8 +372,8 @@ class LLMEngine:
 
     def _gpu_kv_blocks(self, per_block: int) -> int:
         """KV blocks that fit in gpu_memory_utilization of the card after the weights, the
-        peak activations of a full-budget forward pass, the sampler's float32 logits and the
-        CUDA graphs' pool."""
+        peak activations of a full-budget forward pass and the sampler's float32 logits (the
+        CUDA graphs' pool fits in the latter), at most 4 x max_num_seqs full contexts."""
         cfg = self.config
         activations = self._profile_forward()
         torch.cuda.empty_cache()
@@ -383,6 +383,11 @@ class LLMEngine:
         logits = 8 * rows * vocab * 4  # float32 copies of the sampled rows' logits
         budget = total * cfg.gpu_memory_utilization - (total - free) - activations - logits
         num_blocks = int(budget // per_block) - 1
+        # A small model on a large card would get millions of blocks (and as many Python
+        # objects in the pool); four times the most that running sequences can hold is plenty.
+        num_blocks = min(
+            num_blocks, 4 * cfg.max_num_seqs * blocks_for(self.max_model_len, self.block_size)
+        )
         if num_blocks < 2:
             raise ModelLoadError(
                 f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
