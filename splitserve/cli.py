@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from loadgen.cli import app as loadgen_app
+
 app = typer.Typer(
     help="splitserve: disaggregated LLM serving (prefill, decode, attention services).",
     no_args_is_help=True,
@@ -21,6 +23,7 @@ models_app = typer.Typer(help="Fetch and convert real models.", no_args_is_help=
 app.add_typer(models_app, name="models")
 serve_app = typer.Typer(help="Run one splitserve service in the foreground.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
+app.add_typer(loadgen_app, name="bench")
 err = Console(stderr=True, soft_wrap=True)
 
 DtypeOpt = Annotated[
