@@ -177,3 +177,23 @@ def test_metrics_endpoint_parses_and_moves(system):
     before = total()
     _client(system).completions.create(model="tiny", prompt="x", max_tokens=2)
     assert total() >= before + 1
+
+
+def test_splitserve_bench_replays_a_trace_against_the_system(system, tmp_path):
+    home = os.environ.get("SPLITSERVE_HOME", os.path.expanduser("~/.cache/splitserve"))
+    tokenizer = os.path.join(home, "models", "preset-tiny")
+    for url, extra in ((system["url"] + "/v1", []), ("grpc://" + system["grpc"], [])):
+        out = tmp_path / url.split(":")[0]
+        r = subprocess.run(
+            [sys.executable, "-m", "splitserve.cli", "bench", "run", "--url", url, "--model",
+             "tiny", "--tokenizer", tokenizer, "--trace", "azure-conv", "--requests", "8",
+             "--speedup", "50", "--max-prompt-tokens", "256", "--max-output-tokens", "8",
+             "--quiet", "--no-plots", "--out", str(out), *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads((out / "report.json").read_text())["summary"]
+        assert summary["completed"] == 8 and summary["failed"] == 0
+        assert summary["output_tokens"] == 64  # 8 requests x 8 tokens (EOS ignored)
+        assert summary["prompt_token_mismatches"] == 0  # prompts were exactly the trace lengths
+        assert 0 < summary["ttft_s"]["p50"] < summary["e2e_s"]["p50"]
