@@ -1,10 +1,11 @@
 """Open-loop replay: every planned request is sent at its time, whether or not earlier ones have
 answered (a closed loop would slow down with the server and hide its queueing).
 
-The schedule sleeps until about 1.5 ms before a send time and then yields to the event loop
-(which keeps reading responses) until the time comes: asyncio's timers are only good to about a
-millisecond. Each request's send lag (sent - scheduled) is recorded, so a run that could not
-keep its schedule says so instead of silently measuring a lighter load.
+The schedule sleeps until `spin_s` (1.5 ms) before a send time and then yields to the event
+loop (which keeps reading responses) until the time comes: asyncio's timers are only good to
+about a millisecond. `spin_s=0` sleeps all the way: less CPU, up to a millisecond more lag.
+Each request's send lag (sent - scheduled) is recorded, so a run that could not keep its
+schedule says so instead of silently measuring a lighter load.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ async def replay(
     connections: int = 8,
     progress: Progress | None = None,
     drain_timeout_s: float = 600.0,
+    spin_s: float = SPIN_S,
 ) -> RunResult:
     """Sends `planned` on schedule through `client` and waits for every answer (each bounded
     by the client's own timeout, the whole drain by `drain_timeout_s`)."""
@@ -92,7 +94,7 @@ async def replay(
                 wait = target - perf()
                 if wait <= 0:
                     break
-                await asyncio.sleep(wait - SPIN_S if wait > 2 * SPIN_S else 0)
+                await asyncio.sleep(wait - spin_s if wait > 2 * spin_s else 0)
             out = Outcome.of(p, target)
             outcomes.append(out)
             prog.sent += 1
