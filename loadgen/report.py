@@ -157,6 +157,13 @@ def print_summary(report: dict, console: Console | None = None) -> None:
             )
     if s["errors"]:
         c.print(f"[red]errors:[/] {s['errors']}", highlight=False)
+    if s["prompt_token_mismatches"]:
+        c.print(
+            f"[yellow]note:[/] the server counted {s['prompt_token_mismatches']} prompts "
+            "differently from the plan (no --tokenizer, another model's tokenizer, or a chat "
+            "template that differs)",
+            highlight=False,
+        )
     lag = s["send_lag_s"]
     if lag["p99"] is not None and lag["p99"] > 0.005:
         c.print(
