@@ -106,11 +106,9 @@ class HttpClient:
         while self._idle:
             conn = self._idle.pop()
             if conn.usable:
-                conn.start(data, out, done)
+                conn.start(data, out, done, reused=True)
                 return
-        task = asyncio.get_running_loop().create_task(self._connect_and_send(data, out, done))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
+        self.send_on_new_connection(data, out, done)
 
     async def _connect_and_send(self, data: bytes, out: Outcome, done: Done) -> None:
         try:
@@ -119,7 +117,12 @@ class HttpClient:
             out.error = f"connect: {e or type(e).__name__}"
             done(out)
             return
-        conn.start(data, out, done)
+        conn.start(data, out, done, reused=False)
+
+    def send_on_new_connection(self, data: bytes, out: Outcome, done: Done) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect_and_send(data, out, done))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
 
     def release(self, conn: _Conn) -> None:
         if conn.usable:
@@ -151,6 +154,9 @@ class _Conn(asyncio.Protocol):
         self.error_body = bytearray()
         self.status = 0
         self.keep_alive = True
+        self.reused = False  # the request in flight went out on a connection that sat idle
+        self.data = b""  # the request in flight, to resend if an idle close raced it
+        self.answered = False  # any byte of the response arrived
 
     @property
     def usable(self) -> bool:
@@ -159,11 +165,12 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
 
-    def start(self, data: bytes, out: Outcome, done: Done) -> None:
+    def start(self, data: bytes, out: Outcome, done: Done, reused: bool) -> None:
         self.out, self.done = out, done
         self.sse.clear()
         self.error_body.clear()
         self.status = 0
+        self.data, self.answered, self.reused = data, False, reused
         assert self.transport is not None
         out.sent = perf()
         self.transport.write(data)
@@ -173,6 +180,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.now = perf()
+        self.answered = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -181,8 +189,19 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.transport = None
         self.client.forget(self)
-        if self.out is not None:
-            self._fail(f"connection lost: {exc or 'closed by the server'}")
+        if self.out is None:
+            return
+        if self.reused and not self.answered and (exc is None or isinstance(exc, OSError)):
+            # The server closed a kept-alive connection as the request went out (an idle
+            # timeout race): nothing was processed, so it goes again on a new connection, as
+            # HTTP clients do. Its send time is then the second write's.
+            out, done = self.out, self.done
+            self.out = self.done = None
+            if self.timer is not None:
+                self.timer.cancel()
+            self.client.send_on_new_connection(self.data, out, done)
+            return
+        self._fail(f"connection lost: {exc or 'closed by the server'}")
 
     def close(self) -> None:
         if self.transport is not None:

@@ -50,6 +50,7 @@ class ScriptedServer:
     async def handle(self, reader, writer):
         task = asyncio.current_task()
         self.handlers.add(task)
+        served = 0
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -59,6 +60,9 @@ class ScriptedServer:
                 }
                 body = json.loads(await reader.readexactly(int(headers["content-length"])))
                 self.seen.append((headers, body))
+                served += 1
+                if body["model"] == "idle-close" and served > 1:
+                    break  # as a server closing an idle keep-alive connection would
                 if not await self.answer(body["model"], writer):
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
@@ -176,6 +180,19 @@ def test_http_failures_are_reported_not_raised(model, error):
     for o in res.outcomes:
         assert not o.ok
         assert o.error.startswith(error), o.error
+
+
+def test_http_request_racing_an_idle_close_is_sent_again():
+    # Every connection serves one request and then closes on the next without an answer: each
+    # later request goes out on a kept-alive connection, meets the close, and is resent.
+    async def main():
+        async with ScriptedServer() as srv:
+            return srv.seen, await _run(srv.url, "idle-close", _planned(4, gap=0.06))
+
+    seen, res = asyncio.run(main())
+    assert all(o.ok for o in res.outcomes), [o.error for o in res.outcomes]
+    assert len(seen) > 4  # the raced sends reached the server and were dropped there
+    assert res.connections_opened > 2
 
 
 def test_http_unreachable_endpoint_fails_fast():
