@@ -20,10 +20,8 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import machine, write_report
 from loadgen.arrivals import Arrivals, length_sampler, synthetic
 from loadgen.http_client import HttpClient
 from loadgen.prompts import PromptFactory
@@ -62,17 +61,9 @@ class Result:
     meets_target: bool  # p99 lag within LAG_TARGET_MS and everything completed
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores usable, Python {platform.python_version()}"
+def usable_cores() -> int:
+    """What `taskset` left this process, which os.cpu_count() does not see."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _serve(conn) -> None:
@@ -138,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (5.0 if args.quick else 20.0)
     kinds = ("fixed", "poisson", "gamma") if not args.quick else ("fixed", "poisson")
     print(
-        f"machine: {machine()}\nrates {rates}, {seconds:g} s each, {kinds}, "
-        f"spin {args.spin_ms:g} ms",
+        f"machine: {machine()}, {usable_cores()} usable\n"
+        f"rates {rates}, {seconds:g} s each, {kinds}, spin {args.spin_ms:g} ms",
         flush=True,
     )
 
@@ -180,17 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target_at_1000": bool(at_target) and all(r.meets_target for r in at_target),
     }
     print("summary:", json.dumps(summary))
-    if args.json:
-        report = {
-            "bench": "loadgen",
-            "machine": machine(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(["python", "bench/loadgen.py", *(argv or sys.argv[1:])]),
-            "results": [asdict(r) for r in results],
-            "summary": summary,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(
+        args.json, "loadgen", argv, [asdict(r) for r in results], summary,
+        usable_cores=usable_cores(),
+    )  # fmt: skip
     return 0
 
 
