@@ -125,35 +125,7 @@ def run(
     from loadgen.report import print_summary, run_report
     from loadgen.runner import execute
 
-    work, prompts, target = o.build(
-        url,
-        model,
-        api,
-        prompt_format,
-        tokenizer,
-        trace,
-        fmt,
-        arrivals,
-        prompt_len,
-        output_len,
-        lengths_from,
-        speedup,
-        rate,
-        duration,
-        requests,
-        warmup,
-        max_prompt_tokens,
-        max_output_tokens,
-        length_scale,
-        tenant,
-        tenant_by,
-        api_key,
-        seed,
-        timeout,
-        ignore_eos,
-        extra,
-        include_failures,
-    )
+    work, prompts, target = o.build(locals())
     slo = o.slo(slo_ttft, slo_tpot, attainment, required=False)
     try:
         planned = work.planned(prompts)
@@ -227,35 +199,7 @@ def goodput(
     from loadgen.report import print_summary, run_report
     from loadgen.runner import execute
 
-    work, prompts, target = o.build(
-        url,
-        model,
-        api,
-        prompt_format,
-        tokenizer,
-        trace,
-        fmt,
-        arrivals,
-        prompt_len,
-        output_len,
-        lengths_from,
-        1.0,
-        None,
-        duration,
-        requests,
-        warmup,
-        max_prompt_tokens,
-        max_output_tokens,
-        length_scale,
-        tenant,
-        tenant_by,
-        api_key,
-        seed,
-        timeout,
-        ignore_eos,
-        extra,
-        include_failures,
-    )
+    work, prompts, target = o.build(locals())
     slo = o.slo(slo_ttft, slo_tpot, attainment, required=True)
     config = _config(work, target, prompts, connections)
     reports: dict[tuple[float, int], dict] = {}

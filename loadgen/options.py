@@ -89,35 +89,9 @@ Failures = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar")]
 
 
-def build(
-    url,
-    model,
-    api,
-    prompt_format,
-    tokenizer,
-    trace,
-    fmt,
-    arrivals,
-    prompt_len,
-    output_len,
-    lengths_from,
-    speedup,
-    rate,
-    duration,
-    requests,
-    warmup,
-    max_prompt,
-    max_output,
-    length_scale,
-    tenants,
-    tenant_by,
-    api_key,
-    seed,
-    timeout,
-    ignore_eos,
-    extra,
-    failures,
-):
+def build(opts: dict):
+    """(workload, prompt factory, target) from a command's parameters, by their names (the
+    command's locals() on entry); fails with exit code 2 and one line on a bad value."""
     from loadgen.arrivals import Arrivals
     from loadgen.prompts import PromptFactory
     from loadgen.readers import read_trace
@@ -125,54 +99,58 @@ def build(
     from loadgen.trace import TraceError
     from loadgen.workload import ReplayConfig, Tenant
 
+    api, prompt_format, trace, arrivals = (
+        opts["api"], opts["prompt_format"], opts["trace"], opts["arrivals"]
+    )  # fmt: skip
     if api not in ("completions", "chat"):
         fail(f"--api must be completions or chat, got {api!r}")
     if prompt_format not in ("text", "ids"):
         fail(f"--prompt-format must be text or ids, got {prompt_format!r}")
     if api == "chat" and prompt_format == "ids":
         fail("chat requests carry text: use --prompt-format text with --api chat")
+    if (trace is None) == (arrivals is None):
+        fail("give either --trace (a file or a shipped name) or --arrivals")
     try:
-        extra_body = json.loads(extra) if extra else {}
+        extra_body = json.loads(opts["extra"]) if opts["extra"] else {}
         if not isinstance(extra_body, dict):
             raise ValueError("not an object")
     except ValueError as e:
         fail(f"--extra must be a JSON object: {e}")
+    key = opts["api_key"] or os.environ.get("SPLITSERVE_API_KEY") or ""
     try:
-        key = api_key or os.environ.get("SPLITSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        ts = tuple(Tenant.parse(t) for t in tenants) if tenants else (Tenant("default", key or ""),)
+        tenants = tuple(Tenant.parse(t) for t in opts["tenant"] or ()) or (Tenant("default", key),)
         cfg = ReplayConfig(
-            speedup,
-            rate,
-            duration,
-            requests,
-            warmup,
-            max_prompt,
-            max_output,
-            length_scale,
-            ts,
-            tenant_by,
-            seed,
+            speedup=opts.get("speedup", 1.0),
+            rate=opts.get("rate"),
+            duration_s=opts["duration"],
+            max_requests=opts["requests"],
+            warmup_s=opts["warmup"],
+            max_prompt_tokens=opts["max_prompt_tokens"],
+            max_output_tokens=opts["max_output_tokens"],
+            length_scale=opts["length_scale"],
+            tenants=tenants,
+            tenant_by=opts["tenant_by"],
+            seed=opts["seed"],
         )
-        if trace is not None and arrivals is not None:
-            fail("give --trace or --arrivals, not both")
-        if trace is None and arrivals is None:
-            fail("give --trace (a file or a shipped name) or --arrivals")
-        kw = {"include_failures": True} if failures else {}
         if trace is not None:
-            work = Workload(cfg, trace=read_trace(trace, fmt, **kw))
+            kw = {"include_failures": True} if opts["include_failures"] else {}
+            work = Workload(cfg, trace=read_trace(trace, opts["fmt"], **kw))
         else:
-            lf = read_trace(lengths_from) if lengths_from else None
+            lf = opts["lengths_from"]
             work = Workload(
                 cfg,
                 arrivals=Arrivals.parse(arrivals),
-                prompt_len=prompt_len,
-                output_len=output_len,
-                lengths_from=lf,
+                prompt_len=opts["prompt_len"],
+                output_len=opts["output_len"],
+                lengths_from=read_trace(lf) if lf else None,
             )
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(opts["tokenizer"])
         mode = "chat" if api == "chat" else prompt_format
-        prompts = PromptFactory(tok, mode, seed, work.block_tokens)
-        target = Target(url, model, api == "chat", timeout, ignore_eos, extra_body)
+        prompts = PromptFactory(tok, mode, opts["seed"], work.block_tokens)
+        target = Target(
+            opts["url"], opts["model"], api == "chat", opts["timeout"], opts["ignore_eos"],
+            extra_body,
+        )  # fmt: skip
     except (TraceError, ValueError) as e:
         fail(str(e))
     if tok is None:
