@@ -220,6 +220,7 @@ def goodput(
         att = ", ".join(f"{a:.1%}" for a in p.attainments)
         verdict = "pass" if p.attainment >= slo.attainment else "fail"
         out.print(f"rate {p.rate:8.3f} req/s: attainment {att} -> {verdict}", highlight=False)
+        sys.stdout.flush()  # a search runs for minutes: each probe shows up in logs as it ends
 
     try:
         res = run_loop(

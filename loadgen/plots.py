@@ -82,7 +82,9 @@ def tenant_service(report: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     gap = fair.get("gap") or {}
-    extra = f" (max gap {gap['max']:,.0f})" if gap.get("max") is not None else ""
+    extra = ""
+    if gap.get("max") is not None:
+        extra = f" (largest gap {gap['max']:,.0f} in a {fair['window_s']:g} s window)"
     ax.set_title(f"per-tenant service, cumulative{extra}")
     return _save(fig, path)
 
