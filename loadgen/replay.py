@@ -53,7 +53,7 @@ def raise_fd_limit() -> None:
 
 
 class Progress:
-    """Counts the run as it goes; `replay` updates it, a display may read it."""
+    """Counts one run as it goes (a fresh one per run); `replay` updates it, a display reads it."""
 
     def __init__(self, total: int) -> None:
         self.total, self.sent, self.done, self.errors = total, 0, 0, 0
@@ -75,14 +75,12 @@ async def replay(
     finished = loop.create_future()
     prog = progress or Progress(len(planned))
     outcomes: list[Outcome] = []
-    state = {"left": len(planned), "last_end": 0.0}
 
     def done(out: Outcome) -> None:
         prog.done += 1
         if out.error is not None:
             prog.errors += 1
-        state["left"] -= 1
-        if state["left"] == 0 and not finished.done():
+        if prog.done == len(planned) and not finished.done():
             finished.set_result(None)
 
     t0 = perf() + LEAD_S
