@@ -60,11 +60,21 @@ class PoolBackend:
         if self._index is not None:
             await self._index.close()
 
-    async def _live(self, role: str, model: str) -> list[Replica]:
+    async def _live(self, role: str, model: str, wait_s: float = 10.0) -> list[Replica]:
+        """Live replicas of a role; while there are none (starting up, or one restarting),
+        wait up to wait_s for one rather than failing the request at once."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            reps = await self._fetch_live(role, model)
+            if reps or time.monotonic() >= deadline:
+                return reps
+            await asyncio.sleep(self.refresh_s)
+
+    async def _fetch_live(self, role: str, model: str) -> list[Replica]:
         key = (role, model)
         now = time.monotonic()
         cached = self._replicas.get(key)
-        if cached is None or now - cached[0] > self.refresh_s:
+        if cached is None or now - cached[0] > self.refresh_s or not cached[1]:
             reps = await asyncio.to_thread(
                 list_replicas, self.redis_url, role, model, self.namespace
             )
