@@ -13,11 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore.server import GRPC_OPTIONS
-
-
-def bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+from kvstore.server import GRPC_OPTIONS, bracket
 
 
 class ServiceApp:

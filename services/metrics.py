@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvstore.server import bracket
 from services.engine.errors import InvalidRequestError
 from services.engine.request import RequestOutput
 from services.engine_loop import EngineLoop, QueueFullError
-from services.grpc_app import bracket
 
 TENANT_METADATA_KEY = "x-splitserve-tenant"
 MAX_TENANT_LEN = 64

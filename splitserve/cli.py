@@ -206,8 +206,9 @@ def serve_kvstore(
     import asyncio
 
     from kvstore.redis_server import EmbeddedRedis, RedisServerError
-    from kvstore.server import KVStoreServer, serve_forever
+    from kvstore.server import KVStoreServer
     from kvstore.sizes import parse_size
+    from services.grpc_app import run_until_signal
 
     try:
         mem = parse_size(memory)
@@ -237,7 +238,7 @@ def serve_kvstore(
         print(address, flush=True)
 
     try:
-        asyncio.run(serve_forever(server, announce))
+        asyncio.run(run_until_signal(server.start, server.stop, announce))
     except OSError as e:
         fail(str(e))
     finally:
