@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -307,8 +308,6 @@ class IndexReader:
         await self.r.aclose()
 
     async def live_holders(self, refresh: bool = False) -> dict[str, HolderInfo]:
-        import time
-
         now = time.monotonic()
         if refresh or now - self._holders_at > self.holders_ttl_s:
             ids = sorted(_s(x) for x in await self.r.smembers(self.k.holders))

@@ -59,15 +59,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     async def Decode(self, request, context):
         rec = self.metrics.request(context)
-        if self.app.draining:
-            rec.finish("unavailable")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this decode server is draining")
-        if request.model and request.model != self.model_name:
-            rec.finish("invalid_argument")
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown model {request.model!r}; this server serves {self.model_name!r}",
-            )
+        await self.app.admit(context, "decode", self.model_name, request.model, rec.finish)
         with self.app.track(), rec:
             try:
                 async for msg in self._decode(request, rec):

@@ -39,6 +39,19 @@ class ServiceApp:
         for name in ("", *self.services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    async def admit(self, context, role: str, served: str, requested: str, refused) -> None:
+        """Refuse a call while draining (UNAVAILABLE) or for a model this server doesn't serve
+        (INVALID_ARGUMENT); refused(status) records the refusal before the abort."""
+        if self.draining:
+            refused("unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"this {role} server is draining")
+        if requested and requested != served:
+            refused("invalid_argument")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown model {requested!r}; this server serves {served!r}",
+            )
+
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
         """Count a call as in flight (the drain waits for these)."""

@@ -54,15 +54,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
 
     async def Prefill(self, request, context):
         rec = self.metrics.request(context)
-        if self.app.draining:
-            rec.finish("unavailable")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this prefill server is draining")
-        if request.model and request.model != self.model_name:
-            rec.finish("invalid_argument")
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown model {request.model!r}; this server serves {self.model_name!r}",
-            )
+        await self.app.admit(context, "prefill", self.model_name, request.model, rec.finish)
         with self.app.track(), rec:
             try:
                 return await self._prefill(request, rec)
