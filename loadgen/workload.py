@@ -2,7 +2,9 @@
 prompts.
 
 Time: a trace's arrivals are divided by `speedup`; `rate` instead picks the factor that gives
-that mean rate. A run keeps the requests that arrive before `duration_s` and at most
+that mean rate over the requests the run replays (a trace's head can be sparser or denser than
+the whole: the Azure conversation excerpt's first 60 requests arrive at 1.95 req/s, all 1,000 at
+4.6), so `--rate 2 --requests 60` sends 60 requests over 29.5 s. A run keeps the requests that arrive before `duration_s` and at most
 `max_requests` of them. Requests arriving before `warmup_s` are sent like any other but left
 out of the results, so caches and queues have filled when measurement starts.
 
@@ -92,12 +94,23 @@ class Planned:
 
 
 def time_factor(trace: Trace, cfg: ReplayConfig) -> float:
-    """What trace seconds are divided by."""
+    """What trace seconds are divided by: `speedup`, or the factor that brings the replayed
+    head of the trace to `rate` ((n - 1) gaps over its span, as `Trace.mean_rate`). At `rate`,
+    `duration_s` holds about `rate * duration_s + 1` requests; the caps choose that head."""
     if cfg.rate is None:
         return cfg.speedup
-    if not math.isfinite(trace.mean_rate):
-        raise ValueError(f"trace {trace.name} has no time span: --rate cannot scale it")
-    return cfg.rate / trace.mean_rate
+    n = len(trace)
+    if cfg.duration_s is not None:
+        n = min(n, math.floor(cfg.rate * cfg.duration_s) + 1)
+    if cfg.max_requests is not None:
+        n = min(n, cfg.max_requests)
+    head = trace.head(max(n, 2))
+    if not math.isfinite(head.mean_rate):
+        raise ValueError(
+            f"trace {trace.name}: its first {len(head)} requests arrive at one instant, "
+            "so --rate cannot scale them"
+        )
+    return cfg.rate / head.mean_rate
 
 
 def plan(trace: Trace, cfg: ReplayConfig, prompts: PromptFactory) -> list[Planned]:

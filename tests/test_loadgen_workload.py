@@ -129,6 +129,23 @@ def test_plan_scales_caps_and_warms_up():
     assert block_tokens(mc, ReplayConfig(length_scale=1 / 32)) == 16
 
 
+def test_rate_scales_the_replayed_head_not_the_whole_trace():
+    # A sparse head (1 req/s for 5 requests) then a dense tail (10 req/s).
+    tr = _trace([0, 1, 2, 3, 4] + [4 + 0.1 * k for k in range(1, 51)])
+    f = PromptFactory()
+    p = plan(tr, ReplayConfig(rate=2.0, max_requests=5), f)
+    assert [x.at_s for x in p] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
+    # duration 2 s at 2 req/s holds the first 5 requests: the same head, the same scale.
+    p = plan(tr, ReplayConfig(rate=2.0, duration_s=2.0), f)
+    assert [x.at_s for x in p] == pytest.approx([0.0, 0.5, 1.0, 1.5])
+    # The shipped Azure excerpt: its first 60 requests are sparser than its mean.
+    az = read_trace("azure-conv")
+    p = plan(az, ReplayConfig(rate=2.0, max_requests=60), f)
+    assert (len(p) - 1) / p[-1].at_s == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="one instant"):
+        plan(_trace([1.0, 1.0, 1.0, 2.0]), ReplayConfig(rate=2.0, max_requests=3), f)
+
+
 def test_tenants_by_share_and_by_label():
     tr = _trace(list(np.arange(4000) * 0.01))
     cfg = ReplayConfig(tenants=(Tenant("a", "ka", 3), Tenant("b", "kb", 1)), seed=1)
