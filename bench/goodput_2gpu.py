@@ -5,13 +5,14 @@ trace excerpt replayed open-loop at increasing rates, goodput found by bisection
     python bench/goodput_2gpu.py [--json PATH] [--gpus 2|1] [--budget-s 420]
     python bench/goodput_2gpu.py --cpu-smoke   # the tiny preset on CPU: checks the plumbing
 
-Each server is its own process (`--serve ROLE`, CUDA_VISIBLE_DEVICES set per process) with the
+Each server is its own process (`--serve ROLE`, on its own GPU of the two it sees) with the
 gRPC services of services/prefill.py and services/decode.py and a private valkey for the KV
 index. All four servers start at once (two per GPU, each with a fixed KV cache) and stay idle
 while the other configuration is measured. Colocated requests go to the replica with the
 fewest in flight; disaggregated ones through PDClient (prefill, then decode pulling the blocks
-over the kvstore's host path). With --gpus 1 every server shares GPU 0: a stand-in, not the
-two-GPU result.
+from the prefill's device pool through CUDA IPC, GPU to GPU: kvstore.device_pool and
+kvstore.cuda_ipc; `--device-pool-gib 0` measures the host path instead). With --gpus 1 every
+server shares GPU 0: a stand-in, not the two-GPU result.
 
 SLO: TTFT <= 1 s and TPOT <= 50 ms, both met by >= 90% of a run's requests. 50 ms/token is
 20 tokens/s, well above reading speed, and about 5x the engine's unloaded llama-8b decode step
@@ -21,9 +22,8 @@ about 10x its unloaded prefill. Goodput = the highest rate (req/s) meeting that,
 the excerpt's requests are longer) so a probe drains in bounded time.
 
 It also times the KV hand-off: a raw GPU0->GPU1 copy, the same bytes through a CUDA IPC handle
-opened by a second process (the GPU-to-GPU path issue 9 asks for; measured here, not yet wired
-into kvstore's Transport), and the host path the services use today (device -> host bytes ->
-device), for one request's KV at the trace's mean prompt length.
+opened by a second process (what kvstore.cuda_ipc does), and the host path (device -> host
+bytes -> device), for one request's KV at the trace's mean prompt length.
 """
 
 from __future__ import annotations
@@ -66,7 +66,13 @@ def serve(args) -> None:
     from services.engine.engine import LLMEngine
     from services.grpc_app import run_until_signal
 
-    cuda = args.device == "cuda"
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        import torch
+
+        # Both GPUs are visible to every server (a CUDA IPC handle opens only on a visible
+        # device); each server works on its own.
+        torch.cuda.set_device(args.device)
     cfg = EngineConfig(
         device=args.device,
         dtype="bfloat16" if cuda else "float32",
@@ -83,6 +89,7 @@ def serve(args) -> None:
         server = PrefillServer(
             engine, "bench", args.redis, kv_memory_bytes=args.kv_store_gib << 30,
             namespace=args.namespace, max_waiting=4096,
+            device_pool_bytes=int(args.device_pool_gib * 2**30),
         )  # fmt: skip
     else:
         from services.decode import DecodeServer
@@ -98,11 +105,10 @@ def spawn(role: str, gpu: int | None, model: Path, redis: str, ns: str, opts) ->
     cmd = [sys.executable, __file__, "--serve", role, "--model", str(model), "--redis", redis,
            "--namespace", ns, "--kv-blocks", str(opts.kv_blocks), "--max-seqs",
            str(opts.max_seqs), "--batched-tokens", str(opts.batched_tokens), "--device",
-           "cpu" if gpu is None else "cuda"]  # fmt: skip
+           "cpu" if gpu is None else f"cuda:{gpu}", "--device-pool-gib",
+           str(opts.device_pool_gib)]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    else:
+    if gpu is None:
         env["OMP_NUM_THREADS"] = "1"
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -397,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seqs", type=int, default=128)
     ap.add_argument("--batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-store-gib", type=int, default=8)
+    ap.add_argument("--device-pool-gib", type=float, default=2.0,
+                    help="prefill's GPU hand-off pool; 0: the host path")  # fmt: skip
     args = ap.parse_args(argv)
     if args.serve:
         args.kv_blocks = args.kv_blocks or None
@@ -439,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     summary: dict = {"slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": 0.9},
                      "gpus": args.gpus, "device": gpu_line, "preset": preset,
-                     "trace": TRACE.name}  # fmt: skip
+                     "trace": TRACE.name,
+                     "handoff": "cuda_ipc" if args.device_pool_gib > 0 else "host"}  # fmt: skip
     if args.gpus == 1:
         summary["note"] = "ONE-GPU STAND-IN: every server shares GPU 0; not the two-GPU result"
 

@@ -33,38 +33,14 @@ def _round(n: int) -> int:
     return max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
 
 
-class Arena:
-    def __init__(self, capacity: int, path: Path | None = None) -> None:
-        self.capacity = _round(capacity)
-        self.path = path
-        if path is not None:
-            # A new inode, never a truncated old one: a reader that still maps a previous
-            # holder's arena at this path keeps reading that one (truncating it would SIGBUS it).
-            path.unlink(missing_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, self.capacity)
-                self._mm = mmap.mmap(fd, self.capacity, flags=mmap.MAP_SHARED)
-            finally:
-                os.close(fd)
-        else:
-            self._mm = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.view = memoryview(self._mm)
-        self._np = np.frombuffer(self._mm, np.uint8)
-        self._closed = threading.Event()
-        threading.Thread(target=self._prefault, name="arena-prefault", daemon=True).start()
+class Extents:
+    """Offsets in a region of `capacity` bytes (this arena's, or a GPU buffer's)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
         self._top = 0
         self._free: dict[int, list[int]] = defaultdict(list)  # extent size -> offsets
         self.allocated = 0
-
-    def _prefault(self, chunk: int = 64 << 20) -> None:
-        for off in range(0, self.capacity, chunk):
-            if self._closed.is_set():
-                return
-            try:
-                self._mm.madvise(_MADV_POPULATE_WRITE, off, min(chunk, self.capacity - off))
-            except (OSError, ValueError):  # an older kernel, or closed meanwhile: fault lazily
-                return
 
     def alloc(self, n: int) -> int | None:
         size = _round(n)
@@ -83,14 +59,6 @@ class Arena:
         size = _round(n)
         self._free[size].append(off)
         self.allocated -= size
-
-    def write(self, off: int, data) -> None:
-        # numpy's copy releases the GIL, so the event loop keeps receiving during large copies.
-        src = np.frombuffer(data, np.uint8)
-        np.copyto(self._np[off : off + src.size], src)
-
-    def read(self, off: int, n: int) -> memoryview:
-        return self.view[off : off + n]
 
     def _coalesce_and_fit(self, size: int) -> int | None:
         extents = sorted((off, sz) for sz, offs in self._free.items() for off in offs)
@@ -120,6 +88,47 @@ class Arena:
                 self.allocated += size
                 return off
         return None
+
+
+class Arena:
+    def __init__(self, capacity: int, path: Path | None = None) -> None:
+        self.capacity = _round(capacity)
+        self.path = path
+        if path is not None:
+            # A new inode, never a truncated old one: a reader that still maps a previous
+            # holder's arena at this path keeps reading that one (truncating it would SIGBUS it).
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, self.capacity)
+                self._mm = mmap.mmap(fd, self.capacity, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+        else:
+            self._mm = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = memoryview(self._mm)
+        self._np = np.frombuffer(self._mm, np.uint8)
+        self._closed = threading.Event()
+        threading.Thread(target=self._prefault, name="arena-prefault", daemon=True).start()
+        self.extents = Extents(self.capacity)
+        self.alloc, self.free = self.extents.alloc, self.extents.free
+
+    def _prefault(self, chunk: int = 64 << 20) -> None:
+        for off in range(0, self.capacity, chunk):
+            if self._closed.is_set():
+                return
+            try:
+                self._mm.madvise(_MADV_POPULATE_WRITE, off, min(chunk, self.capacity - off))
+            except (OSError, ValueError):  # an older kernel, or closed meanwhile: fault lazily
+                return
+
+    def write(self, off: int, data) -> None:
+        # numpy's copy releases the GIL, so the event loop keeps receiving during large copies.
+        src = np.frombuffer(data, np.uint8)
+        np.copyto(self._np[off : off + src.size], src)
+
+    def read(self, off: int, n: int) -> memoryview:
+        return self.view[off : off + n]
 
     def close(self) -> None:
         self._closed.set()

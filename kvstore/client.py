@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvstore.block import BlockError, BlockMeta, StoredBlock
+from kvstore.cuda_ipc import DeviceBlock
 from kvstore.index import HolderInfo, IndexReader
 from kvstore.transport import (
     InPlace,
@@ -65,12 +66,19 @@ class KVStoreClient:
         shared_memory: bool = True,
         timeout_s: float = 10.0,
         reservation_ttl_ms: int = 30_000,
+        device=None,
     ) -> None:
+        """device: a CUDA device to receive blocks on; same-host holders' device pools are then
+        read GPU to GPU (kvstore.cuda_ipc), and such blocks arrive as tensors on it."""
         self.index = IndexReader(redis_url, namespace)
         self.local_holder = local_holder
         self.transports: list[Transport] = [StreamTransport()]
         if shared_memory:
             self.transports.insert(0, SharedMemoryTransport())
+        if device is not None:
+            from kvstore.cuda_ipc import CudaIpcTransport
+
+            self.transports.insert(0, CudaIpcTransport(device, self.transports[0]))
         self.timeout_s = timeout_s
         self.reservation_ttl_ms = reservation_ttl_ms
         self._channels: dict[str, tuple[grpc.aio.Channel, KVStoreMethods]] = {}
@@ -184,16 +192,26 @@ class KVStoreClient:
 
     # -- get --------------------------------------------------------------------------------
 
-    async def get(self, ids: Sequence[bytes], into: Deliver | None = None) -> GetResult:
+    async def get(
+        self, ids: Sequence[bytes], into: Deliver | None = None, source: str | None = None
+    ) -> GetResult:
         """Fetch blocks by id. With `into`, each verified block is handed to
         into(meta, payload view) instead of being kept: the view is valid only during the call
         (it may be the holder's shared memory or the received message), so the callback copies
-        it where it belongs, e.g. straight into a KV cache. No intermediate buffer is made."""
+        it where it belongs, e.g. straight into a KV cache. No intermediate buffer is made.
+        `source`: a holder id to ask first (a prefill's shard: its device pool isn't indexed);
+        what it doesn't deliver is located through the index."""
         result = GetResult()
         ids = list(dict.fromkeys(bytes(i) for i in ids))
         if not ids:
             return result
         live = await self.index.live_holders()
+        if source is not None and source not in live:
+            live = await self.index.live_holders(refresh=True)
+        if source is not None and source in live:
+            ids = await self._fetch(live[source], ids, result, into)
+            if not ids:
+                return result
         locs = await self.index.locate([i.hex() for i in ids])
         candidates = {bid: self._rank(bid, loc, live) for bid, loc in zip(ids, locs, strict=True)}
         pending = [bid for bid in ids if candidates[bid]]
@@ -233,13 +251,15 @@ class KVStoreClient:
                 if item.block_id not in want:
                     continue
                 try:
-                    if not isinstance(item, InPlace):
+                    if not isinstance(item, InPlace | DeviceBlock):
                         item.verify()
                 except BlockError as e:
                     log.warning("%s sent a bad block: %s", holder.holder_id, e)
                     continue
                 if into is None:
                     result.blocks[item.block_id] = item
+                elif isinstance(item, DeviceBlock):
+                    into(item.meta, memoryview(item.payload.cpu().numpy()))
                 else:
                     into(item.meta, memoryview(item.payload))
                 result.sources[item.block_id] = holder.holder_id

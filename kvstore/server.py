@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.block_store import BlockStore
+from kvstore.device_pool import DevicePool
 from kvstore.index import RedisIndex
 from kvstore.servicer import (
     SERVICE_NAME,
@@ -67,7 +68,9 @@ class KVStoreServer:
         namespace: str = "splitserve",
         heartbeat_s: float = 1.0,
         ttl_s: float = 5.0,
+        device_pool: DevicePool | None = None,
     ) -> None:
+        self.device_pool = device_pool  # GPU hand-off buffers for same-host readers
         self.holder_id = holder_id or f"kv-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         root = (
             shm
@@ -127,7 +130,9 @@ class KVStoreServer:
                 self.ttl_s,
             )
             self.store.sink = self.index
-        servicer = KVStoreServicer(self.store, self.index, self.shm, self.max_block_bytes)
+        servicer = KVStoreServicer(
+            self.store, self.index, self.shm, self.max_block_bytes, self.device_pool
+        )
         add_kvstore_servicer(servicer, server)
         return SERVICE_NAME
 

@@ -1,4 +1,5 @@
-"""The KVStore gRPC servicer: Put, Get, Lookup, Pin, Unpin and Stats over one BlockStore.
+"""The KVStore gRPC servicer: Put, Get, Lookup, Pin, Unpin and Stats over one BlockStore, and
+GetDevice over the holder's device pool when it has one (kvstore.device_pool).
 
 Put and Get carry payloads through kvstore.wire rather than the generated message classes (see
 add_kvstore_servicer); kvstore.server runs it (port, health, reflection, index, heartbeats).
@@ -26,6 +27,7 @@ from kvstore.block import (
     chunk_slices,
 )
 from kvstore.block_store import DISK, MEMORY, BlockStore, PutResult
+from kvstore.device_pool import DevicePool
 from kvstore.index import RedisIndex
 from kvstore.wire import (
     Chunk,
@@ -92,8 +94,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         index: RedisIndex | None,
         shm: SharedMemoryLayout | None,
         max_block_bytes: int,
+        device_pool: DevicePool | None = None,
     ) -> None:
         self.store = store
+        self.device_pool = device_pool
         self.index = index
         self.shm = shm
         self.max_block_bytes = max_block_bytes
@@ -219,6 +223,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     if tier == MEMORY
                     else await asyncio.to_thread(self.store.get, bid)
                 )
+                if block is None and self.device_pool is not None:
+                    block = await asyncio.to_thread(self.device_pool.read, bid)
                 if block is None:
                     yield encode_get_missing(bid)
                     continue
@@ -257,7 +263,29 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.PinResponse(pin_id=pin_id, pinned=held, missing=missing)
 
     async def Unpin(self, request, context):
-        return pb.UnpinResponse(released=self.store.unpin(request.pin_id))
+        n = self.store.unpin(request.pin_id)
+        if self.device_pool is not None:
+            n += self.device_pool.unpin(request.pin_id)
+        return pb.UnpinResponse(released=n)
+
+    async def GetDevice(self, request, context):
+        ids = [bytes(b) for b in request.block_ids]
+        await _check_ids(ids, context)
+        if self.device_pool is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this holder has no device pool"
+            )
+        if not request.pin_id or request.lease_ms <= 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "GetDevice needs a pin_id and lease_ms > 0"
+            )
+        pool = self.device_pool
+        found, absent = pool.locate(ids, request.pin_id, request.lease_ms / 1000)
+        return pb.GetDeviceResponse(
+            handle=await asyncio.to_thread(pool.share) if found else None,
+            extents=[pb.DeviceExtent(header=m.to_proto(), offset=off) for m, off in found],
+            absent=absent,
+        )
 
     async def Stats(self, request, context):
         s = self.store.stats()
@@ -294,6 +322,7 @@ def add_kvstore_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> 
         "Pin": (pb.PinRequest, pb.PinResponse),
         "Unpin": (pb.UnpinRequest, pb.UnpinResponse),
         "Stats": (pb.StatsRequest, pb.StatsResponse),
+        "GetDevice": (pb.GetDeviceRequest, pb.GetDeviceResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(

@@ -1,16 +1,17 @@
 """The data plane under Put and Get: how block bytes travel between a client and a holder.
 
 Control always goes over the holder's gRPC KVStore service; a transport decides where the
-payload goes. Two now:
+payload goes:
 
 - StreamTransport: bytes inside the gRPC stream. Works everywhere.
 - SharedMemoryTransport: same host only. A writer leaves each payload as a file in the holder's
   tmpfs directory and hands it over by name; a reader maps the holder's files. No bytes cross the
   socket.
+- CudaIpcTransport (kvstore.cuda_ipc): same host, GPU to GPU, from a holder's device pool.
 
-An RDMA or GPU-direct library (Mooncake Transfer Engine, NIXL) or a CUDA IPC path fits the same
-shape: `reaches` says whether it can talk to that holder, `put`/`get` move blocks, and the client
-tries transports in order.
+An RDMA or GPU-direct library (Mooncake Transfer Engine, NIXL) fits the same shape: `reaches`
+says whether it can talk to that holder, `put`/`get` move blocks, and the client tries
+transports in order.
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ class KVStoreMethods:
             ("Pin", pb.PinResponse),
             ("Unpin", pb.UnpinResponse),
             ("Stats", pb.StatsResponse),
+            ("GetDevice", pb.GetDeviceResponse),
         ):
             setattr(
                 self,

@@ -4,9 +4,10 @@ prompts.
 Time: a trace's arrivals are divided by `speedup`; `rate` instead picks the factor that gives
 that mean rate over the requests the run replays (a trace's head can be sparser or denser than
 the whole: the Azure conversation excerpt's first 60 requests arrive at 1.95 req/s, all 1,000 at
-4.6), so `--rate 2 --requests 60` sends 60 requests over 29.5 s. A run keeps the requests that arrive before `duration_s` and at most
-`max_requests` of them. Requests arriving before `warmup_s` are sent like any other but left
-out of the results, so caches and queues have filled when measurement starts.
+4.6), so `--rate 2 --requests 60` sends 60 requests over 29.5 s. A run keeps the requests that
+arrive before `duration_s` and at most `max_requests` of them. Requests arriving before
+`warmup_s` are sent like any other but left out of the results, so caches and queues have
+filled when measurement starts.
 
 Tenants: `name=KEY:SHARE` each. Requests go to tenants at random in proportion to their shares
 (seeded), or, with `tenant_by=LABEL`, by a trace label (BurstGPT's `model` or `log_type`): the

@@ -19,6 +19,7 @@ import time
 import uuid
 
 import grpc
+import torch
 
 from kvstore.client import KVStoreClient
 from protos.splitserve.v1 import common_pb2 as cpb
@@ -135,7 +136,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         need = [bytes(r.block_id) for r in refs[hits:usable]]
         got = {}
         if need and self.kv is not None:
-            res = await self.kv.get(need)
+            res = await self.kv.get(need, source=refs[hits].holder_id or None)
             got = res.blocks
         cache = e.kv_cache.data
         out: list[KVBlock | None] = [None] * hits
@@ -200,7 +201,10 @@ class DecodeServer:
         # gRPC channels and servers belong to the loop that runs them: built here.
         self.app = ServiceApp(*self._bind)
         if self.redis_url:
-            self.kv = KVStoreClient(self.redis_url, self.namespace)
+            on_gpu = torch.device(self.engine.device).type == "cuda"
+            self.kv = KVStoreClient(
+                self.redis_url, self.namespace, device=self.engine.device if on_gpu else None
+            )
         servicer = DecodeServicer(self.loop, self.kv, self.model_name, self.app, self.colocated,
                                   self.metrics)  # fmt: skip
         pb_grpc.add_DecodeServicer_to_server(servicer, self.app.server)

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from services.engine.engine import LLMEngine
 from services.engine.errors import EngineError
 from services.engine.request import RequestOutput
@@ -100,6 +102,11 @@ class EngineLoop:
 
     def _run(self) -> None:
         e = self.engine
+        dev = torch.device(e.device)
+        if dev.type == "cuda" and dev.index is not None:
+            # Kernels launched from this thread (Triton, graph replays) run on the current
+            # device, which is per thread: make it the engine's (cuda:1 on a two-GPU host).
+            torch.cuda.set_device(dev)
         while not self._stop.is_set():
             self._drain(block=not e.has_unfinished())
             if self._stop.is_set() or not e.has_unfinished():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -282,15 +282,13 @@ class ServiceMetrics:
         n.inc(timings.blocks_pulled)
         self._recomputed.inc(timings.blocks_recomputed)
 
-    def kv_published(self, blocks: Sequence[Any], results: Iterable[Any], seconds: float) -> None:
-        """Prefill: the blocks written to its shard (status "ok"; "present" moved no bytes)."""
-        stored = [
-            blk.meta.size for blk, res in zip(blocks, results, strict=True) if res.status == "ok"
-        ]
+    def kv_published(self, written: Sequence[Any], seconds: float) -> None:
+        """Prefill: the blocks newly written to its shard or device pool (BlockMetas; blocks
+        already held moved no bytes) and the time publishing took."""
         b, s, n = self._kv
-        b.inc(sum(stored))
+        b.inc(sum(m.size for m in written))
         s.inc(seconds)
-        n.inc(len(stored))
+        n.inc(len(written))
 
     # -- /metrics over HTTP --------------------------------------------------------------
 

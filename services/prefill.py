@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 
+from kvstore.block import BlockMeta, StoredBlock, TensorSpec
+from kvstore.device_pool import DevicePool
 from kvstore.server import KVStoreServer
 from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import prefill_pb2 as pb
@@ -82,27 +84,16 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             finish = "length"
         else:
             finish = ""
-        blocks = [kv_to_stored(b, self.engine.model_id) for b in final.kv_blocks or []]
-        results = await asyncio.to_thread(self.kv.store.put_many, blocks)
+        kv_blocks = final.kv_blocks or []
         refs, pin_id = [], ""
         if not finish:
-            stored = [b for b, r in zip(blocks, results, strict=True) if r.status != "no_space"]
+            pin_id = uuid.uuid4().hex
             lease = (request.pin_lease_ms or self.pin_lease_ms) / 1000
-            pin_id, held, _ = self.kv.store.pin([b.block_id for b in stored], lease)
-            held_set = set(held)
-            refs = [
-                cpb.BlockRef(
-                    block_id=b.block_id,
-                    num_tokens=len(b.meta.token_ids),
-                    size=b.meta.size,
-                    holder_id=self.kv.holder_id,
-                    address=self.kv.address,
-                )
-                for b in stored
-                if b.block_id in held_set
-            ]
+            refs, new = await self._publish(kv_blocks, pin_id, lease)
+        else:
+            new = [b.meta for b in (await asyncio.to_thread(self._put_host, kv_blocks))[1]]
         t2 = time.monotonic()
-        self.metrics.kv_published(blocks, results, t2 - t1)
+        self.metrics.kv_published(new, t2 - t1)
         rec.finish(finish or "handoff")
         tok = final.logprobs[0] if final.logprobs else None
         queue_s = min(final.queue_time_s, t1 - t0)
@@ -128,6 +119,59 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             ),
         )
 
+    async def _publish(self, kv_blocks, pin_id: str, lease_s: float):
+        """The request's KV where decode will pull it, pinned under pin_id: the device pool
+        when this server has one (a same-host decode copies GPU to GPU; others get bytes),
+        the store's memory otherwise, and for what the pool has no room for. Returns the
+        block refs and the blocks newly written (those already held moved no bytes)."""
+        pool = self.kv.device_pool
+        placed: set[bytes] = set()
+        metas = [device_meta(b, self.engine.model_id) for b in kv_blocks]
+        by_id = {m.block_id: m for m in metas}
+        new: list[BlockMeta] = []
+        if pool is not None:
+            ids, fresh = await asyncio.to_thread(
+                pool.put, [(m, b.kv) for m, b in zip(metas, kv_blocks, strict=True)],
+                pin_id, lease_s,
+            )  # fmt: skip
+            placed = set(ids)
+            new = [by_id[i] for i in fresh]
+        host = [b for m, b in zip(metas, kv_blocks, strict=True) if m.block_id not in placed]
+        held = set(placed)
+        if host:
+            stored, fresh_host = await asyncio.to_thread(self._put_host, host)
+            new += [b.meta for b in fresh_host]
+            _, pinned, _ = self.kv.store.pin([b.block_id for b in stored], lease_s, pin_id)
+            held.update(pinned)
+        refs = [
+            cpb.BlockRef(
+                block_id=m.block_id,
+                num_tokens=len(m.token_ids),
+                size=m.size,
+                holder_id=self.kv.holder_id,
+                address=self.kv.address,
+            )
+            for m in metas
+            if m.block_id in held
+        ]
+        return refs, new
+
+    def _put_host(self, kv_blocks) -> tuple[list[StoredBlock], list[StoredBlock]]:
+        """Blocks into the store's memory (device -> host bytes); returns those held and those
+        newly written."""
+        blocks = [kv_to_stored(b, self.engine.model_id) for b in kv_blocks]
+        results = self.kv.store.put_many(blocks)
+        pairs = list(zip(blocks, results, strict=True))
+        return [b for b, r in pairs if r.status != "no_space"], [
+            b for b, r in pairs if r.status == "ok"
+        ]
+
+
+def device_meta(b, model_id: str) -> BlockMeta:
+    """A block's metadata for the device pool (no CRC: its bytes stay in GPU memory)."""
+    spec = TensorSpec(b.dtype_name, tuple(b.kv.shape), "kv")
+    return BlockMeta(b.block_hash, model_id, (spec,), spec.nbytes, 0, b.token_ids)
+
 
 class PrefillServer:
     """A prefill replica: engine, in-process KV shard, gRPC service, registration."""
@@ -148,7 +192,10 @@ class PrefillServer:
         heartbeat_s: float = 1.0,
         ttl_s: float = 5.0,
         metrics_port: int | None = None,
+        device_pool_bytes: int | None = None,
     ) -> None:
+        """device_pool_bytes: GPU memory for hand-off KV that same-host decoders copy GPU to
+        GPU (kvstore.device_pool); None: 2 GiB when the engine runs on CUDA, else none."""
         self.engine = engine
         self.model_name = model_name
         self.redis_url = redis_url
@@ -163,6 +210,7 @@ class PrefillServer:
             namespace=namespace,
             heartbeat_s=heartbeat_s,
             ttl_s=ttl_s,
+            device_pool=make_device_pool(engine, device_pool_bytes),
         )
         self.registration: Registration | None = None
         self._bind = (host, port)
@@ -212,9 +260,21 @@ class PrefillServer:
         await self.app.drain(drain_s)
         if self.registration is not None:
             self.registration.close()
-        while self.kv.store.stats().pinned_blocks and time.monotonic() < deadline:
+        pool = self.kv.device_pool
+        while (
+            self.kv.store.stats().pinned_blocks or (pool is not None and pool.pinned_blocks)
+        ) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.kv.stop()
         await self.app.stop()
         await self.metrics.aclose()
         self.loop.stop()
+
+
+def make_device_pool(engine: LLMEngine, nbytes: int | None) -> DevicePool | None:
+    import torch
+
+    if torch.device(engine.device).type != "cuda":
+        return None
+    nbytes = 2 << 30 if nbytes is None else nbytes
+    return DevicePool(nbytes, engine.device) if nbytes > 0 else None

@@ -98,6 +98,12 @@ def stored_to_kv(s: StoredBlock, model_id: str, cache: torch.Tensor) -> KVBlock 
         or t[0].dtype != str(cache.dtype).removeprefix("torch.")
     ):
         return None
+    if isinstance(s.payload, torch.Tensor):  # a GPU-to-GPU pull: already on this device
+        try:
+            kv = s.payload.view(getattr(torch, t[0].dtype)).view(shape)
+            return KVBlock(s.block_id, s.meta.token_ids, kv)
+        except (RuntimeError, ValueError):
+            return None
     try:
         return KVBlock.from_bytes(s.block_id, s.meta.token_ids, s.payload, t[0].dtype, shape)
     except ValueError:

@@ -224,3 +224,55 @@ class StatsResponse(_message.Message):
     shm_dir: str
     host_id: str
     def __init__(self, holder_id: _Optional[str] = ..., memory_capacity: _Optional[int] = ..., memory_used: _Optional[int] = ..., disk_capacity: _Optional[int] = ..., disk_used: _Optional[int] = ..., memory_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., lent_bytes: _Optional[int] = ..., lend_capacity: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., demotions: _Optional[int] = ..., evictions: _Optional[int] = ..., gets: _Optional[int] = ..., puts: _Optional[int] = ..., shm_dir: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+
+class GetDeviceRequest(_message.Message):
+    __slots__ = ("block_ids", "pin_id", "lease_ms")
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    pin_id: str
+    lease_ms: int
+    def __init__(self, block_ids: _Optional[_Iterable[bytes]] = ..., pin_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class CudaIpcHandle(_message.Message):
+    __slots__ = ("pool_id", "device_uuid", "handle", "storage_size", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "pool_bytes")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    device_uuid: str
+    handle: bytes
+    storage_size: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    pool_bytes: int
+    def __init__(self, pool_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., handle: _Optional[bytes] = ..., storage_size: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
+
+class DeviceExtent(_message.Message):
+    __slots__ = ("header", "offset")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    header: BlockHeader
+    offset: int
+    def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class GetDeviceResponse(_message.Message):
+    __slots__ = ("handle", "extents", "absent")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    ABSENT_FIELD_NUMBER: _ClassVar[int]
+    handle: CudaIpcHandle
+    extents: _containers.RepeatedCompositeFieldContainer[DeviceExtent]
+    absent: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, handle: _Optional[_Union[CudaIpcHandle, _Mapping]] = ..., extents: _Optional[_Iterable[_Union[DeviceExtent, _Mapping]]] = ..., absent: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -64,6 +64,11 @@ class KVStoreStub:
                 request_serializer=protos_dot_splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=protos_dot_splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.GetDevice = channel.unary_unary(
+                '/splitserve.v1.KVStore/GetDevice',
+                request_serializer=protos_dot_splitserve_dot_v1_dot_kvstore__pb2.GetDeviceRequest.SerializeToString,
+                response_deserializer=protos_dot_splitserve_dot_v1_dot_kvstore__pb2.GetDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -110,6 +115,15 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDevice(self, request, context):
+        """Same host, GPU to GPU: where each block lies in the holder's device pool and the CUDA IPC
+        handle that maps the pool; the reader copies the extents GPU to GPU. The blocks stay
+        pinned under pin_id until Unpin or the lease ends. FAILED_PRECONDITION: no device pool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +156,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=protos_dot_splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=protos_dot_splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'GetDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDevice,
+                    request_deserializer=protos_dot_splitserve_dot_v1_dot_kvstore__pb2.GetDeviceRequest.FromString,
+                    response_serializer=protos_dot_splitserve_dot_v1_dot_kvstore__pb2.GetDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +325,33 @@ class KVStore:
             '/splitserve.v1.KVStore/Stats',
             protos_dot_splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             protos_dot_splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.KVStore/GetDevice',
+            protos_dot_splitserve_dot_v1_dot_kvstore__pb2.GetDeviceRequest.SerializeToString,
+            protos_dot_splitserve_dot_v1_dot_kvstore__pb2.GetDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,
