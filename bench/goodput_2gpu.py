@@ -104,7 +104,9 @@ def serve(args) -> None:
 def spawn(role: str, gpu: int | None, model: Path, redis: str, ns: str, opts) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--serve", role, "--model", str(model), "--redis", redis,
            "--namespace", ns, "--kv-blocks", str(opts.kv_blocks), "--max-seqs",
-           str(opts.max_seqs), "--batched-tokens", str(opts.batched_tokens), "--device",
+           str(opts.max_seqs), "--batched-tokens",
+           str(opts.prefill_batched_tokens if role == "prefill" else opts.batched_tokens),
+           "--device",
            "cpu" if gpu is None else f"cuda:{gpu}", "--device-pool-gib",
            str(opts.device_pool_gib)]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
@@ -402,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-blocks", type=int, default=0)
     ap.add_argument("--max-seqs", type=int, default=128)
     ap.add_argument("--batched-tokens", type=int, default=2048)
+    # A prefill-only server has no decode steps to protect, so it can take whole prompts a step
+    # (DistServe's point: each phase gets its own configuration).
+    ap.add_argument("--prefill-batched-tokens", type=int, default=8192)
     ap.add_argument("--kv-store-gib", type=int, default=8)
     ap.add_argument("--device-pool-gib", type=float, default=2.0,
                     help="prefill's GPU hand-off pool; 0: the host path")  # fmt: skip
@@ -434,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         args.kv_blocks = args.kv_blocks or 2048
-        args.max_seqs, args.batched_tokens = 32, 512
+        args.max_seqs, args.batched_tokens, args.prefill_batched_tokens = 32, 512, 512
         args.lo, args.hi, args.probe_s, args.probe_requests = 0.5, 1.0, 4.0, 8
         args.max_output, args.max_probes, args.warmup_s, args.drain_s = 8, 3, 0.0, 60
     print(f"machine: {machine(gpu_line)}", flush=True)
@@ -448,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": 0.9},
                      "gpus": args.gpus, "device": gpu_line, "preset": preset,
                      "trace": TRACE.name,
-                     "handoff": "cuda_ipc" if args.device_pool_gib > 0 else "host"}  # fmt: skip
+                     "handoff": "host" if args.cpu_smoke or not args.device_pool_gib else "cuda_ipc",
+                     "batched_tokens": {"prefill": args.prefill_batched_tokens,
+                                        "decode_and_colocated": args.batched_tokens}}  # fmt: skip
     if args.gpus == 1:
         summary["note"] = "ONE-GPU STAND-IN: every server shares GPU 0; not the two-GPU result"
 

@@ -102,7 +102,7 @@ def test_cuda_ipc_pull_from_another_process(redis_url, namespace, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, redis_url, namespace, str(expect_path)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])},
     )  # fmt: skip
     try:
         holder_id = proc.stdout.readline().strip()
