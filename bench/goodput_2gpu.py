@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": 0.9},
                      "gpus": args.gpus, "device": gpu_line, "preset": preset,
                      "trace": TRACE.name,
-                     "handoff": "host" if args.cpu_smoke or not args.device_pool_gib else "cuda_ipc",
+                     "handoff": "host" if args.cpu_smoke or not args.device_pool_gib else "ipc",
                      "batched_tokens": {"prefill": args.prefill_batched_tokens,
                                         "decode_and_colocated": args.batched_tokens}}  # fmt: skip
     if args.gpus == 1:
