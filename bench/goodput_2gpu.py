@@ -105,7 +105,7 @@ def spawn(role: str, gpu: int | None, model: Path, redis: str, ns: str, opts) ->
     cmd = [sys.executable, __file__, "--serve", role, "--model", str(model), "--redis", redis,
            "--namespace", ns, "--kv-blocks", str(opts.kv_blocks), "--max-seqs",
            str(opts.max_seqs), "--batched-tokens",
-           str(opts.prefill_batched_tokens if role == "prefill" else opts.batched_tokens),
+           str(_budget(role, opts)),
            "--device",
            "cpu" if gpu is None else f"cuda:{gpu}", "--device-pool-gib",
            str(opts.device_pool_gib)]  # fmt: skip
@@ -113,6 +113,15 @@ def spawn(role: str, gpu: int | None, model: Path, redis: str, ns: str, opts) ->
     if gpu is None:
         env["OMP_NUM_THREADS"] = "1"
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _budget(role: str, opts) -> int:
+    """Tokens a step for this role's engine (prefill and colocated may differ from decode)."""
+    if role == "prefill":
+        return opts.prefill_batched_tokens
+    if role == "colocated":
+        return opts.colocated_batched_tokens or opts.batched_tokens
+    return opts.batched_tokens
 
 
 def address_of(proc: subprocess.Popen, role: str) -> str:
@@ -407,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     # A prefill-only server has no decode steps to protect, so it can take whole prompts a step
     # (DistServe's point: each phase gets its own configuration).
     ap.add_argument("--prefill-batched-tokens", type=int, default=8192)
+    # Colocated with whole prompts a step (no chunking): the baseline DistServe measured against,
+    # where a prompt's prefill stalls every running decode.
+    ap.add_argument("--colocated-batched-tokens", type=int, default=0, help="0: --batched-tokens")
+    ap.add_argument("--modes", default="colocated,disaggregated")
     ap.add_argument("--kv-store-gib", type=int, default=8)
     ap.add_argument("--device-pool-gib", type=float, default=2.0,
                     help="prefill's GPU hand-off pool; 0: the host path")  # fmt: skip
@@ -455,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                      "trace": TRACE.name,
                      "handoff": "host" if args.cpu_smoke or not args.device_pool_gib else "ipc",
                      "batched_tokens": {"prefill": args.prefill_batched_tokens,
-                                        "decode_and_colocated": args.batched_tokens}}  # fmt: skip
+                                        "decode": args.batched_tokens,
+                                        "colocated": _budget("colocated", args)}}  # fmt: skip
     if args.gpus == 1:
         summary["note"] = "ONE-GPU STAND-IN: every server shares GPU 0; not the two-GPU result"
 
@@ -485,21 +499,26 @@ def main(argv: list[str] | None = None) -> int:
             ]
             trace = Trace(tiny.name, short)
         g = (lambda i: None) if args.cpu_smoke else (lambda i: i % args.gpus)
-        procs = {
-            "colocated0": spawn("colocated", g(0), model, redis.url, "c", args),
-            "prefill": spawn("prefill", g(0), model, redis.url, "d", args),
-            "decode": spawn("decode", g(1), model, redis.url, "d", args),
-        }
-        if args.gpus == 2:
-            procs["colocated1"] = spawn("colocated", g(1), model, redis.url, "c", args)
+        modes = args.modes.split(",")
+        procs = {}
+        if "colocated" in modes:
+            procs["colocated0"] = spawn("colocated", g(0), model, redis.url, "c", args)
+            if args.gpus == 2:
+                procs["colocated1"] = spawn("colocated", g(1), model, redis.url, "c", args)
+        if "disaggregated" in modes:
+            procs["prefill"] = spawn("prefill", g(0), model, redis.url, "d", args)
+            procs["decode"] = spawn("decode", g(1), model, redis.url, "d", args)
         try:
             addrs = {k: address_of(p, k) for k, p in procs.items()}
             print(f"servers up in {perf() - t_start:.0f} s: {addrs}", flush=True)
             remaining = deadline - perf()
-            plans = [
-                ("colocated", [a for k, a in addrs.items() if k.startswith("colocated")]),
-                ("disaggregated", (addrs["prefill"], addrs["decode"])),
-            ]
+            plans = []
+            if "colocated" in modes:
+                plans.append(
+                    ("colocated", [a for k, a in addrs.items() if k.startswith("colocated")])
+                )
+            if "disaggregated" in modes:
+                plans.append(("disaggregated", (addrs["prefill"], addrs["decode"])))
             for i, (mode, a) in enumerate(plans):
                 # Each configuration gets its share of what is left.
                 t_mode = perf() + remaining / len(plans) if i == 0 else deadline
@@ -514,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in procs.values():
                 stop(p)
     c, d = summary.get("colocated_goodput_rps"), summary.get("disaggregated_goodput_rps")
-    summary["ratio_disagg_over_colocated"] = d / c if c else None
+    summary["ratio_disagg_over_colocated"] = d / c if c and d is not None else None
     summary["wall_s"] = perf() - t_start
     print("summary:", json.dumps(summary), flush=True)
     save()
