@@ -297,6 +297,11 @@ async def goodput(mode, addrs, trace, prompts, slo, opts, deadline) -> dict:
         return s
 
     try:
+        # One discarded probe at the lowest rate first: the first loaded run of a fresh server
+        # captures CUDA graphs for new batch sizes and grows its allocator (seen failing at a
+        # rate that passed on the next probe).
+        await measure(opts.lo, 99)
+        probes_out[-1]["discarded_warmup"] = True
         res = await search(measure, slo.attainment, opts.lo, opts.hi, repeats=1,
                            rel_tol=opts.rel_tol, max_probes=opts.max_probes)  # fmt: skip
     finally:
