@@ -14,6 +14,7 @@ import time
 import grpc
 import pytest
 
+from loadgen.readers import read_trace
 from services.registry import list_replicas
 
 pytestmark = pytest.mark.slow
@@ -182,18 +183,37 @@ def test_metrics_endpoint_parses_and_moves(system):
 def test_splitserve_bench_replays_a_trace_against_the_system(system, tmp_path):
     home = os.environ.get("SPLITSERVE_HOME", os.path.expanduser("~/.cache/splitserve"))
     tokenizer = os.path.join(home, "models", "preset-tiny")
-    for url, extra in ((system["url"] + "/v1", []), ("grpc://" + system["grpc"], [])):
-        out = tmp_path / url.split(":")[0]
+    # BurstGPT's schema (no real file ships): two tenants by model label.
+    burst = tmp_path / "burstgpt.csv"
+    burst.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "0,ChatGPT,40,8,48,Conversation log\n1,GPT-4,90,8,98,API log\n"
+        "1,ChatGPT,20,8,28,Conversation log\n2,GPT-4,60,8,68,Conversation log\n"
+    )
+    runs = [  # (url, trace options, requests): every trace format, over HTTP and gRPC
+        (system["url"] + "/v1", ["--trace", "azure-conv"], 8),
+        ("grpc://" + system["grpc"], ["--trace", "azure-conv"], 8),
+        (system["url"] + "/v1", ["--trace", "mooncake-conversation", "--length-scale", "0.02"], 6),
+        (system["url"] + "/v1", ["--trace", str(burst), "--tenant", "ChatGPT=k1",
+                                 "--tenant", "GPT-4=k2", "--tenant-by", "model"], 4),
+    ]  # fmt: skip
+    for i, (url, trace, n) in enumerate(runs):
+        out = tmp_path / f"run{i}"
         r = subprocess.run(
             [sys.executable, "-m", "splitserve.cli", "bench", "run", "--url", url, "--model",
-             "tiny", "--tokenizer", tokenizer, "--trace", "azure-conv", "--requests", "8",
+             "tiny", "--tokenizer", tokenizer, *trace, "--requests", str(n),
              "--speedup", "50", "--max-prompt-tokens", "256", "--max-output-tokens", "8",
-             "--quiet", "--no-plots", "--out", str(out), *extra],
+             "--quiet", "--no-plots", "--out", str(out)],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
-        summary = json.loads((out / "report.json").read_text())["summary"]
-        assert summary["completed"] == 8 and summary["failed"] == 0
-        assert summary["output_tokens"] == 64  # 8 requests x 8 tokens (EOS ignored)
+        report = json.loads((out / "report.json").read_text())
+        summary = report["summary"]
+        assert summary["completed"] == n and summary["failed"] == 0, (trace, summary)
+        # Outputs capped at 8 tokens (EOS ignored); Mooncake's lengths are scaled by 0.02 first.
+        outs = [r.output_tokens for r in read_trace(trace[1]).requests[:n]]
+        scale = 0.02 if "--length-scale" in trace else 1.0
+        assert summary["output_tokens"] == sum(min(8, max(1, round(o * scale))) for o in outs)
         assert summary["prompt_token_mismatches"] == 0  # prompts were exactly the trace lengths
         assert 0 < summary["ttft_s"]["p50"] < summary["e2e_s"]["p50"]
+    assert set(report["tenants"]) == {"ChatGPT", "GPT-4"}
