@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import socket
 import threading
 import uuid
@@ -27,6 +26,7 @@ from kvstore.servicer import (
     SharedMemoryLayout,
     add_kvstore_servicer,
     host_id,
+    remove_dead_holders,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ GRPC_OPTIONS = [
 def default_shm_root(holder_id: str, memory_bytes: int) -> Path | None:
     """/dev/shm when it exists and can hold the memory budget (containers often give 64 MiB)."""
     base = Path("/dev/shm")
+    for d in remove_dead_holders(base) if base.is_dir() else ():
+        log.info("removed %s: its holder is gone", d)
     try:
         st = os.statvfs(base)
     except OSError:
@@ -187,7 +189,7 @@ class KVStoreServer:
             self._beat.join(timeout=5)
         self.store.close()
         if self.shm is not None:
-            shutil.rmtree(self.shm.root, ignore_errors=True)
+            self.shm.release()
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -15,6 +15,7 @@ import redis
 from kvstore.block import StoredBlock, chunk_messages
 from kvstore.client import KVStoreClient, SyncKVStoreClient
 from kvstore.index import Keys
+from kvstore.servicer import SharedMemoryLayout, remove_dead_holders
 from protos.splitserve.v1 import kvstore_pb2 as pb
 from protos.splitserve.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kv_helpers import make_blocks, spawn_holder, wait_for
@@ -352,3 +353,35 @@ def test_stored_block_from_engine_layout():
     b = StoredBlock.build(b"k" * 16, "m", payload, [TensorSpec("float32", tuple(kv.shape))])
     back = torch.frombuffer(bytearray(b.payload), dtype=torch.float32).view(kv.shape)
     assert torch.equal(back, kv)
+
+
+def test_a_killed_holders_shared_memory_is_removed_by_the_next(tmp_path):
+    # A holder killed with SIGKILL can't clean up; its directory (with an arena as large as its
+    # memory budget) stays in tmpfs until a holder starting on the host sees its lock is free.
+    code = (
+        "import sys, time; from pathlib import Path; "
+        "from kvstore.servicer import SharedMemoryLayout; "
+        "SharedMemoryLayout(Path(sys.argv[1])).create('dead'); print('up', flush=True); "
+        "time.sleep(600)"
+    )
+    dead = tmp_path / "splitserve-dead"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(dead)], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        live = SharedMemoryLayout(tmp_path / "splitserve-live")
+        live.create("live")
+        (tmp_path / "splitserve-old").mkdir()  # no lock file: not ours to judge
+        assert remove_dead_holders(tmp_path) == []  # both holders alive
+        with pytest.raises(RuntimeError, match="running holder"):
+            SharedMemoryLayout(dead).create("again")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert dead.exists()
+        assert remove_dead_holders(tmp_path) == [dead]
+        assert not dead.exists() and live.marker.exists() and (tmp_path / "splitserve-old").exists()
+        live.release()
+        assert not live.root.exists()
+    finally:
+        proc.kill()
+        proc.wait()
