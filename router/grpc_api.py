@@ -1,7 +1,8 @@
 """The router's gRPC API: `splitserve.v1.Generate`, server streaming, for gRPC clients.
 
 Same backend, tokenizers and tenants as the HTTP API; the API key travels as metadata
-`authorization: Bearer <key>`.
+`authorization: Bearer <key>`. A tenant's concurrency and queue limits count its HTTP and gRPC
+requests together (one Tenants object): over them, RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import grpc
 from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import generate_pb2 as pb
 from protos.splitserve.v1 import generate_pb2_grpc as pb_grpc
+from router.tenants import Tenant, TenantBusyError, Tenants
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generate"].full_name
 
@@ -40,28 +42,41 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         backend: Backend,
         tokenizers: dict[str, Any],
         sampling_from_pb: Callable[[cpb.SamplingParams], Any],
-        authenticate: Callable[[str | None], str | None] | None,
+        tenants: Tenants | None,
     ) -> None:
-        """authenticate(api key or None) -> tenant name, or None when the key is refused;
-        None as a whole means auth is off (the local demo)."""
+        """tenants None: authentication off (the local demo)."""
         self.backend = backend
         self.tokenizers = tokenizers
         self.sampling_from_pb = sampling_from_pb
-        self.authenticate = authenticate
+        self.tenants = tenants
 
     async def Generate(self, request, context):
-        tenant = ""
-        if self.authenticate is not None:
+        tenant: Tenant | None = None
+        if self.tenants is not None:
             md = dict(context.invocation_metadata() or ())
             auth = md.get("authorization", "")
             key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-            who = self.authenticate(key)
-            if who is None:
+            tenant = self.tenants.lookup(key)
+            if tenant is None:
                 await context.abort(
                     grpc.StatusCode.UNAUTHENTICATED,
                     "missing or invalid API key: send metadata 'authorization: Bearer <key>'",
                 )
-            tenant = who or ""
+        request_args = await self._validate(request, context)
+        if tenant is not None:
+            try:
+                await tenant.acquire()
+            except TenantBusyError as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        try:
+            async for msg in self._stream(*request_args, tenant, context):
+                yield msg
+        finally:
+            if tenant is not None:
+                tenant.release()
+
+    async def _validate(self, request, context):
+        """(model, prompt ids, params, request id), or the call aborted with the reason."""
         models = dict(self.backend.models())
         model = request.model or (next(iter(models)) if len(models) == 1 else "")
         if model not in models:
@@ -82,8 +97,11 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context length {models[model]}",
             )
-        rid = request.request_id or uuid.uuid4().hex
-        gen = self.backend.generate(model, prompt, params, rid, tenant=tenant)
+        return model, prompt, params, request.request_id or uuid.uuid4().hex
+
+    async def _stream(self, model, prompt, params, rid, tenant: Tenant | None, context):
+        name = tenant.name if tenant is not None else ""
+        gen = self.backend.generate(model, prompt, params, rid, tenant=name)
         try:
             async for piece in gen:
                 msg = pb.GenerateResponse(

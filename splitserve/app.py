@@ -101,7 +101,7 @@ class RouterReplica:
         from services.wire import sampling_from_pb
 
         self.workers = workers  # held so Serve deploys them with the router
-        self.asgi, self.backend, tokenizers, authenticate = _router_parts(build)
+        self.asgi, self.backend, tokenizers, tenants = _router_parts(build)
         self.grpc: ServiceApp | None = None
         if build["grpc_port"] is not None:
             try:
@@ -110,7 +110,7 @@ class RouterReplica:
             except OSError as e:
                 log.warning("gRPC Generate service not started: %s", e)
         if self.grpc is not None:
-            servicer = GenerateServicer(self.backend, tokenizers, sampling_from_pb, authenticate)
+            servicer = GenerateServicer(self.backend, tokenizers, sampling_from_pb, tenants)
             generate_pb2_grpc.add_GenerateServicer_to_server(servicer, self.grpc.server)
             self.grpc.add(SERVICE_NAME)
             await self.grpc.start()
@@ -136,9 +136,8 @@ def _router_parts(build: dict):
     backend = PoolBackend(build["redis_url"], models, build["namespace"])
     tokenizers = {name: load_tokenizer(d) for name, d in build["model_dirs"].items()}
     tenants = Tenants.load(build["tenants_file"]) if build["auth"] else None
-    authenticate = tenants.authenticate if tenants is not None else None
-    app = build_app(backend, tokenizers, tenants)
-    return app, backend, tokenizers, authenticate
+    app = build_app(backend, tokenizers, tenants)  # HTTP and gRPC share the tenants' limits
+    return app, backend, tokenizers, tenants
 
 
 def build_application(cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path]):

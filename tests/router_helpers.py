@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 
 import uvicorn
 
@@ -18,14 +21,15 @@ from services.pd_client import PDClient, Piece
 class ColocatedBackend:
     """The router's backend protocol over colocated decode servers, through PDClient.
 
-    models: name -> (server address, max context length). Clients are made on first use, in
-    the event loop that serves the app (gRPC channels belong to their loop). `calls` records
+    models: name -> (server address, max context length). Clients are made on first use, one
+    per event loop that calls (gRPC channels belong to their loop: the HTTP app and the gRPC
+    service may run on different ones here). `calls` records
     (model, request id, tenant) of every request."""
 
     def __init__(self, models: dict[str, tuple[str, int]]) -> None:
         self._models = models
         self.calls: list[tuple[str, str, str]] = []
-        self._clients: dict[str, PDClient] = {}
+        self._clients: dict[tuple[str, int], PDClient] = {}
 
     def models(self) -> list[tuple[str, int]]:
         return [(name, n) for name, (_, n) in self._models.items()]
@@ -33,7 +37,7 @@ class ColocatedBackend:
     def set_address(self, model: str, address: str) -> None:
         """Point a model at another server (a client made since is dropped, not closed)."""
         self._models[model] = (address, self._models[model][1])
-        self._clients.pop(model, None)
+        self._clients = {k: c for k, c in self._clients.items() if k[0] != model}
 
     async def generate(
         self,
@@ -45,9 +49,10 @@ class ColocatedBackend:
         **_: object,
     ) -> AsyncIterator[Piece]:
         self.calls.append((model, request_id, tenant))
-        client = self._clients.get(model)
+        key = (model, id(asyncio.get_running_loop()))
+        client = self._clients.get(key)
         if client is None:
-            client = self._clients[model] = PDClient(self._models[model][0], model="tiny")
+            client = self._clients[key] = PDClient(self._models[model][0], model="tiny")
         gen = client.generate(prompt_ids, params, request_id, tenant)
         try:
             async for piece in gen:
@@ -91,3 +96,94 @@ def serve(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# -- the router over a real colocated server, HTTP and gRPC ------------------------------------
+
+KEY, TIGHT_KEY = "sk-main-0123456789", "sk-tight-0123456789"
+
+
+def engine(model_dir, **kw):
+    from services.engine.config import EngineConfig
+    from services.engine.engine import LLMEngine
+
+    return LLMEngine(model_dir, EngineConfig(num_kv_blocks=256, **kw), seed=0)
+
+
+@contextlib.contextmanager
+def router_stack(model_dir) -> Iterator[SimpleNamespace]:
+    """The app with auth on, a tenant `main` and a tenant `tight` (1 running, none queued),
+    over a colocated server, and the gRPC Generate service on the same tenants; `busy` names a
+    server that refuses every request (max_waiting 0), `down` an address nobody listens on."""
+    import grpc
+    import openai
+
+    from protos.splitserve.v1 import generate_pb2_grpc
+    from router.app import build_app
+    from router.grpc_api import GenerateServicer
+    from router.tenants import Tenants, hash_key
+    from services.decode import DecodeServer
+    from services.engine.tokenizer import load_tokenizer
+    from services.wire import sampling_from_pb
+    from tests.kv_helpers import LoopThread
+
+    lt = LoopThread()
+    server = DecodeServer(engine(model_dir), "tiny", None, colocated=True)
+    busy = DecodeServer(engine(model_dir), "tiny", None, colocated=True, max_waiting=0)
+    lt.run(server.start())
+    lt.run(busy.start())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    max_len = server.engine.max_model_len
+    backend = ColocatedBackend(
+        {"tiny": (server.address, max_len), "busy": (busy.address, max_len),
+         "down": (down, max_len), "flaky": (down, max_len)}
+    )  # fmt: skip
+    tok = load_tokenizer(model_dir)
+    tenants = Tenants.from_dict(
+        {
+            "tenants": [
+                {"name": "main", "keys": [hash_key(KEY)], "max_concurrent": 64},
+                {"name": "tight", "keys": [hash_key(TIGHT_KEY)], "max_concurrent": 1,
+                 "max_queued": 0},
+            ]
+        }
+    )  # fmt: skip
+    tokenizers = {"tiny": tok, "busy": tok, "down": tok, "flaky": tok}
+    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20)
+
+    async def start_grpc():
+        g = grpc.aio.server()
+        svc = GenerateServicer(backend, tokenizers, sampling_from_pb, tenants)
+        generate_pb2_grpc.add_GenerateServicer_to_server(svc, g)
+        port = g.add_insecure_port("127.0.0.1:0")
+        await g.start()
+        return g, f"127.0.0.1:{port}"
+
+    grpc_server, grpc_addr = lt.run(start_grpc())
+    try:
+        with serve(app) as url:
+            yield SimpleNamespace(
+                url=url, server=server, lt=lt, backend=backend, tok=tok, max_len=max_len,
+                grpc=grpc_addr,
+                client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0),
+            )  # fmt: skip
+    finally:
+        lt.run(grpc_server.stop(None))
+        lt.run(server.stop(drain_s=1))
+        lt.run(busy.stop(drain_s=1))
+        lt.close()
+
+
+def assert_error_shape(r) -> dict:
+    """An OpenAI-style error body on a 4xx."""
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str)
+    assert err["param"] is None or isinstance(err["param"], str)
+    assert err["code"] is None or isinstance(err["code"], str)
+    return err

@@ -1,31 +1,24 @@
 """The OpenAI-compatible HTTP API (router.app) on a real uvicorn, over a real colocated decode
-server running the tiny model, driven by the official openai client and by raw HTTP."""
+server running the tiny model, driven by the official openai client and by raw HTTP. Tenants'
+keys and limits: test_router_tenants.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
-import socket
 import time
-from types import SimpleNamespace
 
 import httpx2
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.app import build_app
-from router.tenants import Tenant, TenantBusyError, Tenants, TenantsConfigError, hash_key
 from services.decode import DecodeServer
-from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
-from services.engine.tokenizer import load_tokenizer
-from tests.kv_helpers import LoopThread, wait_for
-from tests.router_helpers import ColocatedBackend, serve
+from tests.kv_helpers import wait_for
+from tests.router_helpers import KEY, assert_error_shape, engine, router_stack
 
-KEY, TIGHT_KEY = "sk-main-0123456789", "sk-tight-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -33,48 +26,10 @@ CHAT = [
 ]
 
 
-def engine(model_dir, **kw) -> LLMEngine:
-    return LLMEngine(model_dir, EngineConfig(num_kv_blocks=256, **kw), seed=0)
-
-
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir):
-    """The app with auth on, a tenant `main` and a tenant `tight` (1 running, none queued),
-    over a colocated server; `busy` names a server that refuses every request (max_waiting 0),
-    `down` an address nobody listens on."""
-    lt = LoopThread()
-    server = DecodeServer(engine(tiny_model_dir), "tiny", None, colocated=True)
-    busy = DecodeServer(engine(tiny_model_dir), "tiny", None, colocated=True, max_waiting=0)
-    lt.run(server.start())
-    lt.run(busy.start())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        down = f"127.0.0.1:{s.getsockname()[1]}"
-    max_len = server.engine.max_model_len
-    backend = ColocatedBackend(
-        {"tiny": (server.address, max_len), "busy": (busy.address, max_len),
-         "down": (down, max_len), "flaky": (down, max_len)}
-    )  # fmt: skip
-    tok = load_tokenizer(tiny_model_dir)
-    tenants = Tenants.from_dict(
-        {
-            "tenants": [
-                {"name": "main", "keys": [hash_key(KEY)], "max_concurrent": 64},
-                {"name": "tight", "keys": [hash_key(TIGHT_KEY)], "max_concurrent": 1,
-                 "max_queued": 0},
-            ]
-        }
-    )  # fmt: skip
-    tokenizers = {"tiny": tok, "busy": tok, "down": tok, "flaky": tok}
-    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20)
-    with serve(app) as url:
-        yield SimpleNamespace(
-            url=url, server=server, lt=lt, backend=backend, tok=tok, max_len=max_len,
-            client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0),
-        )  # fmt: skip
-    lt.run(server.stop(drain_s=1))
-    lt.run(busy.stop(drain_s=1))
-    lt.close()
+    with router_stack(tiny_model_dir) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -99,21 +54,6 @@ def no_leaks(request):
 def greedy(ref: LLMEngine, prompt_ids: list[int], n: int) -> str:
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     return ref.generate([prompt_ids], params)[0].text
-
-
-def assert_error_shape(r: httpx2.Response) -> dict:
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert r.headers["content-type"] == "application/json"
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str)
-    assert err["param"] is None or isinstance(err["param"], str)
-    assert err["code"] is None or isinstance(err["code"], str)
-    return err
-
-
-# -- results -----------------------------------------------------------------------------------
 
 
 def test_completion_greedy_equals_engine_streaming_or_not(stack, ref):
@@ -291,140 +231,6 @@ def test_models_health_and_metrics(stack):
 
 
 # -- auth and limits ---------------------------------------------------------------------------
-
-
-def test_auth(stack):
-    url = stack.url
-    for key in ("sk-wrong", KEY + "x", KEY[:-1]):
-        bad = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
-        with pytest.raises(openai.AuthenticationError) as ei:
-            bad.completions.create(model="tiny", prompt="hi", max_tokens=2)
-        assert ei.value.status_code == 401
-        assert ei.value.body["code"] == "invalid_api_key"
-    for headers in ({}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
-                    {"Authorization": "Bearer"}):  # fmt: skip
-        r = httpx2.post(f"{url}/v1/completions", headers=headers, json={"model": "tiny"})
-        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        assert_error_shape(r)
-    assert httpx2.get(f"{url}/v1/models").status_code == 401
-    n = len(stack.backend.calls)
-    r = stack.client.completions.create(model="tiny", prompt="hi", max_tokens=2)
-    assert r.choices[0].finish_reason in ("length", "stop")
-    assert [t for _, _, t in stack.backend.calls[n:]] == ["main"]  # the backend knows who
-
-
-def test_tenant_over_its_limit_gets_429_with_retry_after(stack):
-    tight = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=TIGHT_KEY, max_retries=0)
-    body = {"model": "tiny", "prompt": "Long story", "max_tokens": 1500, "stream": True,
-            "ignore_eos": True}  # fmt: skip
-    headers = {"Authorization": f"Bearer {TIGHT_KEY}"}
-    url = f"{stack.url}/v1/completions"
-    with httpx2.Client(timeout=30) as h, h.stream("POST", url, json=body, headers=headers) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()  # kept: dropping the iterator closes the connection
-        next(lines)  # the one request the tenant may run is running
-        with pytest.raises(openai.RateLimitError) as ei:
-            tight.completions.create(model="tiny", prompt="hi", max_tokens=2)
-        assert ei.value.response.headers["retry-after"] == "1"
-        assert ei.value.body["code"] == "rate_limit_exceeded"
-        # Other tenants are not held back.
-        assert stack.client.completions.create(model="tiny", prompt="hi", max_tokens=2)
-    # Leaving the stream frees the slot.
-    wait_for(lambda: _ok(tight), timeout=5)
-
-
-def _ok(client) -> bool:
-    try:
-        client.completions.create(model="tiny", prompt="hi", max_tokens=2)
-        return True
-    except openai.RateLimitError:
-        return False
-
-
-def test_backend_refusals_become_429_and_503(stack):
-    c = stack.client
-    with pytest.raises(openai.RateLimitError) as ei:  # RESOURCE_EXHAUSTED: queue full
-        c.completions.create(model="busy", prompt="hi", max_tokens=2)
-    assert ei.value.response.headers["retry-after"] == "1"
-    for stream in (False, True):  # UNAVAILABLE, before a streamed response starts too
-        with pytest.raises(openai.InternalServerError) as ei:
-            c.completions.create(model="down", prompt="hi", max_tokens=2, stream=stream)
-        assert ei.value.status_code == 503
-
-
-def test_tenant_admission_is_fifo_and_every_slot_comes_back():
-    async def go():
-        t = Tenant("a", max_concurrent=1, max_queued=2)
-        await t.acquire()
-        got = []
-
-        async def wait(name):
-            await t.acquire()
-            got.append(name)
-
-        w1, w2 = asyncio.create_task(wait("w1")), asyncio.create_task(wait("w2"))
-        await asyncio.sleep(0)
-        assert (t.running, t.queued) == (1, 2)
-        with pytest.raises(TenantBusyError):  # 1 running + 2 queued is the limit
-            await t.acquire()
-        w1.cancel()  # a client that leaves while queued gives its place up
-        await asyncio.sleep(0)
-        assert t.queued == 1
-        t.release()  # the slot goes straight to the next in line
-        await w2
-        assert got == ["w2"] and (t.running, t.queued) == (1, 0)
-        w3 = asyncio.create_task(wait("w3"))
-        await asyncio.sleep(0)
-        t.release()  # handed to w3 ...
-        w3.cancel()  # ... which is cancelled before it runs: it must pass the slot on
-        await asyncio.gather(w3, return_exceptions=True)
-        assert (t.running, t.queued) == (0, 0)
-
-    asyncio.run(go())
-
-
-def test_tenants_config(tmp_path, monkeypatch):
-    doc = f"""
-tenants:
-  - name: team-a
-    keys: [{hash_key("a1")}, {hash_key("a2").upper()}]
-    max_concurrent: 2
-  - name: team-b
-    keys: [{hash_key("b1")}]
-"""
-    f = tmp_path / "tenants.yaml"
-    f.write_text(doc)
-    t = Tenants.load(f)
-    assert [t.authenticate(k) for k in ("a1", "a2", "b1", "b2", "", None)] == [
-        "team-a", "team-a", "team-b", None, None, None
-    ]  # fmt: skip
-    assert (t.tenant("team-a").max_concurrent, t.tenant("team-b").max_queued) == (2, 128)
-    monkeypatch.setenv("SPLITSERVE_TENANTS", json.dumps(
-        {"tenants": [{"name": "j", "keys": [hash_key("j1")]}]}))  # fmt: skip
-    assert Tenants.load().authenticate("j1") == "j"
-    monkeypatch.setenv("SPLITSERVE_TENANTS", str(f))
-    assert Tenants.load().authenticate("b1") == "team-b"
-    monkeypatch.delenv("SPLITSERVE_TENANTS")
-    monkeypatch.setenv("SPLITSERVE_API_KEY", "plain")
-    assert Tenants.load().authenticate("plain") == "default"
-    monkeypatch.delenv("SPLITSERVE_API_KEY")
-    with pytest.raises(TenantsConfigError, match="no tenants are configured"):
-        Tenants.load()
-    bad = {
-        "tenants.0.keys: keys are SHA-256": [{"name": "x", "keys": ["sk-plain"]}],
-        "listed twice": [{"name": "x", "keys": [hash_key("1")]},
-                         {"name": "x", "keys": [hash_key("2")]}],
-        "a key digest is listed twice": [{"name": "x", "keys": [hash_key("1")]},
-                                         {"name": "y", "keys": [hash_key("1")]}],
-        "tenants.0.max_concurrent": [{"name": "x", "keys": [hash_key("1")],
-                                      "max_concurrent": 0}],
-        "tenants: List should have at least 1 item": [],
-    }  # fmt: skip
-    for match, tenants in bad.items():
-        with pytest.raises(TenantsConfigError, match=match):
-            Tenants.from_dict({"tenants": tenants})
-    with pytest.raises(TenantsConfigError, match="cannot read"):
-        Tenants.load(tmp_path / "missing.yaml")
 
 
 def test_replica_lost_mid_stream_ends_the_stream_with_an_error_event(stack, tiny_model_dir):
