@@ -211,6 +211,6 @@ class Tenants:
         return found
 
     def authenticate(self, key: str | None) -> str | None:
-        """The tenant's name, or None when the key is refused (router.grpc_api's contract)."""
+        """The tenant's name, or None when the key is refused."""
         t = self.lookup(key)
         return t.name if t is not None else None
