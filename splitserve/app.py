@@ -50,7 +50,7 @@ class EngineReplica:
             EngineConfig(
                 dtype=spec.dtype,
                 max_num_seqs=e.max_num_seqs,
-                max_num_batched_tokens=e.max_num_batched_tokens,
+                max_num_batched_tokens=side.max_num_batched_tokens or e.max_num_batched_tokens,
                 num_kv_blocks=e.num_kv_blocks,
                 block_size=e.block_size,
                 max_model_len=e.max_model_len,
@@ -63,6 +63,7 @@ class EngineReplica:
             self.server = PrefillServer(
                 engine, spec.name, redis_url, _bind_host(), 0, parse_size(side.kv_memory),
                 namespace=namespace, max_waiting=side.max_waiting, metrics_port=0,
+                device_pool_bytes=parse_size(side.device_pool),
             )  # fmt: skip
         else:
             from services.decode import DecodeServer

@@ -11,7 +11,7 @@
         path: smollm2-135m-instruct        # a directory or a known model name
         dtype: auto
         mode: disaggregated                # or colocated
-        prefill: {replicas: 1, num_gpus: 0, num_cpus: 0}
+        prefill: {replicas: 1, num_gpus: 0, num_cpus: 0, device_pool: 2GiB}
         decode: {replicas: 1, num_gpus: 0, num_cpus: 0}
         engine: {max_num_seqs: 64, max_num_batched_tokens: 512}
 
@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kvstore.sizes import parse_size
 
 
 class _Strict(BaseModel):
@@ -43,6 +52,19 @@ class ReplicaSpec(_Strict):
     num_cpus: float = Field(0, ge=0)  # 0 lets replicas start on a 2-core machine
     max_waiting: int = Field(256, ge=1)
     kv_memory: str = "1GiB"  # prefill: its KV shard
+    # Prefill on a GPU: hand-off KV kept on the GPU, which a decode on the same host copies GPU
+    # to GPU (CUDA IPC); others get it as bytes. "0" turns it off.
+    device_pool: str = "2GiB"
+    # This role's tokens a step, over engine.max_num_batched_tokens: a prefill-only replica has
+    # no decodes to protect and can take whole prompts a step.
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("kv_memory", "device_pool")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)  # its ValueError names the value and shows examples
+        return v
+
     autoscaling: Autoscaling | None = None
     # CPU engines: torch threads (0: all cores; Ray would otherwise pin a 0-CPU replica to one).
     threads: int = Field(0, ge=0)

@@ -258,6 +258,8 @@ def _serve_engine_service(
     kv_memory: str,
     num_kv_blocks: int | None,
     metrics_port: int | None,
+    device: str = "cpu",
+    device_pool: str = "2GiB",
 ) -> None:
     import asyncio
 
@@ -269,12 +271,12 @@ def _serve_engine_service(
     from services.grpc_app import run_until_signal
 
     try:
-        kv_bytes = parse_size(kv_memory)
+        kv_bytes, pool_bytes = parse_size(kv_memory), parse_size(device_pool)
     except ValueError as e:
         fail(str(e))
     model_dir = resolve_model(model)
     try:
-        cfg = EngineConfig(dtype=dtype, num_kv_blocks=num_kv_blocks)
+        cfg = EngineConfig(dtype=dtype, num_kv_blocks=num_kv_blocks, device=device)
         engine = LLMEngine(model_dir, cfg)
     except (EngineError, ValueError) as e:
         fail(str(e))
@@ -292,7 +294,7 @@ def _serve_engine_service(
 
         server = PrefillServer(
             engine, name, redis_url, host, port, kv_bytes, namespace=namespace,
-            max_waiting=max_waiting, metrics_port=metrics_port,
+            max_waiting=max_waiting, metrics_port=metrics_port, device_pool_bytes=pool_bytes,
         )  # fmt: skip
     else:
         from services.decode import DecodeServer
@@ -346,10 +348,15 @@ def _service_command(role: str, doc: str):
             int | None,
             typer.Option("--metrics-port", help="Serve Prometheus /metrics here (0: any port)"),
         ] = None,
+        device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
+        device_pool: Annotated[
+            str,
+            typer.Option("--device-pool", help="Prefill on a GPU: hand-off KV kept there; 0 off"),
+        ] = "2GiB",
     ) -> None:
         _serve_engine_service(
             role, model, dtype, host, port, redis_url, namespace, max_waiting, kv_memory,
-            num_kv_blocks, metrics_port,
+            num_kv_blocks, metrics_port, device, device_pool,
         )  # fmt: skip
 
     command.__doc__ = doc

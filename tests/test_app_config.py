@@ -1,0 +1,68 @@
+"""The application YAML: defaults, per-role settings, and errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.app_config import ConfigError, load_config, parse_config
+
+DOC = """
+redis: redis://10.0.0.5:6379/0
+http: {host: 0.0.0.0, port: 8080}
+models:
+  - name: llama
+    path: /models/llama-8b
+    dtype: bfloat16
+    prefill: {replicas: 2, num_gpus: 1, device_pool: 4GiB, max_num_batched_tokens: 8192}
+    decode: {replicas: 1, num_gpus: 1}
+    engine: {max_num_seqs: 128, max_num_batched_tokens: 2048}
+"""
+
+
+def test_a_full_config_reads_back(tmp_path):
+    f = tmp_path / "app.yaml"
+    f.write_text(DOC)
+    c = load_config(f)
+    m = c.models[0]
+    assert (c.redis, c.http.port, c.grpc.port, c.auth.enabled) == (
+        "redis://10.0.0.5:6379/0", 8080, 50051, True
+    )  # fmt: skip
+    assert (m.mode, m.prefill.replicas, m.prefill.device_pool) == ("disaggregated", 2, "4GiB")
+    # The prefill role takes whole prompts a step; decode keeps the engine's budget.
+    assert (m.prefill.max_num_batched_tokens, m.decode.max_num_batched_tokens) == (8192, None)
+    assert m.engine.max_num_batched_tokens == 2048
+    assert (m.decode.device_pool, m.prefill.kv_memory) == ("2GiB", "1GiB")  # defaults
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ([{"name": "a", "path": "p", "prefill": {"replicas": 0}}],
+         "models.0.prefill.replicas: Input should be greater than or equal to 1"),
+        ([{"name": "a", "path": "p", "prefill": {"device_pool": "lots"}}],
+         "models.0.prefill.device_pool: Value error, not a size: 'lots'"),
+        ([{"name": "a", "path": "p", "decode": {"kv_memory": "-1"}}],
+         "models.0.decode.kv_memory: Value error, not a size"),
+        ([{"name": "a", "path": "p", "prefill": {"max_num_batched_tokens": 0}}],
+         "models.0.prefill.max_num_batched_tokens: Input should be greater than or equal to 1"),
+        ([{"name": "a", "path": "p", "prefil": {}}], "models.0.prefil: Extra inputs"),
+        ([{"name": "a", "path": "p"}, {"name": "a", "path": "q"}], "duplicate model names"),
+        ([], "models: List should have at least 1 item"),
+    ],
+)  # fmt: skip
+def test_bad_configs_name_the_field(models, message):
+    with pytest.raises(ConfigError, match="invalid config: ") as ei:
+        parse_config({"models": models})
+    assert message in str(ei.value)
+
+
+def test_unreadable_or_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(f)
+    f.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
