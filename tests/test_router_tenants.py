@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import grpc
@@ -54,8 +55,9 @@ def test_auth(stack):
     assert [t for _, _, t in stack.backend.calls[n:]] == ["main"]  # the backend knows who
 
 
-def test_tenant_over_its_limit_gets_429_with_retry_after(stack):
-    tight = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=TIGHT_KEY, max_retries=0)
+@contextlib.contextmanager
+def tight_slot_taken(stack):
+    """The tight tenant's one request slot held by a long streamed completion over HTTP."""
     body = {"model": "tiny", "prompt": "Long story", "max_tokens": 1500, "stream": True,
             "ignore_eos": True}  # fmt: skip
     headers = {"Authorization": f"Bearer {TIGHT_KEY}"}
@@ -64,6 +66,12 @@ def test_tenant_over_its_limit_gets_429_with_retry_after(stack):
         assert r.status_code == 200
         lines = r.iter_lines()  # kept: dropping the iterator closes the connection
         next(lines)  # the one request the tenant may run is running
+        yield
+
+
+def test_tenant_over_its_limit_gets_429_with_retry_after(stack):
+    tight = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=TIGHT_KEY, max_retries=0)
+    with tight_slot_taken(stack):
         with pytest.raises(openai.RateLimitError) as ei:
             tight.completions.create(model="tiny", prompt="hi", max_tokens=2)
         assert ei.value.response.headers["retry-after"] == "1"
@@ -174,14 +182,7 @@ def test_grpc_generate_shares_the_tenants_limits(stack):
     assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
     msgs = generate(stack, TIGHT_KEY)
     assert msgs[-1].finish_reason in ("length", "stop")
-    body = {"model": "tiny", "prompt": "Long story", "max_tokens": 1500, "stream": True,
-            "ignore_eos": True}  # fmt: skip
-    headers = {"Authorization": f"Bearer {TIGHT_KEY}"}
-    url = f"{stack.url}/v1/completions"
-    with httpx2.Client(timeout=30) as h, h.stream("POST", url, json=body, headers=headers) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        next(lines)  # the tight tenant's one slot is taken over HTTP ...
+    with tight_slot_taken(stack):  # the tight tenant's one slot is taken over HTTP ...
         with pytest.raises(grpc.RpcError) as ei:  # ... so its gRPC call is refused
             generate(stack, TIGHT_KEY)
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
