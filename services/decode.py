@@ -32,7 +32,7 @@ from services.engine.kv_transfer import KVBlock
 from services.engine_loop import EngineLoop, QueueFullError
 from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
-from services.registry import Registration, register_replica
+from services.replica import ReplicaServer
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
@@ -158,7 +158,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             await self.kv.unpin(address, pin_id)
 
 
-class DecodeServer:
+class DecodeServer(ReplicaServer):
     """A decode (or colocated) replica: engine, KV store client, gRPC service, registration."""
 
     def __init__(
@@ -176,26 +176,12 @@ class DecodeServer:
         ttl_s: float = 5.0,
         metrics_port: int | None = None,
     ) -> None:
-        self.role = "colocated" if colocated else "decode"
-        self.engine = engine
-        self.model_name = model_name
-        self.redis_url = redis_url
-        self.namespace = namespace
-        self.replica_id = replica_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        super().__init__(
+            "colocated" if colocated else "decode", engine, model_name, redis_url, host, port,
+            namespace, max_waiting, replica_id, heartbeat_s, ttl_s, metrics_port,
+        )  # fmt: skip
         self.colocated = colocated
-        self.loop = EngineLoop(engine, max_waiting)
         self.kv: KVStoreClient | None = None
-        self.registration: Registration | None = None
-        self._bind = (host, port)
-        self._ttl = (heartbeat_s, ttl_s)
-        self.app: ServiceApp
-        self.metrics = ServiceMetrics(self.role, model_name, self.loop)
-        self._metrics_port = metrics_port  # /metrics over HTTP: None off, 0 a free port
-        self.metrics_address: str | None = None
-
-    @property
-    def address(self) -> str:
-        return self.app.address
 
     async def start(self) -> str:
         # gRPC channels and servers belong to the loop that runs them: built here.
@@ -210,31 +196,13 @@ class DecodeServer:
         pb_grpc.add_DecodeServicer_to_server(servicer, self.app.server)
         self.app.add(SERVICE_NAME)
         await self.app.start()
-        if self._metrics_port is not None:
-            self.metrics_address = self.metrics.serve(self._bind[0], self._metrics_port)
-        if self.redis_url:
-            self.registration = register_replica(
-                self.redis_url,
-                self.role,
-                self.replica_id,
-                model=self.model_name,
-                address=self.address,
-                load=lambda: self.loop.load().as_dict(),
-                holder_id="",
-                metrics_address=getattr(self, "metrics_address", "") or "",
-                ns=self.namespace,
-                heartbeat_s=self._ttl[0],
-                ttl_s=self._ttl[1],
-            )
+        self._announce()
         return self.address
 
     async def stop(self, drain_s: float = 30.0) -> None:
         """Drain: refuse new requests, finish the running ones, then leave the registry."""
         await self.app.drain(drain_s)
-        if self.registration is not None:
-            self.registration.close()
-        await self.app.stop()
+        self._leave_registry()
         if self.kv is not None:
             await self.kv.close()
-        await self.metrics.aclose()
-        self.loop.stop()
+        await self._close()

@@ -30,7 +30,7 @@ from services.engine.request import FinishReason
 from services.engine_loop import EngineLoop, QueueFullError
 from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
-from services.registry import Registration, register_replica
+from services.replica import ReplicaServer
 from services.wire import kv_to_stored, logprob_to_pb, sampling_from_pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prefill"].full_name
@@ -173,7 +173,7 @@ def device_meta(b, model_id: str) -> BlockMeta:
     return BlockMeta(b.block_hash, model_id, (spec,), spec.nbytes, 0, b.token_ids)
 
 
-class PrefillServer:
+class PrefillServer(ReplicaServer):
     """A prefill replica: engine, in-process KV shard, gRPC service, registration."""
 
     def __init__(
@@ -196,12 +196,10 @@ class PrefillServer:
     ) -> None:
         """device_pool_bytes: GPU memory for hand-off KV that same-host decoders copy GPU to
         GPU (kvstore.device_pool); None: 2 GiB when the engine runs on CUDA, else none."""
-        self.engine = engine
-        self.model_name = model_name
-        self.redis_url = redis_url
-        self.namespace = namespace
-        self.replica_id = replica_id or f"prefill-{uuid.uuid4().hex[:8]}"
-        self.loop = EngineLoop(engine, max_waiting)
+        super().__init__(
+            "prefill", engine, model_name, redis_url, host, port, namespace, max_waiting,
+            replica_id, heartbeat_s, ttl_s, metrics_port,
+        )  # fmt: skip
         self.kv = KVStoreServer(
             kv_memory_bytes,
             redis_url,
@@ -212,18 +210,7 @@ class PrefillServer:
             ttl_s=ttl_s,
             device_pool=make_device_pool(engine, device_pool_bytes),
         )
-        self.registration: Registration | None = None
-        self._bind = (host, port)
         self._pin_lease_ms = pin_lease_ms
-        self._ttl = (heartbeat_s, ttl_s)
-        self.app: ServiceApp
-        self.metrics = ServiceMetrics("prefill", model_name, self.loop)
-        self._metrics_port = metrics_port  # /metrics over HTTP: None off, 0 a free port
-        self.metrics_address: str | None = None
-
-    @property
-    def address(self) -> str:
-        return self.app.address
 
     async def start(self) -> str:
         # The gRPC server belongs to the event loop that runs it: built here, not in __init__.
@@ -235,22 +222,7 @@ class PrefillServer:
         self.app.add(SERVICE_NAME)
         await self.app.start()
         await self.kv.begin()
-        if self._metrics_port is not None:
-            self.metrics_address = self.metrics.serve(self._bind[0], self._metrics_port)
-        if self.redis_url:
-            self.registration = register_replica(
-                self.redis_url,
-                "prefill",
-                self.replica_id,
-                model=self.model_name,
-                address=self.address,
-                load=lambda: self.loop.load().as_dict(),
-                holder_id=self.replica_id,
-                metrics_address=getattr(self, "metrics_address", "") or "",
-                ns=self.namespace,
-                heartbeat_s=self._ttl[0],
-                ttl_s=self._ttl[1],
-            )
+        self._announce(holder_id=self.replica_id)
         return self.address
 
     async def stop(self, drain_s: float = 30.0) -> None:
@@ -258,17 +230,14 @@ class PrefillServer:
         have pulled what is pinned (or the drain time ends), then leave the registry."""
         deadline = time.monotonic() + drain_s
         await self.app.drain(drain_s)
-        if self.registration is not None:
-            self.registration.close()
+        self._leave_registry()
         pool = self.kv.device_pool
         while (
             self.kv.store.stats().pinned_blocks or (pool is not None and pool.pinned_blocks)
         ) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.kv.stop()
-        await self.app.stop()
-        await self.metrics.aclose()
-        self.loop.stop()
+        await self._close()
 
 
 def make_device_pool(engine: LLMEngine, nbytes: int | None) -> DevicePool | None:
