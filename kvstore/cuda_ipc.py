@@ -66,7 +66,9 @@ class CudaIpcTransport:
                 resp = None
             if resp is not None:
                 try:
-                    got = self._copy(resp)
+                    # In a worker thread: the first map of a pool sets up a CUDA context on the
+                    # holder's GPU (seconds), and the copies release the GIL.
+                    got = await asyncio.to_thread(self._copy, resp)
                 except (RuntimeError, LookupError) as e:  # can't map it here: say so once
                     log.warning("device pool of %s not usable here (%s): reading it as bytes",
                                 holder.holder_id, e)  # fmt: skip

@@ -65,10 +65,11 @@ class DevicePool:
 
         placed: list[bytes] = []
         new: list[bytes] = []
+        # The tensors come from the engine's own stream: wait for them before reading (outside
+        # the lock: this can take an engine step, and readers must not wait for it).
+        torch.cuda.synchronize(self.device)
         with self._lock, torch.cuda.device(self.device):
             self._expire()
-            # The tensors come from the engine's own stream: wait for them before reading.
-            torch.cuda.synchronize(self.device)
             for meta, tensor in blocks:
                 bid = meta.block_id
                 e = self.entries.get(bid)

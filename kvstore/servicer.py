@@ -324,7 +324,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "GetDevice needs a pin_id and lease_ms > 0"
             )
         pool = self.device_pool
-        found, absent = pool.locate(ids, request.pin_id, request.lease_ms / 1000)
+        found, absent = await asyncio.to_thread(
+            pool.locate, ids, request.pin_id, request.lease_ms / 1000
+        )
         return pb.GetDeviceResponse(
             handle=await asyncio.to_thread(pool.share) if found else None,
             extents=[pb.DeviceExtent(header=m.to_proto(), offset=off) for m, off in found],
