@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import platform
@@ -28,13 +27,14 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_clocks import GpuClock, WaitClock
+from bench.gpu_rooflines import Shape, copy_bandwidth, matmul_peak, time_cuda
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.engine import LLMEngine
 from services.engine.presets import make_model
@@ -45,181 +45,7 @@ PROMPT, NEW = 512, 128
 PREFILL_LENS = (2048, 8192)
 
 
-# -- the two ceilings -------------------------------------------------------------------------
-
-
-def time_cuda(fn, reps: int, warmup: int = 3) -> float:
-    """Median seconds of fn() over reps, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
-    n = 2 * 1024**3
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = time_cuda(lambda: dst.copy_(src), 20)
-    return 2 * n / t
-
-
-def matmul_peak() -> float:
-    """FLOP/s of an 8192^3 bf16 matrix product on random data (cuBLAS)."""
-    n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    t = time_cuda(lambda: a @ b, 30)
-    return 2 * n**3 / t
-
-
-# -- rooflines --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shape:
-    params: int  # all weights, the embedding (and a separate LM head) included
-    linear: int  # weights of the per-token matmuls in the layers
-    kv_bytes_per_token: int
-    layers: int
-    heads: int
-    head_dim: int
-    hidden: int
-    vocab: int
-
-    @classmethod
-    def of(cls, cfg: ModelConfig) -> Shape:
-        h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-        per_layer = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h
-        per_layer += 3 * h * i
-        embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-        params = cfg.num_layers * (per_layer + 2 * h) + embed + h
-        return cls(
-            params=params,
-            linear=cfg.num_layers * per_layer,
-            kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * d * 2,
-            layers=cfg.num_layers,
-            heads=cfg.num_heads,
-            head_dim=d,
-            hidden=h,
-            vocab=cfg.vocab_size,
-        )
-
-    def decode_roofline(self, batch: int, bw: float) -> float:
-        ctx = PROMPT + NEW / 2  # mean context over the run
-        step_bytes = 2 * self.params + batch * ctx * self.kv_bytes_per_token
-        return batch / (step_bytes / bw)
-
-    def prefill_flops(self, t: int) -> float:
-        attn = 2 * self.layers * self.heads * self.head_dim * t * t  # QK^T and PV, causal half
-        return 2 * t * self.linear + attn + 2 * self.hidden * self.vocab
-
-    def prefill_roofline(self, t: int, peak: float) -> float:
-        return t / (self.prefill_flops(t) / peak)
-
-
 # -- our engine -------------------------------------------------------------------------------
-
-
-class GpuClock:
-    """Device time of each launched step (events around runner.launch) and the idle gaps
-    between consecutive steps."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.runner = engine.runner if hasattr(engine.runner, "launch") else None
-        self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.replays: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    def __enter__(self) -> GpuClock:
-        if self.runner is None:
-            return self
-        original = self.runner.launch
-        marks = self.marks
-        graphs = self.runner._graphs
-        self._graphs = dict(graphs)
-        for bs, (graph, logits) in self._graphs.items():
-            graphs[bs] = (_TimedGraph(graph, self.replays), logits)
-
-        def timed(so):
-            a = torch.cuda.Event(enable_timing=True)
-            a.record()
-            handle = original(so)
-            b = torch.cuda.Event(enable_timing=True)
-            b.record()
-            marks.append((a, b))
-            return handle
-
-        self.runner.launch = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.runner is not None:
-            del self.runner.launch
-            self.runner._graphs.update(self._graphs)
-
-    def replay_ms(self, first: int) -> float | None:
-        """Mean device ms of the graph replays themselves (no input or output copies)."""
-        events = self.replays[first:]
-        if not events:
-            return None
-        torch.cuda.synchronize()
-        return statistics.fmean(a.elapsed_time(b) for a, b in events)
-
-    def busy_and_idle_ms(self, first: int) -> tuple[float, float] | None:
-        """Mean device ms per step, and mean idle ms before a step, from step `first` on."""
-        marks = self.marks[first:]
-        if len(marks) < 2:
-            return None
-        torch.cuda.synchronize()
-        busy = [a.elapsed_time(b) for a, b in marks]
-        idle = [max(0.0, p[1].elapsed_time(n[0])) for p, n in itertools.pairwise(marks)]
-        return statistics.fmean(busy), statistics.fmean(idle)
-
-
-class _TimedGraph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, events: list) -> None:
-        self.graph, self.events = graph, events
-
-    def replay(self) -> None:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        self.graph.replay()
-        b.record()
-        self.events.append((a, b))
-
-
-class WaitClock:
-    """Host seconds spent waiting for the GPU's sampled tokens (StepHandle.result)."""
-
-    def __init__(self) -> None:
-        self.wait_s = 0.0
-
-    def __enter__(self) -> WaitClock:
-        from services.engine import runner_cuda
-
-        self._cls = runner_cuda.StepHandle
-        self._original = original = self._cls.result
-        clock = self
-
-        def timed(handle):
-            t = time.perf_counter()
-            out = original(handle)
-            clock.wait_s += time.perf_counter() - t
-            return out
-
-        self._cls.result = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._cls.result = self._original
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -379,7 +205,7 @@ def bench_engine(model_dir: Path, shape: Shape, quick: bool, out_dir: Path, name
         v: dict = {"build_s": build_s, "num_kv_blocks": engine.pool.num_blocks, "decode": {}}
         for b in batches:
             r = engine_decode(engine, b, seed=b)
-            r["roofline_tok_s"] = shape.decode_roofline(b, BW)
+            r["roofline_tok_s"] = shape.decode_roofline(b, BW, PROMPT + NEW / 2)
             r["fraction_of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
             r["gpu_step_ms"] = gpu_decode_step_ms(engine, b)
             v["decode"][b] = r
@@ -457,7 +283,7 @@ def bench_transformers(model_dir: Path, shape: Shape, quick: bool, new: int) -> 
     generate(1, 4, seed=1000)  # warm-up
     for b in (1, 64) if quick else DECODE_BATCHES:
         r = generate(b, new, seed=b)
-        r["roofline_tok_s"] = shape.decode_roofline(b, BW)
+        r["roofline_tok_s"] = shape.decode_roofline(b, BW, PROMPT + NEW / 2)
         r["fraction_of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
         res["decode"][b] = r
     for t_len in PREFILL_LENS:

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_engine import Shape, free_gpu, make_engine, matmul_peak, random_prompts
+from bench.gpu_engine import free_gpu, make_engine, random_prompts
+from bench.gpu_rooflines import Shape, matmul_peak
 from bench.report import machine, write_report
 from loadgen.readers import read_trace
 from services.engine.config import ModelConfig
