@@ -1,10 +1,11 @@
-"""Colocated against disaggregated, as a user would compare them: `splitserve up` in each mode,
-the Azure conversation excerpt replayed by `splitserve bench goodput`, goodput side by side.
+"""Colocated against disaggregated, as a user would compare them: one `splitserve up` serving
+the tiny model twice, `tiny-colocated` and `tiny-disaggregated` (an application YAML with one
+model entry per mode: the private Redis, Ray Serve, one router), the Azure conversation excerpt
+replayed by `splitserve bench goodput` against each name in turn, goodput side by side.
 
-Each mode gets a fresh `splitserve up --model tiny` (the private Redis, Ray Serve, the router);
-a warm-up request waits for it; then the goodput search runs in its own process and writes its
-report and plots under OUT/<mode>/. Both searches use the same requests, SLOs and probe rates,
-so the two reports differ only in the mode.
+A warm-up request waits for each model; then the goodput search runs in its own process and
+writes its report and plots under OUT/<mode>/. Both searches use the same requests, SLOs and
+probe rates, so the two reports differ only in the mode (the idle mode's replicas wait).
 
     python bench/replay_modes.py [--quick] [--json PATH] [--out DIR]
 
@@ -23,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -57,17 +59,28 @@ def wait_ready(url: str, model: str, limit_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def up(mode: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", "tiny", "--mode", mode,
-           "--port", str(free_port()), "--grpc-port", str(free_port())]  # fmt: skip
+def up(config: Path) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--config", str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)  # fmt: skip
     url = proc.stdout.readline().strip() if proc.stdout else ""
     if not url.startswith("http"):
         proc.kill()
-        raise RuntimeError(f"splitserve up --mode {mode} did not start")
-    wait_ready(url, "tiny")
+        raise RuntimeError("splitserve up did not start")
+    for mode in MODES:
+        wait_ready(url, f"tiny-{mode}")
     return proc, url
+
+
+def app_config(path: Path) -> Path:
+    """Both modes of the tiny preset behind one router, auth off (loopback only)."""
+    models = "".join(f"  - {{name: tiny-{m}, path: tiny, mode: {m}}}\n" for m in MODES)
+    path.write_text(
+        f"http: {{host: 127.0.0.1, port: {free_port()}}}\n"
+        f"grpc: {{host: 127.0.0.1, port: {free_port()}}}\n"
+        f"auth: {{enabled: false}}\nmodels:\n{models}"
+    )
+    return path
 
 
 def down(proc: subprocess.Popen) -> None:
@@ -79,10 +92,10 @@ def down(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def goodput(url: str, out: Path, args: argparse.Namespace) -> dict:
+def goodput(url: str, mode: str, out: Path, args: argparse.Namespace) -> dict:
     tok = Path.home() / ".cache" / "splitserve" / "models" / "preset-tiny"
     cmd = [sys.executable, "-m", "splitserve.cli", "bench", "goodput",
-           "--url", url + "/v1", "--model", "tiny", "--tokenizer", str(tok),
+           "--url", url + "/v1", "--model", f"tiny-{mode}", "--tokenizer", str(tok),
            "--trace", "azure-conv", "--requests", str(args.requests),
            "--max-prompt-tokens", "1024", "--max-output-tokens", "64",
            "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot),
@@ -98,7 +111,7 @@ def goodput(url: str, out: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="30 requests, 3 probes a mode")
+    ap.add_argument("--quick", action="store_true", help="16 requests, 2 probes a mode")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path, default=Path("/tmp/splitserve-replay"))
     ap.add_argument("--requests", type=int, default=200)
@@ -110,14 +123,15 @@ def main() -> None:
     ap.add_argument("--slo-tpot", type=float, default=30.0, help="ms")
     args = ap.parse_args()
     if args.quick:
-        args.requests, args.max_probes = 30, 3
+        args.requests, args.max_probes = 16, 2
     results, gp, lag = [], {}, 0.0
-    for mode in MODES:
-        proc, url = up(mode)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = up(app_config(Path(tmp) / "app.yaml"))
         try:
-            rep = goodput(url, args.out / mode, args)
+            reports = {mode: goodput(url, mode, args.out / mode, args) for mode in MODES}
         finally:
             down(proc)
+    for mode, rep in reports.items():
         gp[mode] = rep["goodput_rps"]
         for p in rep["probes"]:
             s = p["summaries"][0]
