@@ -1,11 +1,13 @@
-"""Colocated against disaggregated, as a user would compare them: one `splitserve up` serving
-the tiny model twice, `tiny-colocated` and `tiny-disaggregated` (an application YAML with one
-model entry per mode: the private Redis, Ray Serve, one router), the Azure conversation excerpt
-replayed by `splitserve bench goodput` against each name in turn, goodput side by side.
+"""Colocated against disaggregated, as a user would compare them: `splitserve up` serving the
+tiny model as `tiny-colocated` or `tiny-disaggregated` (an application YAML: the private Redis,
+Ray Serve, the router), the Azure conversation excerpt replayed by `splitserve bench goodput`,
+goodput side by side.
 
-A warm-up request waits for each model; then the goodput search runs in its own process and
-writes its report and plots under OUT/<mode>/. Both searches use the same requests, SLOs and
-probe rates, so the two reports differ only in the mode (the idle mode's replicas wait).
+By default each mode gets its own `splitserve up`, alone on the machine. `--shared` (and
+`--quick`) serves both from one `up` (one model entry per mode), which starts once but leaves
+the idle mode's replicas beside the measured one. A warm-up request waits for each model; the
+goodput search runs in its own process and writes its report and plots under OUT/<mode>/. Both
+searches use the same requests, SLOs and probe rates.
 
     python bench/replay_modes.py [--quick] [--json PATH] [--out DIR]
 
@@ -59,7 +61,7 @@ def wait_ready(url: str, model: str, limit_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def up(config: Path) -> tuple[subprocess.Popen, str]:
+def up(config: Path, modes: tuple[str, ...]) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "splitserve.cli", "up", "--config", str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)  # fmt: skip
@@ -67,14 +69,14 @@ def up(config: Path) -> tuple[subprocess.Popen, str]:
     if not url.startswith("http"):
         proc.kill()
         raise RuntimeError("splitserve up did not start")
-    for mode in MODES:
+    for mode in modes:
         wait_ready(url, f"tiny-{mode}")
     return proc, url
 
 
-def app_config(path: Path) -> Path:
-    """Both modes of the tiny preset behind one router, auth off (loopback only)."""
-    models = "".join(f"  - {{name: tiny-{m}, path: tiny, mode: {m}}}\n" for m in MODES)
+def app_config(path: Path, modes: tuple[str, ...]) -> Path:
+    """The tiny preset in these modes behind one router, auth off (loopback only)."""
+    models = "".join(f"  - {{name: tiny-{m}, path: tiny, mode: {m}}}\n" for m in modes)
     path.write_text(
         f"http: {{host: 127.0.0.1, port: {free_port()}}}\n"
         f"grpc: {{host: 127.0.0.1, port: {free_port()}}}\n"
@@ -113,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 requests, 2 probes a mode")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--shared", action="store_true", help="both modes behind one splitserve up")
     ap.add_argument("--out", type=Path, default=Path("/tmp/splitserve-replay"))
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--low", type=float, default=2.0)
@@ -125,12 +128,15 @@ def main() -> None:
     if args.quick:
         args.requests, args.max_probes = 16, 2
     results, gp, lag = [], {}, 0.0
+    groups = [MODES] if args.shared or args.quick else [(m,) for m in MODES]
+    reports = {}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = up(app_config(Path(tmp) / "app.yaml"))
-        try:
-            reports = {mode: goodput(url, mode, args.out / mode, args) for mode in MODES}
-        finally:
-            down(proc)
+        for modes in groups:
+            proc, url = up(app_config(Path(tmp) / "app.yaml", modes), modes)
+            try:
+                reports |= {mode: goodput(url, mode, args.out / mode, args) for mode in modes}
+            finally:
+                down(proc)
     for mode, rep in reports.items():
         gp[mode] = rep["goodput_rps"]
         for p in rep["probes"]:
@@ -149,6 +155,7 @@ def main() -> None:
         "goodput_disaggregated_rps": gp["disaggregated"],
         "ratio": ratio,
         "send_lag_p99_ms": lag * 1e3,
+        "shared": bool(args.shared or args.quick),
     }
     print(json.dumps(summary), flush=True)
     write_report(args.json, "replay_modes", None, results, summary)
