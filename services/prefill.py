@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +33,8 @@ from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
 from services.replica import ReplicaServer
 from services.wire import kv_to_stored, logprob_to_pb, sampling_from_pb
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prefill"].full_name
 
@@ -246,4 +249,13 @@ def make_device_pool(engine: LLMEngine, nbytes: int | None) -> DevicePool | None
     if torch.device(engine.device).type != "cuda":
         return None
     nbytes = 2 << 30 if nbytes is None else nbytes
-    return DevicePool(nbytes, engine.device) if nbytes > 0 else None
+    if nbytes <= 0:
+        return None
+    try:
+        return DevicePool(nbytes, engine.device)
+    except torch.cuda.OutOfMemoryError:
+        # The engine sized its KV cache first; without room for the pool, hand-offs go
+        # through the store's host memory as on a CPU (slower, same bytes).
+        log.warning("no GPU memory for a %d MiB device pool: KV hand-off through host memory",
+                    nbytes >> 20)  # fmt: skip
+        return None
