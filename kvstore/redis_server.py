@@ -72,15 +72,16 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--loglevel", "warning",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file, not a pipe: a pipe nobody reads would fill and stall the server.
+        log_path = Path(self._dir.name) / "server.log"
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + timeout_s
         r = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.2)
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    err = (
-                        self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                    )
+                    err = log_path.read_text(errors="replace")
                     raise RedisServerError(f"{self.binary} exited: {err.strip()[-500:]}")
                 with contextlib.suppress(redis.RedisError):
                     if r.ping():

@@ -35,28 +35,25 @@ class EngineReplica:
     ) -> None:
         from kvstore.sizes import parse_size
         from services.engine.config import EngineConfig
-        from services.engine.engine import LLMEngine
 
         spec = ModelSpec.model_validate(model)
         side: ReplicaSpec = getattr(spec, role)
         e = spec.engine
-        if _device(side) == "cpu":
+        device = _device(side)
+        if device == "cpu":
             import torch
 
             torch.set_num_threads(side.threads or os.cpu_count() or 1)
-        engine = await asyncio.to_thread(
-            LLMEngine,
-            model_dir,
-            EngineConfig(
-                dtype=spec.dtype,
-                max_num_seqs=e.max_num_seqs,
-                max_num_batched_tokens=side.max_num_batched_tokens or e.max_num_batched_tokens,
-                num_kv_blocks=e.num_kv_blocks,
-                block_size=e.block_size,
-                max_model_len=e.max_model_len,
-                device=_device(side),
-            ),
+        cfg = EngineConfig(
+            dtype=spec.dtype,
+            max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=side.max_num_batched_tokens or e.max_num_batched_tokens,
+            num_kv_blocks=e.num_kv_blocks,
+            block_size=e.block_size,
+            max_model_len=e.max_model_len,
+            device=device,
         )
+        engine = await asyncio.to_thread(_build_engine, model_dir, cfg)
         if role == "prefill":
             from services.prefill import PrefillServer
 
@@ -86,8 +83,35 @@ class EngineReplica:
         await self.server.stop(drain_s=10)
 
 
+NOSET_CUDA_VISIBLE = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def _build_engine(model_dir: str, cfg):
+    from services.engine.engine import LLMEngine
+
+    if cfg.device.startswith("cuda:"):
+        import torch
+
+        # The current device is per thread: kernels launched while building (graph capture,
+        # warm-up) must run on the engine's own GPU.
+        torch.cuda.set_device(cfg.device)
+    return LLMEngine(model_dir, cfg)
+
+
 def _device(side: ReplicaSpec) -> str:
-    return "cuda" if side.num_gpus > 0 else "cpu"
+    if side.num_gpus <= 0:
+        return "cpu"
+    import ray
+
+    return gpu_device(ray.get_gpu_ids(), os.environ.get(NOSET_CUDA_VISIBLE) == "1")
+
+
+def gpu_device(gpu_ids: list, all_visible: bool) -> str:
+    """The torch device of a replica Ray gave `gpu_ids`: with every GPU visible, the first of
+    them by its index on the node; otherwise Ray has made it the only visible one."""
+    if all_visible and gpu_ids:
+        return f"cuda:{int(gpu_ids[0])}"
+    return "cuda"
 
 
 @serve.deployment(health_check_period_s=5)
@@ -163,10 +187,14 @@ def build_application(cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path
         roles = ("prefill", "decode") if m.mode == "disaggregated" else ("colocated",)
         for role in roles:
             side: ReplicaSpec = getattr(m, role)
-            opts: dict[str, Any] = {
-                "name": f"{role}-{m.name}",
-                "ray_actor_options": {"num_cpus": side.num_cpus, "num_gpus": side.num_gpus},
-            }
+            actor: dict[str, Any] = {"num_cpus": side.num_cpus, "num_gpus": side.num_gpus}
+            if side.num_gpus > 0:
+                # Every GPU of the node stays visible (the replica picks its own from
+                # ray.get_gpu_ids()), so a decode replica can open a prefill replica's CUDA IPC
+                # handle and copy its KV GPU to GPU; with Ray's default, each replica sees only
+                # its own GPU and the hand-off falls back to host memory.
+                actor["runtime_env"] = {"env_vars": {NOSET_CUDA_VISIBLE: "1"}}
+            opts: dict[str, Any] = {"name": f"{role}-{m.name}", "ray_actor_options": actor}
             if side.autoscaling is not None:
                 opts["autoscaling_config"] = side.autoscaling.model_dump()
             else:

@@ -66,3 +66,14 @@ def test_unreadable_or_non_mapping_files(tmp_path):
     f.write_text("models: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(f)
+
+
+def test_gpu_replicas_pick_their_own_gpu_with_every_gpu_visible():
+    from splitserve.app import gpu_device
+
+    # Ray told to leave CUDA_VISIBLE_DEVICES alone: the replica's GPU by its node index.
+    assert gpu_device([3], all_visible=True) == "cuda:3"
+    assert gpu_device(["1"], all_visible=True) == "cuda:1"
+    # Ray's default: the assigned GPU is the only one visible.
+    assert gpu_device([3], all_visible=False) == "cuda"
+    assert gpu_device([], all_visible=True) == "cuda"
