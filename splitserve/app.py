@@ -103,15 +103,20 @@ def _device(side: ReplicaSpec) -> str:
         return "cpu"
     import ray
 
-    return gpu_device(ray.get_gpu_ids(), os.environ.get(NOSET_CUDA_VISIBLE) == "1")
+    return gpu_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
-def gpu_device(gpu_ids: list, all_visible: bool) -> str:
-    """The torch device of a replica Ray gave `gpu_ids`: with every GPU visible, the first of
-    them by its index on the node; otherwise Ray has made it the only visible one."""
-    if all_visible and gpu_ids:
-        return f"cuda:{int(gpu_ids[0])}"
-    return "cuda"
+def gpu_device(gpu_ids: list, visible: str | None) -> str:
+    """The torch device of the GPU Ray assigned (its first id), given CUDA_VISIBLE_DEVICES as
+    this process sees it: unset (every GPU visible) the id is the index; set, the index is the
+    id's position in that list (Ray's default: a list of just this replica's GPU)."""
+    if not gpu_ids:
+        return "cuda"
+    gid = str(gpu_ids[0])
+    if visible is None:
+        return f"cuda:{int(gid)}"
+    ids = [v.strip() for v in visible.split(",")]
+    return f"cuda:{ids.index(gid)}" if gid in ids else "cuda"
 
 
 @serve.deployment(health_check_period_s=5)

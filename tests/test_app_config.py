@@ -68,12 +68,14 @@ def test_unreadable_or_non_mapping_files(tmp_path):
         load_config(f)
 
 
-def test_gpu_replicas_pick_their_own_gpu_with_every_gpu_visible():
+def test_gpu_replicas_pick_their_own_gpu():
     from splitserve.app import gpu_device
 
     # Ray told to leave CUDA_VISIBLE_DEVICES alone: the replica's GPU by its node index.
-    assert gpu_device([3], all_visible=True) == "cuda:3"
-    assert gpu_device(["1"], all_visible=True) == "cuda:1"
-    # Ray's default: the assigned GPU is the only one visible.
-    assert gpu_device([3], all_visible=False) == "cuda"
-    assert gpu_device([], all_visible=True) == "cuda"
+    assert gpu_device([3], None) == "cuda:3"
+    assert gpu_device(["1"], None) == "cuda:1"
+    # Ray's default: the assigned GPU is the only one visible; or a restricted list.
+    assert gpu_device([3], "3") == "cuda:0"
+    assert gpu_device(["5"], "4,5,6") == "cuda:1"
+    assert gpu_device([], None) == "cuda"
+    assert gpu_device([7], "0,1") == "cuda"  # not visible here: let CUDA pick
