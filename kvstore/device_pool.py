@@ -39,9 +39,10 @@ class DevicePool:
     def __init__(self, capacity: int, device, clock=time.monotonic) -> None:
         import torch
 
+        # Another device type keeps the same policy (and serves bytes through `read`), but
+        # only a CUDA pool can be shared with another process.
         self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"a device pool needs a CUDA device, got {self.device}")
+        self.on_cuda = self.device.type == "cuda"
         self.capacity = _round(capacity)
         self.buf = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
         self.extents = Extents(self.capacity)
@@ -67,14 +68,15 @@ class DevicePool:
         new: list[bytes] = []
         # The tensors come from the engine's own stream: wait for them before reading (outside
         # the lock: this can take an engine step, and readers must not wait for it).
-        torch.cuda.synchronize(self.device)
-        with self._lock, torch.cuda.device(self.device):
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        with self._lock, _on(self.device):
             self._expire()
             for meta, tensor in blocks:
                 bid = meta.block_id
                 e = self.entries.get(bid)
                 if e is None:
-                    off = self._alloc(meta.size)
+                    off = self._alloc(meta.size, keep=set(placed))
                     if off is None:
                         continue
                     src = tensor.detach().reshape(-1).view(torch.uint8)
@@ -85,12 +87,17 @@ class DevicePool:
                 self.entries.move_to_end(bid)
                 placed.append(bid)
             self._pin(pin_id, placed, lease_s)
-            torch.cuda.current_stream().synchronize()
+            if self.on_cuda:
+                torch.cuda.current_stream().synchronize()
         return placed, new
 
-    def _alloc(self, size: int) -> int | None:
+    def _alloc(self, size: int, keep: set[bytes]) -> int | None:
+        """An extent, evicting unpinned blocks oldest first; never one of `keep` (the blocks
+        this put has placed: they are pinned only once it ends)."""
         while (off := self.extents.alloc(size)) is None:
-            victim = next((b for b in self.entries if not self._pin_count[b]), None)
+            victim = next(
+                (b for b in self.entries if not self._pin_count[b] and b not in keep), None
+            )
             if victim is None:
                 return None
             self._drop(victim)
@@ -125,6 +132,8 @@ class DevicePool:
         """The pool's CUDA IPC handle (made once: every reader maps the same allocation)."""
         import torch
 
+        if not self.on_cuda:
+            raise RuntimeError(f"a {self.device} pool can't be shared: CUDA IPC needs a GPU")
         with self._lock:
             if self._handle is None:
                 storage = self.buf.untyped_storage()
@@ -178,3 +187,11 @@ class DevicePool:
         with self._lock:
             self._expire()
             return sum(1 for c in self._pin_count.values() if c > 0)
+
+
+def _on(device):
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

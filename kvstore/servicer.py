@@ -324,6 +324,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "GetDevice needs a pin_id and lease_ms > 0"
             )
         pool = self.device_pool
+        if not pool.on_cuda:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this holder's device pool isn't on a GPU"
+            )
         found, absent = await asyncio.to_thread(
             pool.locate, ids, request.pin_id, request.lease_ms / 1000
         )

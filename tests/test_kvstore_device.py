@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 
+import grpc
 import pytest
 import torch
 
 from kvstore.client import KVStoreClient
 from kvstore.cuda_ipc import CudaIpcTransport, DeviceBlock
 from kvstore.transport import StreamTransport
+from protos.splitserve.v1 import kvstore_pb2 as gpb
 from tests.kv_helpers import make_blocks
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -136,3 +138,79 @@ def test_cuda_ipc_pull_from_another_process(redis_url, namespace, tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def _kv_blocks(n: int, seed: int = 0):
+    from services.engine.kv_transfer import KVBlock
+    from services.prefill import device_meta
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        kv = torch.randn(2, 2, 16, 2, 8, generator=g)  # 4 KiB of float32
+        b = KVBlock(bytes([seed, i]) * 8, tuple(range(16)), kv)
+        out.append((device_meta(b, "m"), b.kv))
+    return out
+
+
+def test_device_pool_policy_pins_eviction_and_leases():
+    from kvstore.device_pool import DevicePool
+
+    now = [0.0]
+    pool = DevicePool(4 * 4096, "cpu", clock=lambda: now[0])  # room for exactly 4 blocks
+    a, b = _kv_blocks(3, seed=1), _kv_blocks(2, seed=2)
+    placed, new = pool.put(a, "p1", 10.0)
+    assert placed == new == [m.block_id for m, _ in a]
+    placed, new = pool.put(a[:1], "p2", 10.0)  # already held: pinned again, not copied again
+    assert (placed, new, pool.puts) == ([a[0][0].block_id], [], 3)
+    placed, _ = pool.put(b, "p3", 10.0)  # one fits; the other finds every block pinned
+    assert placed == [b[0][0].block_id] and pool.evictions == 0
+    assert pool.unpin("p1") == 3 and pool.unpin("p1") == 0
+    placed, _ = pool.put(b[1:], "p3", 10.0)  # now the oldest unpinned block gives way
+    assert placed == [b[1][0].block_id] and pool.evictions == 1
+    assert a[1][0].block_id not in pool.entries  # a[0] is still pinned by p2
+    found, absent = pool.locate([a[0][0].block_id, a[1][0].block_id], "reader", 1.0)
+    assert [m.block_id for m, _ in found] == [a[0][0].block_id]
+    assert absent == [a[1][0].block_id]
+    now[0] = 11.0  # every lease has ended: nothing is pinned any more
+    assert pool.pinned_blocks == 0
+    got = pool.read(b[0][0].block_id)
+    got.verify()  # the CRC is computed as the bytes leave the pool
+    assert bytes(got.payload) == b[0][1].numpy().tobytes()
+    with pytest.raises(RuntimeError, match="CUDA IPC needs a GPU"):
+        pool.share()
+
+
+def test_device_pool_blocks_reach_readers_as_bytes(redis_url, namespace, loop_thread):
+    # A holder whose pool can't be mapped by this reader (here: not on a GPU) serves the same
+    # blocks through Get, CRC-checked; GetDevice says why it can't; Unpin releases pool pins.
+    from kvstore.device_pool import DevicePool
+
+    pool = DevicePool(1 << 20, "cpu")
+    h = loop_thread.server(redis_url=redis_url, namespace=namespace, device_pool=pool)
+    blocks = _kv_blocks(4, seed=3)
+    pool.put(blocks, "prefill-pin", 30.0)
+    ids = [m.block_id for m, _ in blocks]
+
+    async def go():
+        async with KVStoreClient(redis_url, namespace) as c:
+            res = await c.get(ids, source=h.holder_id)
+            stub = c._stub((await c.index.live_holders())[h.holder_id])
+            try:
+                await stub.GetDevice(
+                    gpb.GetDeviceRequest(block_ids=ids, pin_id="x", lease_ms=100), timeout=5
+                )
+            except grpc.aio.AioRpcError as e:
+                refused = (e.code(), e.details())
+            released = await c.unpin(h.address, "prefill-pin")
+        return res, refused, released
+
+    res, refused, released = loop_thread.run(go())
+    assert not res.missing and set(res.sources.values()) == {h.holder_id}
+    for m, kv in blocks:
+        assert bytes(res.blocks[m.block_id].payload) == kv.numpy().tobytes()
+    assert refused == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "this holder's device pool isn't on a GPU",
+    )
+    assert released == 4 and pool.pinned_blocks == 0
