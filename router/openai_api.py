@@ -237,17 +237,27 @@ def _sampling(
 
 
 class TokenTexts:
-    """Token id -> its text, for logprobs. Cached: a vocabulary's worth of strings at most."""
+    """Token id -> its text and its exact bytes, for logprobs. Cached: a vocabulary's worth of
+    entries at most."""
 
     def __init__(self, tok: Tokenizer) -> None:
         self.tok = tok
         self._cache: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
 
     def __call__(self, token_id: int) -> str:
         s = self._cache.get(token_id)
         if s is None:
             s = self._cache[token_id] = self.tok.decode([token_id], skip_special_tokens=False)
         return s
+
+    def bytes_of(self, token_id: int) -> list[int]:
+        """What the token stands for, byte for byte: a token holding part of a UTF-8
+        character has text U+FFFD but its own bytes."""
+        b = self._bytes.get(token_id)
+        if b is None:
+            b = self._bytes[token_id] = list(self.tok.token_bytes(token_id))
+        return b
 
 
 @dataclass
@@ -408,8 +418,7 @@ class Shaper:
         text = self.token_text
 
         def entry(token_id: int, logprob: float) -> dict:
-            t = text(token_id)
-            return {"token": t, "logprob": logprob, "bytes": list(t.encode())}
+            return {"token": text(token_id), "logprob": logprob, "bytes": text.bytes_of(token_id)}
 
         content = [
             {

@@ -111,3 +111,39 @@ def test_qwen2_tokenizer(qwen2_model_dir: Path) -> None:
     assert tok.encode(text) == raw.encode(text).ids
     assert tok.decode(tok.encode(text)) == text
     assert tok.eos_token_ids == (2, 0)
+
+
+def test_token_bytes_byte_level(tok: Tokenizer) -> None:
+    # The tiny preset splits the emoji over three byte-level tokens: decode() shows U+FFFD for
+    # each part, token_bytes() gives the UTF-8 bytes they hold.
+    ids = tok.encode("café 🙂 x")
+    parts = [tok.token_bytes(i) for i in ids]
+    assert b"".join(parts) == "café 🙂 x".encode()
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the case this exists for
+    assert (
+        tok.token_bytes(tok.eos_token_ids[0])
+        == tok.decode([tok.eos_token_ids[0]], skip_special_tokens=False).encode()
+    )
+
+
+def test_token_bytes_sentencepiece_byte_fallback(tmp_path: Path) -> None:
+    # A SentencePiece-style tokenizer (Metaspace, byte fallback): "▁" is a space and <0xNN>
+    # tokens are single bytes.
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581hi": 3, "\u2581": 4}
+    vocab |= {f"<0x{b:02X}>": 5 + b for b in range(256)}
+    t = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>",
+                                        byte_fallback=True))  # fmt: skip
+    t.normalizer = normalizers.Replace(" ", "\u2581")
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    t.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+    ])  # fmt: skip
+    hf = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>",
+                                 eos_token="</s>")  # fmt: skip
+    tk = Tokenizer(hf)
+    ids = [3, 4, 5 + 0xC3, 5 + 0xA9]  # "▁hi", "▁", <0xC3>, <0xA9>
+    assert [tk.token_bytes(i) for i in ids] == [b" hi", b" ", b"\xc3", b"\xa9"]
+    assert tk.decode(ids) == " hi é"

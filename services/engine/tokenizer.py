@@ -71,6 +71,31 @@ class Tokenizer:
             clean_up_tokenization_spaces=False,
         )
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for. A byte-level token can hold part of a UTF-8
+        character, which decode() shows as U+FFFD; clients piece such tokens together from
+        their bytes (OpenAI's logprobs `bytes` field)."""
+        piece = self.hf.convert_ids_to_tokens(int(token_id))
+        if piece is None or int(token_id) in self.hf.all_special_ids:
+            return self.decode([token_id], skip_special_tokens=False).encode()
+        kind = self._decoder_kinds()
+        if "ByteLevel" in kind:
+            table = _byte_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        if "ByteFallback" in kind and len(piece) == 6 and piece.startswith("<0x"):
+            return bytes([int(piece[3:5], 16)])  # SentencePiece's byte tokens: <0xE2>
+        if "Metaspace" in kind or "Replace" in kind:
+            return piece.replace("\u2581", " ").encode()
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
+    def _decoder_kinds(self) -> set[str]:
+        if not hasattr(self, "_kinds"):
+            spec = json.loads(self.backend.to_str()).get("decoder") or {}
+            parts = spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
+            self._kinds = {d.get("type", "") for d in parts}
+        return self._kinds
+
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
@@ -131,3 +156,16 @@ def _generation_eos_ids(path: Path) -> list[int]:
     if eos is None:
         return []
     return [int(t) for t in (eos if isinstance(eos, list) else [eos])]
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+    return _BYTE_DECODER
+
+
+_BYTE_DECODER: dict[str, int] | None = None
