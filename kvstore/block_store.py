@@ -13,13 +13,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from kvstore.block import BlockError, BlockMeta, StoredBlock
+from kvstore.leases import Leases
 from kvstore.tiers import DiskTier, Entry, MemoryTier
 
 MEMORY, DISK = "memory", "disk"
@@ -84,10 +84,8 @@ class BlockStore:
         self.lend_capacity = int(memory_bytes * lend_fraction)
         self.lent = 0
         self.sink: IndexSink = sink or NullSink()
-        self.clock = clock
         self._lock = threading.RLock()
-        self._pins: dict[str, tuple[float, tuple[bytes, ...]]] = {}
-        self._pin_count: Counter[bytes] = Counter()
+        self._leases = Leases(clock)
         self.demotions = self.evictions = self.gets = self.puts = 0
         self.corrupt_dropped = 0
 
@@ -104,7 +102,7 @@ class BlockStore:
     def put_many(self, blocks: Sequence[StoredBlock]) -> list[PutResult]:
         results, landed = [], []
         with self._lock:
-            self._expire_pins()
+            self._leases.expire()
             for b in blocks:
                 r = self._put_one(b)
                 results.append(r)
@@ -145,7 +143,7 @@ class BlockStore:
         if not self._make_room_in_memory(b.meta.size, exclude=b.block_id):
             return False
         while not m.add(b):  # the bytes fit but the arena is fragmented: free one more extent
-            victim = next((k for k in m.entries if not self._pin_count[k]), None)
+            victim = next((k for k in m.entries if not self._leases.pinned(k)), None)
             if victim is None:
                 return False
             self._demote(victim, m.entries[victim])
@@ -159,7 +157,7 @@ class BlockStore:
         for bid, e in m.entries.items():  # oldest first
             if m.used - freed + size <= m.capacity:
                 break
-            if self._pin_count[bid] or bid == exclude:
+            if self._leases.pinned(bid) or bid == exclude:
                 continue
             victims.append((bid, e))
             freed += e.meta.size
@@ -190,7 +188,7 @@ class BlockStore:
         for bid, e in d.entries.items():
             if d.used - freed + size <= d.capacity:
                 break
-            if self._pin_count[bid]:
+            if self._leases.pinned(bid):
                 continue
             victims.append(bid)
             freed += e.meta.size
@@ -291,46 +289,27 @@ class BlockStore:
     ) -> tuple[str, list[bytes], list[bytes]]:
         """Pin the held ids for lease_s; the same pin_id extends an existing pin (and adds ids)."""
         with self._lock:
-            self._expire_pins()
+            self._leases.expire()
             pin_id = pin_id or uuid.uuid4().hex
             held = [b for b in ids if self.tier_of(b) is not None]
             missing = [b for b in ids if self.tier_of(b) is None]
-            prev = self._pins.get(pin_id, (0.0, ()))[1]
-            new = [b for b in dict.fromkeys(held) if b not in set(prev)]
-            for b in new:
-                self._pin_count[b] += 1
-            self._pins[pin_id] = (self.clock() + lease_s, (*prev, *new))
+            self._leases.hold(pin_id, held, lease_s)
             return pin_id, held, missing
 
     def unpin(self, pin_id: str) -> int:
         with self._lock:
-            return self._release(pin_id)
-
-    def _release(self, pin_id: str) -> int:
-        if pin_id not in self._pins:
-            return 0
-        _, ids = self._pins.pop(pin_id)
-        for b in ids:
-            self._pin_count[b] -= 1
-            if self._pin_count[b] <= 0:
-                del self._pin_count[b]
-        return len(ids)
-
-    def _expire_pins(self) -> None:
-        now = self.clock()
-        for pid in [p for p, (exp, _) in self._pins.items() if exp <= now]:
-            self._release(pid)
+            return self._leases.release(pin_id)
 
     def is_pinned(self, bid: bytes) -> bool:
         with self._lock:
-            self._expire_pins()
-            return self._pin_count[bid] > 0
+            self._leases.expire()
+            return self._leases.pinned(bid)
 
     # -- accounting -------------------------------------------------------------------------
 
     def stats(self) -> StoreStats:
         with self._lock:
-            self._expire_pins()
+            self._leases.expire()
             return StoreStats(
                 memory_capacity=self.memory.capacity,
                 memory_used=self.memory.used,
@@ -340,7 +319,7 @@ class BlockStore:
                 disk_blocks=len(self.disk.entries) if self.disk else 0,
                 lent_bytes=self.lent,
                 lend_capacity=self.lend_capacity,
-                pinned_blocks=len(self._pin_count),
+                pinned_blocks=self._leases.num_pinned,
                 demotions=self.demotions,
                 evictions=self.evictions,
                 gets=self.gets,

@@ -18,7 +18,7 @@ import grpc
 
 from kvstore.block import BlockMeta, StoredBlock
 from kvstore.index import HolderInfo
-from kvstore.transport import GetItem, Transport, _unpin
+from kvstore.transport import GetItem, Transport, unpin_later
 from protos.splitserve.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,7 @@ class CudaIpcTransport:
                     self._unusable.add(holder.holder_id)
                     got = []
                 finally:
-                    task = asyncio.ensure_future(_unpin(stub, pin_id, timeout))
-                    _PENDING.add(task)
-                    task.add_done_callback(_PENDING.discard)
+                    unpin_later(stub, pin_id, timeout)
                 done = {b.block_id for b in got}
                 rest = [i for i in ids if i not in done]
                 for b in got:
@@ -141,6 +139,3 @@ def _device_index(device_uuid: str) -> int:
         if str(torch.cuda.get_device_properties(i).uuid) == device_uuid:
             return i
     raise LookupError(f"GPU {device_uuid} is not visible to this process")
-
-
-_PENDING: set[asyncio.Future] = set()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -26,6 +26,7 @@ import crc32c
 
 from kvstore.arena import Extents, _round
 from kvstore.block import BlockMeta, StoredBlock
+from kvstore.leases import Leases
 from protos.splitserve.v1 import kvstore_pb2 as pb
 
 
@@ -48,9 +49,7 @@ class DevicePool:
         self.extents = Extents(self.capacity)
         self.entries: OrderedDict[bytes, DeviceEntry] = OrderedDict()  # oldest first
         self.pool_id = uuid.uuid4().hex
-        self.clock = clock
-        self._pins: dict[str, tuple[float, tuple[bytes, ...]]] = {}
-        self._pin_count: Counter[bytes] = Counter()
+        self._leases = Leases(clock)
         self._lock = threading.Lock()
         self._handle: pb.CudaIpcHandle | None = None
         self.puts = self.evictions = 0
@@ -71,7 +70,7 @@ class DevicePool:
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
         with self._lock, _on(self.device):
-            self._expire()
+            self._leases.expire()
             for meta, tensor in blocks:
                 bid = meta.block_id
                 e = self.entries.get(bid)
@@ -86,7 +85,8 @@ class DevicePool:
                     self.puts += 1
                 self.entries.move_to_end(bid)
                 placed.append(bid)
-            self._pin(pin_id, placed, lease_s)
+            if pin_id:
+                self._leases.hold(pin_id, placed, lease_s)
             if self.on_cuda:
                 torch.cuda.current_stream().synchronize()
         return placed, new
@@ -96,7 +96,7 @@ class DevicePool:
         this put has placed: they are pinned only once it ends)."""
         while (off := self.extents.alloc(size)) is None:
             victim = next(
-                (b for b in self.entries if not self._pin_count[b] and b not in keep), None
+                (b for b in self.entries if not self._leases.pinned(b) and b not in keep), None
             )
             if victim is None:
                 return None
@@ -113,9 +113,10 @@ class DevicePool:
     def locate(self, ids: Sequence[bytes], pin_id: str, lease_s: float):
         """[(meta, offset)] of the ids held here, pinned under pin_id; and the absent ids."""
         with self._lock:
-            self._expire()
+            self._leases.expire()
             found = [(i, self.entries[i]) for i in ids if i in self.entries]
-            self._pin(pin_id, [i for i, _ in found], lease_s)
+            if pin_id:
+                self._leases.hold(pin_id, [i for i, _ in found], lease_s)
             absent = [i for i in ids if i not in self.entries]
             return [(e.meta, e.offset) for _, e in found], absent
 
@@ -156,37 +157,15 @@ class DevicePool:
 
     # -- pins -------------------------------------------------------------------------------
 
-    def _pin(self, pin_id: str, ids: Sequence[bytes], lease_s: float) -> None:
-        if not pin_id or not ids:
-            return
-        old = self._pins.get(pin_id)
-        held = tuple(dict.fromkeys((*(old[1] if old else ()), *ids)))
-        if old:
-            self._pin_count.subtract(old[1])
-        self._pin_count.update(held)
-        self._pins[pin_id] = (self.clock() + lease_s, held)
-
     def unpin(self, pin_id: str) -> int:
         with self._lock:
-            return self._release(pin_id)
-
-    def _release(self, pin_id: str) -> int:
-        entry = self._pins.pop(pin_id, None)
-        if entry is None:
-            return 0
-        self._pin_count.subtract(entry[1])
-        return len(entry[1])
-
-    def _expire(self) -> None:
-        now = self.clock()
-        for pid in [p for p, (until, _) in self._pins.items() if until <= now]:
-            self._release(pid)
+            return self._leases.release(pin_id)
 
     @property
     def pinned_blocks(self) -> int:
         with self._lock:
-            self._expire()
-            return sum(1 for c in self._pin_count.values() if c > 0)
+            self._leases.expire()
+            return self._leases.num_pinned
 
 
 def _on(device):

@@ -162,11 +162,7 @@ class SharedMemoryTransport:
             async for item in self._read(call, asm, copy):
                 yield item
         finally:
-            # Everything is copied out: let the holder evict again without waiting for the
-            # lease, in the background (the lease covers a lost Unpin).
-            task = asyncio.ensure_future(_unpin(stub, pin_id, timeout))
-            _BACKGROUND.add(task)
-            task.add_done_callback(_BACKGROUND.discard)
+            unpin_later(stub, pin_id, timeout)
 
     async def _read(self, call, asm: ChunkAssembler, copy: bool) -> AsyncIterator[GetItem]:
         arenas: dict[str, memoryview | None] = {}  # one stat per arena per call, not per block
@@ -221,6 +217,14 @@ class InPlace(StoredBlock):
 
 
 _BACKGROUND: set[asyncio.Future] = set()
+
+
+def unpin_later(stub, pin_id: str, timeout: float) -> None:
+    """Release a reader's pin in the background once it has copied what it read, so the holder
+    can evict again without waiting for the lease (which covers a lost Unpin)."""
+    task = asyncio.ensure_future(_unpin(stub, pin_id, timeout))
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 async def _unpin(stub, pin_id: str, timeout: float) -> None:
