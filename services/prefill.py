@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from kvstore.block import BlockMeta, StoredBlock, TensorSpec
+from kvstore.block import BlockMeta, StoredBlock
 from kvstore.device_pool import DevicePool
 from kvstore.server import KVStoreServer
 from protos.splitserve.v1 import common_pb2 as cpb
@@ -32,7 +32,7 @@ from services.engine_loop import EngineLoop, QueueFullError
 from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
 from services.replica import ReplicaServer
-from services.wire import kv_to_stored, logprob_to_pb, sampling_from_pb
+from services.wire import device_meta, kv_to_stored, logprob_to_pb, sampling_from_pb
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +168,6 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         return [b for b, r in pairs if r.status != "no_space"], [
             b for b, r in pairs if r.status == "ok"
         ]
-
-
-def device_meta(b, model_id: str) -> BlockMeta:
-    """A block's metadata for the device pool (no CRC: its bytes stay in GPU memory)."""
-    spec = TensorSpec(b.dtype_name, tuple(b.kv.shape), "kv")
-    return BlockMeta(b.block_hash, model_id, (spec,), spec.nbytes, 0, b.token_ids)
 
 
 class PrefillServer(ReplicaServer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.block import StoredBlock, TensorSpec
+from kvstore.block import BlockMeta, StoredBlock, TensorSpec
 from protos.splitserve.v1 import common_pb2 as cpb
 from services.engine.errors import InvalidRequestError
 from services.engine.kv_transfer import KVBlock
@@ -71,15 +71,19 @@ def logprob_to_pb(t: SampledToken) -> cpb.TokenLogprob:
     )
 
 
+def _kv_spec(b: KVBlock) -> TensorSpec:
+    return TensorSpec(b.dtype_name, tuple(b.kv.shape), "kv")
+
+
 def kv_to_stored(b: KVBlock, model_id: str) -> StoredBlock:
     """The engine's block as store bytes: its tensor's raw bytes, no copy on CPU."""
-    return StoredBlock.build(
-        b.block_hash,
-        model_id,
-        b.to_bytes(),
-        [TensorSpec(b.dtype_name, tuple(b.kv.shape), "kv")],
-        b.token_ids,
-    )
+    return StoredBlock.build(b.block_hash, model_id, b.to_bytes(), [_kv_spec(b)], b.token_ids)
+
+
+def device_meta(b: KVBlock, model_id: str) -> BlockMeta:
+    """The engine's block's metadata for a device pool (no CRC: its bytes stay on the GPU)."""
+    spec = _kv_spec(b)
+    return BlockMeta(b.block_hash, model_id, (spec,), spec.nbytes, 0, b.token_ids)
 
 
 def stored_to_kv(s: StoredBlock, model_id: str, cache: torch.Tensor) -> KVBlock | None:

@@ -71,7 +71,7 @@ HOLDER = textwrap.dedent(
     import asyncio, sys, torch
     from kvstore.device_pool import DevicePool
     from kvstore.server import KVStoreServer
-    from services.prefill import device_meta
+    from services.wire import device_meta
     from services.engine.kv_transfer import KVBlock
 
     async def main():
@@ -142,7 +142,7 @@ def test_cuda_ipc_pull_from_another_process(redis_url, namespace, tmp_path):
 
 def _kv_blocks(n: int, seed: int = 0):
     from services.engine.kv_transfer import KVBlock
-    from services.prefill import device_meta
+    from services.wire import device_meta
 
     g = torch.Generator().manual_seed(seed)
     out = []
