@@ -209,8 +209,3 @@ class Tenants:
             if hmac.compare_digest(k.digest, digest):
                 found = k.tenant
         return found
-
-    def authenticate(self, key: str | None) -> str | None:
-        """The tenant's name, or None when the key is refused."""
-        t = self.lookup(key)
-        return t.name if t is not None else None
