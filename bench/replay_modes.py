@@ -22,8 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,14 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import write_report
+from bench.up_process import free_port, splitserve_up
 
 MODES = ("colocated", "disaggregated")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, model: str, limit_s: float = 120.0) -> None:
@@ -61,19 +54,6 @@ def wait_ready(url: str, model: str, limit_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def up(config: Path, modes: tuple[str, ...]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--config", str(config)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)  # fmt: skip
-    url = proc.stdout.readline().strip() if proc.stdout else ""
-    if not url.startswith("http"):
-        proc.kill()
-        raise RuntimeError("splitserve up did not start")
-    for mode in modes:
-        wait_ready(url, f"tiny-{mode}")
-    return proc, url
-
-
 def app_config(path: Path, modes: tuple[str, ...]) -> Path:
     """The tiny preset in these modes behind one router, auth off (loopback only)."""
     models = "".join(f"  - {{name: tiny-{m}, path: tiny, mode: {m}}}\n" for m in modes)
@@ -83,15 +63,6 @@ def app_config(path: Path, modes: tuple[str, ...]) -> Path:
         f"auth: {{enabled: false}}\nmodels:\n{models}"
     )
     return path
-
-
-def down(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def goodput(url: str, mode: str, out: Path, args: argparse.Namespace) -> dict:
@@ -132,11 +103,10 @@ def main() -> None:
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
         for modes in groups:
-            proc, url = up(app_config(Path(tmp) / "app.yaml", modes), modes)
-            try:
+            with splitserve_up("--config", str(app_config(Path(tmp) / "app.yaml", modes))) as url:
+                for mode in modes:
+                    wait_ready(url, f"tiny-{mode}")
                 reports |= {mode: goodput(url, mode, args.out / mode, args) for mode in modes}
-            finally:
-                down(proc)
     for mode, rep in reports.items():
         gp[mode] = rep["goodput_rps"]
         for p in rep["probes"]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_report
+from bench.up_process import free_port, splitserve_up
 from router.app import build_app
 from services.engine.presets import make_model
 from services.engine.sampling_params import SamplingParams
@@ -207,21 +207,10 @@ QUESTIONS = [
 def end_to_end(model: str, mode: str, chats: int, tokens: int) -> dict:
     from openai import AsyncOpenAI
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        gport = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", model, "--mode", mode,
-           "--port", str(port), "--grpc-port", str(gport)]  # fmt: skip
+    args = ("--model", model, "--mode", mode, "--port", str(free_port()),
+            "--grpc-port", str(free_port()))  # fmt: skip
     t_up = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        url = proc.stdout.readline().strip()
-        if not url.startswith("http"):
-            raise RuntimeError("splitserve up failed")
+    with splitserve_up(*args) as url:
         up_s = time.perf_counter() - t_up
         name = Path(model).name
 
@@ -254,14 +243,6 @@ def end_to_end(model: str, mode: str, chats: int, tokens: int) -> dict:
             return res, wall
 
         res, wall = asyncio.run(go())
-    finally:
-        import signal
-
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     out = sum(n for *_, n in res)
     row = {
         "part": "end_to_end", "model": model, "mode": mode, "chats": chats,
