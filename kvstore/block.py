@@ -6,7 +6,6 @@ the CRC32C matches, so a block is either delivered exactly or not at all.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -14,40 +13,17 @@ import crc32c as _crc32c
 
 from kvstore.wire import Chunk
 from protos.splitserve.v1 import kvstore_pb2 as pb
+from rpc.tensor import DTYPE_SIZES, TensorSpec
 
 BLOCK_ID_BYTES = 16
 # Payload bytes per stream message: under the 16 MiB message limit both ends set, and large enough
 # that per-message overhead is small.
 CHUNK_BYTES = 4 * 1024 * 1024
-DTYPE_SIZES = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float64": 8,
-    "int8": 1,
-    "uint8": 1,
-    "int32": 4,
-    "int64": 8,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
-
 Payload = bytes | bytearray | memoryview
 
 
 class BlockError(ValueError):
     """A block that is malformed: wrong id, layout that does not match its payload, bad checksum."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    dtype: str
-    shape: tuple[int, ...]
-    name: str = ""
-
-    @property
-    def nbytes(self) -> int:
-        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -71,9 +47,7 @@ class BlockMeta:
             block_id=self.block_id,
             model_id=self.model_id,
             token_ids=self.token_ids,
-            tensors=[
-                pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape) for t in self.tensors
-            ],
+            tensors=[t.to_pb() for t in self.tensors],
             size=self.size,
             crc32c=self.crc32c,
             owner=self.owner,
@@ -84,7 +58,7 @@ class BlockMeta:
         meta = cls(
             block_id=bytes(h.block_id),
             model_id=h.model_id,
-            tensors=tuple(TensorSpec(t.dtype, tuple(t.shape), t.name) for t in h.tensors),
+            tensors=tuple(TensorSpec.from_pb(t) for t in h.tensors),
             size=h.size,
             crc32c=h.crc32c,
             token_ids=tuple(h.token_ids),

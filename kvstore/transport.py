@@ -31,6 +31,7 @@ from kvstore.block import BlockError, BlockMeta, ChunkAssembler, StoredBlock, ch
 from kvstore.index import HolderInfo
 from kvstore.wire import decode_get_response, encode_put_request, serialize
 from protos.splitserve.v1 import kvstore_pb2 as pb
+from rpc.channel import insecure_channel
 
 GetItem = StoredBlock | bytes  # a block, or the id of one the holder does not have
 
@@ -267,6 +268,4 @@ class KVStoreMethods:
 
 
 def channel_for(address: str) -> grpc.aio.Channel:
-    from kvstore.server import GRPC_OPTIONS
-
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+    return insecure_channel(address)

@@ -29,23 +29,23 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from router import errors
+from router.config import DEFAULT_MAX_BODY_BYTES
 from router.errors import APIError, from_exception
 from router.metrics import RouterMetrics
 from router.openai_api import Kind, Plan, Shaper, TokenTexts, parse, plan, prompts_of, text_length
 from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.tenants import Tenant, TenantBusyError, Tenants
+from rpc.piece import Piece
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
-from services.pd_client import Piece
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 8 << 20
 OFFLOAD_CHARS = 16_384  # tokenize prompts longer than this off the event loop
 
 
 class Backend(Protocol):
-    """Where requests run (splitserve.backend.PoolBackend picks replicas and uses PDClient).
+    """Where requests run (router.backend.PoolBackend picks replicas and uses PDClient).
 
     generate: the request's pieces as they come, the last with finish_reason and usage. It is
     an async generator: nothing runs until the first `anext`, and `aclose()` at any point

@@ -8,15 +8,16 @@ requests together (one Tenants object): over them, RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
 
-from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import generate_pb2 as pb
 from protos.splitserve.v1 import generate_pb2_grpc as pb_grpc
 from router.tenants import Tenant, TenantBusyError, Tenants
+from rpc.sampling import sampling_fields
+from services.engine.sampling_params import SamplingParams
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generate"].full_name
 
@@ -41,13 +42,11 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         self,
         backend: Backend,
         tokenizers: dict[str, Any],
-        sampling_from_pb: Callable[[cpb.SamplingParams], Any],
         tenants: Tenants | None,
     ) -> None:
         """tenants None: authentication off (the local demo)."""
         self.backend = backend
         self.tokenizers = tokenizers
-        self.sampling_from_pb = sampling_from_pb
         self.tenants = tenants
 
     async def Generate(self, request, context):
@@ -85,7 +84,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 f"unknown model {request.model!r}; served: {', '.join(models)}",
             )
         try:
-            params = self.sampling_from_pb(request.sampling)
+            params = SamplingParams(**sampling_fields(request.sampling))
             prompt = self._prompt(request, model)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -26,10 +26,10 @@ from router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from rpc.piece import Piece
 from services.engine.errors import ModelLoadError
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
-from services.pd_client import Piece
 
 Kind = Literal["completion", "chat"]
 

@@ -25,12 +25,13 @@ from kvstore.client import KVStoreClient
 from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import decode_pb2 as pb
 from protos.splitserve.v1 import decode_pb2_grpc as pb_grpc
+from rpc.server import ServiceApp
+from services.config import DecodeConfig
 from services.engine.block_hash import hash_blocks
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequestError
 from services.engine.kv_transfer import KVBlock
 from services.engine_loop import EngineLoop, QueueFullError
-from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
 from services.replica import ReplicaServer
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
@@ -161,41 +162,27 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 class DecodeServer(ReplicaServer):
     """A decode (or colocated) replica: engine, KV store client, gRPC service, registration."""
 
-    def __init__(
-        self,
-        engine: LLMEngine,
-        model_name: str,
-        redis_url: str | None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        namespace: str = "splitserve",
-        colocated: bool = False,
-        max_waiting: int = 256,
-        replica_id: str | None = None,
-        heartbeat_s: float = 1.0,
-        ttl_s: float = 5.0,
-        metrics_port: int | None = None,
-    ) -> None:
-        super().__init__(
-            "colocated" if colocated else "decode", engine, model_name, redis_url, host, port,
-            namespace, max_waiting, replica_id, heartbeat_s, ttl_s, metrics_port,
-        )  # fmt: skip
-        self.colocated = colocated
+    config: DecodeConfig
+
+    def __init__(self, config: DecodeConfig, engine: LLMEngine | None = None) -> None:
+        super().__init__(config, engine)
+        self.colocated = config.colocated
         self.kv: KVStoreClient | None = None
 
     async def start(self) -> str:
-        # gRPC channels and servers belong to the loop that runs them: built here.
-        self.app = ServiceApp(*self._bind)
-        if self.redis_url:
+        app = self._bind()
+        cluster = self.config.cluster
+        if cluster.redis_url:
+            # Channels belong to the event loop that uses them: made here, not in __init__.
             on_gpu = torch.device(self.engine.device).type == "cuda"
             self.kv = KVStoreClient(
-                self.redis_url, self.namespace, device=self.engine.device if on_gpu else None
+                cluster.redis_url, cluster.namespace, device=self.engine.device if on_gpu else None
             )
-        servicer = DecodeServicer(self.loop, self.kv, self.model_name, self.app, self.colocated,
+        servicer = DecodeServicer(self.loop, self.kv, self.model_name, app, self.colocated,
                                   self.metrics)  # fmt: skip
-        pb_grpc.add_DecodeServicer_to_server(servicer, self.app.server)
-        self.app.add(SERVICE_NAME)
-        await self.app.start()
+        pb_grpc.add_DecodeServicer_to_server(servicer, app.server)
+        app.add(SERVICE_NAME)
+        await app.start()
         self._announce()
         return self.address
 

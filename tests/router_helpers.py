@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import uvicorn
 
 from protos.splitserve.v1 import common_pb2 as cpb
+from router.pd_client import PDClient
+from rpc.piece import Piece
 from services.engine.sampling_params import SamplingParams
-from services.pd_client import PDClient, Piece
 
 
 class ColocatedBackend:
@@ -122,14 +123,13 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
     from router.app import build_app
     from router.grpc_api import GenerateServicer
     from router.tenants import Tenants, hash_key
-    from services.decode import DecodeServer
     from services.engine.tokenizer import load_tokenizer
-    from services.wire import sampling_from_pb
     from tests.kv_helpers import LoopThread
+    from tests.replica_helpers import decode_server
 
     lt = LoopThread()
-    server = DecodeServer(engine(model_dir), "tiny", None, colocated=True)
-    busy = DecodeServer(engine(model_dir), "tiny", None, colocated=True, max_waiting=0)
+    server = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True)
+    busy = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True, max_waiting=0)
     lt.run(server.start())
     lt.run(busy.start())
     with socket.socket() as s:
@@ -155,7 +155,7 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
 
     async def start_grpc():
         g = grpc.aio.server()
-        svc = GenerateServicer(backend, tokenizers, sampling_from_pb, tenants)
+        svc = GenerateServicer(backend, tokenizers, tenants)
         generate_pb2_grpc.add_GenerateServicer_to_server(svc, g)
         port = g.add_insecure_port("127.0.0.1:0")
         await g.start()

@@ -70,14 +70,16 @@ HOLDER = textwrap.dedent(
     """
     import asyncio, sys, torch
     from kvstore.device_pool import DevicePool
+    from kvstore.config import KVStoreConfig, Membership
     from kvstore.server import KVStoreServer
     from services.wire import device_meta
     from services.engine.kv_transfer import KVBlock
 
     async def main():
         pool = DevicePool(8 << 20, "cuda")
-        s = KVStoreServer(8 << 20, sys.argv[1], namespace=sys.argv[2], device_pool=pool,
-                          heartbeat_s=0.25, ttl_s=1.5)
+        cluster = Membership(redis_url=sys.argv[1], namespace=sys.argv[2], heartbeat_s=0.25,
+                             ttl_s=1.5)
+        s = KVStoreServer(KVStoreConfig(memory_bytes=8 << 20, cluster=cluster), pool)
         await s.start()
         g = torch.Generator(device="cuda").manual_seed(7)
         blocks = []

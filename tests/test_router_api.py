@@ -13,10 +13,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.decode import DecodeServer
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from tests.kv_helpers import wait_for
+from tests.replica_helpers import decode_server
 from tests.router_helpers import KEY, assert_error_shape, engine, router_stack
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -239,7 +239,7 @@ def test_models_health_and_metrics(stack):
 
 
 def test_replica_lost_mid_stream_ends_the_stream_with_an_error_event(stack, tiny_model_dir):
-    flaky = DecodeServer(engine(tiny_model_dir), "tiny", None, colocated=True)
+    flaky = decode_server(tiny_model_dir, engine={"num_kv_blocks": 256}, colocated=True)
     stack.lt.run(flaky.start())
     stack.backend.set_address("flaky", flaky.address)
     stream = stack.client.completions.create(

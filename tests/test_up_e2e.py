@@ -14,8 +14,8 @@ import time
 import grpc
 import pytest
 
+from kvstore.registry import list_replicas
 from loadgen.readers import read_trace
-from services.registry import list_replicas
 
 pytestmark = pytest.mark.slow
 

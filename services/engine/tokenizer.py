@@ -129,10 +129,8 @@ def load_tokenizer(model_dir: str | Path, require_chat_template: bool = False) -
             f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
             "copy them from the original model"
         )
-    from transformers import AutoTokenizer
-
     try:
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        hf = _tokenizer_class(path).from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {first}") from None
@@ -143,6 +141,23 @@ def load_tokenizer(model_dir: str | Path, require_chat_template: bool = False) -
             "use an instruct model or send plain completion prompts"
         )
     return tok
+
+
+def _tokenizer_class(path: Path) -> type:
+    """The class AutoTokenizer would pick from tokenizer_config.json's tokenizer_class, found
+    by name. AutoTokenizer itself imports transformers' model configs and with them torch,
+    which a router (tokenizing, never computing) must not load; a class it can't name this way
+    falls back to AutoTokenizer."""
+    import transformers
+
+    try:
+        name = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        name = None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase):
+        return cls
+    return transformers.AutoTokenizer
 
 
 def _generation_eos_ids(path: Path) -> list[int]:
