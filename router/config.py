@@ -15,9 +15,10 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 @dataclass(frozen=True, kw_only=True)
 class ModelRoute:
-    """One served model as the router sees it. model_dir: where its tokenizer and chat template
-    are; model_id: the engines' block-hash identity of its weights (prefix-aware placement
-    hashes prompts with it, so the router's block ids are the engines')."""
+    """One served model as the router sees it. model_dir: where its tokenizer and chat
+    template are (the router tokenizes and renders chats itself); model_id: the engines'
+    block-hash identity of its weights (prefix-aware placement hashes prompts with it, so the
+    router's block ids are the engines')."""
 
     name: str
     model_dir: str
@@ -25,6 +26,9 @@ class ModelRoute:
     block_size: int
     max_model_len: int
     mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    # The transformers class AutoTokenizer picks for model_dir, loaded by name here (without
+    # AutoTokenizer, which would import torch); None: AutoTokenizer.
+    tokenizer_class: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:

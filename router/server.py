@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 class RouterServer:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.tokenizers = {m.name: load_tokenizer(m.model_dir) for m in config.models}
+        self.tokenizers = {
+            m.name: load_tokenizer(m.model_dir, tokenizer_class=m.tokenizer_class)
+            for m in config.models
+        }
         self.tenants = Tenants.load(config.tenants_file) if config.auth else None
         self.backend: PoolBackend | None = None
         self.grpc: ServiceApp | None = None

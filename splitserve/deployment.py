@@ -45,6 +45,7 @@ def plan_deployment(
     in a cluster, so replicas on other nodes reach them)."""
     from services.engine.config import ModelConfig
     from services.engine.engine import model_fingerprint
+    from services.engine.tokenizer import load_tokenizer
 
     cluster = Membership(redis_url=redis_url, namespace=cfg.namespace)
     routes, replicas = [], []
@@ -61,6 +62,7 @@ def plan_deployment(
                     or ModelConfig.from_dir(d).max_position_embeddings
                 ),
                 mode=m.mode,
+                tokenizer_class=load_tokenizer(d).class_name,
             )
         )
         for role in m.roles:
