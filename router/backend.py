@@ -41,6 +41,10 @@ class PoolBackend:
         self._affinity: dict[str, PrefixAffinity] = defaultdict(PrefixAffinity)
         self._index: IndexReader | None = None
 
+    def outstanding_tokens(self, replica_id: str) -> int:
+        """Prompt tokens this router sent to a prefill replica and has no answer for yet."""
+        return self._outstanding.get(replica_id, 0)
+
     def models(self) -> list[tuple[str, int]]:
         return [(m.name, m.max_model_len) for m in self.models_info.values()]
 

@@ -84,7 +84,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if not prompt:
                 raise InvalidRequestError("prompt is empty: give at least one token")
             t0 = time.monotonic()
-            kv_blocks = await self._pull(prompt, list(request.blocks), timings)
+            with self.loop.admitting():
+                kv_blocks = await self._pull(prompt, list(request.blocks), timings)
             timings.transfer_ms = (time.monotonic() - t0) * 1e3
             self.metrics.kv_pulled(timings)
             if request.pin_id and request.pin_holder_address and self.kv is not None:

@@ -411,7 +411,8 @@ class EngineCollector(Collector):
         )
         yield self._gauge(
             "splitserve:num_requests_waiting",
-            "Requests waiting for admission (in the engine's queue or submitted to it).",
+            "Requests waiting for admission (in the engine's queue, submitted to it, or pulling "
+            "their KV).",
             ld.waiting,
         )
         yield self._gauge(
