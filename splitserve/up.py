@@ -71,6 +71,7 @@ def run_up(cfg: AppConfig, announce=print) -> None:
         if redis_url is None:
             embedded = EmbeddedRedis().start()
             redis_url = embedded.url
+            err.print(f"private Redis-compatible server at {redis_url}", highlight=False)
         if not cfg.auth.enabled:
             err.print(
                 "[yellow]authentication is OFF (local demo): anyone who can reach "

@@ -11,10 +11,7 @@ import torch
 from services.engine.sampling_params import SamplingParams
 from tests.engine_helpers import GREEDY, make_engine, random_prompts
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = pytest.mark.gpu
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 

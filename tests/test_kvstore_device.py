@@ -19,8 +19,6 @@ from kvstore.transport import StreamTransport
 from protos.splitserve.v1 import kvstore_pb2 as gpb
 from tests.kv_helpers import make_blocks
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def test_reader_without_a_pool_on_the_holder_falls_back(redis_url, namespace, loop_thread):
     # A CUDA-IPC reader (no GPU is touched until a pool answers) against a holder without a
@@ -100,7 +98,7 @@ HOLDER = textwrap.dedent(
 )
 
 
-@gpu
+@pytest.mark.gpu
 def test_cuda_ipc_pull_from_another_process(redis_url, namespace, tmp_path):
     expect_path = tmp_path / "kv.pt"
     proc = subprocess.Popen(
