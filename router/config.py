@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kvstore.config import Membership
+from services.engine.sampling_params import SamplingDefaults
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
@@ -29,6 +30,8 @@ class ModelRoute:
     # The transformers class AutoTokenizer picks for model_dir, loaded by name here (without
     # AutoTokenizer, which would import torch); None: AutoTokenizer.
     tokenizer_class: str | None = None
+    # Sampling for the fields a request leaves unset (the model's, under the app config's).
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
         if not self.name:

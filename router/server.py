@@ -41,7 +41,10 @@ class RouterServer:
     async def start(self) -> None:
         cfg = self.config
         self.backend = PoolBackend(cfg)
-        self.asgi = build_app(self.backend, self.tokenizers, self.tenants, cfg.max_body_bytes)
+        defaults = {m.name: m.defaults for m in cfg.models}
+        self.asgi = build_app(
+            self.backend, self.tokenizers, self.tenants, cfg.max_body_bytes, defaults=defaults
+        )
         if cfg.grpc_port is None:
             return
         try:
@@ -50,7 +53,7 @@ class RouterServer:
         except OSError as e:
             log.warning("gRPC Generate service not started: %s", e)
             return
-        servicer = GenerateServicer(self.backend, self.tokenizers, self.tenants)
+        servicer = GenerateServicer(self.backend, self.tokenizers, self.tenants, defaults)
         generate_pb2_grpc.add_GenerateServicer_to_server(servicer, self.grpc.server)
         self.grpc.add(SERVICE_NAME)
         await self.grpc.start()

@@ -13,11 +13,13 @@ from typing import Any, Protocol
 from protos.splitserve.v1 import common_pb2 as cpb
 
 # Plain scalars and lists: zero/empty on the wire means zero/empty.
-_PLAIN = ("top_k", "min_p", "presence_penalty", "frequency_penalty", "ignore_eos", "min_tokens")
+_PLAIN = ("presence_penalty", "frequency_penalty", "ignore_eos", "min_tokens")
 # Scalars whose unset state means "the receiver's default".
 _OPTIONAL = (
     "temperature",
     "top_p",
+    "top_k",
+    "min_p",
     "repetition_penalty",
     "seed",
     "logprobs",
@@ -46,7 +48,8 @@ class Sampling(Protocol):
 
 
 def sampling_fields(p: cpb.SamplingParams, default_max_tokens: int = 16) -> dict[str, Any]:
-    """Keyword arguments for the receiver's sampling type; max_tokens 0 means unset."""
+    """Keyword arguments for the receiver's sampling type. Unset fields are left out (the
+    receiver's defaults apply); max_tokens 0 means unset."""
     kw: dict[str, Any] = {name: getattr(p, name) for name in _PLAIN}
     kw["max_tokens"] = int(p.max_tokens) if p.max_tokens else default_max_tokens
     kw["stop"] = tuple(p.stop)

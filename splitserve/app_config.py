@@ -14,6 +14,7 @@
         prefill: {replicas: 1, num_gpus: 0, num_cpus: 0, device_pool: 2GiB}
         decode: {replicas: 1, num_gpus: 0, num_cpus: 0}
         engine: {max_num_seqs: 64, max_num_batched_tokens: 512, block_size: 16}
+        sampling: {temperature: 0.7, max_tokens: 1024}   # unset by a request; over the model's
 
 Errors name the field: `models.0.prefill.replicas: Input should be greater than or equal to 1`,
 `models.0.engine.block_size: block_size must be a positive power of two, got 24`.
@@ -112,6 +113,31 @@ class EngineSpec(_Strict):
         return EngineConfig(**kw)
 
 
+class SamplingSpec(_Strict):
+    """What a request gets for the sampling fields it leaves unset, over the model directory's
+    generation_config.json (services.engine.sampling_params.SamplingDefaults holds the rules).
+    max_tokens caps a chat that names none (completions keep the API's 16)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _sampling_rules(self) -> SamplingSpec:
+        self.over(None)  # raises ValueError naming the field
+        return self
+
+    def over(self, model_dir: Path | None):
+        """These settings over the model's own defaults (the built-in ones without a dir)."""
+        from services.engine.sampling_params import SamplingDefaults
+
+        base = SamplingDefaults.from_model_dir(model_dir) if model_dir else SamplingDefaults()
+        return base.merged(**self.model_dump())
+
+
 class ModelSpec(_Strict):
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
@@ -121,6 +147,7 @@ class ModelSpec(_Strict):
     decode: ReplicaSpec = ReplicaSpec()
     colocated: ReplicaSpec = ReplicaSpec()
     engine: EngineSpec = EngineSpec()
+    sampling: SamplingSpec = SamplingSpec()
 
     @property
     def roles(self) -> tuple[str, ...]:

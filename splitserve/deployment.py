@@ -63,6 +63,7 @@ def plan_deployment(
                 ),
                 mode=m.mode,
                 tokenizer_class=load_tokenizer(d).class_name,
+                defaults=m.sampling.over(d),
             )
         )
         for role in m.roles:

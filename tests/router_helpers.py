@@ -16,7 +16,7 @@ import uvicorn
 from protos.splitserve.v1 import common_pb2 as cpb
 from router.pd_client import PDClient
 from rpc.piece import Piece
-from services.engine.sampling_params import SamplingParams
+from services.engine.sampling_params import SamplingDefaults, SamplingParams
 
 
 class ColocatedBackend:
@@ -76,6 +76,12 @@ class InstantBackend:
             yield Piece([5], " tok")
         usage = cpb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=params.max_tokens)
         yield Piece([5], " tok", finish_reason="length", usage=usage)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -138,7 +144,8 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
     max_len = server.engine.max_model_len
     backend = ColocatedBackend(
         {"tiny": (server.address, max_len), "busy": (busy.address, max_len),
-         "down": (down, max_len), "flaky": (down, max_len)}
+         "down": (down, max_len), "flaky": (down, max_len),
+         "tiny-capped": (server.address, max_len)}
     )  # fmt: skip
     tok = load_tokenizer(model_dir)
     tenants = Tenants.from_dict(
@@ -150,12 +157,14 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
             ]
         }
     )  # fmt: skip
-    tokenizers = {"tiny": tok, "busy": tok, "down": tok, "flaky": tok}
-    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20)
+    tokenizers = {"tiny": tok, "busy": tok, "down": tok, "flaky": tok, "tiny-capped": tok}
+    # The same server under a name whose requests default to greedy and 7 tokens.
+    defaults = {"tiny-capped": SamplingDefaults(max_tokens=7, temperature=0.0)}
+    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20, defaults=defaults)
 
     async def start_grpc():
         g = grpc.aio.server()
-        svc = GenerateServicer(backend, tokenizers, tenants)
+        svc = GenerateServicer(backend, tokenizers, tenants, defaults)
         generate_pb2_grpc.add_GenerateServicer_to_server(svc, g)
         port = g.add_insecure_port("127.0.0.1:0")
         await g.start()

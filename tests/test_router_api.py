@@ -116,6 +116,33 @@ def test_chat_greedy_equals_engine_streaming_or_not(stack, ref):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == len(ids) + 16
 
 
+def test_unset_sampling_takes_the_models_defaults_over_http_and_grpc(stack, ref):
+    """tiny-capped's defaults are greedy and 7 tokens: a chat naming neither gets exactly the
+    engine's greedy 7 tokens, over HTTP and gRPC; what a request names still wins."""
+    import grpc
+
+    from protos.splitserve.v1 import generate_pb2 as gpb
+    from protos.splitserve.v1 import generate_pb2_grpc as gpb_grpc
+
+    ids = stack.tok.apply_chat_template(CHAT)
+    expect = greedy(ref, ids, 7)
+    c = stack.client
+    r = c.chat.completions.create(model="tiny-capped", messages=CHAT,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert (r.choices[0].message.content, r.usage.completion_tokens) == (expect, 7)
+    assert r.choices[0].finish_reason == "length"
+    r = c.chat.completions.create(model="tiny-capped", messages=CHAT, max_tokens=3,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.usage.completion_tokens == 3 and r.choices[0].message.content == greedy(ref, ids, 3)
+    with grpc.insecure_channel(stack.grpc) as ch:
+        req = gpb.GenerateRequest(model="tiny-capped", prompt_token_ids=gpb.TokenIds(ids=ids))
+        req.sampling.ignore_eos = True
+        msgs = list(gpb_grpc.GenerateStub(ch).Generate(
+            req, metadata=[("authorization", f"Bearer {KEY}")], timeout=60))  # fmt: skip
+    assert "".join(m.text for m in msgs) == expect
+    assert msgs[-1].usage.completion_tokens == 7
+
+
 def test_n_samples_use_seed_plus_index(stack):
     c = stack.client
     kw = {"model": "tiny", "prompt": "Once upon", "max_tokens": 8, "temperature": 1.0}
@@ -214,7 +241,7 @@ def test_logprobs(stack):
 
 def test_models_health_and_metrics(stack):
     models = stack.client.models.list()
-    assert {m.id for m in models.data} == {"tiny", "busy", "down", "flaky"}
+    assert {m.id for m in models.data} == {"tiny", "busy", "down", "flaky", "tiny-capped"}
     assert httpx2.get(f"{stack.url}/health").json() == {"status": "ok"}
 
     def count(**labels) -> float:

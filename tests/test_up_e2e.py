@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,20 +16,15 @@ import pytest
 
 from kvstore.registry import list_replicas
 from loadgen.readers import read_trace
+from tests.router_helpers import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def system():
     """`splitserve up` as a user runs it: no --redis, so it starts its own private server."""
-    port, gport = _free_port(), _free_port()
+    port, gport = free_port(), free_port()
     cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", "tiny", "--port", str(port),
            "--grpc-port", str(gport)]  # fmt: skip
     proc = subprocess.Popen(
