@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, write_report
 from kvstore.redis_server import EmbeddedRedis
 from services.engine.config import ModelConfig
-from services.engine.presets import make_model
 from services.engine.sampling_params import SamplingParams
+from services.model_prep.presets import make_model
 from services.pd_client import PDClient
 
 

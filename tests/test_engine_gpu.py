@@ -289,7 +289,7 @@ def test_bf16_logits_llama1b_close_to_transformers(tmp_path):
     decode-kernel positions both count. Also checks KV sizing from free GPU memory."""
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
-    from services.engine.presets import make_model
+    from services.model_prep.presets import make_model
 
     model_dir = make_model("llama-1b", tmp_path / "m", write_weights=False)
     util = 0.4
