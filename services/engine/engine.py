@@ -22,14 +22,14 @@ import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
 from services.engine.attention_cpu import TorchAttentionBackend
-from services.engine.block_hash import ROOT_HASH, hash_block
+from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
 from services.engine.block_pool import BlockPool, PoolUsage
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.errors import InvalidRequestError, ModelLoadError
 from services.engine.fused_ops import triton_available
 from services.engine.kv_cache import KVCache
-from services.engine.kv_transfer import KVBlock
+from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
 from services.engine.model import LlamaModel
 from services.engine.request import FinishReason, Request, RequestOutput, Status
 from services.engine.runner import ModelRunner
@@ -116,6 +116,10 @@ class LLMEngine:
         else:
             num_blocks = max(2, config.kv_cache_memory_bytes // per_block)
         self.kv_cache = KVCache.allocate(mcfg, num_blocks, bs, self.dtype, self.device)
+        self._kv_layout = KVLayout(
+            mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype_name(self.dtype), bs,
+            self.device,
+        )  # fmt: skip
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens
@@ -420,6 +424,21 @@ class LLMEngine:
         self.model.forward(ids, pos, meta, cache, last)
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - base
+
+    # -- what the services ask ------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def prefix_cache_hits(self, block_hashes: Sequence[BlockHash]) -> int:
+        """How many of these blocks, from the first on, the prefix cache holds now. Changes
+        nothing, so a later eviction can make the answer stale; call it on the engine's thread."""
+        return len(self.pool.lookup(block_hashes))
+
+    def kv_block_layout(self) -> KVLayout:
+        """The layout a KV block must have to be imported (add_request's kv_blocks)."""
+        return self._kv_layout
 
     # -- conveniences ---------------------------------------------------------------------
 
