@@ -10,6 +10,7 @@ import pytest
 
 from services.engine.block_pool import BlockPool
 from services.engine.config import EngineConfig
+from services.engine.errors import InvalidRequestError
 from services.engine.request import FinishReason, Request
 from services.engine.sampling_params import SamplingParams
 from services.engine.sched_output import NewRequestData, ScheduledSeq, SchedulerOutput
@@ -199,6 +200,10 @@ def test_priority_engine_under_preemption_equals_fcfs_tokens(tiny_model_dir, che
     assert list(tokens.values()) == reference
 
 
-def test_unknown_policy_is_refused():
+def test_unknown_policy_and_bad_priority_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority"):
         EngineConfig(scheduling_policy="lifo")
+    engine = make_engine(tiny_model_dir, scheduling_policy="priority")
+    with pytest.raises(InvalidRequestError, match=r"priority must be an integer, got 1\.5"):
+        engine.add_request("x", [1, 2, 3], PARAMS, priority=1.5)
+    assert not engine.has_unfinished()

@@ -182,6 +182,8 @@ class LLMEngine:
         """
         prompt = [int(t) for t in prompt_token_ids]
         self._validate(request_id, prompt, params, len(output_token_ids))
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
         req = Request(
             request_id=request_id,
@@ -193,7 +195,7 @@ class LLMEngine:
             output_token_ids=list(output_token_ids),
             imported_kv=list(kv_blocks),
             export_kv=export_kv,
-            priority=int(priority),
+            priority=priority,
             max_len=self.max_model_len,
         )
         self._requests[request_id] = req

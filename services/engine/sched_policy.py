@@ -33,7 +33,8 @@ class SchedulingPolicy(Protocol):
     - remove(req): a waiting request was aborted or finished; it leaves the queue.
     - victim(running): the running request to preempt. `running` is in admission order and never
       empty; any of them may be named, also one already scheduled in this step (it gives its
-      slice back) or the one asking for blocks. Called again until enough blocks are free.
+      slice back) or the one asking for blocks. The scheduler asks again, without the victim,
+      until the blocks suffice or the one asking is named.
     - len() and iteration: the waiting requests, in no promised order.
     """
 
