@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = perf()
     from kvstore.redis_server import EmbeddedRedis
     from services.engine.config import ModelConfig
-    from services.engine.presets import make_model
+    from services.model_prep.presets import make_model
 
     preset = "tiny" if args.cpu_smoke else "llama-8b"
     gpu_line = "cpu smoke"

@@ -79,7 +79,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         kwargs: dict = {}
         if request.HasField("first_token_id"):
             first = int(request.first_token_id)
-            if not 0 <= first < self.engine.model_config.vocab_size:
+            if not 0 <= first < self.engine.vocab_size:
                 raise InvalidRequestError(f"first_token_id {first} is outside the vocabulary")
             if not prompt:
                 raise InvalidRequestError("prompt is empty: give at least one token")
@@ -133,18 +133,18 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         while usable < min(len(refs), len(expected)) and refs[usable].block_id == expected[usable]:
             usable += 1
         full = expected[: len(prompt) // e.block_size]
-        hits = await self.loop.call(lambda eng: len(eng.pool.lookup(full)))
+        hits = await self.loop.call(lambda eng: eng.prefix_cache_hits(full))
         hits = min(hits, usable)
         need = [bytes(r.block_id) for r in refs[hits:usable]]
         got = {}
         if need and self.kv is not None:
             res = await self.kv.get(need, source=refs[hits].holder_id or None)
             got = res.blocks
-        cache = e.kv_cache.data
+        layout = e.kv_block_layout()
         out: list[KVBlock | None] = [None] * hits
         for bid in need:
             s = got.get(bid)
-            kv = stored_to_kv(s, e.model_id, cache) if s is not None else None
+            kv = stored_to_kv(s, e.model_id, layout) if s is not None else None
             if kv is None:
                 timings.blocks_recomputed += 1
             else:
@@ -175,9 +175,10 @@ class DecodeServer(ReplicaServer):
         cluster = self.config.cluster
         if cluster.redis_url:
             # Channels belong to the event loop that uses them: made here, not in __init__.
-            on_gpu = torch.device(self.engine.device).type == "cuda"
+            device = self.engine.kv_block_layout().device
+            on_gpu = torch.device(device).type == "cuda"
             self.kv = KVStoreClient(
-                cluster.redis_url, cluster.namespace, device=self.engine.device if on_gpu else None
+                cluster.redis_url, cluster.namespace, device=device if on_gpu else None
             )
         servicer = DecodeServicer(self.loop, self.kv, self.model_name, app, self.colocated,
                                   self.metrics)  # fmt: skip

@@ -212,13 +212,14 @@ class PrefillServer(ReplicaServer):
 def make_device_pool(engine: LLMEngine, nbytes: int | None) -> DevicePool | None:
     import torch
 
-    if torch.device(engine.device).type != "cuda":
+    device = engine.kv_block_layout().device
+    if torch.device(device).type != "cuda":
         return None
     nbytes = 2 << 30 if nbytes is None else nbytes
     if nbytes <= 0:
         return None
     try:
-        return DevicePool(nbytes, engine.device)
+        return DevicePool(nbytes, device)
     except torch.cuda.OutOfMemoryError:
         # The engine sized its KV cache first; without room for the pool, hand-offs go
         # through the store's host memory as on a CPU (slower, same bytes).

@@ -9,7 +9,7 @@ from protos.splitserve.v1 import common_pb2 as cpb
 from rpc.sampling import sampling_fields
 from rpc.tensor import TensorSpec
 from services.engine.errors import InvalidRequestError
-from services.engine.kv_transfer import KVBlock
+from services.engine.kv_transfer import KVBlock, KVLayout
 from services.engine.sampler import SampledToken
 from services.engine.sampling_params import SamplingParams
 
@@ -45,21 +45,14 @@ def device_meta(b: KVBlock, model_id: str) -> BlockMeta:
     return BlockMeta(b.block_hash, model_id, (spec,), spec.nbytes, 0, b.token_ids)
 
 
-def stored_to_kv(s: StoredBlock, model_id: str, cache: torch.Tensor) -> KVBlock | None:
-    """Back to an engine block, or None if it doesn't fit this engine's cache
-    ([L, 2, NB, BS, Hkv, D]: another model, layout or dtype): the caller recomputes rather than
-    loading foreign KV."""
+def stored_to_kv(s: StoredBlock, model_id: str, layout: KVLayout) -> KVBlock | None:
+    """Back to an engine block, or None if it doesn't fit the engine's KV layout (another model,
+    layout or dtype): the caller recomputes rather than loading foreign KV."""
     t = s.meta.tensors
     if s.meta.model_id != model_id or len(t) != 1 or t[0].name != "kv":
         return None
     shape = t[0].shape
-    if (
-        len(shape) != 5
-        or shape[0] != cache.shape[0]
-        or tuple(shape[3:]) != tuple(cache.shape[4:])
-        or shape[2] > cache.shape[3]
-        or t[0].dtype != str(cache.dtype).removeprefix("torch.")
-    ):
+    if not layout.fits(t[0].dtype, shape):
         return None
     if isinstance(s.payload, torch.Tensor):  # a GPU-to-GPU pull: already on this device
         try:

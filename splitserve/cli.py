@@ -154,7 +154,7 @@ def make_model_cmd(
 ) -> None:
     """Write a Hugging Face model directory with seeded random weights and a real tokenizer."""
     from services.engine.errors import EngineError
-    from services.engine.presets import make_model
+    from services.model_prep.presets import make_model
 
     try:
         print(make_model(preset, out, seed=seed))

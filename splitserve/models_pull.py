@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from services.engine.errors import ModelLoadError
-from services.engine.gguf_convert import convert_gguf
+from services.model_prep.gguf_convert import convert_gguf
 
 if TYPE_CHECKING:
     from rich.console import Console

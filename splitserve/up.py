@@ -36,7 +36,7 @@ def demo_config(model: str, port: int, grpc_port: int, mode: str) -> AppConfig:
 
 
 def resolve_model_path(spec: ModelSpec) -> Path:
-    from services.engine.presets import PRESETS, make_model
+    from services.model_prep.presets import PRESETS, make_model
     from splitserve.models_pull import KNOWN_MODELS, pull_model, splitserve_home
 
     path = Path(spec.path).expanduser()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.presets import make_model
+from services.model_prep.presets import make_model
 
 
 def pytest_collection_modifyitems(config, items):
