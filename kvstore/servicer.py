@@ -8,13 +8,9 @@ add_kvstore_servicer); kvstore.server runs it (port, health, reflection, index, 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import mmap
 import os
-import shutil
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -31,6 +27,7 @@ from kvstore.block import (
 from kvstore.block_store import DISK, MEMORY, BlockStore, PutResult
 from kvstore.device_pool import DevicePool
 from kvstore.index import RedisIndex
+from kvstore.shm_layout import SharedMemoryLayout, host_id
 from kvstore.wire import (
     Chunk,
     PutItem,
@@ -56,79 +53,6 @@ _STATUS_PB = {
 # Put streams are stored in batches so the store's lock and the index's round trip are paid
 # once per batch rather than once per block.
 _BATCH_BLOCKS, _BATCH_BYTES = 256, 8 * 1024 * 1024
-
-
-def host_id() -> str:
-    return socket.gethostname()
-
-
-@dataclass
-class SharedMemoryLayout:
-    """A holder's tmpfs directory: blocks/arena (the memory tier's arena, which same-host readers
-    map), incoming/ (same-host writers put files here and hand them over by name), a marker
-    naming the holder, by which a client proves it sees the same files (same host and mounts),
-    and a lock file the holder keeps flock'ed while it lives. The kernel drops that lock when
-    the process dies, however it dies, so the next holder to start can tell a dead holder's
-    directory (a pre-faulted arena the size of its memory budget) and remove it."""
-
-    root: Path
-    _lock_fd: int | None = None
-
-    @property
-    def blocks(self) -> Path:
-        return self.root / "blocks"
-
-    @property
-    def incoming(self) -> Path:
-        return self.root / "incoming"
-
-    @property
-    def marker(self) -> Path:
-        return self.root / "holder"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "lock"
-
-    def create(self, holder_id: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(f"{self.root} belongs to a running holder") from None
-        self._lock_fd = fd  # held for the holder's life
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        for f in self.incoming.iterdir():
-            f.unlink(missing_ok=True)
-        self.marker.write_text(holder_id)
-
-    def release(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-
-def remove_dead_holders(base: Path, prefix: str = "splitserve-") -> list[Path]:
-    """Remove holder directories under base whose lock no live process holds; returns them.
-    A directory without a lock file (being created, or from an older version) is left alone."""
-    removed = []
-    for d in base.glob(f"{prefix}*"):
-        try:
-            fd = os.open(d / "lock", os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-        except BlockingIOError:
-            pass  # its holder is alive
-        finally:
-            os.close(fd)
-    return removed
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):

@@ -15,7 +15,7 @@ import redis
 from kvstore.block import StoredBlock, chunk_messages
 from kvstore.client import KVStoreClient, SyncKVStoreClient
 from kvstore.index import Keys
-from kvstore.servicer import SharedMemoryLayout, remove_dead_holders
+from kvstore.shm_layout import SharedMemoryLayout, remove_dead_holders
 from protos.splitserve.v1 import kvstore_pb2 as pb
 from protos.splitserve.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kv_helpers import make_blocks, spawn_holder, wait_for
@@ -360,7 +360,7 @@ def test_a_killed_holders_shared_memory_is_removed_by_the_next(tmp_path):
     # memory budget) stays in tmpfs until a holder starting on the host sees its lock is free.
     code = (
         "import sys, time; from pathlib import Path; "
-        "from kvstore.servicer import SharedMemoryLayout; "
+        "from kvstore.shm_layout import SharedMemoryLayout; "
         "SharedMemoryLayout(Path(sys.argv[1])).create('dead'); print('up', flush=True); "
         "time.sleep(600)"
     )
