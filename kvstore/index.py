@@ -132,6 +132,19 @@ return 1
 """
 
 
+# A batch of new entries in one call (a pipeline of one HSET per block costs the client more to
+# pack and parse than the whole write costs Redis). KEYS: the n entries' keys, the holder's
+# block set, its registration hash. ARGV: holder id, n entries, n id hexes, capacity fields.
+_ADD = """
+local n = #KEYS - 2
+for i = 1, n do
+  redis.call('HSET', KEYS[i], ARGV[1], ARGV[i + 1])
+  redis.call('SADD', KEYS[n + 1], ARGV[n + i + 1])
+end
+if #ARGV > 2 * n + 1 then redis.call('HSET', KEYS[n + 2], unpack(ARGV, 2 * n + 2)) end
+return n
+"""
+
 _LOCATE = """
 local out = {}
 for i, k in ipairs(KEYS) do out[i] = redis.call('HGETALL', k) end
@@ -166,40 +179,47 @@ class RedisIndex:
         self.dirty = True
         self.reannounces = 0
         self._lock = threading.Lock()
+        self._add = self.r.register_script(_ADD)
 
     # -- IndexSink -------------------------------------------------------------------------
 
     def added(self, entries: Sequence[tuple[BlockMeta, str]]) -> None:
-        def write(p):
-            for meta, tier in entries:
-                p.hset(self.k.block(meta.hex), self.holder_id, _entry(meta, tier))
-            p.sadd(self.k.holder_blocks(self.holder_id), *[m.hex for m, _ in entries])
-            p.hset(self.k.holder(self.holder_id), mapping=self.capacity())
+        if not entries:
+            return
+        hexes = [m.hex for m, _ in entries]
+        keys = [self.k.block(hx) for hx in hexes]
+        keys += [self.k.holder_blocks(self.holder_id), self.k.holder(self.holder_id)]
+        args = [self.holder_id, *(_entry(m, t) for m, t in entries), *hexes]
+
+        def write():
+            capacity = [x for kv in self.capacity().items() for x in kv]
+            self._add(keys=keys, args=args + capacity)
 
         self._write(write)
 
     def moved(self, meta: BlockMeta, tier: str) -> None:
-        self._write(lambda p: p.hset(self.k.block(meta.hex), self.holder_id, _entry(meta, tier)))
+        self._write(lambda: self.r.hset(self.k.block(meta.hex), self.holder_id, _entry(meta, tier)))
 
     def removing(self, metas: Sequence[BlockMeta]) -> None:
-        def write(p):
+        def write():
+            p = self.r.pipeline(transaction=False)
             for m in metas:
                 p.hdel(self.k.block(m.hex), self.holder_id)
             p.srem(self.k.holder_blocks(self.holder_id), *[m.hex for m in metas])
+            p.execute()
 
         self._write(write)
 
     def release_reservations(self, ids: Sequence[str]) -> None:
         if ids:
-            self._write(lambda p: p.hdel(self.k.reservations(self.holder_id), *ids))
+            self._write(lambda: self.r.hdel(self.k.reservations(self.holder_id), *ids))
 
-    def _write(self, fill) -> None:
+    def _write(self, write: Callable[[], object]) -> None:
+        """One round trip to Redis; a failure marks the index for re-announcing."""
         if self.dirty:
             return  # the next heartbeat rewrites everything anyway
         try:
-            p = self.r.pipeline(transaction=False)
-            fill(p)
-            p.execute()
+            write()
         except redis.RedisError as e:
             log.warning("index write failed (%s); will re-announce", e)
             self.dirty = True
