@@ -226,7 +226,8 @@ class KVStoreClient:
             failed = [bid for f in got for bid in f]
             pending = [bid for bid in failed if candidates[bid]]
             result.missing += [bid for bid in failed if not candidates[bid]]
-        result.missing = [bid for bid in ids if bid in set(result.missing)]
+        missing = set(result.missing)
+        result.missing = [bid for bid in ids if bid in missing]
         return result
 
     def _rank(self, bid: bytes, loc: dict[str, tuple[str, int]], live) -> list[str]:
