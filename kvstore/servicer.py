@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 
 from kvstore.block import (
+    BATCH_BLOCKS,
+    BATCH_BYTES,
     BLOCK_ID_BYTES,
     BlockError,
     BlockMeta,
@@ -31,6 +33,7 @@ from kvstore.shm_layout import SharedMemoryLayout, host_id
 from kvstore.wire import (
     Chunk,
     PutItem,
+    Whole,
     decode_put_request,
     encode_get_batch,
     encode_get_chunk,
@@ -95,19 +98,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     raise BlockError(req.error)
                 if req.reservation_id:
                     reservations.add(req.reservation_id)
-                if req.chunk.shm is not None:
-                    if asm.in_progress:
-                        raise BlockError("a shared-memory block inside another block's chunks")
-                    block, path = self._adopt(req.chunk)
-                    files.append(path)
-                else:
-                    block = asm.feed(req.chunk)
-                if block is None:
-                    continue
-                batch.append(block)
-                size += block.meta.size
-                if len(batch) >= _BATCH_BLOCKS or size >= _BATCH_BYTES:
-                    await flush()
+                for chunk in req.chunks:
+                    if chunk.shm is not None:
+                        if asm.in_progress:
+                            raise BlockError("a shared-memory block inside another block's chunks")
+                        block, path = self._adopt(chunk)
+                        files.append(path)
+                    else:
+                        block = asm.feed(chunk)
+                    if block is None:
+                        continue
+                    batch.append(block)
+                    size += block.meta.size
+                    if len(batch) >= _BATCH_BLOCKS or size >= _BATCH_BYTES:
+                        await flush()
             if asm.in_progress:
                 raise BlockError("the stream ended inside a block (no chunk with last=true)")
             if batch:
@@ -183,7 +187,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"blocks not held here: {shown}{more}"
                 )
-            refs: list[tuple[pb.BlockHeader, pb.SharedMemoryRef]] = []
+            batch: list[Whole] = []  # small blocks and shared-memory references
+            size = 0
             for bid in ids:
                 tier = self.store.tier_of(bid)
                 block = (
@@ -197,19 +202,25 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     yield encode_get_missing(bid)
                     continue
                 loc = self.store.shm_location(bid) if use_shm else None
+                n = block.meta.size
                 if loc is not None:
-                    ref = pb.SharedMemoryRef(
-                        path=str(loc[0]), offset=loc[1], length=block.meta.size
-                    )
-                    refs.append((block.meta.to_proto(), ref))
-                    if len(refs) >= 256:
-                        yield encode_get_batch(refs)
-                        refs = []
+                    ref = pb.SharedMemoryRef(path=str(loc[0]), offset=loc[1], length=n)
+                    batch.append((block.meta.header_bytes, b"", ref.SerializeToString()))
+                elif n < BATCH_BYTES:
+                    if size + n > BATCH_BYTES:
+                        yield encode_get_batch(batch)
+                        batch, size = [], 0
+                    batch.append((block.meta.header_bytes, block.payload, None))
+                    size += n
+                else:
+                    for header, data, last in chunk_slices(block.meta, block.payload):
+                        yield encode_get_chunk(header, data, last)
                     continue
-                for header, data, last in chunk_slices(block.meta, block.payload):
-                    yield encode_get_chunk(header, data, last)
-            if refs:
-                yield encode_get_batch(refs)
+                if len(batch) >= BATCH_BLOCKS:
+                    yield encode_get_batch(batch)
+                    batch, size = [], 0
+            if batch:
+                yield encode_get_batch(batch)
         finally:
             if not use_shm:  # shared-memory readers keep the pin for the lease to map the files
                 self.store.unpin(pin_id)

@@ -27,9 +27,23 @@ from typing import Protocol
 
 import grpc
 
-from kvstore.block import BlockError, BlockMeta, ChunkAssembler, StoredBlock, chunk_slices
+from kvstore.block import (
+    BATCH_BLOCKS,
+    BlockError,
+    BlockMeta,
+    ChunkAssembler,
+    StoredBlock,
+    chunk_slices,
+    message_groups,
+)
 from kvstore.index import HolderInfo
-from kvstore.wire import decode_get_response, encode_put_request, serialize
+from kvstore.wire import (
+    Whole,
+    decode_get_response,
+    encode_put_batch,
+    encode_put_request,
+    serialize,
+)
 from protos.splitserve.v1 import kvstore_pb2 as pb
 
 GetItem = StoredBlock | bytes  # a block, or the id of one the holder does not have
@@ -72,8 +86,14 @@ class StreamTransport:
 
     async def put(self, stub, holder, blocks, reservation_id, timeout):
         async def requests():
-            resv = reservation_id
-            for b in blocks:
+            resv = reservation_id  # rides on the first message
+            for group in message_groups(blocks):
+                if len(group) > 1:
+                    whole = [(b.meta.header_bytes, b.payload, None) for b in group]
+                    yield encode_put_batch(whole, resv)
+                    resv = ""
+                    continue
+                b = group[0]
                 for header, data, last in chunk_slices(b.meta, b.payload):
                     yield encode_put_request(header, data, last, reservation_id=resv)
                     resv = ""
@@ -91,9 +111,10 @@ class StreamTransport:
             if resp.missing_block_id:
                 yield resp.missing_block_id
                 continue
-            block = asm.feed(resp.chunk)
-            if block is not None:
-                yield block
+            for c in resp.chunks:
+                block = asm.feed(c)
+                if block is not None:
+                    yield block
 
 
 class SharedMemoryTransport:
@@ -126,19 +147,18 @@ class SharedMemoryTransport:
         incoming = Path(holder.shm_dir) / "incoming"
         written: list[Path] = []
         try:
-            reqs = []
-            for i, b in enumerate(blocks):
+            refs: list[Whole] = []
+            for b in blocks:
                 path = incoming / f"{uuid.uuid4().hex}.part"
                 with path.open("wb") as fh:
                     fh.write(b.payload)
                 written.append(path)
                 ref = pb.SharedMemoryRef(path=str(path), offset=0, length=b.meta.size)
-                reqs.append(
-                    encode_put_request(
-                        b.meta.to_proto(), last=True, shm=ref,
-                        reservation_id="" if i else reservation_id,
-                    )
-                )  # fmt: skip
+                refs.append((b.meta.header_bytes, b"", ref.SerializeToString()))
+            reqs = [
+                encode_put_batch(refs[i : i + BATCH_BLOCKS], "" if i else reservation_id)
+                for i in range(0, len(refs), BATCH_BLOCKS)
+            ]
             resp = await stub.Put(iter(reqs), timeout=timeout)
             return list(resp.statuses)
         finally:
@@ -170,7 +190,7 @@ class SharedMemoryTransport:
             if resp.missing_block_id:
                 yield resp.missing_block_id
                 continue
-            for c in resp.batch or ([resp.chunk] if resp.chunk is not None else []):
+            for c in resp.chunks:
                 if c.shm is None:  # a disk-tier block arrives as bytes
                     block = asm.feed(c)
                     if block is not None:
