@@ -21,7 +21,7 @@ import contextlib
 import mmap
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +36,9 @@ from kvstore.block import (
     chunk_slices,
     message_groups,
 )
+from kvstore.deadlines import CallBudget, Watchdog
 from kvstore.index import HolderInfo
+from kvstore.wire import GetItem as GetMessage
 from kvstore.wire import (
     Whole,
     decode_get_response,
@@ -60,7 +62,7 @@ class Transport(Protocol):
         holder: HolderInfo,
         blocks: Sequence[StoredBlock],
         reservation_id: str,
-        timeout: float,
+        budget: CallBudget,
     ) -> list[pb.BlockStatus]: ...
 
     def get(
@@ -68,7 +70,7 @@ class Transport(Protocol):
         stub: KVStoreMethods,
         holder: HolderInfo,
         ids: Sequence[bytes],
-        timeout: float,
+        budget: CallBudget,
         copy: bool = True,
     ) -> AsyncIterator[GetItem]:
         """Blocks as they arrive. copy=False may yield views that are valid only until the
@@ -84,8 +86,8 @@ class StreamTransport:
     def reaches(self, holder: HolderInfo) -> bool:
         return True
 
-    async def put(self, stub, holder, blocks, reservation_id, timeout):
-        async def requests():
+    async def put(self, stub, holder, blocks, reservation_id, budget):
+        def requests():
             resv = reservation_id  # rides on the first message
             for group in message_groups(blocks):
                 if len(group) > 1:
@@ -98,23 +100,21 @@ class StreamTransport:
                     yield encode_put_request(header, data, last, reservation_id=resv)
                     resv = ""
 
-        resp = await stub.Put(requests(), timeout=timeout)
-        return list(resp.statuses)
+        nbytes = sum(b.meta.size for b in blocks)
+        return await put_call(stub, holder, requests(), nbytes, len(blocks), budget)
 
-    async def get(self, stub, holder, ids, timeout, copy=True):
+    async def get(self, stub, holder, ids, budget, copy=True):
         asm = ChunkAssembler()
-        call = stub.Get(
-            pb.GetRequest(block_ids=ids, transport=pb.TRANSPORT_STREAM, allow_missing=True),
-            timeout=timeout,
-        )
-        async for resp in call:
-            if resp.missing_block_id:
-                yield resp.missing_block_id
-                continue
-            for c in resp.chunks:
-                block = asm.feed(c)
-                if block is not None:
-                    yield block
+        req = pb.GetRequest(block_ids=ids, transport=pb.TRANSPORT_STREAM, allow_missing=True)
+        async with contextlib.aclosing(get_call(stub, holder, req, budget)) as responses:
+            async for resp in responses:
+                if resp.missing_block_id:
+                    yield resp.missing_block_id
+                    continue
+                for c in resp.chunks:
+                    block = asm.feed(c)
+                    if block is not None:
+                        yield block
 
 
 class SharedMemoryTransport:
@@ -143,7 +143,7 @@ class SharedMemoryTransport:
             self._seen[key] = marker == holder.holder_id
         return self._seen[key]
 
-    async def put(self, stub, holder, blocks, reservation_id, timeout):
+    async def put(self, stub, holder, blocks, reservation_id, budget):
         incoming = Path(holder.shm_dir) / "incoming"
         written: list[Path] = []
         try:
@@ -159,34 +159,33 @@ class SharedMemoryTransport:
                 encode_put_batch(refs[i : i + BATCH_BLOCKS], "" if i else reservation_id)
                 for i in range(0, len(refs), BATCH_BLOCKS)
             ]
-            resp = await stub.Put(iter(reqs), timeout=timeout)
-            return list(resp.statuses)
+            # The holder copies the files into its arena: the same work as bytes on the wire.
+            nbytes = sum(b.meta.size for b in blocks)
+            return await put_call(stub, holder, reqs, nbytes, len(blocks), budget)
         finally:
             for p in written:  # adopted files were renamed away; these are the leftovers
                 p.unlink(missing_ok=True)
 
-    async def get(self, stub, holder, ids, timeout, copy=True):
+    async def get(self, stub, holder, ids, budget, copy=True):
         asm = ChunkAssembler()
         pin_id = uuid.uuid4().hex
-        call = stub.Get(
-            pb.GetRequest(
-                block_ids=ids,
-                transport=pb.TRANSPORT_SHARED_MEMORY,
-                allow_missing=True,
-                lease_ms=self.lease_ms,
-                pin_id=pin_id,
-            ),
-            timeout=timeout,
+        req = pb.GetRequest(
+            block_ids=ids,
+            transport=pb.TRANSPORT_SHARED_MEMORY,
+            allow_missing=True,
+            lease_ms=self.lease_ms,
+            pin_id=pin_id,
         )
         try:
-            async for item in self._read(call, asm, copy):
-                yield item
+            async with contextlib.aclosing(get_call(stub, holder, req, budget)) as responses:
+                async for item in self._read(responses, asm, copy):
+                    yield item
         finally:
-            unpin_later(stub, pin_id, timeout)
+            unpin_later(stub, pin_id, budget.base_s)
 
-    async def _read(self, call, asm: ChunkAssembler, copy: bool) -> AsyncIterator[GetItem]:
+    async def _read(self, responses, asm: ChunkAssembler, copy: bool) -> AsyncIterator[GetItem]:
         arenas: dict[str, memoryview | None] = {}  # one stat per arena per call, not per block
-        async for resp in call:
+        async for resp in responses:
             if resp.missing_block_id:
                 yield resp.missing_block_id
                 continue
@@ -230,6 +229,39 @@ class SharedMemoryTransport:
             os.close(fd)
         self._maps[path] = (ino, view)
         return view
+
+
+async def put_call(
+    stub: KVStoreMethods,
+    holder: HolderInfo,
+    messages: Iterable[bytes],
+    nbytes: int,
+    nblocks: int,
+    budget: CallBudget,
+) -> list[pb.BlockStatus]:
+    """One Put: watched while the holder takes its messages, with a deadline for the work it
+    carries (kvstore.deadlines)."""
+    dog = Watchdog(budget.stall_s, holder.holder_id)
+    call = stub.Put(dog.requests(messages), timeout=budget.deadline_s(nbytes, nblocks))
+    with dog.watching(call):
+        resp = await call
+    return list(resp.statuses)
+
+
+async def get_call(
+    stub: KVStoreMethods, holder: HolderInfo, request: pb.GetRequest, budget: CallBudget
+) -> AsyncIterator[GetMessage]:
+    """One Get's responses. No deadline: however long the blocks take, the call ends only when
+    the holder is silent for budget.stall_s (kvstore.deadlines). A reader that stops early
+    (aclosing) cancels the call, so the holder stops sending."""
+    dog = Watchdog(budget.stall_s, holder.holder_id)
+    call = stub.Get(request)
+    with dog.watching(call):
+        try:
+            async for resp in dog.responses():
+                yield resp
+        finally:
+            call.cancel()  # a no-op once the call has ended
 
 
 class InPlace(StoredBlock):
