@@ -31,12 +31,13 @@ def client(url, ns, **kw) -> KVStoreClient:
 
 def index_entries(url: str, ns: str) -> dict[str, dict[str, str]]:
     r = redis.Redis.from_url(url, decode_responses=True)
-    k = Keys(ns)
-    out = {}
-    for key in r.scan_iter(k.block("*")):
-        out[key.rsplit(":", 1)[1]] = r.hgetall(key)
+    keys = list(r.scan_iter(Keys(ns).block("*"), count=1000))
+    p = r.pipeline(transaction=False)
+    for key in keys:
+        p.hgetall(key)
+    hashes = p.execute() if keys else []
     r.close()
-    return out
+    return {key.rsplit(":", 1)[1]: h for key, h in zip(keys, hashes, strict=True)}
 
 
 @pytest.mark.parametrize("shm", [False, True], ids=["stream", "shm"])
