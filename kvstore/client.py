@@ -87,7 +87,8 @@ class KVStoreClient:
         self._channels: dict[str, tuple[grpc.aio.Channel, KVStoreMethods]] = {}
 
     async def close(self) -> None:
-        for ch, _ in self._channels.values():
+        for ch, stub in self._channels.values():
+            await stub.settle()
             await ch.close()
         self._channels.clear()
         await self.index.close()

@@ -268,15 +268,13 @@ class InPlace(StoredBlock):
     """A block read from a holder's shared memory: see SharedMemoryTransport.trusted."""
 
 
-_BACKGROUND: set[asyncio.Future] = set()
-
-
-def unpin_later(stub, pin_id: str, timeout: float) -> None:
+def unpin_later(stub: KVStoreMethods, pin_id: str, timeout: float) -> None:
     """Release a reader's pin in the background once it has copied what it read, so the holder
-    can evict again without waiting for the lease (which covers a lost Unpin)."""
+    can evict again without waiting for the lease (which covers a lost Unpin). The client waits
+    for these when it closes (KVStoreMethods.settle)."""
     task = asyncio.ensure_future(_unpin(stub, pin_id, timeout))
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+    stub.unpins.add(task)
+    task.add_done_callback(stub.unpins.discard)
 
 
 async def _unpin(stub, pin_id: str, timeout: float) -> None:
@@ -289,6 +287,7 @@ class KVStoreMethods:
     carry payloads through kvstore.wire without copies."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.unpins: set[asyncio.Future] = set()  # unpin_later's calls, until answered
         base = "/splitserve.v1.KVStore/"
         self.Put = channel.stream_unary(
             base + "Put",
@@ -316,6 +315,12 @@ class KVStoreMethods:
                     response_deserializer=resp.FromString,
                 ),
             )
+
+    async def settle(self) -> None:
+        """Wait for the background Unpins (each bounded by its timeout), so a client that closes
+        its channel releases what it read instead of leaving it pinned until the lease ends."""
+        if self.unpins:
+            await asyncio.gather(*self.unpins, return_exceptions=True)
 
 
 def channel_for(address: str) -> grpc.aio.Channel:

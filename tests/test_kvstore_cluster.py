@@ -74,6 +74,21 @@ def test_round_trip_is_byte_exact(redis_url, namespace, loop_thread, shm):
     assert all(set(e) == {"h1"} and e["h1"].startswith("m:") for e in entries.values())
 
 
+def test_closing_a_client_releases_its_shared_memory_reads(redis_url, namespace, loop_thread):
+    s = loop_thread.server(redis_url=redis_url, namespace=namespace, holder_id="h", shm=True)
+    blocks = make_blocks(8)
+
+    async def go():
+        async with client(redis_url, namespace, local_holder="h") as c:
+            assert (await c.put(blocks)).ok
+            assert not (await c.get([b.block_id for b in blocks])).missing
+
+    asyncio.run(go())
+    # A shared-memory read pins its blocks for a 10 s lease; the Unpin that ends it early goes
+    # out in the background, and closing the client waits for it.
+    assert s.store.stats().pinned_blocks == 0
+
+
 def test_sync_client_and_unknown_ids(redis_url, namespace, loop_thread):
     loop_thread.server(redis_url=redis_url, namespace=namespace)
     blocks = make_blocks(3)
