@@ -55,7 +55,7 @@ _STATUS_PB = {
 }
 # Put streams are stored in batches so the store's lock and the index's round trip are paid
 # once per batch rather than once per block.
-_BATCH_BLOCKS, _BATCH_BYTES = 256, 8 * 1024 * 1024
+_STORE_BLOCKS, _STORE_BYTES = 256, 8 * 1024 * 1024
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
@@ -110,7 +110,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                         continue
                     batch.append(block)
                     size += block.meta.size
-                    if len(batch) >= _BATCH_BLOCKS or size >= _BATCH_BYTES:
+                    if len(batch) >= _STORE_BLOCKS or size >= _STORE_BYTES:
                         await flush()
             if asm.in_progress:
                 raise BlockError("the stream ended inside a block (no chunk with last=true)")

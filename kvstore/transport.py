@@ -258,8 +258,9 @@ async def get_call(
     call = stub.Get(request)
     with dog.watching(call):
         try:
-            async for resp in dog.responses():
-                yield resp
+            async with contextlib.aclosing(dog.responses()) as responses:
+                async for resp in responses:
+                    yield resp
         finally:
             call.cancel()  # a no-op once the call has ended
 
