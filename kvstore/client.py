@@ -235,6 +235,9 @@ class KVStoreClient:
         return result
 
     def _rank(self, bid: bytes, loc: dict[str, tuple[str, int]], live) -> list[str]:
+        if len(loc) < 2:  # most ids have one holder: nothing to rank
+            return [hid for hid in loc if hid in live]
+
         def key(hid: str):
             h = live[hid]
             near = 0 if self.transports[0].reaches(h) else 1
