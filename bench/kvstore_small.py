@@ -10,8 +10,8 @@ the figures, which the 2 MiB-block benchmark (bench/kvstore.py) hides behind its
                                   [--json PATH]
 
 Per run: wall and process CPU seconds of the put phase (all clients at once) and of the get
-phase; the summary gives the median of the runs (put_s, get_s, put_cpu_s, get_cpu_s) and blocks a
-second over both phases.
+phase, and how many blocks failed to go in (put_failed: past a deadline, say) or to come back
+(get_missing); the summary gives the median of the runs and blocks a second over both phases.
 """
 
 from __future__ import annotations
@@ -52,10 +52,14 @@ async def one_run(url: str, ns: str, per_client: list) -> dict[str, float]:
     finally:
         for c in clients:
             await c.close()
-    failed = sum(len(r.failed) for r in reps) + sum(len(r.missing) for r in ress)
-    if failed:
-        raise RuntimeError(f"{failed} blocks failed to put or get")
-    return {"put_s": t1 - t0, "get_s": t2 - t1, "put_cpu_s": c1 - c0, "get_cpu_s": c2 - c1}
+    return {
+        "put_s": t1 - t0,
+        "get_s": t2 - t1,
+        "put_cpu_s": c1 - c0,
+        "get_cpu_s": c2 - c1,
+        "put_failed": sum(len(r.failed) for r in reps),  # e.g. past a deadline
+        "get_missing": sum(len(r.missing) for r in ress),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 lt.close()
             results.append(r)
-            print(" ".join(f"{k} {v:6.2f}" for k, v in r.items()), flush=True)
+            print(" ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
     n = args.clients * args.blocks
     summary = {k: round(statistics.median(r[k] for r in results), 3) for k in results[0]}
     summary["blocks_per_s"] = round(2 * n / (summary["put_s"] + summary["get_s"]))
