@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_report
 from kvstore.redis_server import EmbeddedRedis
+from router.pd_client import PDClient
 from services.engine.config import ModelConfig
-from services.engine.presets import make_model
 from services.engine.sampling_params import SamplingParams
-from services.pd_client import PDClient
+from services.model_prep.presets import make_model
 
 
 @dataclass

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, write_report
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
-from services.engine.presets import make_model
 from services.engine.sampling_params import SamplingParams
+from services.model_prep.presets import make_model
 from splitserve.models_pull import pull_model
 
-CORPUS = Path(__file__).resolve().parents[1] / "services/engine/data/bpe_corpus.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "services/model_prep/data/bpe_corpus.txt"
 
 
 @dataclass

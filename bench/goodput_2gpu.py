@@ -63,9 +63,11 @@ perf = time.perf_counter
 def serve(args) -> None:
     """One prefill/decode/colocated server on this process's (only) device; prints its
     address, serves until SIGTERM."""
+    from kvstore.config import Membership
+    from rpc.server import run_until_signal
+    from services.config import DecodeConfig, PrefillConfig
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
-    from services.grpc_app import run_until_signal
 
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -84,21 +86,28 @@ def serve(args) -> None:
         max_model_len=8192 if cuda else None,
     )
     engine = LLMEngine(args.model, cfg, seed=0)
+    common = {
+        "name": "bench",
+        "model": Path(args.model),
+        "engine": cfg,
+        "cluster": Membership(redis_url=args.redis, namespace=args.namespace),
+        "max_waiting": 4096,
+    }
     if args.serve == "prefill":
         from services.prefill import PrefillServer
 
         server = PrefillServer(
-            engine, "bench", args.redis, kv_memory_bytes=args.kv_store_gib << 30,
-            namespace=args.namespace, max_waiting=4096,
-            device_pool_bytes=int(args.device_pool_gib * 2**30),
-        )  # fmt: skip
+            PrefillConfig(
+                **common,
+                kv_memory_bytes=args.kv_store_gib << 30,
+                device_pool_bytes=int(args.device_pool_gib * 2**30),
+            ),
+            engine,
+        )
     else:
         from services.decode import DecodeServer
 
-        server = DecodeServer(
-            engine, "bench", args.redis, namespace=args.namespace,
-            colocated=args.serve == "colocated", max_waiting=4096,
-        )  # fmt: skip
+        server = DecodeServer(DecodeConfig(**common, colocated=args.serve == "colocated"), engine)
     asyncio.run(run_until_signal(server.start, server.stop, lambda a: print(a, flush=True)))
 
 
@@ -148,7 +157,7 @@ class PDReplayClient:
     disaggregated (one prefill + one decode). Keeps each request's server-side timings."""
 
     def __init__(self, mode: str, addrs: list[str] | tuple[str, str], max_tokens_cap: int):
-        from services.pd_client import PDClient
+        from router.pd_client import PDClient
 
         if mode == "colocated":
             self.clients = [PDClient(decode=a, timeout_s=120) for a in addrs]
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = perf()
     from kvstore.redis_server import EmbeddedRedis
     from services.engine.config import ModelConfig
-    from services.engine.presets import make_model
+    from services.model_prep.presets import make_model
 
     preset = "tiny" if args.cpu_smoke else "llama-8b"
     gpu_line = "cpu smoke"

@@ -37,8 +37,8 @@ from bench.gpu_clocks import GpuClock, WaitClock
 from bench.gpu_rooflines import Shape, copy_bandwidth, matmul_peak, time_cuda
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.engine import LLMEngine
-from services.engine.presets import make_model
 from services.engine.sampling_params import SamplingParams
+from services.model_prep.presets import make_model
 
 DECODE_BATCHES = (1, 16, 64)
 PROMPT, NEW = 512, 128

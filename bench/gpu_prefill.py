@@ -27,8 +27,8 @@ from bench.gpu_rooflines import Shape, matmul_peak
 from bench.report import machine, write_report
 from loadgen.readers import read_trace
 from services.engine.config import ModelConfig
-from services.engine.presets import make_model
 from services.engine.sampling_params import SamplingParams
+from services.model_prep.presets import make_model
 
 
 def run_queue(engine, lengths: list[int], export: bool, seed: int) -> dict:

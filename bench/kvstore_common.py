@@ -110,7 +110,7 @@ def machine() -> str:
 
 
 def block_shapes() -> dict[str, BlockShape]:
-    from services.engine.presets import get_preset  # imports torch: main process only
+    from services.model_prep.presets import get_preset  # imports torch: main process only
 
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
     out = {}

@@ -25,7 +25,7 @@ from bench.kvstore_common import (
     chunks_of,
     payloads,
 )
-from kvstore.server import GRPC_OPTIONS
+from rpc.channel import GRPC_OPTIONS
 
 
 async def serve_raw() -> None:

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, write_report
 from bench.up_process import free_port, splitserve_up
 from router.app import build_app
-from services.engine.presets import make_model
+from router.pd_client import PDClient
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import load_tokenizer
-from services.pd_client import PDClient
+from services.model_prep.presets import make_model
 from tests.router_helpers import ColocatedBackend, InstantBackend, serve
 
 

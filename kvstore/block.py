@@ -6,7 +6,6 @@ the CRC32C matches, so a block is either delivered exactly or not at all.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -15,6 +14,7 @@ import crc32c as _crc32c
 
 from kvstore.wire import Chunk
 from protos.splitserve.v1 import kvstore_pb2 as pb
+from rpc.tensor import DTYPE_SIZES, TensorSpec
 
 BLOCK_ID_BYTES = 16
 # Payload bytes per stream message: under the 16 MiB message limit both ends set, and large enough
@@ -25,39 +25,11 @@ CHUNK_BYTES = 4 * 1024 * 1024
 # 8 KiB block's bytes.
 BATCH_BYTES = 1024 * 1024
 BATCH_BLOCKS = 256
-DTYPE_SIZES = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float64": 8,
-    "int8": 1,
-    "uint8": 1,
-    "int32": 4,
-    "int64": 8,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
-
 Payload = bytes | bytearray | memoryview
 
 
 class BlockError(ValueError):
     """A block that is malformed: wrong id, layout that does not match its payload, bad checksum."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    dtype: str
-    shape: tuple[int, ...]
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.shape, tuple):  # a layout is a cache key (see _layout_nbytes)
-            object.__setattr__(self, "shape", tuple(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
 
 
 Layout = tuple[TensorSpec, ...]
@@ -66,17 +38,26 @@ Layout = tuple[TensorSpec, ...]
 # serialized once, not once per block (the header is most of a small block's per-block cost).
 
 
-@lru_cache(maxsize=1024)
-def _layout_nbytes(tensors: Layout) -> int:
+def _check_layout(tensors: Layout) -> int:
     """The payload bytes a layout describes; BlockError for a layout no payload can have."""
     if not tensors:
         raise BlockError("no tensor layout")
     for t in tensors:
-        if t.dtype not in DTYPE_SIZES:
+        if not t.known:
             raise BlockError(f"unknown dtype {t.dtype!r}; known: {', '.join(DTYPE_SIZES)}")
         if any(d < 0 for d in t.shape):
             raise BlockError(f"negative dimension in shape {t.shape}")
     return sum(t.nbytes for t in tensors)
+
+
+_checked_layout = lru_cache(maxsize=1024)(_check_layout)
+
+
+def _layout_nbytes(tensors: Layout) -> int:
+    try:
+        return _checked_layout(tensors)
+    except TypeError:  # a shape given as a list can't be a cache key: checked every time
+        return _check_layout(tensors)
 
 
 @lru_cache(maxsize=1024)
@@ -88,8 +69,7 @@ def _layout_from_proto(key: tuple[tuple[str, tuple[int, ...], str], ...]) -> Lay
 def _layout_header_bytes(tensors: Layout) -> bytes:
     """The layout as BlockHeader fields, to append to the rest of a serialized header (protobuf
     reads fields in any order)."""
-    layouts = [pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape) for t in tensors]
-    return pb.BlockHeader(tensors=layouts).SerializeToString()
+    return pb.BlockHeader(tensors=[t.to_pb() for t in tensors]).SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -126,9 +106,7 @@ class BlockMeta:
             block_id=self.block_id,
             model_id=self.model_id,
             token_ids=self.token_ids,
-            tensors=[
-                pb.TensorLayout(name=t.name, dtype=t.dtype, shape=t.shape) for t in self.tensors
-            ],
+            tensors=[t.to_pb() for t in self.tensors],
             size=self.size,
             crc32c=self.crc32c,
             owner=self.owner,

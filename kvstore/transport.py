@@ -47,6 +47,7 @@ from kvstore.wire import (
     serialize,
 )
 from protos.splitserve.v1 import kvstore_pb2 as pb
+from rpc.channel import insecure_channel
 
 GetItem = StoredBlock | bytes  # a block, or the id of one the holder does not have
 
@@ -325,6 +326,4 @@ class KVStoreMethods:
 
 
 def channel_for(address: str) -> grpc.aio.Channel:
-    from kvstore.server import GRPC_OPTIONS
-
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+    return insecure_channel(address)

@@ -29,23 +29,23 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from router import errors
+from router.config import DEFAULT_MAX_BODY_BYTES
 from router.errors import APIError, from_exception
 from router.metrics import RouterMetrics
 from router.openai_api import Kind, Plan, Shaper, TokenTexts, parse, plan, prompts_of, text_length
 from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.tenants import Tenant, TenantBusyError, Tenants
-from services.engine.sampling_params import SamplingParams
+from rpc.piece import Piece
+from services.engine.sampling_params import SamplingDefaults, SamplingParams
 from services.engine.tokenizer import Tokenizer
-from services.pd_client import Piece
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 8 << 20
 OFFLOAD_CHARS = 16_384  # tokenize prompts longer than this off the event loop
 
 
 class Backend(Protocol):
-    """Where requests run (splitserve.backend.PoolBackend picks replicas and uses PDClient).
+    """Where requests run (router.backend.PoolBackend picks replicas and uses PDClient).
 
     generate: the request's pieces as they come, the last with finish_reason and usage. It is
     an async generator: nothing runs until the first `anext`, and `aclose()` at any point
@@ -74,9 +74,12 @@ def build_app(
     tenants: Tenants | None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: RouterMetrics | None = None,
+    defaults: dict[str, SamplingDefaults] | None = None,
 ) -> FastAPI:
     """tenants=None turns authentication off (the local demo only). GET /metrics serves
-    `metrics` (a fresh RouterMetrics when not given)."""
+    `metrics` (a fresh RouterMetrics when not given). defaults: per model, the sampling a
+    request gets for what it leaves unset (the built-in SamplingDefaults otherwise)."""
+    defaults = defaults or {}
     texts = {name: TokenTexts(tok) for name, tok in tokenizers.items()}
     metrics = metrics or RouterMetrics()
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -142,7 +145,7 @@ def build_app(
             raise errors.bad_request(
                 f"cannot tokenize the input: {e}", code="invalid_value"
             ) from None
-        p = plan(kind, req, prompts, max_model_len)
+        p = plan(kind, req, prompts, max_model_len, defaults.get(req.model))
         shaper = Shaper(p, texts[req.model])
         return await _until_disconnect(request, run(p, shaper, tenant))
 

@@ -8,15 +8,16 @@ requests together (one Tenants object): over them, RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
 
-from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import generate_pb2 as pb
 from protos.splitserve.v1 import generate_pb2_grpc as pb_grpc
 from router.tenants import Tenant, TenantBusyError, Tenants
+from rpc.sampling import sampling_fields
+from services.engine.sampling_params import SamplingDefaults, SamplingParams
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generate"].full_name
 
@@ -41,14 +42,15 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         self,
         backend: Backend,
         tokenizers: dict[str, Any],
-        sampling_from_pb: Callable[[cpb.SamplingParams], Any],
         tenants: Tenants | None,
+        defaults: dict[str, SamplingDefaults] | None = None,
     ) -> None:
-        """tenants None: authentication off (the local demo)."""
+        """tenants None: authentication off (the local demo). defaults: per model, the
+        sampling a request gets for the fields it leaves unset."""
         self.backend = backend
         self.tokenizers = tokenizers
-        self.sampling_from_pb = sampling_from_pb
         self.tenants = tenants
+        self.defaults = defaults or {}
 
     async def Generate(self, request, context):
         tenant: Tenant | None = None
@@ -84,13 +86,17 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown model {request.model!r}; served: {', '.join(models)}",
             )
+        defaults = self.defaults.get(model) or SamplingDefaults()
         try:
-            params = self.sampling_from_pb(request.sampling)
             prompt = self._prompt(request, model)
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            # Unset max_tokens: the model's cap, at most the rest of the context.
+            cap = max(1, min(defaults.max_tokens, models[model] - len(prompt)))
+            fields = sampling_fields(request.sampling, default_max_tokens=cap)
+            params = SamplingParams(**{**defaults.fields(), **fields})
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if not prompt:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
         if len(prompt) + params.max_tokens > models[model]:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

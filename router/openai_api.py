@@ -26,15 +26,17 @@ from router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from rpc.piece import Piece
 from services.engine.errors import ModelLoadError
-from services.engine.sampling_params import SamplingParams
+from services.engine.sampling_params import SamplingDefaults, SamplingParams
 from services.engine.tokenizer import Tokenizer
-from services.pd_client import Piece
 
 Kind = Literal["completion", "chat"]
 
 MAX_SEQUENCES = 256  # prompts x n in one request
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's; chat defaults to the rest of the context
+# OpenAI's for completions; a chat that names none gets the model's cap (SamplingDefaults),
+# at most the rest of the context.
+DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,11 @@ def plan(
     req: CompletionRequest | ChatCompletionRequest,
     prompts: list[list[int]],
     max_model_len: int,
+    defaults: SamplingDefaults | None = None,
 ) -> Plan:
-    """Check lengths and sampling values against the model; one Sub per (prompt, sample)."""
+    """Check lengths and sampling values against the model; one Sub per (prompt, sample).
+    defaults: the model's sampling for what the request leaves unset."""
+    defaults = defaults or SamplingDefaults()
     param = "messages" if kind == "chat" else "prompt"
     if isinstance(req, ChatCompletionRequest):
         if req.max_completion_tokens is not None:
@@ -158,10 +163,13 @@ def plan(
             raise bad_request("The prompt is empty: it encodes to no tokens.", param)
         if len(ids) >= max_model_len:
             raise _too_long(max_model_len, len(ids), 1, param)
-        want = max_tokens if max_tokens is not None else max_model_len - len(ids)
+        if max_tokens is not None:
+            want = max_tokens
+        else:
+            want = min(defaults.max_tokens, max_model_len - len(ids))
         if len(ids) + want > max_model_len:
             raise _too_long(max_model_len, len(ids), want, param)
-        base = _sampling(req, want, logprobs, mt_param, lp_param)
+        base = _sampling(req, want, logprobs, mt_param, lp_param, defaults)
         for i in range(req.n):
             params = base
             if req.seed is not None and i:
@@ -207,8 +215,10 @@ def _sampling(
     logprobs: int | None,
     mt_param: str,
     lp_param: str,
+    defaults: SamplingDefaults,
 ) -> SamplingParams:
     kw: dict = {
+        **defaults.fields(),
         "max_tokens": max_tokens,
         "stop": req.stop_list,
         "ignore_eos": req.ignore_eos,

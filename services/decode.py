@@ -25,12 +25,13 @@ from kvstore.client import KVStoreClient
 from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import decode_pb2 as pb
 from protos.splitserve.v1 import decode_pb2_grpc as pb_grpc
+from rpc.server import ServiceApp
+from services.config import DecodeConfig
 from services.engine.block_hash import hash_blocks
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequestError
 from services.engine.kv_transfer import KVBlock
 from services.engine_loop import EngineLoop, QueueFullError
-from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
 from services.replica import ReplicaServer
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
@@ -78,12 +79,13 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         kwargs: dict = {}
         if request.HasField("first_token_id"):
             first = int(request.first_token_id)
-            if not 0 <= first < self.engine.model_config.vocab_size:
+            if not 0 <= first < self.engine.vocab_size:
                 raise InvalidRequestError(f"first_token_id {first} is outside the vocabulary")
             if not prompt:
                 raise InvalidRequestError("prompt is empty: give at least one token")
             t0 = time.monotonic()
-            kv_blocks = await self._pull(prompt, list(request.blocks), timings)
+            with self.loop.admitting():
+                kv_blocks = await self._pull(prompt, list(request.blocks), timings)
             timings.transfer_ms = (time.monotonic() - t0) * 1e3
             self.metrics.kv_pulled(timings)
             if request.pin_id and request.pin_holder_address and self.kv is not None:
@@ -131,18 +133,18 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         while usable < min(len(refs), len(expected)) and refs[usable].block_id == expected[usable]:
             usable += 1
         full = expected[: len(prompt) // e.block_size]
-        hits = await self.loop.call(lambda eng: len(eng.pool.lookup(full)))
+        hits = await self.loop.call(lambda eng: eng.prefix_cache_hits(full))
         hits = min(hits, usable)
         need = [bytes(r.block_id) for r in refs[hits:usable]]
         got = {}
         if need and self.kv is not None:
             res = await self.kv.get(need, source=refs[hits].holder_id or None)
             got = res.blocks
-        cache = e.kv_cache.data
+        layout = e.kv_block_layout()
         out: list[KVBlock | None] = [None] * hits
         for bid in need:
             s = got.get(bid)
-            kv = stored_to_kv(s, e.model_id, cache) if s is not None else None
+            kv = stored_to_kv(s, e.model_id, layout) if s is not None else None
             if kv is None:
                 timings.blocks_recomputed += 1
             else:
@@ -161,41 +163,28 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 class DecodeServer(ReplicaServer):
     """A decode (or colocated) replica: engine, KV store client, gRPC service, registration."""
 
-    def __init__(
-        self,
-        engine: LLMEngine,
-        model_name: str,
-        redis_url: str | None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        namespace: str = "splitserve",
-        colocated: bool = False,
-        max_waiting: int = 256,
-        replica_id: str | None = None,
-        heartbeat_s: float = 1.0,
-        ttl_s: float = 5.0,
-        metrics_port: int | None = None,
-    ) -> None:
-        super().__init__(
-            "colocated" if colocated else "decode", engine, model_name, redis_url, host, port,
-            namespace, max_waiting, replica_id, heartbeat_s, ttl_s, metrics_port,
-        )  # fmt: skip
-        self.colocated = colocated
+    config: DecodeConfig
+
+    def __init__(self, config: DecodeConfig, engine: LLMEngine | None = None) -> None:
+        super().__init__(config, engine)
+        self.colocated = config.colocated
         self.kv: KVStoreClient | None = None
 
     async def start(self) -> str:
-        # gRPC channels and servers belong to the loop that runs them: built here.
-        self.app = ServiceApp(*self._bind)
-        if self.redis_url:
-            on_gpu = torch.device(self.engine.device).type == "cuda"
+        app = self._bind()
+        cluster = self.config.cluster
+        if cluster.redis_url:
+            # Channels belong to the event loop that uses them: made here, not in __init__.
+            device = self.engine.kv_block_layout().device
+            on_gpu = torch.device(device).type == "cuda"
             self.kv = KVStoreClient(
-                self.redis_url, self.namespace, device=self.engine.device if on_gpu else None
+                cluster.redis_url, cluster.namespace, device=device if on_gpu else None
             )
-        servicer = DecodeServicer(self.loop, self.kv, self.model_name, self.app, self.colocated,
+        servicer = DecodeServicer(self.loop, self.kv, self.model_name, app, self.colocated,
                                   self.metrics)  # fmt: skip
-        pb_grpc.add_DecodeServicer_to_server(servicer, self.app.server)
-        self.app.add(SERVICE_NAME)
-        await self.app.start()
+        pb_grpc.add_DecodeServicer_to_server(servicer, app.server)
+        app.add(SERVICE_NAME)
+        await app.start()
         self._announce()
         return self.address
 

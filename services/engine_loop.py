@@ -46,6 +46,7 @@ class EngineLoop:
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending = 0  # submitted, not yet seen by the engine thread
+        self._admitting = 0  # accepted by a servicer, not yet submitted (pulling their KV)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.steps = 0
@@ -87,11 +88,20 @@ class EngineLoop:
         self._cmds.put(("call", fn, fut))
         return await fut
 
+    @contextlib.contextmanager
+    def admitting(self):
+        """Count a request as waiting while its servicer prepares it (a decode pulling the
+        prompt's KV): placement should see a replica busy with transfers as loaded."""
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+
     def load(self) -> Load:
         e = self.engine
-        return Load(
-            e.num_running, e.num_waiting + self._pending, e.pool.num_free, e.pool.num_blocks
-        )
+        waiting = e.num_waiting + self._pending + self._admitting
+        return Load(e.num_running, waiting, e.pool.num_free, e.pool.num_blocks)
 
     def stop(self) -> None:
         self._stop.set()

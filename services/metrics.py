@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvstore.server import bracket
+from rpc.channel import host_port
 from services.engine.errors import InvalidRequestError
 from services.engine.request import RequestOutput
 from services.engine_loop import EngineLoop, QueueFullError
@@ -297,7 +297,7 @@ class ServiceMetrics:
         host = host.strip("[]")
         httpd, thread = start_http_server(port, addr=host, registry=self.registry)
         self._http = (httpd, thread)
-        self.address = f"{bracket(host)}:{httpd.server_port}"
+        self.address = host_port(host, httpd.server_port)
         return self.address
 
     def close(self) -> None:
@@ -411,7 +411,8 @@ class EngineCollector(Collector):
         )
         yield self._gauge(
             "splitserve:num_requests_waiting",
-            "Requests waiting for admission (in the engine's queue or submitted to it).",
+            "Requests waiting for admission (in the engine's queue, submitted to it, or pulling "
+            "their KV).",
             ld.waiting,
         )
         yield self._gauge(

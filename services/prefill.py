@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import time
 import uuid
-from pathlib import Path
 
 import grpc
 
@@ -25,11 +24,12 @@ from kvstore.server import KVStoreServer
 from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import prefill_pb2 as pb
 from protos.splitserve.v1 import prefill_pb2_grpc as pb_grpc
+from rpc.server import ServiceApp
+from services.config import PrefillConfig
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequestError
 from services.engine.request import FinishReason
 from services.engine_loop import EngineLoop, QueueFullError
-from services.grpc_app import ServiceApp
 from services.metrics import RequestMetrics, ServiceMetrics
 from services.replica import ReplicaServer
 from services.wire import device_meta, kv_to_stored, logprob_to_pb, sampling_from_pb
@@ -173,51 +173,23 @@ class PrefillServicer(pb_grpc.PrefillServicer):
 class PrefillServer(ReplicaServer):
     """A prefill replica: engine, in-process KV shard, gRPC service, registration."""
 
-    def __init__(
-        self,
-        engine: LLMEngine,
-        model_name: str,
-        redis_url: str | None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        kv_memory_bytes: int = 1 << 30,
-        kv_disk: tuple[Path, int] | None = None,
-        namespace: str = "splitserve",
-        max_waiting: int = 256,
-        pin_lease_ms: int = 30_000,
-        replica_id: str | None = None,
-        heartbeat_s: float = 1.0,
-        ttl_s: float = 5.0,
-        metrics_port: int | None = None,
-        device_pool_bytes: int | None = None,
-    ) -> None:
-        """device_pool_bytes: GPU memory for hand-off KV that same-host decoders copy GPU to
-        GPU (kvstore.device_pool); None: 2 GiB when the engine runs on CUDA, else none."""
-        super().__init__(
-            "prefill", engine, model_name, redis_url, host, port, namespace, max_waiting,
-            replica_id, heartbeat_s, ttl_s, metrics_port,
-        )  # fmt: skip
+    config: PrefillConfig
+
+    def __init__(self, config: PrefillConfig, engine: LLMEngine | None = None) -> None:
+        super().__init__(config, engine)
         self.kv = KVStoreServer(
-            kv_memory_bytes,
-            redis_url,
-            kv_disk,
-            holder_id=self.replica_id,
-            namespace=namespace,
-            heartbeat_s=heartbeat_s,
-            ttl_s=ttl_s,
-            device_pool=make_device_pool(engine, device_pool_bytes),
+            config.shard(self.replica_id),
+            device_pool=make_device_pool(self.engine, config.device_pool_bytes),
         )
-        self._pin_lease_ms = pin_lease_ms
 
     async def start(self) -> str:
-        # The gRPC server belongs to the event loop that runs it: built here, not in __init__.
-        self.app = ServiceApp(*self._bind)
-        self.app.add(self.kv.attach(self.app.server, self.app.address))
-        servicer = PrefillServicer(self.loop, self.kv, self.model_name, self.app,
-                                   self._pin_lease_ms, self.metrics)  # fmt: skip
-        pb_grpc.add_PrefillServicer_to_server(servicer, self.app.server)
-        self.app.add(SERVICE_NAME)
-        await self.app.start()
+        app = self._bind()
+        app.add(self.kv.attach(app.server, app.address))
+        servicer = PrefillServicer(self.loop, self.kv, self.model_name, app,
+                                   self.config.pin_lease_ms, self.metrics)  # fmt: skip
+        pb_grpc.add_PrefillServicer_to_server(servicer, app.server)
+        app.add(SERVICE_NAME)
+        await app.start()
         await self.kv.begin()
         self._announce(holder_id=self.replica_id)
         return self.address
@@ -240,13 +212,14 @@ class PrefillServer(ReplicaServer):
 def make_device_pool(engine: LLMEngine, nbytes: int | None) -> DevicePool | None:
     import torch
 
-    if torch.device(engine.device).type != "cuda":
+    device = engine.kv_block_layout().device
+    if torch.device(device).type != "cuda":
         return None
     nbytes = 2 << 30 if nbytes is None else nbytes
     if nbytes <= 0:
         return None
     try:
-        return DevicePool(nbytes, engine.device)
+        return DevicePool(nbytes, device)
     except torch.cuda.OutOfMemoryError:
         # The engine sized its KV cache first; without room for the pool, hand-offs go
         # through the store's host memory as on a CPU (slower, same bytes).

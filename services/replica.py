@@ -6,55 +6,46 @@ from __future__ import annotations
 
 import uuid
 
+from kvstore.registry import Registration, register_replica
+from rpc.server import ServiceApp
+from services.config import ReplicaConfig, build_engine
 from services.engine.engine import LLMEngine
 from services.engine_loop import EngineLoop
-from services.grpc_app import ServiceApp
 from services.metrics import ServiceMetrics
-from services.registry import Registration, register_replica
 
 
 class ReplicaServer:
-    def __init__(
-        self,
-        role: str,
-        engine: LLMEngine,
-        model_name: str,
-        redis_url: str | None,
-        host: str,
-        port: int,
-        namespace: str,
-        max_waiting: int,
-        replica_id: str | None,
-        heartbeat_s: float,
-        ttl_s: float,
-        metrics_port: int | None,
-    ) -> None:
-        self.role = role
-        self.engine = engine
-        self.model_name = model_name
-        self.redis_url = redis_url
-        self.namespace = namespace
-        self.replica_id = replica_id or f"{role}-{uuid.uuid4().hex[:8]}"
-        self.loop = EngineLoop(engine, max_waiting)
+    def __init__(self, config: ReplicaConfig, engine: LLMEngine | None = None) -> None:
+        """engine: one already built from config.model and config.engine (tests share one);
+        None builds it here."""
+        self.config = config
+        self.role = config.role
+        self.engine = engine if engine is not None else build_engine(config)
+        self.model_name = config.name
+        self.replica_id = config.replica_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.loop = EngineLoop(self.engine, config.max_waiting)
         self.registration: Registration | None = None
-        self._bind = (host, port)
-        self._ttl = (heartbeat_s, ttl_s)
         self.app: ServiceApp
-        self.metrics = ServiceMetrics(role, model_name, self.loop)
-        self._metrics_port = metrics_port  # /metrics over HTTP: None off, 0 a free port
+        self.metrics = ServiceMetrics(self.role, self.model_name, self.loop)
         self.metrics_address: str | None = None
 
     @property
     def address(self) -> str:
         return self.app.address
 
+    def _bind(self) -> ServiceApp:
+        # The gRPC server belongs to the event loop that runs it: made in start(), not here.
+        self.app = ServiceApp(self.config.host, self.config.port)
+        return self.app
+
     def _announce(self, holder_id: str = "") -> None:
         """Once serving: /metrics (if asked for) and the registry entry routers look for."""
-        if self._metrics_port is not None:
-            self.metrics_address = self.metrics.serve(self._bind[0], self._metrics_port)
-        if self.redis_url:
+        cfg = self.config
+        if cfg.metrics_port is not None:
+            self.metrics_address = self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.cluster.redis_url:
             self.registration = register_replica(
-                self.redis_url,
+                cfg.cluster,
                 self.role,
                 self.replica_id,
                 model=self.model_name,
@@ -62,9 +53,6 @@ class ReplicaServer:
                 load=lambda: self.loop.load().as_dict(),
                 holder_id=holder_id,
                 metrics_address=self.metrics_address or "",
-                ns=self.namespace,
-                heartbeat_s=self._ttl[0],
-                ttl_s=self._ttl[1],
             )
 
     def _leave_registry(self) -> None:

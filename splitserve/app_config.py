@@ -13,9 +13,11 @@
         mode: disaggregated                # or colocated
         prefill: {replicas: 1, num_gpus: 0, num_cpus: 0, device_pool: 2GiB}
         decode: {replicas: 1, num_gpus: 0, num_cpus: 0}
-        engine: {max_num_seqs: 64, max_num_batched_tokens: 512}
+        engine: {max_num_seqs: 64, max_num_batched_tokens: 512, block_size: 16}
+        sampling: {temperature: 0.7, max_tokens: 1024}   # unset by a request; over the model's
 
-Errors name the field: `models.0.prefill.replicas: Input should be greater than or equal to 1`.
+Errors name the field: `models.0.prefill.replicas: Input should be greater than or equal to 1`,
+`models.0.engine.block_size: block_size must be a positive power of two, got 24`.
 """
 
 from __future__ import annotations
@@ -71,11 +73,69 @@ class ReplicaSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=1)
-    num_kv_blocks: int | None = Field(None, ge=2)
-    block_size: int = Field(16, ge=1)
-    max_model_len: int | None = Field(None, ge=2)
+    """The engine's knobs (services.engine.config.EngineConfig, which holds the one rule for
+    each: this spec is checked by building one). Unset: the engine's default."""
+
+    block_size: int | None = None
+    num_kv_blocks: int | None = None
+    kv_cache_memory: str | None = None  # CPU engines without num_kv_blocks, e.g. 2GiB
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool | None = None
+    gpu_memory_utilization: float | None = None
+    kernels: Literal["auto", "torch"] | None = None
+    enforce_eager: bool | None = None
+    max_graph_batch_size: int | None = None
+    async_scheduling: bool | None = None
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
+    @model_validator(mode="after")
+    def _engine_rules(self) -> EngineSpec:
+        self.engine_config()  # raises ValueError naming the field
+        return self
+
+    def engine_config(self, **overrides):
+        """The EngineConfig these settings describe (overrides: dtype, device, per-role
+        budgets), with the engine's defaults for what is unset."""
+        from services.engine.config import EngineConfig
+
+        kw = self.model_dump(exclude={"kv_cache_memory"}, exclude_none=True)
+        if self.kv_cache_memory is not None:
+            kw["kv_cache_memory_bytes"] = parse_size(self.kv_cache_memory)
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return EngineConfig(**kw)
+
+
+class SamplingSpec(_Strict):
+    """What a request gets for the sampling fields it leaves unset, over the model directory's
+    generation_config.json (services.engine.sampling_params.SamplingDefaults holds the rules).
+    max_tokens caps a chat that names none (completions keep the API's 16)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _sampling_rules(self) -> SamplingSpec:
+        self.over(None)  # raises ValueError naming the field
+        return self
+
+    def over(self, model_dir: Path | None):
+        """These settings over the model's own defaults (the built-in ones without a dir)."""
+        from services.engine.sampling_params import SamplingDefaults
+
+        base = SamplingDefaults.from_model_dir(model_dir) if model_dir else SamplingDefaults()
+        return base.merged(**self.model_dump())
 
 
 class ModelSpec(_Strict):
@@ -87,6 +147,29 @@ class ModelSpec(_Strict):
     decode: ReplicaSpec = ReplicaSpec()
     colocated: ReplicaSpec = ReplicaSpec()
     engine: EngineSpec = EngineSpec()
+    sampling: SamplingSpec = SamplingSpec()
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
+
+    def side(self, role: str) -> ReplicaSpec:
+        return getattr(self, role)
+
+    def engine_config(self, role: str, device: str = "cpu"):
+        """This role's EngineConfig: the model's engine settings, its dtype, the role's own
+        step budget, on `device`."""
+        return self.engine.engine_config(
+            dtype=self.dtype,
+            device=device,
+            max_num_batched_tokens=self.side(role).max_num_batched_tokens,
+        )
+
+    @model_validator(mode="after")
+    def _roles_engine_rules(self) -> ModelSpec:
+        for role in self.roles:
+            self.engine_config(role)  # the role's overrides against the engine's rules
+        return self
 
 
 class Endpoint(_Strict):
@@ -133,11 +216,19 @@ def parse_config(data: dict) -> AppConfig:
     try:
         return AppConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"{loc}: {err['msg']}")
-        raise ConfigError("invalid config: " + "; ".join(lines)) from None
+        msg = "; ".join(_describe(err) for err in e.errors())
+        raise ConfigError(f"invalid config: {msg}") from None
+
+
+def _describe(err) -> str:
+    """`path.to.field: message`. A rule checked over a whole section (EngineSpec's, by
+    building an EngineConfig) names its field first in the message: that field joins the path."""
+    loc = [str(p) for p in err["loc"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    first = msg.split(" ", 1)[0]
+    if isinstance(err.get("input"), dict) and first in err["input"]:
+        loc.append(first)
+    return f"{'.'.join(loc) or '(top level)'}: {msg}"
 
 
 def load_config(path: str | Path) -> AppConfig:

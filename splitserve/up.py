@@ -36,7 +36,7 @@ def demo_config(model: str, port: int, grpc_port: int, mode: str) -> AppConfig:
 
 
 def resolve_model_path(spec: ModelSpec) -> Path:
-    from services.engine.presets import PRESETS, make_model
+    from services.model_prep.presets import PRESETS, make_model
     from splitserve.models_pull import KNOWN_MODELS, pull_model, splitserve_home
 
     path = Path(spec.path).expanduser()
@@ -71,6 +71,7 @@ def run_up(cfg: AppConfig, announce=print) -> None:
         if redis_url is None:
             embedded = EmbeddedRedis().start()
             redis_url = embedded.url
+            err.print(f"private Redis-compatible server at {redis_url}", highlight=False)
         if not cfg.auth.enabled:
             err.print(
                 "[yellow]authentication is OFF (local demo): anyone who can reach "

@@ -6,7 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.presets import make_model
+from services.model_prep.presets import make_model
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need a CUDA device: without one they are skipped, saying so."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,8 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
-from services.engine.request import Request
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import ScheduledSeq, SchedulerOutput
+from services.engine.sched_output import NewRequestData, ScheduledSeq, SchedulerOutput
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 
@@ -31,22 +30,23 @@ def forward_all_logits(engine: LLMEngine, prompts: list[list[int]]) -> list[torc
     """Our forward pass over several prompts in ONE flat batch; logits at every position."""
     engine.pool.check_integrity()
     so = SchedulerOutput()
-    reqs = []
     for i, p in enumerate(prompts):
-        req = Request(f"p{i}", p, GREEDY, 0.0, engine.block_size, engine.model_id)
-        req.block_ids = engine.pool.allocate(-(-len(p) // engine.block_size))
-        reqs.append(req)
-        (so.decodes if len(p) == 1 else so.prefills).append(ScheduledSeq(req, 0, len(p)))
-    ids, pos, meta, _ = engine.runner.prepare(so)
+        blocks = engine.pool.allocate(-(-len(p) // engine.block_size))
+        so.new_requests.append(NewRequestData(f"p{i}", p, [], GREEDY, blocks, 0))
+        seq = ScheduledSeq(f"p{i}", 0, len(p), [], samples=False)
+        (so.decodes if len(p) == 1 else so.prefills).append(seq)
+    runner = engine.runner
+    runner.requests.update(so)
+    ids, pos, meta, _ = runner.prepare(so)
     logits = engine.model.forward(ids, pos, meta, engine.kv_cache, None)
-    for r in reqs:
-        engine.pool.release(r.block_ids)
-    out, start = [], 0
+    for new in so.new_requests:
+        engine.pool.release(new.block_ids)
+    runner.requests.update(SchedulerOutput(finished_ids=[n.request_id for n in so.new_requests]))
+    out, start = {}, 0
     for s in so.seqs:
-        out.append(logits[start : start + s.num_new])
+        out[s.request_id] = logits[start : start + s.num_new]
         start += s.num_new
-    order = {id(s.request): k for k, s in enumerate(so.seqs)}
-    return [out[order[id(r)]] for r in reqs]
+    return [out[f"p{i}"] for i in range(len(prompts))]
 
 
 def hf_model(model_dir: Path):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from kvstore.block import StoredBlock, TensorSpec
+from kvstore.config import KVStoreConfig, Membership
 from kvstore.server import KVStoreServer
 
 
@@ -41,11 +42,22 @@ class LoopThread:
     def run(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def server(self, **kw) -> KVStoreServer:
+    def server(
+        self,
+        redis_url: str | None = None,
+        namespace: str = "splitserve",
+        device_pool=None,
+        heartbeat_s: float = 0.25,
+        ttl_s: float = 1.5,
+        **kw,
+    ) -> KVStoreServer:
+        """A holder on this loop; kw: KVStoreConfig fields. Fast heartbeats by default, so
+        index changes show within a test's patience."""
         kw.setdefault("memory_bytes", 64 << 20)
-        kw.setdefault("heartbeat_s", 0.25)
-        kw.setdefault("ttl_s", 1.5)
-        s = KVStoreServer(**kw)
+        cluster = Membership(
+            redis_url=redis_url, namespace=namespace, heartbeat_s=heartbeat_s, ttl_s=ttl_s
+        )
+        s = KVStoreServer(KVStoreConfig(cluster=cluster, **kw), device_pool)
         self.run(s.start())
         self.servers.append(s)
         return s

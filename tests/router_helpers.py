@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import uvicorn
 
 from protos.splitserve.v1 import common_pb2 as cpb
-from services.engine.sampling_params import SamplingParams
-from services.pd_client import PDClient, Piece
+from router.pd_client import PDClient
+from rpc.piece import Piece
+from services.engine.sampling_params import SamplingDefaults, SamplingParams
 
 
 class ColocatedBackend:
@@ -77,6 +78,12 @@ class InstantBackend:
         yield Piece([5], " tok", finish_reason="length", usage=usage)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serve(app) -> Iterator[str]:
     """The app on a uvicorn server on 127.0.0.1 at a free port, in a thread; yields its URL."""
@@ -122,14 +129,13 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
     from router.app import build_app
     from router.grpc_api import GenerateServicer
     from router.tenants import Tenants, hash_key
-    from services.decode import DecodeServer
     from services.engine.tokenizer import load_tokenizer
-    from services.wire import sampling_from_pb
     from tests.kv_helpers import LoopThread
+    from tests.replica_helpers import decode_server
 
     lt = LoopThread()
-    server = DecodeServer(engine(model_dir), "tiny", None, colocated=True)
-    busy = DecodeServer(engine(model_dir), "tiny", None, colocated=True, max_waiting=0)
+    server = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True)
+    busy = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True, max_waiting=0)
     lt.run(server.start())
     lt.run(busy.start())
     with socket.socket() as s:
@@ -138,7 +144,8 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
     max_len = server.engine.max_model_len
     backend = ColocatedBackend(
         {"tiny": (server.address, max_len), "busy": (busy.address, max_len),
-         "down": (down, max_len), "flaky": (down, max_len)}
+         "down": (down, max_len), "flaky": (down, max_len),
+         "tiny-capped": (server.address, max_len)}
     )  # fmt: skip
     tok = load_tokenizer(model_dir)
     tenants = Tenants.from_dict(
@@ -150,12 +157,14 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
             ]
         }
     )  # fmt: skip
-    tokenizers = {"tiny": tok, "busy": tok, "down": tok, "flaky": tok}
-    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20)
+    tokenizers = {"tiny": tok, "busy": tok, "down": tok, "flaky": tok, "tiny-capped": tok}
+    # The same server under a name whose requests default to greedy and 7 tokens.
+    defaults = {"tiny-capped": SamplingDefaults(max_tokens=7, temperature=0.0)}
+    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20, defaults=defaults)
 
     async def start_grpc():
         g = grpc.aio.server()
-        svc = GenerateServicer(backend, tokenizers, sampling_from_pb, tenants)
+        svc = GenerateServicer(backend, tokenizers, tenants, defaults)
         generate_pb2_grpc.add_GenerateServicer_to_server(svc, g)
         port = g.add_insecure_port("127.0.0.1:0")
         await g.start()

@@ -40,9 +40,18 @@ def test_a_full_config_reads_back(tmp_path):
         ([{"name": "a", "path": "p", "prefill": {"replicas": 0}}],
          "models.0.prefill.replicas: Input should be greater than or equal to 1"),
         ([{"name": "a", "path": "p", "prefill": {"device_pool": "lots"}}],
-         "models.0.prefill.device_pool: Value error, not a size: 'lots'"),
+         "models.0.prefill.device_pool: not a size: 'lots'"),
         ([{"name": "a", "path": "p", "decode": {"kv_memory": "-1"}}],
-         "models.0.decode.kv_memory: Value error, not a size"),
+         "models.0.decode.kv_memory: not a size"),
+        # Engine fields follow the engine's own rules (one rule per field), checked at load.
+        ([{"name": "a", "path": "p", "engine": {"block_size": 24}}],
+         "models.0.engine.block_size: block_size must be a positive power of two, got 24"),
+        ([{"name": "a", "path": "p", "engine": {"max_num_seqs": 0}}],
+         "models.0.engine.max_num_seqs: max_num_seqs must be positive, got 0"),
+        ([{"name": "a", "path": "p", "engine": {"gpu_memory_utilization": 1.5}}],
+         "models.0.engine.gpu_memory_utilization: gpu_memory_utilization must be in (0, 1]"),
+        ([{"name": "a", "path": "p", "engine": {"kv_cache_memory": "much"}}],
+         "models.0.engine.kv_cache_memory: not a size: 'much'"),
         ([{"name": "a", "path": "p", "prefill": {"max_num_batched_tokens": 0}}],
          "models.0.prefill.max_num_batched_tokens: Input should be greater than or equal to 1"),
         ([{"name": "a", "path": "p", "prefil": {}}], "models.0.prefil: Extra inputs"),
@@ -79,3 +88,36 @@ def test_gpu_replicas_pick_their_own_gpu():
     assert gpu_device(["5"], "4,5,6") == "cuda:1"
     assert gpu_device([], None) == "cuda"
     assert gpu_device([7], "0,1") == "cuda"  # not visible here: let CUDA pick
+
+
+def test_the_deployment_is_typed_configs_built_once(tmp_path, tiny_model_dir):
+    """What each server runs comes from the app config as frozen configs: the router's routes,
+    and per role a Prefill/DecodeConfig holding its EngineConfig (the role's step budget over
+    the model's, the GPU a replica will narrow)."""
+    import dataclasses
+
+    from services.config import DecodeConfig, PrefillConfig
+    from services.engine.engine import model_fingerprint
+    from splitserve.deployment import plan_deployment
+
+    f = tmp_path / "app.yaml"
+    f.write_text(
+        DOC.replace(
+            "max_num_batched_tokens: 2048}", "max_num_batched_tokens: 2048, block_size: 32}"
+        )
+    )
+    cfg = load_config(f)
+    plan = plan_deployment(cfg, "redis://r:6379/0", {"llama": tiny_model_dir}, "0.0.0.0")
+    pre, dec = (r.config for r in plan.replicas)
+    assert [r.name for r in plan.replicas] == ["prefill-llama", "decode-llama"]
+    assert isinstance(pre, PrefillConfig) and isinstance(dec, DecodeConfig)
+    assert (pre.engine.max_num_batched_tokens, dec.engine.max_num_batched_tokens) == (8192, 2048)
+    assert pre.engine.block_size == dec.engine.block_size == 32
+    assert (pre.engine.dtype, pre.engine.device, pre.host) == ("bfloat16", "cuda", "0.0.0.0")
+    assert pre.device_pool_bytes == 4 << 30 and pre.kv_memory_bytes == 1 << 30
+    assert pre.cluster.redis_url == plan.router.cluster.redis_url == "redis://r:6379/0"
+    [route] = plan.router.models
+    assert (route.name, route.block_size, route.mode) == ("llama", 32, "disaggregated")
+    assert route.model_id == model_fingerprint(tiny_model_dir)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pre.max_waiting = 3  # type: ignore[misc]

@@ -11,10 +11,7 @@ import torch
 from services.engine.sampling_params import SamplingParams
 from tests.engine_helpers import GREEDY, make_engine, random_prompts
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = pytest.mark.gpu
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -265,19 +262,23 @@ def _hf_with_weights(model_dir, w, dtype):
 def _engine_logits(engine, prompt: list[int], num_decode: int) -> torch.Tensor:
     """Logits at every position of prompt: a prefill of all but the last num_decode tokens,
     then one decode step per token (the paged decode kernel)."""
-    from services.engine.request import Request
-    from services.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from services.engine.sched_output import NewRequestData, ScheduledSeq, SchedulerOutput
 
-    req = Request("x", prompt, GREEDY, 0.0, engine.block_size, engine.model_id)
-    req.block_ids = engine.pool.allocate(-(-len(prompt) // engine.block_size))
+    blocks = engine.pool.allocate(-(-len(prompt) // engine.block_size))
     n0 = len(prompt) - num_decode
     outs = []
-    steps = [SchedulerOutput(prefills=[ScheduledSeq(req, 0, n0)])]
-    steps += [SchedulerOutput(decodes=[ScheduledSeq(req, i, 1)]) for i in range(n0, len(prompt))]
+    new = NewRequestData("x", prompt, [], GREEDY, blocks, 0)
+    steps = [SchedulerOutput(prefills=[ScheduledSeq("x", 0, n0, [], False)], new_requests=[new])]
+    steps += [
+        SchedulerOutput(decodes=[ScheduledSeq("x", i, 1, [], False)])
+        for i in range(n0, len(prompt))
+    ]
     for so in steps:
+        engine.runner.requests.update(so)
         ids, pos, meta, _ = engine.runner.prepare(so, [])
         outs.append(engine.model.forward(ids, pos, meta, engine.kv_cache, None))
-    engine.pool.release(req.block_ids)
+    engine.runner.requests.update(SchedulerOutput(finished_ids=["x"]))
+    engine.pool.release(blocks)
     return torch.cat(outs)
 
 
@@ -289,7 +290,7 @@ def test_bf16_logits_llama1b_close_to_transformers(tmp_path):
     decode-kernel positions both count. Also checks KV sizing from free GPU memory."""
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
-    from services.engine.presets import make_model
+    from services.model_prep.presets import make_model
 
     model_dir = make_model("llama-1b", tmp_path / "m", write_weights=False)
     util = 0.4

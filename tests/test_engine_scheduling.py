@@ -2,6 +2,8 @@
 
 import pytest
 
+from services.engine.block_hash import hash_blocks
+from services.engine.kv_transfer import KVLayout
 from services.engine.sampling_params import SamplingParams
 from tests.engine_helpers import GREEDY, make_engine, random_prompts
 
@@ -116,3 +118,24 @@ def test_imported_kv_for_other_tokens_is_not_used(tiny_model_dir, prompts, refer
         [prompts[0]], SHORT, output_token_ids=first.token_ids, kv_blocks=wrong.kv_blocks
     )
     assert first.token_ids + rest.token_ids == reference[0]
+
+
+def test_what_the_services_ask(tiny_model_dir, prompts, checked):
+    """prefix_cache_hits counts the leading cached blocks; kv_block_layout describes the blocks
+    the engine exports and accepts (tiny: 2 layers, 2 KV heads of 16, float32, blocks of 16)."""
+    engine = checked(make_engine(tiny_model_dir))
+    p = prompts[3]
+    hashes = hash_blocks(p, engine.block_size, engine.model_id)
+    assert engine.prefix_cache_hits(hashes) == 0
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    [done] = engine.generate([p], one, export_kv=True)
+    # Every full block of the prompt was computed and stays cached after the request ends; a
+    # block the engine never saw ends the run even if later ones are cached.
+    assert engine.prefix_cache_hits(hashes) == len(p) // 16
+    assert engine.prefix_cache_hits([hashes[0], b"\x01" * 16, *hashes[2:]]) == 1
+    layout = engine.kv_block_layout()
+    assert layout == KVLayout(2, 2, 16, "float32", 16, "cpu")
+    assert all(layout.fits(b.dtype_name, b.kv.shape) for b in done.kv_blocks)
+    assert not layout.fits("bfloat16", (2, 2, 16, 2, 16))  # another dtype
+    assert not layout.fits("float32", (2, 2, 17, 2, 16))  # more tokens than a block holds
+    assert not layout.fits("float32", (2, 2, 16, 4, 8))  # another head layout

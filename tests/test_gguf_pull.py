@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.engine.errors import ModelLoadError
-from services.engine.gguf_convert import convert_gguf, llama3_rope_factors, unpermute_rotary
+from services.model_prep.gguf_convert import convert_gguf, llama3_rope_factors, unpermute_rotary
 from splitserve import models_pull
 from splitserve.models_pull import REGISTRY, ModelSource, gguf_path, pull_model
 

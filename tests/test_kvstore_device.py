@@ -19,8 +19,6 @@ from kvstore.transport import StreamTransport
 from protos.splitserve.v1 import kvstore_pb2 as gpb
 from tests.kv_helpers import make_blocks
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def test_reader_without_a_pool_on_the_holder_falls_back(redis_url, namespace, loop_thread):
     # A CUDA-IPC reader (no GPU is touched until a pool answers) against a holder without a
@@ -70,14 +68,16 @@ HOLDER = textwrap.dedent(
     """
     import asyncio, sys, torch
     from kvstore.device_pool import DevicePool
+    from kvstore.config import KVStoreConfig, Membership
     from kvstore.server import KVStoreServer
     from services.wire import device_meta
     from services.engine.kv_transfer import KVBlock
 
     async def main():
         pool = DevicePool(8 << 20, "cuda")
-        s = KVStoreServer(8 << 20, sys.argv[1], namespace=sys.argv[2], device_pool=pool,
-                          heartbeat_s=0.25, ttl_s=1.5)
+        cluster = Membership(redis_url=sys.argv[1], namespace=sys.argv[2], heartbeat_s=0.25,
+                             ttl_s=1.5)
+        s = KVStoreServer(KVStoreConfig(memory_bytes=8 << 20, cluster=cluster), pool)
         await s.start()
         g = torch.Generator(device="cuda").manual_seed(7)
         blocks = []
@@ -98,7 +98,7 @@ HOLDER = textwrap.dedent(
 )
 
 
-@gpu
+@pytest.mark.gpu
 def test_cuda_ipc_pull_from_another_process(redis_url, namespace, tmp_path):
     expect_path = tmp_path / "kv.pt"
     proc = subprocess.Popen(

@@ -13,14 +13,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.splitserve.v1 import decode_pb2, decode_pb2_grpc
-from services.decode import DecodeServer
+from router.pd_client import PDClient
+from rpc.sampling import sampling_to_pb
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from services.metrics import TENANT_METADATA_KEY
-from services.pd_client import PDClient
-from services.prefill import PrefillServer
-from services.wire import sampling_to_pb
+from tests.replica_helpers import decode_server, prefill_server
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -61,8 +60,7 @@ def assert_pool_gauges(m: Scrape, server, loop_thread, role: str) -> None:
 
 def test_colocated_metrics(tiny_model_dir, loop_thread):
     # 8 blocks of 16 tokens: three 60-token requests at once must preempt.
-    d = DecodeServer(engine(tiny_model_dir, num_kv_blocks=8), "tiny", None, colocated=True,
-                     metrics_port=0)  # fmt: skip
+    d = decode_server(tiny_model_dir, engine={"num_kv_blocks": 8}, colocated=True, metrics_port=0)
     loop_thread.run(d.start())
     addr = d.metrics_address
     try:
@@ -148,10 +146,8 @@ def test_colocated_metrics(tiny_model_dir, loop_thread):
 
 
 def test_disaggregated_metrics(tiny_model_dir, redis_url, namespace, loop_thread):
-    p = PrefillServer(engine(tiny_model_dir), "tiny", redis_url, namespace=namespace,
-                      heartbeat_s=0.25, ttl_s=1.5, metrics_port=0)  # fmt: skip
-    d = DecodeServer(engine(tiny_model_dir), "tiny", redis_url, namespace=namespace,
-                     heartbeat_s=0.25, ttl_s=1.5, metrics_port=0)  # fmt: skip
+    p = prefill_server(tiny_model_dir, redis_url, namespace, metrics_port=0)
+    d = decode_server(tiny_model_dir, redis_url, namespace, metrics_port=0)
     loop_thread.run(p.start())
     loop_thread.run(d.start())
     try:

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as RawTokenizer
 
 from services.engine.config import ModelConfig
 from services.engine.errors import ModelLoadError
-from services.engine.presets import (
+from services.model_prep.presets import (
     CHATML_TEMPLATE,
     PRESETS,
     get_preset,
@@ -255,7 +255,7 @@ def test_big_presets_have_exact_llama_shapes() -> None:
 
 
 def test_small_tokenizer_ids_fit_the_config_vocab(tmp_path: Path) -> None:
-    from services.engine.presets import trained_tokenizer
+    from services.model_prep.presets import trained_tokenizer
 
     tok = trained_tokenizer(PRESETS["small"].vocab_size)
     # The bundled text supports a few thousand merges, far fewer than 32000: every id the

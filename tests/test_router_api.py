@@ -17,6 +17,7 @@ from services.decode import DecodeServer
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from tests.kv_helpers import wait_for
+from tests.replica_helpers import decode_server
 from tests.router_helpers import KEY, assert_error_shape, engine, router_stack
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -40,6 +41,16 @@ def ref(tiny_model_dir) -> LLMEngine:
 
 def in_use(stack) -> int:
     return stack.lt.run(stack.server.loop.call(lambda e: e.check_integrity())).in_use
+
+
+def ended(server: DecodeServer) -> Counter[str]:
+    """Requests that ended on a server, by status (its own metrics registry)."""
+    out: Counter[str] = Counter()
+    for fam in server.metrics.registry.collect():
+        for s in fam.samples:
+            if s.name == "splitserve:requests_total":
+                out[s.labels["status"]] += int(s.value)
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +125,33 @@ def test_chat_greedy_equals_engine_streaming_or_not(stack, ref):
     assert text == want
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == len(ids) + 16
+
+
+def test_unset_sampling_takes_the_models_defaults_over_http_and_grpc(stack, ref):
+    """tiny-capped's defaults are greedy and 7 tokens: a chat naming neither gets exactly the
+    engine's greedy 7 tokens, over HTTP and gRPC; what a request names still wins."""
+    import grpc
+
+    from protos.splitserve.v1 import generate_pb2 as gpb
+    from protos.splitserve.v1 import generate_pb2_grpc as gpb_grpc
+
+    ids = stack.tok.apply_chat_template(CHAT)
+    expect = greedy(ref, ids, 7)
+    c = stack.client
+    r = c.chat.completions.create(model="tiny-capped", messages=CHAT,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert (r.choices[0].message.content, r.usage.completion_tokens) == (expect, 7)
+    assert r.choices[0].finish_reason == "length"
+    r = c.chat.completions.create(model="tiny-capped", messages=CHAT, max_tokens=3,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.usage.completion_tokens == 3 and r.choices[0].message.content == greedy(ref, ids, 3)
+    with grpc.insecure_channel(stack.grpc) as ch:
+        req = gpb.GenerateRequest(model="tiny-capped", prompt_token_ids=gpb.TokenIds(ids=ids))
+        req.sampling.ignore_eos = True
+        msgs = list(gpb_grpc.GenerateStub(ch).Generate(
+            req, metadata=[("authorization", f"Bearer {KEY}")], timeout=60))  # fmt: skip
+    assert "".join(m.text for m in msgs) == expect
+    assert msgs[-1].usage.completion_tokens == 7
 
 
 def test_n_samples_use_seed_plus_index(stack):
@@ -214,7 +252,7 @@ def test_logprobs(stack):
 
 def test_models_health_and_metrics(stack):
     models = stack.client.models.list()
-    assert {m.id for m in models.data} == {"tiny", "busy", "down", "flaky"}
+    assert {m.id for m in models.data} == {"tiny", "busy", "down", "flaky", "tiny-capped"}
     assert httpx2.get(f"{stack.url}/health").json() == {"status": "ok"}
 
     def count(**labels) -> float:
@@ -239,7 +277,7 @@ def test_models_health_and_metrics(stack):
 
 
 def test_replica_lost_mid_stream_ends_the_stream_with_an_error_event(stack, tiny_model_dir):
-    flaky = DecodeServer(engine(tiny_model_dir), "tiny", None, colocated=True)
+    flaky = decode_server(tiny_model_dir, engine={"num_kv_blocks": 256}, colocated=True)
     stack.lt.run(flaky.start())
     stack.backend.set_address("flaky", flaky.address)
     stream = stack.client.completions.create(
@@ -266,16 +304,6 @@ def test_replica_lost_mid_stream_ends_the_stream_with_an_error_event(stack, tiny
 
 
 # -- disconnects -------------------------------------------------------------------------------
-
-
-def ended(server: DecodeServer) -> Counter[str]:
-    """Requests that ended on a server, by status (its own metrics registry)."""
-    out: Counter[str] = Counter()
-    for fam in server.metrics.registry.collect():
-        for s in fam.samples:
-            if s.name == "splitserve:requests_total":
-                out[s.labels["status"]] += int(s.value)
-    return out
 
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(stack):

@@ -11,17 +11,16 @@ import sys
 import grpc
 import pytest
 
+from kvstore.registry import list_replicas
 from protos.splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from services.decode import DecodeServer
+from router.pd_client import PDClient
+from rpc.sampling import sampling_to_pb
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
-from services.pd_client import PDClient
-from services.prefill import PrefillServer
-from services.registry import list_replicas
-from services.wire import sampling_to_pb
 from tests.engine_helpers import random_prompts
 from tests.kv_helpers import wait_for
+from tests.replica_helpers import decode_server, prefill_server
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -34,10 +33,8 @@ def engine(model_dir, **kw) -> LLMEngine:
 @pytest.fixture
 def pd(tiny_model_dir, redis_url, namespace, loop_thread):
     """A prefill and a decode replica of the tiny model."""
-    p = PrefillServer(engine(tiny_model_dir), "tiny", redis_url, namespace=namespace,
-                      heartbeat_s=0.25, ttl_s=1.5)  # fmt: skip
-    d = DecodeServer(engine(tiny_model_dir), "tiny", redis_url, namespace=namespace,
-                     heartbeat_s=0.25, ttl_s=1.5)  # fmt: skip
+    p = prefill_server(tiny_model_dir, redis_url, namespace)
+    d = decode_server(tiny_model_dir, redis_url, namespace)
     loop_thread.run(p.start())
     loop_thread.run(d.start())
     yield p, d
@@ -114,7 +111,7 @@ def test_shared_prefix_pulls_only_new_blocks(tiny_model_dir, pd, loop_thread):
 
 def test_prefill_killed_after_answering_decode_recomputes(tiny_model_dir, redis_url, namespace,
                                                           loop_thread):  # fmt: skip
-    d = DecodeServer(engine(tiny_model_dir), "tiny", redis_url, namespace=namespace)
+    d = decode_server(tiny_model_dir, redis_url, namespace)
     loop_thread.run(d.start())
     cmd = [sys.executable, "-m", "splitserve.cli", "serve", "prefill", "--model",
            str(tiny_model_dir), "--redis", redis_url, "--namespace", namespace,
@@ -204,7 +201,7 @@ def test_100_concurrent_requests_finish(tiny_model_dir, pd):
 
 
 def test_colocated_equals_single_engine(tiny_model_dir, loop_thread):
-    d = DecodeServer(engine(tiny_model_dir), "tiny", None, colocated=True)
+    d = decode_server(tiny_model_dir, colocated=True)
     loop_thread.run(d.start())
     try:
         prompts = random_prompts(6, 500, 1, 70, seed=4)
@@ -263,8 +260,8 @@ def test_bad_inputs_get_their_codes(tiny_model_dir, pd, loop_thread):
     assert code == inv and "vocabulary" in msg
 
     # Queue full: a decode replica that admits one waiting request at most.
-    small = DecodeServer(engine(tiny_model_dir, max_num_seqs=1), "tiny", None, colocated=True,
-                         max_waiting=1)  # fmt: skip
+    small = decode_server(tiny_model_dir, engine={"max_num_seqs": 1}, colocated=True,
+                          max_waiting=1)  # fmt: skip
     loop_thread.run(small.start())
     try:
         many = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)

@@ -35,6 +35,31 @@ def test_encode_is_exactly_transformers(tok: Tokenizer, tiny_model_dir: Path) ->
         assert tok.encode(text) == hf(text)["input_ids"]
 
 
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "qwen2_model_dir", "llama31_model_dir"])
+def test_loaded_by_class_name_as_autotokenizer_would(fixture, request) -> None:
+    """A router loads the class AutoTokenizer chose (its name travels in the router's config;
+    AutoTokenizer itself would import torch): the same class, ids and chat text."""
+    from transformers import AutoTokenizer
+
+    model_dir = request.getfixturevalue(fixture)
+    hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    name = load_tokenizer(model_dir).class_name
+    ours = load_tokenizer(model_dir, tokenizer_class=name)
+    assert type(ours.hf) is type(hf)
+    for text in TEXTS:
+        assert ours.encode(text) == hf(text)["input_ids"]
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    if hf.chat_template:
+        assert ours.render_chat(chat) == hf.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True
+        )
+
+
+def test_a_class_name_transformers_lacks_falls_back_to_autotokenizer(tiny_model_dir) -> None:
+    tok = load_tokenizer(tiny_model_dir, tokenizer_class="NoSuchTokenizerClass")
+    assert tok.class_name == load_tokenizer(tiny_model_dir).class_name
+
+
 def test_properties(tok: Tokenizer) -> None:
     assert isinstance(tok.backend, tokenizers.Tokenizer)
     assert tok.vocab_size == 2048

@@ -6,38 +6,43 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
 import pytest
 
+from kvstore.registry import list_replicas
 from loadgen.readers import read_trace
-from services.registry import list_replicas
+from tests.router_helpers import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def system(redis_url):
-    port, gport = _free_port(), _free_port()
+def system():
+    """`splitserve up` as a user runs it: no --redis, so it starts its own private server."""
+    port, gport = free_port(), free_port()
     cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", "tiny", "--port", str(port),
-           "--grpc-port", str(gport), "--redis", redis_url]  # fmt: skip
+           "--grpc-port", str(gport)]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
+    reader.start()
     url = proc.stdout.readline().strip()
     if not url.startswith("http://"):
         proc.kill()
-        pytest.fail(f"splitserve up did not come up: {proc.stderr.read()[-3000:]}")
+        reader.join(10)
+        pytest.fail(f"splitserve up did not come up: {''.join(stderr)[-3000:]}")
+    # Said on stderr before Ray starts, so long before the URL: the reader has it by now.
+    said = [line for line in stderr if "private Redis-compatible server at" in line]
+    assert said, "".join(stderr)
+    redis_url = said[0].rsplit(" ", 1)[-1].strip()
+    assert redis_url.startswith("redis://127.0.0.1:"), said
     yield {"url": url, "grpc": f"127.0.0.1:{gport}", "redis": redis_url, "proc": proc}
     proc.send_signal(signal.SIGINT)
     try:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from services.engine.errors import ModelLoadError
+from services.engine.sched_policy import POLICIES
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -192,6 +193,10 @@ class EngineConfig:
     CUDA graphs for decode steps. async_scheduling lets the CPU schedule and prepare step n+1
     while the GPU computes step n (step() then returns step n's outputs).
     load_format "dummy" skips the checkpoint and draws random weights on the device (benchmarks).
+    scheduling_policy orders admission and preemption (services/engine/sched_policy.py): "fcfs"
+    admits in arrival order and preempts the newest running request; "priority" admits by
+    add_request's priority (lower first, ties in arrival order) and preempts the running request
+    with the highest value, newest first.
     """
 
     block_size: int = 16
@@ -210,6 +215,7 @@ class EngineConfig:
     max_graph_batch_size: int = 256  # decode steps up to this many sequences replay a graph
     async_scheduling: bool = True
     load_format: str = "auto"  # auto | dummy
+    scheduling_policy: str = "fcfs"  # fcfs | priority
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -228,6 +234,11 @@ class EngineConfig:
             raise ValueError(f"kernels must be auto or torch, got {self.kernels!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.scheduling_policy not in POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(POLICIES)}, "
+                f"got {self.scheduling_policy!r}"
+            )
         if self.max_graph_batch_size < 0:
             raise ValueError("max_graph_batch_size must be >= 0")
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -22,20 +22,22 @@ import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
 from services.engine.attention_cpu import TorchAttentionBackend
-from services.engine.block_hash import ROOT_HASH, hash_block
+from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
 from services.engine.block_pool import BlockPool, PoolUsage
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.errors import InvalidRequestError, ModelLoadError
 from services.engine.fused_ops import triton_available
 from services.engine.kv_cache import KVCache
-from services.engine.kv_transfer import KVBlock
+from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
 from services.engine.model import LlamaModel
 from services.engine.request import FinishReason, Request, RequestOutput, Status
 from services.engine.runner import ModelRunner
 from services.engine.sampler import SampledToken, Sampler, _has_penalty
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler, SchedulerOutput, blocks_for
+from services.engine.sched_output import SchedulerOutput
+from services.engine.sched_policy import make_policy
+from services.engine.scheduler import Scheduler, blocks_for
 from services.engine.tokenizer import Tokenizer, load_tokenizer
 from services.engine.weights import load_weights, random_weights
 
@@ -116,10 +118,15 @@ class LLMEngine:
         else:
             num_blocks = max(2, config.kv_cache_memory_bytes // per_block)
         self.kv_cache = KVCache.allocate(mcfg, num_blocks, bs, self.dtype, self.device)
+        self._kv_layout = KVLayout(
+            mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype_name(self.dtype), bs,
+            self.device,
+        )  # fmt: skip
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens
-        )
+            self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
+            make_policy(config.scheduling_policy),
+        )  # fmt: skip
         if self.fused:
             from services.engine.runner_cuda import CudaModelRunner
 
@@ -134,7 +141,8 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(self.model, self.kv_cache, Sampler(seed), self.device)
         self.async_scheduling = self.fused and config.async_scheduling
-        self._inflight: tuple[SchedulerOutput, object] | None = None  # (so, StepHandle)
+        # The step launched and not yet read: (so, its requests in so.seqs order, StepHandle).
+        self._inflight: tuple[SchedulerOutput, list[Request], object] | None = None
         if self.fused:
             # What exists now (block pool, tokenizer, weights' wrappers) lives as long as the
             # engine: keep it out of the cyclic collector's full passes, which otherwise stall
@@ -160,6 +168,7 @@ class LLMEngine:
         kv_blocks: Sequence[KVBlock | None] = (),
         export_kv: bool = False,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request.
 
@@ -168,9 +177,13 @@ class LLMEngine:
         kv_blocks: the KV of the leading blocks, by position, as another engine exported it;
         None marks a block that must be recomputed.
         export_kv: return the request's computed KV blocks when it finishes.
+        priority: under scheduling_policy "priority", lower values are admitted first and
+        preempted last; "fcfs" ignores it.
         """
         prompt = [int(t) for t in prompt_token_ids]
         self._validate(request_id, prompt, params, len(output_token_ids))
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
         req = Request(
             request_id=request_id,
@@ -182,6 +195,7 @@ class LLMEngine:
             output_token_ids=list(output_token_ids),
             imported_kv=list(kv_blocks),
             export_kv=export_kv,
+            priority=priority,
             max_len=self.max_model_len,
         )
         self._requests[request_id] = req
@@ -243,7 +257,7 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return self.scheduler.num_waiting
 
     # -- the step -------------------------------------------------------------------------
 
@@ -253,49 +267,54 @@ class LLMEngine:
         so = self.scheduler.schedule()
         if so.is_empty:
             return []
+        reqs = self._requests_of(so)
         sampled = self.runner.run(so)
         outputs = []
         now = time.monotonic()
-        for seq, tok in zip(so.seqs, sampled, strict=True):
-            req = seq.request
-            self.scheduler.commit(seq)
+        for req, seq, tok in zip(reqs, so.seqs, sampled, strict=True):
+            self.scheduler.commit(req, seq)
             if tok is None:
                 continue
             outputs.append(self._append_token(req, tok, now))
         return outputs
 
+    def _requests_of(self, so: SchedulerOutput) -> list[Request]:
+        """The requests of so's seqs, in order, resolved right after scheduling (while their
+        ids name them: an id is free for reuse once its request finishes)."""
+        return [self._requests[s.request_id] for s in so.seqs]
+
     def _step_async(self) -> list[RequestOutput]:
         """Launch step n+1, then finish step n (whose outputs this returns)."""
         prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
-        if prev is not None and self._needs_values(prev[0]):
+        if prev is not None and self._needs_values(prev[0], prev[1]):
             outputs += self._finish_step(*prev)
             prev = None
         so = self.scheduler.schedule()
         if not so.is_empty:
+            reqs = self._requests_of(so)
             handle = self.runner.launch(so)
-            for seq in so.seqs:
-                self.scheduler.commit(seq)
+            for req, seq in zip(reqs, so.seqs, strict=True):
+                self.scheduler.commit(req, seq)
                 if seq.samples:
-                    seq.request.num_pending_tokens += 1
-            self._inflight = (so, handle)
+                    req.num_pending_tokens += 1
+            self._inflight = (so, reqs, handle)
         if prev is not None:
             outputs += self._finish_step(*prev)
         return outputs
 
     @staticmethod
-    def _needs_values(so: SchedulerOutput) -> bool:
+    def _needs_values(so: SchedulerOutput, reqs: list[Request]) -> bool:
         """The next step's sampling reads the tokens of this one (penalties count them)."""
-        return any(s.samples and _has_penalty(s.request.params) for s in so.seqs)
+        return any(s.samples and _has_penalty(r.params) for s, r in zip(so.seqs, reqs, strict=True))
 
-    def _finish_step(self, so: SchedulerOutput, handle) -> list[RequestOutput]:
+    def _finish_step(self, so: SchedulerOutput, reqs: list[Request], handle) -> list[RequestOutput]:
         sampled = handle.result()
         outputs = []
         now = time.monotonic()
-        for seq, tok in zip(so.seqs, sampled, strict=True):
+        for req, tok in zip(reqs, sampled, strict=True):
             if tok is None:
                 continue
-            req = seq.request
             req.num_pending_tokens -= 1
             if req.status == Status.FINISHED:  # aborted, or ended while this step ran
                 continue
@@ -421,6 +440,21 @@ class LLMEngine:
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - base
 
+    # -- what the services ask ------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def prefix_cache_hits(self, block_hashes: Sequence[BlockHash]) -> int:
+        """How many of these blocks, from the first on, the prefix cache holds now. Changes
+        nothing, so a later eviction can make the answer stale; call it on the engine's thread."""
+        return len(self.pool.lookup(block_hashes))
+
+    def kv_block_layout(self) -> KVLayout:
+        """The layout a KV block must have to be imported (add_request's kv_blocks)."""
+        return self._kv_layout
+
     # -- conveniences ---------------------------------------------------------------------
 
     def check_integrity(self) -> PoolUsage:
@@ -435,9 +469,33 @@ class LLMEngine:
                 raise AssertionError(
                     f"block {b.block_id}: ref_cnt {b.ref_cnt}, held {held.get(b.block_id, 0)}"
                 )
-        if any(r.block_ids for r in self.scheduler.waiting):
+        if any(r.block_ids for r in self.scheduler.policy):
             raise AssertionError("a waiting request holds blocks")
+        self._check_runner_states()
         return usage
+
+    def _check_runner_states(self) -> None:
+        """The runner knows every running request, with the same tokens and blocks, and no
+        request the scheduler has not told it (yet) to forget."""
+        known = self.runner.requests.ids()
+        running = {r.request_id for r in self.scheduler.running}
+        if not running <= known:
+            raise AssertionError(f"the runner does not know running requests {running - known}")
+        stale = known - running - self.scheduler.ids_to_drop()
+        if stale:
+            raise AssertionError(f"the runner keeps requests that left: {stale}")
+        if self._inflight is not None:
+            return  # tokens of the step in flight are not read yet
+        for r in self.scheduler.running:
+            st = self.runner.requests[r.request_id]
+            same = (
+                st.prompt_token_ids == r.prompt_token_ids
+                and st.output_token_ids == r.output_token_ids
+                and st.block_ids == r.block_ids
+                and st.num_pending == 0
+            )
+            if not same:
+                raise AssertionError(f"the runner's copy of request {r.request_id} differs")
 
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():

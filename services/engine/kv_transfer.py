@@ -7,6 +7,7 @@ for a request's last, partial block.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,34 @@ from services.engine.block_hash import BlockHash
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a block must look like to enter an engine's cache: a tensor
+    [num_layers, 2, T, num_kv_heads, head_dim] of dtype, T <= block_size, placed on device."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    block_size: int
+    device: str
+
+    def fits(self, dtype: str, shape: Sequence[int]) -> bool:
+        """A block of this dtype and shape can be loaded as it is (no cast, no reshape)."""
+        return (
+            dtype == self.dtype
+            and len(shape) == 5
+            and shape[0] == self.num_layers
+            and shape[1] == 2
+            and shape[2] <= self.block_size
+            and tuple(shape[3:]) == (self.num_kv_heads, self.head_dim)
+        )
 
 
 @dataclass(frozen=True)
@@ -37,7 +66,7 @@ class KVBlock:
 
     @property
     def dtype_name(self) -> str:
-        return _DTYPE_NAMES[self.kv.dtype]
+        return dtype_name(self.kv.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -45,6 +45,7 @@ class Request:
     # KV that arrived from another engine, by block position (None: missing, recompute it).
     imported_kv: list[KVBlock | None] = field(default_factory=list)
     export_kv: bool = False
+    priority: int = 0  # under the priority policy: lower is admitted first, preempted last
     max_len: int = 0  # the engine's context limit; output stops there
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_imported_tokens: int = 0  # prompt tokens whose KV arrived from outside
@@ -78,10 +79,6 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
-
-    def token_at(self, i: int) -> int:
-        p = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
 
     def update_hashes(self) -> None:
         """Hash every newly full block of tokens (prompt and output alike)."""

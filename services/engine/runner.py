@@ -1,7 +1,8 @@
 """Turns a SchedulerOutput into tensors, runs the model, samples.
 
-The runner never changes request state; it reads the scheduled slices and returns one sampled
-token (or None) per scheduled sequence, in SchedulerOutput.seqs order.
+The runner knows requests only through SchedulerOutputs: it keeps its own RequestStates (tokens,
+block tables, sampling parameters), appends the tokens it samples, and returns one sampled token
+(or None) per scheduled sequence, in SchedulerOutput.seqs order.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import torch
 from services.engine.attention import AttentionMetadata, PrefillSeq
 from services.engine.kv_cache import KVCache
 from services.engine.model import LlamaModel
-from services.engine.sampler import SampledToken, Sampler, SamplingRow
-from services.engine.scheduler import ScheduledSeq, SchedulerOutput
+from services.engine.runner_state import RequestStates
+from services.engine.sampler import SampledToken, Sampler
+from services.engine.sched_output import ScheduledSeq, SchedulerOutput
 
 
 def _slots(block_ids: list[int], start: int, end: int, bs: int) -> np.ndarray:
@@ -29,30 +31,37 @@ class ModelRunner:
         self.device = device
         self.bs = kv_cache.block_size
         self.scale = model.cfg.head_dim**-0.5
+        self.requests = RequestStates()
 
     def run(self, so: SchedulerOutput) -> list[SampledToken | None]:
+        self.requests.update(so)
         for block_id, kv in so.kv_loads:
             self.kv_cache.write_block(block_id, kv.to(self.kv_cache.data.device))
         seqs = so.seqs
         input_ids, positions, meta, logits_rows = self.prepare(so)
         logits = self.model.forward(input_ids, positions, meta, self.kv_cache, logits_rows)
-        sampling = [s for s in seqs if s.samples]
-        tokens = iter(self.sampler(logits, [_row(s) for s in sampling]) if sampling else [])
+        states = [self.requests[s.request_id] for s in seqs if s.samples]
+        sampled = self.sampler(logits, [st.sampling_row() for st in states]) if states else []
+        for st, tok in zip(states, sampled, strict=True):
+            st.output_token_ids.append(tok.token_id)
+        tokens = iter(sampled)
         return [next(tokens) if s.samples else None for s in seqs]
 
     def prepare(
         self, so: SchedulerOutput
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Device tensors of one step: (input ids, positions, metadata, logits rows), for
+        requests already in self.requests (run() first applies the step's news there)."""
         bs = self.bs
         ids: list[int] = []
         pos: list[np.ndarray] = []
         slot_parts: list[np.ndarray] = []
         logits_rows: list[int] = []
         for s in so.seqs:
-            req = s.request
-            ids.extend(req.token_at(i) for i in range(s.start, s.end))
+            st = self.requests[s.request_id]
+            ids += st.tokens(s.start, s.end)
             pos.append(np.arange(s.start, s.end))
-            slot_parts.append(_slots(req.block_ids, s.start, s.end, bs))
+            slot_parts.append(_slots(st.block_ids, s.start, s.end, bs))
             if s.samples:
                 logits_rows.append(len(ids) - 1)
 
@@ -64,7 +73,8 @@ class ModelRunner:
         for s in so.prefills:
             table = None
             if s.start > 0:
-                table = torch.tensor(s.request.block_ids[: -(-s.end // bs)], dtype=torch.long)
+                blocks = self.requests[s.request_id].block_ids[: -(-s.end // bs)]
+                table = torch.tensor(blocks, dtype=torch.long)
             prefills.append(PrefillSeq(offset, s.num_new, s.end, self._dev(table)))
             offset += s.num_new
 
@@ -91,7 +101,7 @@ class ModelRunner:
         nblk = -(-int(lens.max()) // self.bs)
         table = np.zeros((len(decodes), nblk), dtype=np.int64)
         for r, s in enumerate(decodes):
-            b = s.request.block_ids[: -(-s.end // self.bs)]
+            b = self.requests[s.request_id].block_ids[: -(-s.end // self.bs)]
             table[r, : len(b)] = b
         valid = np.arange(nblk * self.bs)[None, :] < lens[:, None]
         mask = torch.from_numpy(valid)[:, None, None, :]
@@ -101,8 +111,3 @@ class ModelRunner:
         if t is None or self.device == "cpu":
             return t
         return t.to(self.device, non_blocking=True)
-
-
-def _row(s: ScheduledSeq) -> SamplingRow:
-    r = s.request
-    return SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids)

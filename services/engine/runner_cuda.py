@@ -6,9 +6,10 @@ tables, logits rows) are packed into one pinned buffer and cross in one copy; tw
 alternate, so the CPU fills step n+1's while step n's may still be on its way.
 
 Async scheduling: `launch` returns a StepHandle at once; the sampled ids reach the host by an
-asynchronous copy and `StepHandle.result` waits for them. Step n+1 may be launched before that:
-a token that step n sampled and the host has not seen yet is named in the input ids as
--(1 + its row in step n), and the device takes it from the previous step's token buffer.
+asynchronous copy and `StepHandle.result` waits for them (and appends them to the requests'
+states). Step n+1 may be launched before that: a token that step n sampled and the host has not
+seen yet is named in the input ids as -(1 + its row in step n), and the device takes it from the
+previous step's token buffer.
 
 CUDA graphs: pure-decode steps of up to max_graph_batch_size sequences are padded to the next
 captured size and replayed; a padding row has slot -1 (writes nothing) and context length 0
@@ -27,18 +28,21 @@ import torch
 from services.engine.attention import AttentionMetadata, PrefillSeq
 from services.engine.kv_cache import KVCache
 from services.engine.model import LlamaModel
-from services.engine.sampler import SampledToken, Sampler, SamplingRow
+from services.engine.runner_state import RequestState, RequestStates
+from services.engine.sampler import SampledToken, Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import ScheduledSeq, SchedulerOutput
+from services.engine.sched_output import ScheduledSeq, SchedulerOutput
 
 
 @dataclass
 class StepHandle:
-    """One launched step; result() waits for its sampled tokens."""
+    """One launched step; result() waits for its sampled tokens and appends them to the
+    sampling requests' states (once: a later call returns the same list)."""
 
     host_tokens: torch.Tensor  # pinned int64 [S], filled by an async copy
     event: torch.cuda.Event  # recorded after that copy
     samples: list[bool]  # per scheduled seq
+    states: list[RequestState]  # per sampling row (a request dropped since then: harmless)
     params: list[SamplingParams]  # per sampling row
     want_lp: list[int]  # sampling rows that want logprobs
     raw_lp: torch.Tensor | None  # [len(want_lp), V] on the device
@@ -49,6 +53,9 @@ class StepHandle:
             self.event.synchronize()
             ids = self.host_tokens.tolist()
             picked = [t for t, s in zip(ids, self.samples, strict=True) if s]
+            for st, t in zip(self.states, picked, strict=True):
+                st.output_token_ids.append(t)
+                st.num_pending -= 1
             toks = iter(Sampler.package(picked, self.params, self.want_lp, self.raw_lp))
             self._result = [next(toks) if s else None for s in self.samples]
         return self._result
@@ -133,6 +140,7 @@ class CudaModelRunner:
         self._host_tokens = [torch.zeros(max_seqs, dtype=torch.long).pin_memory() for _ in range(2)]
         self._tok_parity = 0
         self._rows: dict[str, int] = {}  # request id -> its row in `tokens` (last step)
+        self.requests = RequestStates()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         if use_cuda_graphs and self.graph_sizes:
@@ -144,11 +152,13 @@ class CudaModelRunner:
         return self.launch(so).result()
 
     def launch(self, so: SchedulerOutput) -> StepHandle:
+        self.requests.update(so)
         for block_id, kv in so.kv_loads:
             self.kv_cache.write_block(block_id, kv.to(self.kv_cache.data.device))
         seqs = so.seqs
         sampling = [i for i, s in enumerate(seqs) if s.samples]
-        rows = [_row(seqs[i]) for i in sampling]
+        states = [self.requests[seqs[i].request_id] for i in sampling]
+        rows = [st.sampling_row() for st in states]
         plain = Sampler.is_plain_greedy(rows)
         graph_bs = self._graph_size(so)
         if graph_bs:
@@ -166,7 +176,9 @@ class CudaModelRunner:
         if not plain:
             toks, want_lp, raw_lp = self.sampler.sample_tokens(logits, rows)
             self.tokens.index_copy_(0, _index(sampling, self.device), toks)
-        self._rows = {seqs[i].request.request_id: i for i in sampling}
+        self._rows = {seqs[i].request_id: i for i in sampling}
+        for st in states:  # their new token is in flight until the handle's result is read
+            st.num_pending += 1
 
         host = self._host_tokens[self._tok_parity][: len(seqs)]
         self._tok_parity ^= 1
@@ -174,13 +186,15 @@ class CudaModelRunner:
         event = torch.cuda.Event()
         event.record()
         return StepHandle(
-            host, event, [s.samples for s in seqs], [r.params for r in rows], want_lp, raw_lp
-        )
+            host, event, [s.samples for s in seqs], states, [r.params for r in rows], want_lp,
+            raw_lp,
+        )  # fmt: skip
 
     def prepare(
         self, so: SchedulerOutput, sampling: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Device tensors of one eager step: (input ids, positions, metadata, logits rows)."""
+        """Device tensors of one eager step: (input ids, positions, metadata, logits rows), for
+        requests already in self.requests (launch() first applies the step's news there)."""
         seqs = so.seqs
         if sampling is None:
             sampling = [i for i, s in enumerate(seqs) if s.samples]
@@ -194,9 +208,10 @@ class CudaModelRunner:
         t = nd
         starts = []
         for s in so.prefills:
-            self._fill_tokens(s, ids[t : t + s.num_new])
+            st = self.requests[s.request_id]
+            self._fill_tokens(s, st, ids[t : t + s.num_new])
             pos[t : t + s.num_new] = np.arange(s.start, s.end)
-            slots[t : t + s.num_new] = _slots(s.request.block_ids, s.start, s.end, self.bs)
+            slots[t : t + s.num_new] = _slots(st.block_ids, s.start, s.end, self.bs)
             starts.append(t)
             t += s.num_new
         ends = np.cumsum([s.num_new for s in seqs])
@@ -208,7 +223,7 @@ class CudaModelRunner:
         for start, s in zip(starts, so.prefills, strict=True):
             table = None
             if s.start > 0:
-                blocks = s.request.block_ids[: -(-s.end // self.bs)]
+                blocks = self.requests[s.request_id].block_ids[: -(-s.end // self.bs)]
                 table = torch.tensor(blocks, dtype=torch.long).to(self.device, non_blocking=True)
             prefills.append(PrefillSeq(start, s.num_new, s.end, table))
         meta = AttentionMetadata(
@@ -224,14 +239,13 @@ class CudaModelRunner:
         ids_dev = self._resolve(inp.view("ids", n_tok))
         return ids_dev, inp.view("pos", n_tok), meta, inp.view("rows", len(sampling)).long()
 
-    def _fill_tokens(self, s: ScheduledSeq, out: np.ndarray) -> None:
+    def _fill_tokens(self, s: ScheduledSeq, st: RequestState, out: np.ndarray) -> None:
         """Input ids of s's tokens; a pending token becomes -(1 + its row in the last step)."""
-        req = s.request
-        known = min(s.end, req.num_tokens)
+        known = min(s.end, st.num_tokens)
         if s.start < known:
-            out[: known - s.start] = req.all_token_ids[s.start : known]
+            out[: known - s.start] = st.tokens(s.start, known)
         if s.end > known:  # at most one: the token the last step sampled
-            out[known - s.start] = -1 - self._rows[req.request_id]
+            out[known - s.start] = -1 - self._rows[s.request_id]
 
     def _fill_decodes(
         self,
@@ -247,18 +261,18 @@ class CudaModelRunner:
         lens = self.inputs.host_np("lens", nd)
         table = self.inputs.host_table()
         rows = self._rows
+        states = self.requests
         for r, s in enumerate(decodes):
-            req = s.request
+            st = states[s.request_id]
             p = s.start
-            n_known = req.num_tokens
-            if p < n_known:
-                n_prompt = len(req.prompt_token_ids)
-                ids[r] = (
-                    req.prompt_token_ids[p] if p < n_prompt else req.output_token_ids[p - n_prompt]
-                )
+            n_prompt = len(st.prompt_token_ids)
+            if p < n_prompt:
+                ids[r] = st.prompt_token_ids[p]
+            elif p - n_prompt < len(st.output_token_ids):
+                ids[r] = st.output_token_ids[p - n_prompt]
             else:
-                ids[r] = -1 - rows[req.request_id]
-            blocks = req.block_ids
+                ids[r] = -1 - rows[s.request_id]
+            blocks = st.block_ids
             pos[r] = p
             slots[r] = blocks[p // bs] * bs + p % bs
             lens[r] = p + 1
@@ -340,11 +354,3 @@ def _slots(block_ids: list[int], start: int, end: int, bs: int) -> np.ndarray:
 
 def _index(idx: list[int], device: str) -> torch.Tensor:
     return torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)
-
-
-def _row(s: ScheduledSeq) -> SamplingRow:
-    r = s.request
-    out = r.output_token_ids
-    if r.num_pending_tokens:  # the sampled position counts the tokens still in flight
-        out = [*out, *([-1] * r.num_pending_tokens)]
-    return SamplingRow(r.params, r.prompt_token_ids, out)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.engine.errors import InvalidRequestError
 
@@ -71,3 +74,67 @@ class SamplingParams:
     @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
+
+
+# Keys of a Hugging Face generation_config.json that are sampling defaults, and ours for them.
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for the sampling fields it leaves unset, per model.
+
+    Layers, last wins: these built-in values (the OpenAI API's; max_tokens is a cap for chats
+    that name none, so an unbounded request can't run to the end of a long context), the model
+    directory's generation_config.json (from_model_dir), the operator's app config (merged).
+    """
+
+    max_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        SamplingParams(**self.fields(), max_tokens=self.max_tokens)  # the same rules, same errors
+
+    def fields(self) -> dict:
+        """The sampling fields (max_tokens aside), as SamplingParams keywords."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+    def merged(self, **overrides) -> SamplingDefaults:
+        """These defaults with every override that is not None."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> SamplingDefaults:
+        """The built-in defaults under what the model's generation_config.json says: its
+        sampling keys, and greedy where it sets do_sample false (Hugging Face's meaning)."""
+        path = Path(model_dir) / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InvalidRequestError(f"{path} is not valid JSON: {e}") from None
+        found = {ours: raw[k] for k, ours in _GENERATION_KEYS.items() if raw.get(k) is not None}
+        if raw.get("do_sample") is False:
+            found["temperature"] = 0.0
+        try:
+            return cls().merged(**found)
+        except (InvalidRequestError, TypeError) as e:
+            raise InvalidRequestError(f"{path}: {e}") from None

@@ -1,66 +1,23 @@
 """Continuous batching with a per-step token budget (Sarathi-Serve's stall-free batching).
 
-Each step: running requests first, oldest first (decodes cost one token, an unfinished prefill
-continues with a chunk), then waiting requests are admitted while budget, sequence slots and
-blocks last. The scheduler counts tokens, not phases: a request is computed until
-num_computed_tokens reaches num_tokens, and a step that computes its last known token samples
-a new one. When a running request cannot get a block, the newest running request is preempted
-by recompute (its blocks are released; full ones stay in the prefix cache, so it usually
-resumes from there).
+Each step: running requests first, in admission order (decodes cost one token, an unfinished
+prefill continues with a chunk), then waiting requests are admitted, in the policy's order,
+while budget, sequence slots and blocks last. The scheduler counts tokens, not phases: a
+request is computed until num_computed_tokens reaches num_tokens, and a step that computes its
+last known token samples a new one. When a running request cannot get a block, the policy names
+a running request to preempt by recompute (its blocks are released; full ones stay in the prefix
+cache, so it usually resumes from there) and puts it back in the waiting queue.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass, field
-
-import torch
 
 from services.engine.block_pool import BlockPool
 from services.engine.kv_transfer import KVBlock
 from services.engine.request import FinishReason, Request, Status
-
-
-@dataclass(frozen=True)
-class ScheduledSeq:
-    request: Request
-    start: int  # num_computed_tokens before this step
-    num_new: int
-    # This step computes the request's last token (known or pending), so it yields a new one.
-    # Fixed when scheduled: the request's token count moves on before the step's results are read.
-    samples: bool = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.samples is None:
-            r = self.request
-            object.__setattr__(self, "samples", self.end == r.num_tokens + r.num_pending_tokens)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_new
-
-
-@dataclass
-class SchedulerOutput:
-    """Everything the runner needs for one step, and nothing more."""
-
-    decodes: list[ScheduledSeq] = field(default_factory=list)  # one new token each
-    prefills: list[ScheduledSeq] = field(default_factory=list)
-    kv_loads: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (block id, kv)
-    preempted: list[str] = field(default_factory=list)
-
-    @property
-    def seqs(self) -> list[ScheduledSeq]:
-        return self.decodes + self.prefills
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.decodes) + sum(s.num_new for s in self.prefills)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.decodes and not self.prefills
+from services.engine.sched_output import NewRequestData, ScheduledSeq, SchedulerOutput
+from services.engine.sched_policy import FCFSPolicy, SchedulingPolicy
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -74,29 +31,53 @@ def _finishes_on_pending(req: Request) -> bool:
     return n_out >= req.params.max_tokens or (req.max_len > 0 and n_all >= req.max_len)
 
 
+def _seq(req: Request, start: int, num_new: int, new_block_ids: list[int]) -> ScheduledSeq:
+    samples = start + num_new == req.num_tokens + req.num_pending_tokens  # its last token
+    return ScheduledSeq(req.request_id, start, num_new, new_block_ids, samples)
+
+
 class Scheduler:
     def __init__(
-        self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        pool: BlockPool,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: SchedulingPolicy | None = None,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        # Holds the waiting requests. (An empty policy is falsy: it has a length.)
+        self.policy: SchedulingPolicy = FCFSPolicy() if policy is None else policy
+        self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
+        # Requests that left the running batch since the runner was last told (see
+        # SchedulerOutput: only a step that computes something reaches it).
+        self._finished_ids: list[str] = []
+        self._preempted_ids: list[str] = []
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.policy)
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.policy) + len(self.running)
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        self.policy.add(req)
+
+    def ids_to_drop(self) -> set[str]:
+        """Requests that left the running batch and the runner is yet to hear of."""
+        return {*self._finished_ids, *self._preempted_ids}
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
+        preempted: list[str] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -109,32 +90,33 @@ class Scheduler:
                 req.block_ids
             )
             while not self.pool.can_allocate(need):
-                victim = self.running.pop()  # newest; never one already scheduled this step
+                victim = self.policy.victim(self.running)
+                j = self.running.index(victim)
+                del self.running[j]
+                if j < i:  # served earlier in this step: it gives its slice back
+                    i -= 1
+                    budget += _unschedule(scheduled, victim.request_id)
                 self._preempt(victim)
-                out.preempted.append(victim.request_id)
+                preempted.append(victim.request_id)
                 if victim is req:
                     break
             if req.status != Status.RUNNING:
-                break
-            req.block_ids += self.pool.allocate(need)
-            scheduled.append(ScheduledSeq(req, req.num_computed_tokens, num_new))
+                continue  # preempted itself; running[i] is the next one now
+            new_blocks = self.pool.allocate(need)
+            req.block_ids += new_blocks
+            scheduled.append(_seq(req, req.num_computed_tokens, num_new, new_blocks))
             budget -= num_new
             i += 1
 
         # No admissions in a step that had to preempt: memory is short already.
-        while (
-            not out.preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
-        ):
-            req = self.waiting[0]
-            if req.num_pending_tokens:  # preempted with a token in flight: admit once it lands
-                break
+        while not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.policy.peek()
+            if req is None or req.num_pending_tokens:
+                break  # preempted with a token in flight: admit once it lands
             admitted = self._admit(req, budget, out)
             if admitted is None:
                 break
-            self.waiting.popleft()
+            self.policy.pop()
             req.status = Status.RUNNING
             self.running.append(req)
             scheduled.append(admitted)
@@ -142,6 +124,10 @@ class Scheduler:
 
         for s in scheduled:
             (out.decodes if s.num_new == 1 else out.prefills).append(s)
+        self._preempted_ids += preempted
+        if scheduled:
+            out.finished_ids, self._finished_ids = self._finished_ids, []
+            out.preempted_ids, self._preempted_ids = self._preempted_ids, []
         return out
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> ScheduledSeq | None:
@@ -183,7 +169,13 @@ class Scheduler:
         req.num_computed_tokens = computed
         if req.scheduled_time is None:
             req.scheduled_time = time.monotonic()
-        return ScheduledSeq(req, computed, num_new)
+        out.new_requests.append(
+            NewRequestData(
+                req.request_id, list(req.prompt_token_ids), list(req.output_token_ids),
+                req.params, list(req.block_ids), computed,
+            )
+        )  # fmt: skip
+        return _seq(req, computed, num_new, [])  # its blocks are in NewRequestData
 
     def _preempt(self, req: Request) -> None:
         self._release(req)
@@ -191,15 +183,15 @@ class Scheduler:
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.policy.requeue(req)
 
     def _release(self, req: Request) -> None:
         self.pool.release(list(reversed(req.block_ids)))  # tail first: prefix evicted last
         req.block_ids = []
 
-    def commit(self, seq: ScheduledSeq) -> None:
-        """The step computed seq's tokens: advance and cache the blocks that became full."""
-        req = seq.request
+    def commit(self, req: Request, seq: ScheduledSeq) -> None:
+        """The step computed seq's tokens (req's): advance and cache the blocks that became
+        full."""
         req.num_computed_tokens = seq.end
         bs = self.block_size
         # A block whose last token is still pending has no hash yet; cache_hashed takes it.
@@ -220,8 +212,19 @@ class Scheduler:
             return
         if req.status == Status.RUNNING:
             self.running.remove(req)
+            self._finished_ids.append(req.request_id)
         else:
-            self.waiting.remove(req)
+            self.policy.remove(req)
         self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
+
+
+def _unschedule(scheduled: list[ScheduledSeq], request_id: str) -> int:
+    """Take a request's seq out of this step's list; returns the tokens it had (0 if it had
+    none: a request whose in-flight token is its last is not scheduled)."""
+    for k, s in enumerate(scheduled):
+        if s.request_id == request_id:
+            del scheduled[k]
+            return s.num_new
+    return 0

@@ -41,6 +41,11 @@ class Tokenizer:
         self._eos_token_ids = tuple(ids)
 
     @property
+    def class_name(self) -> str:
+        """transformers' class behind it, by which load_tokenizer finds it again."""
+        return type(self.hf).__name__
+
+    @property
     def backend(self) -> tokenizers.Tokenizer:
         """The Rust tokenizer, e.g. for tokenizers.decoders.DecodeStream."""
         return self.hf.backend_tokenizer
@@ -120,7 +125,11 @@ class Tokenizer:
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
 
-def load_tokenizer(model_dir: str | Path, require_chat_template: bool = False) -> Tokenizer:
+def load_tokenizer(
+    model_dir: str | Path, require_chat_template: bool = False, tokenizer_class: str | None = None
+) -> Tokenizer:
+    """tokenizer_class: the class AutoTokenizer picks for this directory (Tokenizer.class_name
+    of an earlier load), to load it without AutoTokenizer; None lets AutoTokenizer choose."""
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelLoadError(f"model directory not found: {path}")
@@ -129,10 +138,8 @@ def load_tokenizer(model_dir: str | Path, require_chat_template: bool = False) -
             f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
             "copy them from the original model"
         )
-    from transformers import AutoTokenizer
-
     try:
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        hf = _tokenizer_class(tokenizer_class).from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {first}") from None
@@ -143,6 +150,19 @@ def load_tokenizer(model_dir: str | Path, require_chat_template: bool = False) -
             "use an instruct model or send plain completion prompts"
         )
     return tok
+
+
+def _tokenizer_class(name: str | None) -> type:
+    """transformers' tokenizer class by name, else AutoTokenizer. AutoTokenizer chooses by
+    tokenizer_config.json and the model type, and to do so imports transformers' model
+    configs and with them torch; a process that only tokenizes (the router) gets the class
+    that AutoTokenizer chose elsewhere (Tokenizer.class_name) and loads no torch."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if name else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase):
+        return cls
+    return transformers.AutoTokenizer
 
 
 def _generation_eos_ids(path: Path) -> list[int]:

@@ -1,3 +1,4 @@
+from protos.splitserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -23,16 +24,6 @@ TIER_DISK: Tier
 TRANSPORT_STREAM: Transport
 TRANSPORT_SHARED_MEMORY: Transport
 
-class TensorLayout(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    dtype: str
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
-
 class BlockHeader(_message.Message):
     __slots__ = ("block_id", "model_id", "token_ids", "tensors", "size", "crc32c", "owner")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -45,11 +36,11 @@ class BlockHeader(_message.Message):
     block_id: bytes
     model_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    tensors: _containers.RepeatedCompositeFieldContainer[TensorLayout]
+    tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorLayout]
     size: int
     crc32c: int
     owner: str
-    def __init__(self, block_id: _Optional[bytes] = ..., model_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., size: _Optional[int] = ..., crc32c: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    def __init__(self, block_id: _Optional[bytes] = ..., model_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., size: _Optional[int] = ..., crc32c: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SharedMemoryRef(_message.Message):
     __slots__ = ("path", "offset", "length")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from services.engine.errors import ModelLoadError
-from services.engine.presets import DEFAULT_SHARD_BYTES, write_safetensors
+from services.model_prep.presets import DEFAULT_SHARD_BYTES, write_safetensors
 
 # GGUF tensor name (inside blk.N.) -> Hugging Face module path inside model.layers.N.
 _LAYER_NAMES = {

@@ -4,7 +4,9 @@
   NS:svc:<role>:<replica id>  HASH role, model, address, holder_id, running, waiting,
                                    free_blocks, total_blocks; TTL = liveness (heartbeat renews)
 
-The router reads these to place requests; a replica that dies drops out when its TTL ends.
+Replicas (prefill, decode, colocated, attention) write their entry; the router reads them to
+place requests. A replica that dies drops out when its TTL ends. This sits beside the KV index
+because both are the cluster's membership in Redis, with the same heartbeat-and-TTL rule.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
+
+from kvstore.config import Membership
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +42,25 @@ class Registration:
 
     def __init__(
         self,
-        url: str,
+        cluster: Membership,
         role: str,
         replica_id: str,
         info: dict[str, str],
         load: Callable[[], dict[str, int]],
-        ns: str = "splitserve",
-        heartbeat_s: float = 1.0,
-        ttl_s: float = 5.0,
     ) -> None:
-        self.r = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        if not cluster.redis_url:
+            raise ValueError("a registration needs the cluster's Redis URL")
+        self.r = redis.Redis.from_url(
+            cluster.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        ns = cluster.namespace
         self.key = f"{ns}:svc:{role}:{replica_id}"
         self.set_key = f"{ns}:svc:{role}"
         self.replica_id = replica_id
         self.info = {"role": role, **info}
         self.load = load
-        self.heartbeat_s = heartbeat_s
-        self.ttl_ms = int(ttl_s * 1000)
+        self.heartbeat_s = cluster.heartbeat_s
+        self.ttl_ms = int(cluster.ttl_s * 1000)
         self._stop = threading.Event()
         self.beat()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -86,7 +92,7 @@ class Registration:
 
 
 def register_replica(
-    url: str,
+    cluster: Membership,
     role: str,
     replica_id: str,
     *,
@@ -95,9 +101,6 @@ def register_replica(
     load: Callable[[], dict[str, int]],
     holder_id: str = "",
     metrics_address: str = "",
-    ns: str = "splitserve",
-    heartbeat_s: float = 1.0,
-    ttl_s: float = 5.0,
 ) -> Registration:
     """A prefill/decode/colocated replica's entry, as the router reads it."""
     info = {
@@ -106,7 +109,7 @@ def register_replica(
         "holder_id": holder_id,
         "metrics_address": metrics_address,
     }
-    return Registration(url, role, replica_id, info, load, ns, heartbeat_s, ttl_s)
+    return Registration(cluster, role, replica_id, info, load)
 
 
 def list_replicas(url: str, role: str, model: str | None = None, ns: str = "splitserve"):

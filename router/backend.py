@@ -1,5 +1,6 @@
-"""The router's backend: find a model's replicas in the registry, place each request (prefix-aware
-prefill, least-loaded decode), and run it through prefill and decode with the P/D client."""
+"""The router's path to the model pools: find a model's replicas in the service registry, place
+each request (prefix-aware prefill, least-loaded decode: router.placement), and run it through
+prefill and decode with the P/D client."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from kvstore.index import IndexReader
+from kvstore.registry import Replica, list_replicas
+from router.config import ModelRoute, RouterConfig
+from router.pd_client import PDClient
 from router.placement import Candidate, PrefixAffinity, pick_decode, pick_prefill
+from rpc.piece import Piece
+from rpc.sampling import Sampling
 from services.engine.block_hash import hash_blocks
-from services.engine.sampling_params import SamplingParams
-from services.pd_client import PDClient, Piece
-from services.registry import Replica, list_replicas
 
 log = logging.getLogger(__name__)
 
@@ -24,32 +26,24 @@ class NoReplicaError(RuntimeError):
     """No live replica serves the model right now (starting, or all gone): HTTP 503."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    model_id: str  # the engines' block-hash identity
-    block_size: int
-    max_model_len: int
-    mode: str  # disaggregated | colocated
-
-
 class PoolBackend:
-    def __init__(
-        self,
-        redis_url: str,
-        models: dict[str, ModelInfo],
-        namespace: str = "splitserve",
-        refresh_s: float = 0.5,
-    ) -> None:
-        self.redis_url = redis_url
-        self.namespace = namespace
-        self.models_info = models
-        self.refresh_s = refresh_s
+    """Make it inside the event loop that will use it (its gRPC channels belong to one loop)."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        assert config.cluster.redis_url is not None  # RouterConfig checks it
+        self.redis_url: str = config.cluster.redis_url
+        self.namespace = config.cluster.namespace
+        self.models_info = {m.name: m for m in config.models}
+        self.refresh_s = config.refresh_s
         self._replicas: dict[tuple[str, str], tuple[float, list[Replica]]] = {}
         self._clients: dict[tuple[str, str | None], PDClient] = {}
         self._outstanding: dict[str, int] = defaultdict(int)  # prefill replica -> tokens
         self._affinity: dict[str, PrefixAffinity] = defaultdict(PrefixAffinity)
         self._index: IndexReader | None = None
+
+    def outstanding_tokens(self, replica_id: str) -> int:
+        """Prompt tokens this router sent to a prefill replica and has no answer for yet."""
+        return self._outstanding.get(replica_id, 0)
 
     def models(self) -> list[tuple[str, int]]:
         return [(m.name, m.max_model_len) for m in self.models_info.values()]
@@ -88,7 +82,7 @@ class PoolBackend:
             c = self._clients[key] = PDClient(decode, prefill, model=model)
         return c
 
-    async def _prefix_blocks(self, info: ModelInfo, prompt: list[int], holders: list[str]):
+    async def _prefix_blocks(self, info: ModelRoute, prompt: list[int], holders: list[str]):
         """How many leading prompt blocks each holder has in its KV shard."""
         ids = hash_blocks(prompt, info.block_size, info.model_id)
         if not ids or not holders:
@@ -112,7 +106,7 @@ class PoolBackend:
         self,
         model: str,
         prompt_ids: list[int],
-        params: SamplingParams,
+        params: Sampling,
         request_id: str,
         tenant: str = "",
         **_: object,

@@ -1,5 +1,5 @@
-"""A small prefill/decode client: prefill on one replica, then decode on another with the
-returned block references, streaming tokens as they come. The router uses it; so do the tests.
+"""The router's prefill/decode client: prefill on one replica, then decode on another with the
+returned block references, streaming tokens as they come (DistServe's two hops).
 
     async with PDClient(prefill="127.0.0.1:5001", decode="127.0.0.1:5002") as pd:
         async for piece in pd.generate(prompt_ids, SamplingParams(max_tokens=32)):
@@ -12,28 +12,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import grpc
 
-from kvstore.server import GRPC_OPTIONS
-from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from services.engine.sampling_params import SamplingParams
-from services.wire import sampling_to_pb
-
-
-@dataclass
-class Piece:
-    """One streamed step of a request."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[cpb.TokenLogprob] = field(default_factory=list)
-    finish_reason: str = ""
-    usage: cpb.Usage | None = None
-    prefill_timings: cpb.Timings | None = None  # on the first piece of a disaggregated request
-    decode_timings: cpb.Timings | None = None
+from rpc.channel import insecure_channel
+from rpc.piece import Piece
+from rpc.sampling import Sampling, sampling_to_pb
 
 
 class PDClient:
@@ -47,7 +32,7 @@ class PDClient:
         self.prefill = prefill_pb2_grpc.PrefillStub(self._channel(prefill)) if prefill else None
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        ch = insecure_channel(address)
         self._channels.append(ch)
         return ch
 
@@ -64,7 +49,7 @@ class PDClient:
     async def generate(
         self,
         prompt_ids: list[int],
-        params: SamplingParams,
+        params: Sampling,
         request_id: str | None = None,
         tenant: str = "",
     ) -> AsyncIterator[Piece]:
@@ -119,15 +104,9 @@ class PDClient:
         finally:
             call.cancel()  # no-op when the stream already ended
 
-    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Piece:
+    async def complete(self, prompt_ids: list[int], params: Sampling) -> Piece:
         """The whole request gathered into one Piece."""
         out = Piece([], "")
         async for p in self.generate(prompt_ids, params):
-            out.token_ids += p.token_ids
-            out.text += p.text
-            out.logprobs += p.logprobs
-            out.finish_reason = p.finish_reason or out.finish_reason
-            out.usage = p.usage or out.usage
-            out.prefill_timings = out.prefill_timings or p.prefill_timings
-            out.decode_timings = out.decode_timings or p.decode_timings
+            out.merge(p)
         return out

@@ -1,0 +1,110 @@
+"""What runs where: the typed configs of every server, built once from the app config.
+
+The app config (splitserve.app_config) is what a user writes; these are what the servers take:
+a RouterConfig, and per model and role a PrefillConfig or DecodeConfig holding its EngineConfig.
+`splitserve up` and the Helm chart's RayService hand them to Ray replicas as they are."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvstore.config import Membership
+from kvstore.sizes import parse_size
+from router.config import ModelRoute, RouterConfig
+from services.config import DecodeConfig, PrefillConfig, ReplicaConfig
+from splitserve.app_config import AppConfig, ModelSpec, ReplicaSpec
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """One Serve deployment of engine replicas: its role, its placement (Ray resources,
+    replicas or autoscaling) and the config every replica of it runs."""
+
+    role: str
+    model: str
+    spec: ReplicaSpec
+    config: ReplicaConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.model}"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    router: RouterConfig
+    replicas: tuple[ReplicaPlan, ...]
+
+
+def plan_deployment(
+    cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path], bind_host: str = "127.0.0.1"
+) -> Deployment:
+    """model_dirs: each model's resolved directory. bind_host: where replicas listen (0.0.0.0
+    in a cluster, so replicas on other nodes reach them)."""
+    from services.engine.config import ModelConfig
+    from services.engine.engine import model_fingerprint
+    from services.engine.tokenizer import load_tokenizer
+
+    cluster = Membership(redis_url=redis_url, namespace=cfg.namespace)
+    routes, replicas = [], []
+    for m in cfg.models:
+        d = model_dirs[m.name]
+        routes.append(
+            ModelRoute(
+                name=m.name,
+                model_dir=str(d),
+                model_id=model_fingerprint(d),
+                block_size=m.engine_config(m.roles[0]).block_size,
+                max_model_len=(
+                    m.engine_config(m.roles[0]).max_model_len
+                    or ModelConfig.from_dir(d).max_position_embeddings
+                ),
+                mode=m.mode,
+                tokenizer_class=load_tokenizer(d).class_name,
+                defaults=m.sampling.over(d),
+            )
+        )
+        for role in m.roles:
+            replicas.append(
+                ReplicaPlan(
+                    role, m.name, m.side(role), replica_config(m, role, d, cluster, bind_host)
+                )
+            )
+    router = RouterConfig(
+        models=tuple(routes),
+        cluster=cluster,
+        auth=cfg.auth.enabled,
+        tenants_file=cfg.auth.tenants_file,
+        grpc_host=cfg.grpc.host,
+        grpc_port=cfg.grpc.port,
+    )
+    return Deployment(router, tuple(replicas))
+
+
+def replica_config(
+    m: ModelSpec, role: str, model_dir: Path, cluster: Membership, host: str
+) -> ReplicaConfig:
+    """The config of one role's replicas. A GPU replica's engine names "cuda" here; the replica
+    narrows it to the GPU Ray assigned it (splitserve.app)."""
+    side = m.side(role)
+    common = {
+        "name": m.name,
+        "model": model_dir,
+        "engine": m.engine_config(role, device="cuda" if side.num_gpus > 0 else "cpu"),
+        "host": host,
+        "port": 0,
+        "cluster": cluster,
+        "max_waiting": side.max_waiting,
+        "metrics_port": 0,
+        # 0: every core (Ray would otherwise hold a 0-CPU replica's torch to one thread).
+        "cpu_threads": side.threads or os.cpu_count() or 1,
+    }
+    if role == "prefill":
+        return PrefillConfig(
+            **common,
+            kv_memory_bytes=parse_size(side.kv_memory),
+            device_pool_bytes=parse_size(side.device_pool),
+        )
+    return DecodeConfig(**common, colocated=role == "colocated")
