@@ -244,18 +244,23 @@ def test_a_hung_holder_is_left_for_the_next_after_the_stall_bound(redis_url, nam
                 await c._send(live["backup"], half, "", PutReport())
                 proc.send_signal(signal.SIGSTOP)
                 res = await c.get([b.block_id for b in blocks])
-                failed = PutReport()
-                left = await c._send(live["hung"], make_blocks(3, seed=5), "", failed)
-                return res, left, failed
+                small, big = PutReport(), PutReport()
+                await c._send(live["hung"], make_blocks(3, seed=5), "", small)
+                await c._send(live["hung"], make_blocks(16, 4 * MB, seed=6), "", big)
+                return res, small, big
 
-        res, left, failed = asyncio.run(asyncio.wait_for(go(), 60))
+        res, small, big = asyncio.run(asyncio.wait_for(go(), 60))
         # The backup served its copies; the rest, held only by the hung holder, are missing.
         assert set(res.blocks) == {b.block_id for b in half}
         assert sorted(res.missing) == sorted(b.block_id for b in blocks[20:])
         assert all(bytes(res.blocks[b.block_id].payload) == bytes(b.payload) for b in half)
-        # A put to it ends at its deadline (base_s plus its work) rather than never.
-        assert left == [] and len(failed.failed) == 3 and not failed.stored
-        assert all("DEADLINE_EXCEEDED" in why for why in failed.failed.values())
+        # A small put fits in the connection's buffers and ends at its deadline (base_s plus its
+        # work); a 64 MiB one fills them, its writes stall, and it ends after stall_s (its
+        # deadline, 2 s + 64 s at the 1 MiB/s floor, is far off).
+        assert len(small.failed) == 3 and not small.stored
+        assert all("DEADLINE_EXCEEDED" in w for w in small.failed.values())
+        assert len(big.failed) == 16 and not big.stored
+        assert all("no progress from holder hung for 1 s" in w for w in big.failed.values())
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.kill()
