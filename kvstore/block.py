@@ -6,8 +6,9 @@ the CRC32C matches, so a block is either delivered exactly or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 import crc32c as _crc32c
 
@@ -19,11 +20,56 @@ BLOCK_ID_BYTES = 16
 # Payload bytes per stream message: under the 16 MiB message limit both ends set, and large enough
 # that per-message overhead is small.
 CHUNK_BYTES = 4 * 1024 * 1024
+# Blocks smaller than BATCH_BYTES travel whole, several to a message (up to BATCH_BYTES of payload
+# and BATCH_BLOCKS blocks): gRPC costs ~100 us of CPU per message, far more than a 512-byte or
+# 8 KiB block's bytes.
+BATCH_BYTES = 1024 * 1024
+BATCH_BLOCKS = 256
 Payload = bytes | bytearray | memoryview
 
 
 class BlockError(ValueError):
     """A block that is malformed: wrong id, layout that does not match its payload, bad checksum."""
+
+
+Layout = tuple[TensorSpec, ...]
+
+# A model's blocks share a handful of tensor layouts, so each layout is read, checked and
+# serialized once, not once per block (the header is most of a small block's per-block cost).
+
+
+def _check_layout(tensors: Layout) -> int:
+    """The payload bytes a layout describes; BlockError for a layout no payload can have."""
+    if not tensors:
+        raise BlockError("no tensor layout")
+    for t in tensors:
+        if not t.known:
+            raise BlockError(f"unknown dtype {t.dtype!r}; known: {', '.join(DTYPE_SIZES)}")
+        if any(d < 0 for d in t.shape):
+            raise BlockError(f"negative dimension in shape {t.shape}")
+    return sum(t.nbytes for t in tensors)
+
+
+_checked_layout = lru_cache(maxsize=1024)(_check_layout)
+
+
+def _layout_nbytes(tensors: Layout) -> int:
+    try:
+        return _checked_layout(tensors)
+    except TypeError:  # a shape given as a list can't be a cache key: checked every time
+        return _check_layout(tensors)
+
+
+@lru_cache(maxsize=1024)
+def _layout_from_proto(key: tuple[tuple[str, tuple[int, ...], str], ...]) -> Layout:
+    return tuple(TensorSpec(dtype, shape, name) for dtype, shape, name in key)
+
+
+@lru_cache(maxsize=1024)
+def _layout_header_bytes(tensors: Layout) -> bytes:
+    """The layout as BlockHeader fields, to append to the rest of a serialized header (protobuf
+    reads fields in any order)."""
+    return pb.BlockHeader(tensors=[t.to_pb() for t in tensors]).SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -42,6 +88,19 @@ class BlockMeta:
     def hex(self) -> str:
         return self.block_id.hex()
 
+    @cached_property
+    def header_bytes(self) -> bytes:
+        """The serialized BlockHeader, made once: every message that carries the block has it."""
+        rest = pb.BlockHeader(
+            block_id=self.block_id,
+            model_id=self.model_id,
+            token_ids=self.token_ids,
+            size=self.size,
+            crc32c=self.crc32c,
+            owner=self.owner,
+        )
+        return rest.SerializeToString() + _layout_header_bytes(self.tensors)
+
     def to_proto(self) -> pb.BlockHeader:
         return pb.BlockHeader(
             block_id=self.block_id,
@@ -58,7 +117,7 @@ class BlockMeta:
         meta = cls(
             block_id=bytes(h.block_id),
             model_id=h.model_id,
-            tensors=tuple(TensorSpec.from_pb(t) for t in h.tensors),
+            tensors=_layout_from_proto(tuple((t.dtype, tuple(t.shape), t.name) for t in h.tensors)),
             size=h.size,
             crc32c=h.crc32c,
             token_ids=tuple(h.token_ids),
@@ -70,16 +129,10 @@ class BlockMeta:
     def validate(self, max_block_bytes: int | None = None) -> None:
         if len(self.block_id) != BLOCK_ID_BYTES:
             raise BlockError(f"block id must be {BLOCK_ID_BYTES} bytes, got {len(self.block_id)}")
-        if not self.tensors:
-            raise BlockError(f"block {self.hex}: no tensor layout")
-        for t in self.tensors:
-            if t.dtype not in DTYPE_SIZES:
-                raise BlockError(
-                    f"block {self.hex}: unknown dtype {t.dtype!r}; known: {', '.join(DTYPE_SIZES)}"
-                )
-            if any(d < 0 for d in t.shape):
-                raise BlockError(f"block {self.hex}: negative dimension in shape {t.shape}")
-        expected = sum(t.nbytes for t in self.tensors)
+        try:
+            expected = _layout_nbytes(self.tensors)
+        except BlockError as e:
+            raise BlockError(f"block {self.hex}: {e}") from None
         if expected != self.size:
             raise BlockError(
                 f"block {self.hex}: layout "
@@ -169,13 +222,35 @@ def chunk_slices(
     """(serialized header on the first piece, payload slice, last) for the wire encoders."""
     mv = memoryview(payload).cast("B")
     n = mv.nbytes
-    header = meta.to_proto().SerializeToString()
+    header = meta.header_bytes
     if n == 0:
         yield header, mv, True
         return
     for off in range(0, n, CHUNK_BYTES):
         end = min(off + CHUNK_BYTES, n)
         yield (header if off == 0 else None), mv[off:end], end == n
+
+
+def message_groups(blocks: Iterable[StoredBlock]) -> Iterator[list[StoredBlock]]:
+    """Consecutive blocks, one stream message's worth at a time: small blocks several to a group
+    (whole, in a batch), a block of BATCH_BYTES or more alone (it travels as chunk_slices)."""
+    group: list[StoredBlock] = []
+    size = 0
+    for b in blocks:
+        n = b.meta.size
+        if n >= BATCH_BYTES:
+            if group:
+                yield group
+                group, size = [], 0
+            yield [b]
+            continue
+        if len(group) >= BATCH_BLOCKS or size + n > BATCH_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(b)
+        size += n
+    if group:
+        yield group
 
 
 class ChunkAssembler:

@@ -20,6 +20,7 @@ import grpc
 
 from kvstore.block import BlockError, BlockMeta, StoredBlock
 from kvstore.cuda_ipc import DeviceBlock
+from kvstore.deadlines import CallBudget
 from kvstore.index import HolderInfo, IndexReader
 from kvstore.transport import (
     InPlace,
@@ -64,12 +65,14 @@ class KVStoreClient:
         namespace: str = "splitserve",
         local_holder: str | None = None,
         shared_memory: bool = True,
-        timeout_s: float = 10.0,
+        budget: CallBudget | None = None,
         reservation_ttl_ms: int = 30_000,
         device=None,
     ) -> None:
-        """device: a CUDA device to receive blocks on; same-host holders' device pools are then
-        read GPU to GPU (kvstore.cuda_ipc), and such blocks arrive as tensors on it."""
+        """budget: how long to wait on a holder (kvstore.deadlines: calls that move blocks end
+        when the holder stops making progress, not at a fixed time). device: a CUDA device to
+        receive blocks on; same-host holders' device pools are then read GPU to GPU
+        (kvstore.cuda_ipc), and such blocks arrive as tensors on it."""
         self.index = IndexReader(redis_url, namespace)
         self.local_holder = local_holder
         self.transports: list[Transport] = [StreamTransport()]
@@ -79,12 +82,13 @@ class KVStoreClient:
             from kvstore.cuda_ipc import CudaIpcTransport
 
             self.transports.insert(0, CudaIpcTransport(device, self.transports[0]))
-        self.timeout_s = timeout_s
+        self.budget = budget or CallBudget()
         self.reservation_ttl_ms = reservation_ttl_ms
         self._channels: dict[str, tuple[grpc.aio.Channel, KVStoreMethods]] = {}
 
     async def close(self) -> None:
-        for ch, _ in self._channels.values():
+        for ch, stub in self._channels.values():
+            await stub.settle()
             await ch.close()
         self._channels.clear()
         await self.index.close()
@@ -173,7 +177,7 @@ class KVStoreClient:
         """Put blocks on one holder; returns those it had no room for."""
         try:
             statuses = await self._transport(holder).put(
-                self._stub(holder), holder, blocks, resv, self.timeout_s
+                self._stub(holder), holder, blocks, resv, self.budget
             )
         except grpc.aio.AioRpcError as e:
             for b in blocks:
@@ -226,10 +230,14 @@ class KVStoreClient:
             failed = [bid for f in got for bid in f]
             pending = [bid for bid in failed if candidates[bid]]
             result.missing += [bid for bid in failed if not candidates[bid]]
-        result.missing = [bid for bid in ids if bid in set(result.missing)]
+        missing = set(result.missing)
+        result.missing = [bid for bid in ids if bid in missing]
         return result
 
     def _rank(self, bid: bytes, loc: dict[str, tuple[str, int]], live) -> list[str]:
+        if len(loc) < 2:  # most ids have one holder: nothing to rank
+            return [hid for hid in loc if hid in live]
+
         def key(hid: str):
             h = live[hid]
             near = 0 if self.transports[0].reaches(h) else 1
@@ -244,7 +252,7 @@ class KVStoreClient:
         want = set(ids)
         try:
             async for item in self._transport(holder).get(
-                self._stub(holder), holder, ids, self.timeout_s, copy=into is None
+                self._stub(holder), holder, ids, self.budget, copy=into is None
             ):
                 if isinstance(item, bytes):
                     continue
@@ -275,11 +283,11 @@ class KVStoreClient:
         if ch_entry is None:
             ch = channel_for(address)
             ch_entry = self._channels[address] = (ch, KVStoreMethods(ch))
-        resp = await ch_entry[1].Unpin(pb.UnpinRequest(pin_id=pin_id), timeout=self.timeout_s)
+        resp = await ch_entry[1].Unpin(pb.UnpinRequest(pin_id=pin_id), timeout=self.budget.base_s)
         return resp.released
 
     async def stats(self, holder: HolderInfo) -> pb.StatsResponse:
-        return await self._stub(holder).Stats(pb.StatsRequest(), timeout=self.timeout_s)
+        return await self._stub(holder).Stats(pb.StatsRequest(), timeout=self.budget.base_s)
 
 
 def _fit(blocks: list[StoredBlock], room: int) -> list[StoredBlock]:

@@ -45,17 +45,17 @@ class CudaIpcTransport:
     def reaches(self, holder: HolderInfo) -> bool:
         return holder.holder_id not in self._unusable and self.fallback.reaches(holder)
 
-    async def put(self, stub, holder, blocks, reservation_id, timeout):
-        return await self.fallback.put(stub, holder, blocks, reservation_id, timeout)
+    async def put(self, stub, holder, blocks, reservation_id, budget):
+        return await self.fallback.put(stub, holder, blocks, reservation_id, budget)
 
-    async def get(self, stub, holder, ids, timeout, copy=True) -> AsyncIterator[GetItem]:
+    async def get(self, stub, holder, ids, budget, copy=True) -> AsyncIterator[GetItem]:
         rest = list(ids)
         if holder.holder_id not in self._unusable:
             pin_id = uuid.uuid4().hex
             try:
                 resp = await stub.GetDevice(
                     pb.GetDeviceRequest(block_ids=ids, pin_id=pin_id, lease_ms=self.lease_ms),
-                    timeout=timeout,
+                    timeout=budget.base_s,
                 )
             except grpc.aio.AioRpcError as e:
                 if e.code() not in (
@@ -75,13 +75,13 @@ class CudaIpcTransport:
                     self._unusable.add(holder.holder_id)
                     got = []
                 finally:
-                    unpin_later(stub, pin_id, timeout)
+                    unpin_later(stub, pin_id, budget.base_s)
                 done = {b.block_id for b in got}
                 rest = [i for i in ids if i not in done]
                 for b in got:
                     yield b
         if rest:
-            async for item in self.fallback.get(stub, holder, rest, timeout, copy):
+            async for item in self.fallback.get(stub, holder, rest, budget, copy):
                 yield item
 
     def _copy(self, resp: pb.GetDeviceResponse) -> list[DeviceBlock]:

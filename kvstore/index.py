@@ -132,9 +132,27 @@ return 1
 """
 
 
+# A batch of new entries in one call (a pipeline of one HSET per block costs the client more to
+# pack and parse than the whole write costs Redis). KEYS: the n entries' keys, the holder's
+# block set, its registration hash. ARGV: holder id, n entries, n id hexes, capacity fields.
+_ADD = """
+local n = #KEYS - 2
+for i = 1, n do
+  redis.call('HSET', KEYS[i], ARGV[1], ARGV[i + 1])
+  redis.call('SADD', KEYS[n + 1], ARGV[n + i + 1])
+end
+if #ARGV > 2 * n + 1 then redis.call('HSET', KEYS[n + 2], unpack(ARGV, 2 * n + 2)) end
+return n
+"""
+
+# Every id's entry in one call. The ids travel as one argument (ARGV[2], comma-separated hex)
+# rather than one key each: the client's cost to pack a command grows with its arguments, and
+# with a thousand ids that was most of a get's time. ARGV[1]: the entries' key prefix.
 _LOCATE = """
 local out = {}
-for i, k in ipairs(KEYS) do out[i] = redis.call('HGETALL', k) end
+for hx in string.gmatch(ARGV[2], '[^,]+') do
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. hx)
+end
 return out
 """
 
@@ -166,40 +184,47 @@ class RedisIndex:
         self.dirty = True
         self.reannounces = 0
         self._lock = threading.Lock()
+        self._add = self.r.register_script(_ADD)
 
     # -- IndexSink -------------------------------------------------------------------------
 
     def added(self, entries: Sequence[tuple[BlockMeta, str]]) -> None:
-        def write(p):
-            for meta, tier in entries:
-                p.hset(self.k.block(meta.hex), self.holder_id, _entry(meta, tier))
-            p.sadd(self.k.holder_blocks(self.holder_id), *[m.hex for m, _ in entries])
-            p.hset(self.k.holder(self.holder_id), mapping=self.capacity())
+        if not entries:
+            return
+        hexes = [m.hex for m, _ in entries]
+        keys = [self.k.block(hx) for hx in hexes]
+        keys += [self.k.holder_blocks(self.holder_id), self.k.holder(self.holder_id)]
+        args = [self.holder_id, *(_entry(m, t) for m, t in entries), *hexes]
+
+        def write():
+            capacity = [x for kv in self.capacity().items() for x in kv]
+            self._add(keys=keys, args=args + capacity)
 
         self._write(write)
 
     def moved(self, meta: BlockMeta, tier: str) -> None:
-        self._write(lambda p: p.hset(self.k.block(meta.hex), self.holder_id, _entry(meta, tier)))
+        self._write(lambda: self.r.hset(self.k.block(meta.hex), self.holder_id, _entry(meta, tier)))
 
     def removing(self, metas: Sequence[BlockMeta]) -> None:
-        def write(p):
+        def write():
+            p = self.r.pipeline(transaction=False)
             for m in metas:
                 p.hdel(self.k.block(m.hex), self.holder_id)
             p.srem(self.k.holder_blocks(self.holder_id), *[m.hex for m in metas])
+            p.execute()
 
         self._write(write)
 
     def release_reservations(self, ids: Sequence[str]) -> None:
         if ids:
-            self._write(lambda p: p.hdel(self.k.reservations(self.holder_id), *ids))
+            self._write(lambda: self.r.hdel(self.k.reservations(self.holder_id), *ids))
 
-    def _write(self, fill) -> None:
+    def _write(self, write: Callable[[], object]) -> None:
+        """One round trip to Redis; a failure marks the index for re-announcing."""
         if self.dirty:
             return  # the next heartbeat rewrites everything anyway
         try:
-            p = self.r.pipeline(transaction=False)
-            fill(p)
-            p.execute()
+            write()
         except redis.RedisError as e:
             log.warning("index write failed (%s); will re-announce", e)
             self.dirty = True
@@ -326,18 +351,20 @@ class IndexReader:
     async def locate(self, hex_ids: Sequence[str]) -> list[dict[str, tuple[str, int]]]:
         """For each id: holder_id -> (tier, size), live holders only. One script call rather
         than a pipeline of HGETALLs: the client packs and parses one command, not one per id.
-        (All keys in one call: fine on one Redis; a Redis Cluster would need hash tags.)"""
+        (Keys named inside the script: fine on one Redis; a Redis Cluster would need hash tags.)"""
         live = await self.live_holders()
         if not hex_ids:
             return []
-        flat = await self._locate(keys=[self.k.block(hx) for hx in hex_ids])
+        flat = await self._locate(args=[self.k.block(""), ",".join(hex_ids)])
+        names: dict[bytes, str] = {}  # a few holders answer for thousands of ids
         out = []
         for pairs in flat:
             entry = {}
-            for hid_raw, v in zip(pairs[::2], pairs[1::2], strict=True):
-                hid = _s(hid_raw)
+            for i in range(0, len(pairs), 2):
+                raw = pairs[i]
+                hid = names.get(raw) or names.setdefault(raw, _s(raw))
                 if hid in live:
-                    code, size = _s(v).split(":")
+                    code, _, size = _s(pairs[i + 1]).partition(":")
                     entry[hid] = (CODE_TIERS.get(code, "memory"), int(size))
             out.append(entry)
         return out

@@ -6,8 +6,6 @@ splitserve serve kvstore --port 0 --redis URL --memory 4GiB --disk DIR:20GiB
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import socket
 import threading
 import uuid
@@ -19,31 +17,9 @@ from kvstore.block_store import BlockStore
 from kvstore.config import KVStoreConfig
 from kvstore.device_pool import DevicePool
 from kvstore.index import RedisIndex
-from kvstore.servicer import (
-    SERVICE_NAME,
-    KVStoreServicer,
-    SharedMemoryLayout,
-    add_kvstore_servicer,
-    host_id,
-    remove_dead_holders,
-)
+from kvstore.servicer import SERVICE_NAME, KVStoreServicer, add_kvstore_servicer
+from kvstore.shm_layout import SharedMemoryLayout, default_shm_root, host_id
 from rpc.server import ServiceApp
-
-log = logging.getLogger(__name__)
-
-
-def default_shm_root(holder_id: str, memory_bytes: int) -> Path | None:
-    """/dev/shm when it exists and can hold the memory budget (containers often give 64 MiB)."""
-    base = Path("/dev/shm")
-    for d in remove_dead_holders(base) if base.is_dir() else ():
-        log.info("removed %s: its holder is gone", d)
-    try:
-        st = os.statvfs(base)
-    except OSError:
-        return None
-    if not os.access(base, os.W_OK) or st.f_bavail * st.f_frsize < memory_bytes:
-        return None
-    return base / f"splitserve-{holder_id}"
 
 
 class KVStoreServer:

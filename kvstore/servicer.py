@@ -8,18 +8,16 @@ add_kvstore_servicer); kvstore.server runs it (port, health, reflection, index, 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import mmap
 import os
-import shutil
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from kvstore.block import (
+    BATCH_BLOCKS,
+    BATCH_BYTES,
     BLOCK_ID_BYTES,
     BlockError,
     BlockMeta,
@@ -31,9 +29,11 @@ from kvstore.block import (
 from kvstore.block_store import DISK, MEMORY, BlockStore, PutResult
 from kvstore.device_pool import DevicePool
 from kvstore.index import RedisIndex
+from kvstore.shm_layout import SharedMemoryLayout, host_id
 from kvstore.wire import (
     Chunk,
     PutItem,
+    Whole,
     decode_put_request,
     encode_get_batch,
     encode_get_chunk,
@@ -55,80 +55,7 @@ _STATUS_PB = {
 }
 # Put streams are stored in batches so the store's lock and the index's round trip are paid
 # once per batch rather than once per block.
-_BATCH_BLOCKS, _BATCH_BYTES = 256, 8 * 1024 * 1024
-
-
-def host_id() -> str:
-    return socket.gethostname()
-
-
-@dataclass
-class SharedMemoryLayout:
-    """A holder's tmpfs directory: blocks/arena (the memory tier's arena, which same-host readers
-    map), incoming/ (same-host writers put files here and hand them over by name), a marker
-    naming the holder, by which a client proves it sees the same files (same host and mounts),
-    and a lock file the holder keeps flock'ed while it lives. The kernel drops that lock when
-    the process dies, however it dies, so the next holder to start can tell a dead holder's
-    directory (a pre-faulted arena the size of its memory budget) and remove it."""
-
-    root: Path
-    _lock_fd: int | None = None
-
-    @property
-    def blocks(self) -> Path:
-        return self.root / "blocks"
-
-    @property
-    def incoming(self) -> Path:
-        return self.root / "incoming"
-
-    @property
-    def marker(self) -> Path:
-        return self.root / "holder"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "lock"
-
-    def create(self, holder_id: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(f"{self.root} belongs to a running holder") from None
-        self._lock_fd = fd  # held for the holder's life
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        for f in self.incoming.iterdir():
-            f.unlink(missing_ok=True)
-        self.marker.write_text(holder_id)
-
-    def release(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-
-def remove_dead_holders(base: Path, prefix: str = "splitserve-") -> list[Path]:
-    """Remove holder directories under base whose lock no live process holds; returns them.
-    A directory without a lock file (being created, or from an older version) is left alone."""
-    removed = []
-    for d in base.glob(f"{prefix}*"):
-        try:
-            fd = os.open(d / "lock", os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-        except BlockingIOError:
-            pass  # its holder is alive
-        finally:
-            os.close(fd)
-    return removed
+_STORE_BLOCKS, _STORE_BYTES = 256, 8 * 1024 * 1024
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
@@ -171,19 +98,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     raise BlockError(req.error)
                 if req.reservation_id:
                     reservations.add(req.reservation_id)
-                if req.chunk.shm is not None:
-                    if asm.in_progress:
-                        raise BlockError("a shared-memory block inside another block's chunks")
-                    block, path = self._adopt(req.chunk)
-                    files.append(path)
-                else:
-                    block = asm.feed(req.chunk)
-                if block is None:
-                    continue
-                batch.append(block)
-                size += block.meta.size
-                if len(batch) >= _BATCH_BLOCKS or size >= _BATCH_BYTES:
-                    await flush()
+                for chunk in req.chunks:
+                    if chunk.shm is not None:
+                        if asm.in_progress:
+                            raise BlockError("a shared-memory block inside another block's chunks")
+                        block, path = self._adopt(chunk)
+                        files.append(path)
+                    else:
+                        block = asm.feed(chunk)
+                    if block is None:
+                        continue
+                    batch.append(block)
+                    size += block.meta.size
+                    if len(batch) >= _STORE_BLOCKS or size >= _STORE_BYTES:
+                        await flush()
             if asm.in_progress:
                 raise BlockError("the stream ended inside a block (no chunk with last=true)")
             if batch:
@@ -259,7 +187,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"blocks not held here: {shown}{more}"
                 )
-            refs: list[tuple[pb.BlockHeader, pb.SharedMemoryRef]] = []
+            batch: list[Whole] = []  # small blocks and shared-memory references
+            size = 0
             for bid in ids:
                 tier = self.store.tier_of(bid)
                 block = (
@@ -273,19 +202,25 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     yield encode_get_missing(bid)
                     continue
                 loc = self.store.shm_location(bid) if use_shm else None
+                n = block.meta.size
                 if loc is not None:
-                    ref = pb.SharedMemoryRef(
-                        path=str(loc[0]), offset=loc[1], length=block.meta.size
-                    )
-                    refs.append((block.meta.to_proto(), ref))
-                    if len(refs) >= 256:
-                        yield encode_get_batch(refs)
-                        refs = []
+                    ref = pb.SharedMemoryRef(path=str(loc[0]), offset=loc[1], length=n)
+                    batch.append((block.meta.header_bytes, b"", ref.SerializeToString()))
+                elif n < BATCH_BYTES:
+                    if size + n > BATCH_BYTES:
+                        yield encode_get_batch(batch)
+                        batch, size = [], 0
+                    batch.append((block.meta.header_bytes, block.payload, None))
+                    size += n
+                else:
+                    for header, data, last in chunk_slices(block.meta, block.payload):
+                        yield encode_get_chunk(header, data, last)
                     continue
-                for header, data, last in chunk_slices(block.meta, block.payload):
-                    yield encode_get_chunk(header, data, last)
-            if refs:
-                yield encode_get_batch(refs)
+                if len(batch) >= BATCH_BLOCKS:
+                    yield encode_get_batch(batch)
+                    batch, size = [], 0
+            if batch:
+                yield encode_get_batch(batch)
         finally:
             if not use_shm:  # shared-memory readers keep the pin for the lease to map the files
                 self.store.unpin(pin_id)

@@ -99,7 +99,7 @@ class DiskTier:
         return found
 
     def add(self, block: StoredBlock) -> None:
-        header = block.meta.to_proto().SerializeToString()
+        header = block.meta.header_bytes
         _write_atomic(
             self.path(block.block_id), [DISK_MAGIC, _HDR.pack(len(header)), header, block.payload]
         )

@@ -21,15 +21,31 @@ import contextlib
 import mmap
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import grpc
 
-from kvstore.block import BlockError, BlockMeta, ChunkAssembler, StoredBlock, chunk_slices
+from kvstore.block import (
+    BATCH_BLOCKS,
+    BlockError,
+    BlockMeta,
+    ChunkAssembler,
+    StoredBlock,
+    chunk_slices,
+    message_groups,
+)
+from kvstore.deadlines import CallBudget, Watchdog
 from kvstore.index import HolderInfo
-from kvstore.wire import decode_get_response, encode_put_request, serialize
+from kvstore.wire import GetItem as GetMessage
+from kvstore.wire import (
+    Whole,
+    decode_get_response,
+    encode_put_batch,
+    encode_put_request,
+    serialize,
+)
 from protos.splitserve.v1 import kvstore_pb2 as pb
 from rpc.channel import insecure_channel
 
@@ -47,7 +63,7 @@ class Transport(Protocol):
         holder: HolderInfo,
         blocks: Sequence[StoredBlock],
         reservation_id: str,
-        timeout: float,
+        budget: CallBudget,
     ) -> list[pb.BlockStatus]: ...
 
     def get(
@@ -55,7 +71,7 @@ class Transport(Protocol):
         stub: KVStoreMethods,
         holder: HolderInfo,
         ids: Sequence[bytes],
-        timeout: float,
+        budget: CallBudget,
         copy: bool = True,
     ) -> AsyncIterator[GetItem]:
         """Blocks as they arrive. copy=False may yield views that are valid only until the
@@ -71,30 +87,35 @@ class StreamTransport:
     def reaches(self, holder: HolderInfo) -> bool:
         return True
 
-    async def put(self, stub, holder, blocks, reservation_id, timeout):
-        async def requests():
-            resv = reservation_id
-            for b in blocks:
+    async def put(self, stub, holder, blocks, reservation_id, budget):
+        def requests():
+            resv = reservation_id  # rides on the first message
+            for group in message_groups(blocks):
+                if len(group) > 1:
+                    whole = [(b.meta.header_bytes, b.payload, None) for b in group]
+                    yield encode_put_batch(whole, resv)
+                    resv = ""
+                    continue
+                b = group[0]
                 for header, data, last in chunk_slices(b.meta, b.payload):
                     yield encode_put_request(header, data, last, reservation_id=resv)
                     resv = ""
 
-        resp = await stub.Put(requests(), timeout=timeout)
-        return list(resp.statuses)
+        nbytes = sum(b.meta.size for b in blocks)
+        return await put_call(stub, holder, requests(), nbytes, len(blocks), budget)
 
-    async def get(self, stub, holder, ids, timeout, copy=True):
+    async def get(self, stub, holder, ids, budget, copy=True):
         asm = ChunkAssembler()
-        call = stub.Get(
-            pb.GetRequest(block_ids=ids, transport=pb.TRANSPORT_STREAM, allow_missing=True),
-            timeout=timeout,
-        )
-        async for resp in call:
-            if resp.missing_block_id:
-                yield resp.missing_block_id
-                continue
-            block = asm.feed(resp.chunk)
-            if block is not None:
-                yield block
+        req = pb.GetRequest(block_ids=ids, transport=pb.TRANSPORT_STREAM, allow_missing=True)
+        async with contextlib.aclosing(get_call(stub, holder, req, budget)) as responses:
+            async for resp in responses:
+                if resp.missing_block_id:
+                    yield resp.missing_block_id
+                    continue
+                for c in resp.chunks:
+                    block = asm.feed(c)
+                    if block is not None:
+                        yield block
 
 
 class SharedMemoryTransport:
@@ -123,55 +144,53 @@ class SharedMemoryTransport:
             self._seen[key] = marker == holder.holder_id
         return self._seen[key]
 
-    async def put(self, stub, holder, blocks, reservation_id, timeout):
+    async def put(self, stub, holder, blocks, reservation_id, budget):
         incoming = Path(holder.shm_dir) / "incoming"
         written: list[Path] = []
         try:
-            reqs = []
-            for i, b in enumerate(blocks):
+            refs: list[Whole] = []
+            for b in blocks:
                 path = incoming / f"{uuid.uuid4().hex}.part"
                 with path.open("wb") as fh:
                     fh.write(b.payload)
                 written.append(path)
                 ref = pb.SharedMemoryRef(path=str(path), offset=0, length=b.meta.size)
-                reqs.append(
-                    encode_put_request(
-                        b.meta.to_proto(), last=True, shm=ref,
-                        reservation_id="" if i else reservation_id,
-                    )
-                )  # fmt: skip
-            resp = await stub.Put(iter(reqs), timeout=timeout)
-            return list(resp.statuses)
+                refs.append((b.meta.header_bytes, b"", ref.SerializeToString()))
+            reqs = [
+                encode_put_batch(refs[i : i + BATCH_BLOCKS], "" if i else reservation_id)
+                for i in range(0, len(refs), BATCH_BLOCKS)
+            ]
+            # The holder copies the files into its arena: the same work as bytes on the wire.
+            nbytes = sum(b.meta.size for b in blocks)
+            return await put_call(stub, holder, reqs, nbytes, len(blocks), budget)
         finally:
             for p in written:  # adopted files were renamed away; these are the leftovers
                 p.unlink(missing_ok=True)
 
-    async def get(self, stub, holder, ids, timeout, copy=True):
+    async def get(self, stub, holder, ids, budget, copy=True):
         asm = ChunkAssembler()
         pin_id = uuid.uuid4().hex
-        call = stub.Get(
-            pb.GetRequest(
-                block_ids=ids,
-                transport=pb.TRANSPORT_SHARED_MEMORY,
-                allow_missing=True,
-                lease_ms=self.lease_ms,
-                pin_id=pin_id,
-            ),
-            timeout=timeout,
+        req = pb.GetRequest(
+            block_ids=ids,
+            transport=pb.TRANSPORT_SHARED_MEMORY,
+            allow_missing=True,
+            lease_ms=self.lease_ms,
+            pin_id=pin_id,
         )
         try:
-            async for item in self._read(call, asm, copy):
-                yield item
+            async with contextlib.aclosing(get_call(stub, holder, req, budget)) as responses:
+                async for item in self._read(responses, asm, copy):
+                    yield item
         finally:
-            unpin_later(stub, pin_id, timeout)
+            unpin_later(stub, pin_id, budget.base_s)
 
-    async def _read(self, call, asm: ChunkAssembler, copy: bool) -> AsyncIterator[GetItem]:
+    async def _read(self, responses, asm: ChunkAssembler, copy: bool) -> AsyncIterator[GetItem]:
         arenas: dict[str, memoryview | None] = {}  # one stat per arena per call, not per block
-        async for resp in call:
+        async for resp in responses:
             if resp.missing_block_id:
                 yield resp.missing_block_id
                 continue
-            for c in resp.batch or ([resp.chunk] if resp.chunk is not None else []):
+            for c in resp.chunks:
                 if c.shm is None:  # a disk-tier block arrives as bytes
                     block = asm.feed(c)
                     if block is not None:
@@ -213,19 +232,51 @@ class SharedMemoryTransport:
         return view
 
 
+async def put_call(
+    stub: KVStoreMethods,
+    holder: HolderInfo,
+    messages: Iterable[bytes],
+    nbytes: int,
+    nblocks: int,
+    budget: CallBudget,
+) -> list[pb.BlockStatus]:
+    """One Put: watched while the holder takes its messages, with a deadline for the work it
+    carries (kvstore.deadlines)."""
+    dog = Watchdog(budget.stall_s, holder.holder_id)
+    call = stub.Put(dog.requests(messages), timeout=budget.deadline_s(nbytes, nblocks))
+    with dog.watching(call):
+        resp = await call
+    return list(resp.statuses)
+
+
+async def get_call(
+    stub: KVStoreMethods, holder: HolderInfo, request: pb.GetRequest, budget: CallBudget
+) -> AsyncIterator[GetMessage]:
+    """One Get's responses. No deadline: however long the blocks take, the call ends only when
+    the holder is silent for budget.stall_s (kvstore.deadlines). A reader that stops early
+    (aclosing) cancels the call, so the holder stops sending."""
+    dog = Watchdog(budget.stall_s, holder.holder_id)
+    call = stub.Get(request)
+    with dog.watching(call):
+        try:
+            async with contextlib.aclosing(dog.responses()) as responses:
+                async for resp in responses:
+                    yield resp
+        finally:
+            call.cancel()  # a no-op once the call has ended
+
+
 class InPlace(StoredBlock):
     """A block read from a holder's shared memory: see SharedMemoryTransport.trusted."""
 
 
-_BACKGROUND: set[asyncio.Future] = set()
-
-
-def unpin_later(stub, pin_id: str, timeout: float) -> None:
+def unpin_later(stub: KVStoreMethods, pin_id: str, timeout: float) -> None:
     """Release a reader's pin in the background once it has copied what it read, so the holder
-    can evict again without waiting for the lease (which covers a lost Unpin)."""
+    can evict again without waiting for the lease (which covers a lost Unpin). The client waits
+    for these when it closes (KVStoreMethods.settle)."""
     task = asyncio.ensure_future(_unpin(stub, pin_id, timeout))
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+    stub.unpins.add(task)
+    task.add_done_callback(stub.unpins.discard)
 
 
 async def _unpin(stub, pin_id: str, timeout: float) -> None:
@@ -238,6 +289,7 @@ class KVStoreMethods:
     carry payloads through kvstore.wire without copies."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.unpins: set[asyncio.Future] = set()  # unpin_later's calls, until answered
         base = "/splitserve.v1.KVStore/"
         self.Put = channel.stream_unary(
             base + "Put",
@@ -265,6 +317,12 @@ class KVStoreMethods:
                     response_deserializer=resp.FromString,
                 ),
             )
+
+    async def settle(self) -> None:
+        """Wait for the background Unpins (each bounded by its timeout), so a client that closes
+        its channel releases what it read instead of leaving it pinned until the lease ends."""
+        if self.unpins:
+            await asyncio.gather(*self.unpins, return_exceptions=True)
 
 
 def channel_for(address: str) -> grpc.aio.Channel:

@@ -7,15 +7,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
 import redis
 
 from kvstore.block import StoredBlock, chunk_messages
-from kvstore.client import KVStoreClient, SyncKVStoreClient
+from kvstore.client import KVStoreClient, PutReport, SyncKVStoreClient
+from kvstore.deadlines import CallBudget
 from kvstore.index import Keys
-from kvstore.servicer import SharedMemoryLayout, remove_dead_holders
+from kvstore.shm_layout import SharedMemoryLayout, remove_dead_holders
 from protos.splitserve.v1 import kvstore_pb2 as pb
 from protos.splitserve.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kv_helpers import make_blocks, spawn_holder, wait_for
@@ -29,12 +31,13 @@ def client(url, ns, **kw) -> KVStoreClient:
 
 def index_entries(url: str, ns: str) -> dict[str, dict[str, str]]:
     r = redis.Redis.from_url(url, decode_responses=True)
-    k = Keys(ns)
-    out = {}
-    for key in r.scan_iter(k.block("*")):
-        out[key.rsplit(":", 1)[1]] = r.hgetall(key)
+    keys = list(r.scan_iter(Keys(ns).block("*"), count=1000))
+    p = r.pipeline(transaction=False)
+    for key in keys:
+        p.hgetall(key)
+    hashes = p.execute() if keys else []
     r.close()
-    return out
+    return {key.rsplit(":", 1)[1]: h for key, h in zip(keys, hashes, strict=True)}
 
 
 @pytest.mark.parametrize("shm", [False, True], ids=["stream", "shm"])
@@ -69,6 +72,21 @@ def test_round_trip_is_byte_exact(redis_url, namespace, loop_thread, shm):
     entries = index_entries(redis_url, namespace)
     assert set(entries) == {b.meta.hex for b in blocks}
     assert all(set(e) == {"h1"} and e["h1"].startswith("m:") for e in entries.values())
+
+
+def test_closing_a_client_releases_its_shared_memory_reads(redis_url, namespace, loop_thread):
+    s = loop_thread.server(redis_url=redis_url, namespace=namespace, holder_id="h", shm=True)
+    blocks = make_blocks(8)
+
+    async def go():
+        async with client(redis_url, namespace, local_holder="h") as c:
+            assert (await c.put(blocks)).ok
+            assert not (await c.get([b.block_id for b in blocks])).missing
+
+    asyncio.run(go())
+    # A shared-memory read pins its blocks for a 10 s lease; the Unpin that ends it early goes
+    # out in the background, and closing the client waits for it.
+    assert s.store.stats().pinned_blocks == 0
 
 
 def test_sync_client_and_unknown_ids(redis_url, namespace, loop_thread):
@@ -203,6 +221,86 @@ def test_kill_during_get_never_returns_wrong_bytes(redis_url, namespace, loop_th
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_hung_holder_is_left_for_the_next_after_the_stall_bound(redis_url, namespace,
+                                                                 loop_thread):  # fmt: skip
+    # SIGSTOP: the holder's connection stays open but nothing answers. A get gives up on it
+    # after budget.stall_s without progress and asks the next holder (a Get has no deadline of
+    # its own: the 60 s bound below is the test's, and only a stall bound keeps it from hanging).
+    loop_thread.server(redis_url=redis_url, namespace=namespace, holder_id="backup", shm=False)
+    proc, _ = spawn_holder(redis_url, "hung", "--namespace", namespace, "--memory", "128MiB",
+                           "--no-shm")  # fmt: skip
+    budget = CallBudget(base_s=2.0, stall_s=1.0)
+    try:
+        blocks = make_blocks(40, 64 * 1024, seed=4)
+        half = blocks[:20]
+
+        async def go():
+            async with client(redis_url, namespace, shared_memory=False, budget=budget) as c:
+                rep = await c.put(blocks)  # nearest = most free memory: the hung-to-be holder
+                assert rep.ok and set(rep.stored.values()) == {"hung"}
+                live = await c.index.live_holders(refresh=True)
+                await c._send(live["backup"], half, "", PutReport())
+                proc.send_signal(signal.SIGSTOP)
+                res = await c.get([b.block_id for b in blocks])
+                small, big = PutReport(), PutReport()
+                await c._send(live["hung"], make_blocks(3, seed=5), "", small)
+                await c._send(live["hung"], make_blocks(16, 4 * MB, seed=6), "", big)
+                return res, small, big
+
+        res, small, big = asyncio.run(asyncio.wait_for(go(), 60))
+        # The backup served its copies; the rest, held only by the hung holder, are missing.
+        assert set(res.blocks) == {b.block_id for b in half}
+        assert sorted(res.missing) == sorted(b.block_id for b in blocks[20:])
+        assert all(bytes(res.blocks[b.block_id].payload) == bytes(b.payload) for b in half)
+        # A small put fits in the connection's buffers and ends at its deadline (base_s plus its
+        # work); a 64 MiB one fills them, its writes stall, and it ends after stall_s (its
+        # deadline, 2 s + 64 s at the 1 MiB/s floor, is far off).
+        assert len(small.failed) == 3 and not small.stored
+        assert all("DEADLINE_EXCEEDED" in w for w in small.failed.values())
+        assert len(big.failed) == 16 and not big.stored
+        assert all("no progress from holder hung for 1 s" in w for w in big.failed.values())
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+def test_slow_holders_are_waited_for_past_the_stall_bound(redis_url, namespace, loop_thread):
+    # A holder slowed down (as on a busy machine) but still moving: a put that takes longer
+    # than base_s and a get that takes longer than stall_s both succeed, because a put's deadline
+    # grows with its blocks and a get is cut off only by silence.
+    s = loop_thread.server(redis_url=redis_url, namespace=namespace, holder_id="slow", shm=False)
+    budget = CallBudget(base_s=1.0, stall_s=1.0)
+    blocks = make_blocks(1500, 512, seed=6)
+    store_batch, read_block = 0.3, 0.002  # 6 batches of 256: 1.8 s; 1,500 reads: 3 s
+    put_many, get_one = s.store.put_many, s.store.get
+    s.store.put_many = lambda bs: time.sleep(store_batch) or put_many(bs)
+    s.store.get = lambda bid: time.sleep(read_block) or get_one(bid)
+
+    async def go():
+        async with client(redis_url, namespace, shared_memory=False, budget=budget) as c:
+            t0 = time.monotonic()
+            rep = await c.put(blocks)
+            t1 = time.monotonic()
+            res = await c.get([b.block_id for b in blocks])
+            return rep, res, t1 - t0, time.monotonic() - t1
+
+    rep, res, put_s, get_s = asyncio.run(asyncio.wait_for(go(), 120))
+    assert rep.ok and not res.missing
+    assert all(bytes(res.blocks[b.block_id].payload) == bytes(b.payload) for b in blocks)
+    # The injected sleeps alone make these longer than a fixed deadline of base_s / stall_s.
+    assert put_s > budget.base_s and get_s > budget.stall_s
+
+
+def test_call_budget_grows_with_the_work():
+    b = CallBudget(base_s=10.0, floor_bytes_per_s=1 << 20, per_block_s=0.01)
+    assert b.deadline_s(0, 0) == 10.0
+    assert b.deadline_s(1000 * 512, 1000) == pytest.approx(10.0 + 0.48828125 + 10.0)
+    assert b.deadline_s(64 << 20, 32) == pytest.approx(10.0 + 64 + 0.32)
+    with pytest.raises(ValueError, match="stall_s must be positive"):
+        CallBudget(stall_s=0)
 
 
 def _stub(server):
@@ -360,7 +458,7 @@ def test_a_killed_holders_shared_memory_is_removed_by_the_next(tmp_path):
     # memory budget) stays in tmpfs until a holder starting on the host sees its lock is free.
     code = (
         "import sys, time; from pathlib import Path; "
-        "from kvstore.servicer import SharedMemoryLayout; "
+        "from kvstore.shm_layout import SharedMemoryLayout; "
         "SharedMemoryLayout(Path(sys.argv[1])).create('dead'); print('up', flush=True); "
         "time.sleep(600)"
     )

@@ -115,7 +115,7 @@ def test_cuda_ipc_pull_from_another_process(redis_url, namespace, tmp_path):
         async def go():
             async with KVStoreClient(redis_url, namespace, device="cuda:0") as dev:
                 r_dev = await dev.get(ids, source=holder_id)
-                await asyncio.sleep(0.5)  # the reader's Unpin goes out in the background
+                # Its Unpin goes out in the background; closing the client waits for it.
             async with KVStoreClient(redis_url, namespace, shared_memory=False) as host:
                 r_host = await host.get(ids[:2], source=holder_id)
             return r_dev, r_host

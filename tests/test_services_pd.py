@@ -19,6 +19,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from tests.engine_helpers import random_prompts
+from tests.kv_helpers import wait_for
 from tests.replica_helpers import decode_server, prefill_server
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -175,12 +176,13 @@ def test_cancel_mid_stream_leaks_nothing(tiny_model_dir, pd, loop_thread):
             return n
 
     assert asyncio.run(go()) >= 5
-    for _ in range(50):
-        if loop_thread.run(d.loop.call(lambda e: e.num_running + e.num_waiting)) == 0:
-            break
-        loop_thread.run(asyncio.sleep(0.05))
+
+    def settled() -> bool:
+        busy = loop_thread.run(d.loop.call(lambda e: e.num_running + e.num_waiting))
+        return busy == 0 and p.kv.store.stats().pinned_blocks == 0
+
+    wait_for(settled, timeout=60)  # a bound, not a measure: it returns once settled
     no_leaks(loop_thread, p, d)
-    assert p.kv.store.stats().pinned_blocks == 0
 
 
 def test_100_concurrent_requests_finish(tiny_model_dir, pd):
@@ -316,13 +318,14 @@ def test_sigterm_drains_a_standalone_decode_server(tiny_model_dir, redis_url, na
 
         async def go():
             async with PDClient(addr) as c:
-                task = asyncio.create_task(c.complete([5, 6, 7, 8], params))
-                await asyncio.sleep(0.2)
-                proc.send_signal(signal.SIGTERM)
-                return await task
+                tokens: list[int] = []
+                async for piece in c.generate([5, 6, 7, 8], params):
+                    if not tokens:  # in flight for sure once a token came back: now stop it
+                        proc.send_signal(signal.SIGTERM)
+                    tokens += piece.token_ids
+                return tokens
 
-        out = asyncio.run(go())  # the in-flight request still finishes
-        assert len(out.token_ids) == 60
+        assert len(asyncio.run(go())) == 60  # the in-flight request still finishes
         assert proc.wait(30) == 0
         assert not list_replicas(redis_url, "colocated", ns=namespace)
     finally:

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from protos.splitserve.v1 import common_pb2 as protos_dot_splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/splitserve/v1/kvstore.proto\x12\rsplitserve.v1\x1a!protos/splitserve/v1/common.proto\"\x9f\x01\n\x0b\x42lockHeader\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\x0c\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x07tensors\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TensorLayout\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\x07\x12\r\n\x05owner\x18\x07 \x01(\t\"?\n\x0fSharedMemoryRef\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\x81\x01\n\nBlockChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.splitserve.v1.BlockHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12+\n\x03shm\x18\x04 \x01(\x0b\x32\x1e.splitserve.v1.SharedMemoryRef\"N\n\nPutRequest\x12(\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.BlockChunk\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\"\xb5\x01\n\x0b\x42lockStatus\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\x0c\x12-\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x1f.splitserve.v1.BlockStatus.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\x12!\n\x04tier\x18\x04 \x01(\x0e\x32\x13.splitserve.v1.Tier\"1\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x01\x12\x0c\n\x08NO_SPACE\x10\x02\";\n\x0bPutResponse\x12,\n\x08statuses\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.BlockStatus\"\x85\x01\n\nGetRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\x0c\x12+\n\ttransport\x18\x02 \x01(\x0e\x32\x18.splitserve.v1.Transport\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x0e\n\x06pin_id\x18\x05 \x01(\t\"{\n\x0bGetResponse\x12(\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.BlockChunk\x12\x18\n\x10missing_block_id\x18\x02 \x01(\x0c\x12(\n\x05\x62\x61tch\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.BlockChunk\"\"\n\rLookupRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\x0c\"R\n\rBlockLocation\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\x0c\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.splitserve.v1.Tier\x12\x0c\n\x04size\x18\x03 \x01(\x04\"=\n\x0eLookupResponse\x12+\n\x05\x66ound\x18\x01 \x03(\x0b\x32\x1c.splitserve.v1.BlockLocation\"A\n\nPinRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\x0c\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x0e\n\x06pin_id\x18\x03 \x01(\t\">\n\x0bPinResponse\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x03(\x0c\x12\x0f\n\x07missing\x18\x03 \x03(\x0c\"\x1e\n\x0cUnpinRequest\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\"!\n\rUnpinResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xcc\x02\n\rStatsResponse\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x17\n\x0fmemory_capacity\x18\x02 \x01(\x04\x12\x13\n\x0bmemory_used\x18\x03 \x01(\x04\x12\x15\n\rdisk_capacity\x18\x04 \x01(\x04\x12\x11\n\tdisk_used\x18\x05 \x01(\x04\x12\x15\n\rmemory_blocks\x18\x06 \x01(\x04\x12\x13\n\x0b\x64isk_blocks\x18\x07 \x01(\x04\x12\x12\n\nlent_bytes\x18\x08 \x01(\x04\x12\x15\n\rlend_capacity\x18\t \x01(\x04\x12\x15\n\rpinned_blocks\x18\n \x01(\x04\x12\x11\n\tdemotions\x18\x0b \x01(\x04\x12\x11\n\tevictions\x18\x0c \x01(\x04\x12\x0c\n\x04gets\x18\r \x01(\x04\x12\x0c\n\x04puts\x18\x0e \x01(\x04\x12\x0f\n\x07shm_dir\x18\x0f \x01(\t\x12\x0f\n\x07host_id\x18\x10 \x01(\t\"G\n\x10GetDeviceRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\x0c\x12\x0e\n\x06pin_id\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"\xf2\x01\n\rCudaIpcHandle\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x0e\n\x06handle\x18\x03 \x01(\x0c\x12\x14\n\x0cstorage_size\x18\x04 \x01(\x04\x12\x16\n\x0estorage_offset\x18\x05 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x06 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x07 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x08 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\t \x01(\x08\x12\x12\n\npool_bytes\x18\n \x01(\x04\"J\n\x0c\x44\x65viceExtent\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.splitserve.v1.BlockHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\x7f\n\x11GetDeviceResponse\x12,\n\x06handle\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.CudaIpcHandle\x12,\n\x07\x65xtents\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.DeviceExtent\x12\x0e\n\x06\x61\x62sent\x18\x03 \x03(\x0c*<\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_MEMORY\x10\x01\x12\r\n\tTIER_DISK\x10\x02*>\n\tTransport\x12\x14\n\x10TRANSPORT_STREAM\x10\x00\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x01\x32\xe6\x03\n\x07KVStore\x12>\n\x03Put\x12\x19.splitserve.v1.PutRequest\x1a\x1a.splitserve.v1.PutResponse(\x01\x12>\n\x03Get\x12\x19.splitserve.v1.GetRequest\x1a\x1a.splitserve.v1.GetResponse0\x01\x12\x45\n\x06Lookup\x12\x1c.splitserve.v1.LookupRequest\x1a\x1d.splitserve.v1.LookupResponse\x12<\n\x03Pin\x12\x19.splitserve.v1.PinRequest\x1a\x1a.splitserve.v1.PinResponse\x12\x42\n\x05Unpin\x12\x1b.splitserve.v1.UnpinRequest\x1a\x1c.splitserve.v1.UnpinResponse\x12\x42\n\x05Stats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1c.splitserve.v1.StatsResponse\x12N\n\tGetDevice\x12\x1f.splitserve.v1.GetDeviceRequest\x1a .splitserve.v1.GetDeviceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/splitserve/v1/kvstore.proto\x12\rsplitserve.v1\x1a!protos/splitserve/v1/common.proto\"\x9f\x01\n\x0b\x42lockHeader\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\x0c\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x07tensors\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TensorLayout\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\x07\x12\r\n\x05owner\x18\x07 \x01(\t\"?\n\x0fSharedMemoryRef\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\x81\x01\n\nBlockChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.splitserve.v1.BlockHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12+\n\x03shm\x18\x04 \x01(\x0b\x32\x1e.splitserve.v1.SharedMemoryRef\"x\n\nPutRequest\x12(\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.BlockChunk\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12(\n\x05\x62\x61tch\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.BlockChunk\"\xb5\x01\n\x0b\x42lockStatus\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\x0c\x12-\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x1f.splitserve.v1.BlockStatus.Code\x12\x0f\n\x07message\x18\x03 \x01(\t\x12!\n\x04tier\x18\x04 \x01(\x0e\x32\x13.splitserve.v1.Tier\"1\n\x04\x43ode\x12\x06\n\x02OK\x10\x00\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x01\x12\x0c\n\x08NO_SPACE\x10\x02\";\n\x0bPutResponse\x12,\n\x08statuses\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.BlockStatus\"\x85\x01\n\nGetRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\x0c\x12+\n\ttransport\x18\x02 \x01(\x0e\x32\x18.splitserve.v1.Transport\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x0e\n\x06pin_id\x18\x05 \x01(\t\"{\n\x0bGetResponse\x12(\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.BlockChunk\x12\x18\n\x10missing_block_id\x18\x02 \x01(\x0c\x12(\n\x05\x62\x61tch\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.BlockChunk\"\"\n\rLookupRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\x0c\"R\n\rBlockLocation\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\x0c\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.splitserve.v1.Tier\x12\x0c\n\x04size\x18\x03 \x01(\x04\"=\n\x0eLookupResponse\x12+\n\x05\x66ound\x18\x01 \x03(\x0b\x32\x1c.splitserve.v1.BlockLocation\"A\n\nPinRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\x0c\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x0e\n\x06pin_id\x18\x03 \x01(\t\">\n\x0bPinResponse\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x03(\x0c\x12\x0f\n\x07missing\x18\x03 \x03(\x0c\"\x1e\n\x0cUnpinRequest\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\"!\n\rUnpinResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xcc\x02\n\rStatsResponse\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x17\n\x0fmemory_capacity\x18\x02 \x01(\x04\x12\x13\n\x0bmemory_used\x18\x03 \x01(\x04\x12\x15\n\rdisk_capacity\x18\x04 \x01(\x04\x12\x11\n\tdisk_used\x18\x05 \x01(\x04\x12\x15\n\rmemory_blocks\x18\x06 \x01(\x04\x12\x13\n\x0b\x64isk_blocks\x18\x07 \x01(\x04\x12\x12\n\nlent_bytes\x18\x08 \x01(\x04\x12\x15\n\rlend_capacity\x18\t \x01(\x04\x12\x15\n\rpinned_blocks\x18\n \x01(\x04\x12\x11\n\tdemotions\x18\x0b \x01(\x04\x12\x11\n\tevictions\x18\x0c \x01(\x04\x12\x0c\n\x04gets\x18\r \x01(\x04\x12\x0c\n\x04puts\x18\x0e \x01(\x04\x12\x0f\n\x07shm_dir\x18\x0f \x01(\t\x12\x0f\n\x07host_id\x18\x10 \x01(\t\"G\n\x10GetDeviceRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\x0c\x12\x0e\n\x06pin_id\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"\xf2\x01\n\rCudaIpcHandle\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x0e\n\x06handle\x18\x03 \x01(\x0c\x12\x14\n\x0cstorage_size\x18\x04 \x01(\x04\x12\x16\n\x0estorage_offset\x18\x05 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x06 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x07 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x08 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\t \x01(\x08\x12\x12\n\npool_bytes\x18\n \x01(\x04\"J\n\x0c\x44\x65viceExtent\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.splitserve.v1.BlockHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\x7f\n\x11GetDeviceResponse\x12,\n\x06handle\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.CudaIpcHandle\x12,\n\x07\x65xtents\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.DeviceExtent\x12\x0e\n\x06\x61\x62sent\x18\x03 \x03(\x0c*<\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_MEMORY\x10\x01\x12\r\n\tTIER_DISK\x10\x02*>\n\tTransport\x12\x14\n\x10TRANSPORT_STREAM\x10\x00\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x01\x32\xe6\x03\n\x07KVStore\x12>\n\x03Put\x12\x19.splitserve.v1.PutRequest\x1a\x1a.splitserve.v1.PutResponse(\x01\x12>\n\x03Get\x12\x19.splitserve.v1.GetRequest\x1a\x1a.splitserve.v1.GetResponse0\x01\x12\x45\n\x06Lookup\x12\x1c.splitserve.v1.LookupRequest\x1a\x1d.splitserve.v1.LookupResponse\x12<\n\x03Pin\x12\x19.splitserve.v1.PinRequest\x1a\x1a.splitserve.v1.PinResponse\x12\x42\n\x05Unpin\x12\x1b.splitserve.v1.UnpinRequest\x1a\x1c.splitserve.v1.UnpinResponse\x12\x42\n\x05Stats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1c.splitserve.v1.StatsResponse\x12N\n\tGetDevice\x12\x1f.splitserve.v1.GetDeviceRequest\x1a .splitserve.v1.GetDeviceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.splitserve.v1.kvstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=2288
-  _globals['_TIER']._serialized_end=2348
-  _globals['_TRANSPORT']._serialized_start=2350
-  _globals['_TRANSPORT']._serialized_end=2412
+  _globals['_TIER']._serialized_start=2330
+  _globals['_TIER']._serialized_end=2390
+  _globals['_TRANSPORT']._serialized_start=2392
+  _globals['_TRANSPORT']._serialized_end=2454
   _globals['_BLOCKHEADER']._serialized_start=89
   _globals['_BLOCKHEADER']._serialized_end=248
   _globals['_SHAREDMEMORYREF']._serialized_start=250
@@ -43,43 +43,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKCHUNK']._serialized_start=316
   _globals['_BLOCKCHUNK']._serialized_end=445
   _globals['_PUTREQUEST']._serialized_start=447
-  _globals['_PUTREQUEST']._serialized_end=525
-  _globals['_BLOCKSTATUS']._serialized_start=528
-  _globals['_BLOCKSTATUS']._serialized_end=709
-  _globals['_BLOCKSTATUS_CODE']._serialized_start=660
-  _globals['_BLOCKSTATUS_CODE']._serialized_end=709
-  _globals['_PUTRESPONSE']._serialized_start=711
-  _globals['_PUTRESPONSE']._serialized_end=770
-  _globals['_GETREQUEST']._serialized_start=773
-  _globals['_GETREQUEST']._serialized_end=906
-  _globals['_GETRESPONSE']._serialized_start=908
-  _globals['_GETRESPONSE']._serialized_end=1031
-  _globals['_LOOKUPREQUEST']._serialized_start=1033
-  _globals['_LOOKUPREQUEST']._serialized_end=1067
-  _globals['_BLOCKLOCATION']._serialized_start=1069
-  _globals['_BLOCKLOCATION']._serialized_end=1151
-  _globals['_LOOKUPRESPONSE']._serialized_start=1153
-  _globals['_LOOKUPRESPONSE']._serialized_end=1214
-  _globals['_PINREQUEST']._serialized_start=1216
-  _globals['_PINREQUEST']._serialized_end=1281
-  _globals['_PINRESPONSE']._serialized_start=1283
-  _globals['_PINRESPONSE']._serialized_end=1345
-  _globals['_UNPINREQUEST']._serialized_start=1347
-  _globals['_UNPINREQUEST']._serialized_end=1377
-  _globals['_UNPINRESPONSE']._serialized_start=1379
-  _globals['_UNPINRESPONSE']._serialized_end=1412
-  _globals['_STATSREQUEST']._serialized_start=1414
-  _globals['_STATSREQUEST']._serialized_end=1428
-  _globals['_STATSRESPONSE']._serialized_start=1431
-  _globals['_STATSRESPONSE']._serialized_end=1763
-  _globals['_GETDEVICEREQUEST']._serialized_start=1765
-  _globals['_GETDEVICEREQUEST']._serialized_end=1836
-  _globals['_CUDAIPCHANDLE']._serialized_start=1839
-  _globals['_CUDAIPCHANDLE']._serialized_end=2081
-  _globals['_DEVICEEXTENT']._serialized_start=2083
-  _globals['_DEVICEEXTENT']._serialized_end=2157
-  _globals['_GETDEVICERESPONSE']._serialized_start=2159
-  _globals['_GETDEVICERESPONSE']._serialized_end=2286
-  _globals['_KVSTORE']._serialized_start=2415
-  _globals['_KVSTORE']._serialized_end=2901
+  _globals['_PUTREQUEST']._serialized_end=567
+  _globals['_BLOCKSTATUS']._serialized_start=570
+  _globals['_BLOCKSTATUS']._serialized_end=751
+  _globals['_BLOCKSTATUS_CODE']._serialized_start=702
+  _globals['_BLOCKSTATUS_CODE']._serialized_end=751
+  _globals['_PUTRESPONSE']._serialized_start=753
+  _globals['_PUTRESPONSE']._serialized_end=812
+  _globals['_GETREQUEST']._serialized_start=815
+  _globals['_GETREQUEST']._serialized_end=948
+  _globals['_GETRESPONSE']._serialized_start=950
+  _globals['_GETRESPONSE']._serialized_end=1073
+  _globals['_LOOKUPREQUEST']._serialized_start=1075
+  _globals['_LOOKUPREQUEST']._serialized_end=1109
+  _globals['_BLOCKLOCATION']._serialized_start=1111
+  _globals['_BLOCKLOCATION']._serialized_end=1193
+  _globals['_LOOKUPRESPONSE']._serialized_start=1195
+  _globals['_LOOKUPRESPONSE']._serialized_end=1256
+  _globals['_PINREQUEST']._serialized_start=1258
+  _globals['_PINREQUEST']._serialized_end=1323
+  _globals['_PINRESPONSE']._serialized_start=1325
+  _globals['_PINRESPONSE']._serialized_end=1387
+  _globals['_UNPINREQUEST']._serialized_start=1389
+  _globals['_UNPINREQUEST']._serialized_end=1419
+  _globals['_UNPINRESPONSE']._serialized_start=1421
+  _globals['_UNPINRESPONSE']._serialized_end=1454
+  _globals['_STATSREQUEST']._serialized_start=1456
+  _globals['_STATSREQUEST']._serialized_end=1470
+  _globals['_STATSRESPONSE']._serialized_start=1473
+  _globals['_STATSRESPONSE']._serialized_end=1805
+  _globals['_GETDEVICEREQUEST']._serialized_start=1807
+  _globals['_GETDEVICEREQUEST']._serialized_end=1878
+  _globals['_CUDAIPCHANDLE']._serialized_start=1881
+  _globals['_CUDAIPCHANDLE']._serialized_end=2123
+  _globals['_DEVICEEXTENT']._serialized_start=2125
+  _globals['_DEVICEEXTENT']._serialized_end=2199
+  _globals['_GETDEVICERESPONSE']._serialized_start=2201
+  _globals['_GETDEVICERESPONSE']._serialized_end=2328
+  _globals['_KVSTORE']._serialized_start=2457
+  _globals['_KVSTORE']._serialized_end=2943
 # @@protoc_insertion_point(module_scope)

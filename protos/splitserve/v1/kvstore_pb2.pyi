@@ -65,12 +65,14 @@ class BlockChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[BlockHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("chunk", "reservation_id")
+    __slots__ = ("chunk", "reservation_id", "batch")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     chunk: BlockChunk
     reservation_id: str
-    def __init__(self, chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., reservation_id: _Optional[str] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[BlockChunk]
+    def __init__(self, chunk: _Optional[_Union[BlockChunk, _Mapping]] = ..., reservation_id: _Optional[str] = ..., batch: _Optional[_Iterable[_Union[BlockChunk, _Mapping]]] = ...) -> None: ...
 
 class BlockStatus(_message.Message):
     __slots__ = ("block_id", "code", "message", "tier")
