@@ -167,6 +167,13 @@ class DevicePool:
             self._leases.expire()
             return self._leases.num_pinned
 
+    @property
+    def live_pins(self) -> int:
+        """Pins not yet released or expired (a hand-off's, readers' in flight)."""
+        with self._lock:
+            self._leases.expire()
+            return self._leases.num_pins
+
 
 def _on(device):
     import contextlib

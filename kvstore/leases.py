@@ -45,6 +45,10 @@ class Leases:
         return self._count.get(bid, 0) > 0
 
     @property
+    def num_pins(self) -> int:
+        return len(self._pins)
+
+    @property
     def num_pinned(self) -> int:
         """Blocks held by at least one pin."""
         return len(self._count)

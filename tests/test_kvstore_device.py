@@ -90,7 +90,7 @@ HOLDER = textwrap.dedent(
         torch.save([b.kv.cpu() for b in blocks], sys.argv[3])
         print(s.holder_id, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        print(len(pool._pins), pool.pinned_blocks, flush=True)
+        print(pool.live_pins, pool.pinned_blocks, flush=True)
         await s.stop(grace=0.5)
 
     asyncio.run(main())
