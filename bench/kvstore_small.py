@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--blocks", type=int, default=1000, help="blocks per client")
     ap.add_argument("--size", type=int, default=512, help="payload bytes per block")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="one run")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.runs = 1
 
     results = []
     with EmbeddedRedis() as redis:

@@ -101,7 +101,7 @@ class EngineLoop:
     def load(self) -> Load:
         e = self.engine
         waiting = e.num_waiting + self._pending + self._admitting
-        return Load(e.num_running, waiting, e.pool.num_free, e.pool.num_blocks)
+        return Load(e.num_running, waiting, e.num_free_blocks, e.num_kv_blocks)
 
     def stop(self) -> None:
         self._stop.set()

@@ -433,7 +433,7 @@ class EngineCollector(Collector):
             "Running requests preempted (by recompute) because a block was needed.",
             labels=("role", "model"),
         )
-        c.add_metric(self.labels, self.loop.engine.scheduler.num_preemptions)
+        c.add_metric(self.labels, self.loop.engine.num_preemptions)
         yield c
         c = CounterMetricFamily(
             "splitserve:engine_steps", "Engine steps run.", labels=("role", "model")

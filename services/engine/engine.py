@@ -259,6 +259,20 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    @property
+    def num_free_blocks(self) -> int:
+        """KV blocks an allocation can take now (free, or cached and evictable)."""
+        return self.pool.num_free
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_preemptions(self) -> int:
+        """Running requests preempted since the engine started."""
+        return self.scheduler.num_preemptions
+
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
