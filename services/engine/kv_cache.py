@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.engine.config import ModelConfig
@@ -51,3 +52,9 @@ class KVCache:
     def write_block(self, block_id: int, kv: torch.Tensor) -> None:
         # kv: [L, 2, T, Hkv, D], T <= block_size
         self.data[:, :, block_id, : kv.shape[2]].copy_(kv)
+
+
+def slot_mapping(block_ids: list[int], start: int, end: int, block_size: int) -> np.ndarray:
+    """Cache slots of a request's positions [start, end): slot = block id * block_size + offset."""
+    pos = np.arange(start, end)
+    return np.asarray(block_ids, dtype=np.int64)[pos // block_size] * block_size + pos % block_size

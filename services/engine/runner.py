@@ -11,16 +11,11 @@ import numpy as np
 import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
-from services.engine.kv_cache import KVCache
+from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
 from services.engine.runner_state import RequestStates
 from services.engine.sampler import SampledToken, Sampler
 from services.engine.sched_output import ScheduledSeq, SchedulerOutput
-
-
-def _slots(block_ids: list[int], start: int, end: int, bs: int) -> np.ndarray:
-    pos = np.arange(start, end)
-    return np.asarray(block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs
 
 
 class ModelRunner:
@@ -61,7 +56,7 @@ class ModelRunner:
             st = self.requests[s.request_id]
             ids += st.tokens(s.start, s.end)
             pos.append(np.arange(s.start, s.end))
-            slot_parts.append(_slots(st.block_ids, s.start, s.end, bs))
+            slot_parts.append(slot_mapping(st.block_ids, s.start, s.end, bs))
             if s.samples:
                 logits_rows.append(len(ids) - 1)
 

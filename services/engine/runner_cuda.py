@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
-from services.engine.kv_cache import KVCache
+from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
 from services.engine.runner_state import RequestState, RequestStates
 from services.engine.sampler import SampledToken, Sampler
@@ -211,7 +211,7 @@ class CudaModelRunner:
             st = self.requests[s.request_id]
             self._fill_tokens(s, st, ids[t : t + s.num_new])
             pos[t : t + s.num_new] = np.arange(s.start, s.end)
-            slots[t : t + s.num_new] = _slots(st.block_ids, s.start, s.end, self.bs)
+            slots[t : t + s.num_new] = slot_mapping(st.block_ids, s.start, s.end, self.bs)
             starts.append(t)
             t += s.num_new
         ends = np.cumsum([s.num_new for s in seqs])
@@ -345,11 +345,6 @@ class CudaModelRunner:
                 self._graphs[batch] = (graph, logits)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-
-
-def _slots(block_ids: list[int], start: int, end: int, bs: int) -> np.ndarray:
-    pos = np.arange(start, end)
-    return np.asarray(block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs
 
 
 def _index(idx: list[int], device: str) -> torch.Tensor:
