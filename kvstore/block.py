@@ -38,7 +38,8 @@ Layout = tuple[TensorSpec, ...]
 # serialized once, not once per block (the header is most of a small block's per-block cost).
 
 
-def _check_layout(tensors: Layout) -> int:
+@lru_cache(maxsize=1024)
+def _layout_nbytes(tensors: Layout) -> int:
     """The payload bytes a layout describes; BlockError for a layout no payload can have."""
     if not tensors:
         raise BlockError("no tensor layout")
@@ -48,16 +49,6 @@ def _check_layout(tensors: Layout) -> int:
         if any(d < 0 for d in t.shape):
             raise BlockError(f"negative dimension in shape {t.shape}")
     return sum(t.nbytes for t in tensors)
-
-
-_checked_layout = lru_cache(maxsize=1024)(_check_layout)
-
-
-def _layout_nbytes(tensors: Layout) -> int:
-    try:
-        return _checked_layout(tensors)
-    except TypeError:  # a shape given as a list can't be a cache key: checked every time
-        return _check_layout(tensors)
 
 
 @lru_cache(maxsize=1024)

@@ -30,6 +30,11 @@ class TensorSpec:
     shape: tuple[int, ...]
     name: str = ""
 
+    def __post_init__(self) -> None:
+        # Always a tuple of ints, so a spec hashes (layouts are cached by it) and compares equal
+        # however its shape was given (a list, a torch.Size, numpy ints).
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
     @property
     def nbytes(self) -> int:
         """Bytes of a tensor with this layout (KeyError for an unknown dtype: check `known`)."""

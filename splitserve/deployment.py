@@ -51,15 +51,15 @@ def plan_deployment(
     routes, replicas = [], []
     for m in cfg.models:
         d = model_dirs[m.name]
+        engine = m.engine_config(m.roles[0])  # block size and context are the same every role
         routes.append(
             ModelRoute(
                 name=m.name,
                 model_dir=str(d),
                 model_id=model_fingerprint(d),
-                block_size=m.engine_config(m.roles[0]).block_size,
+                block_size=engine.block_size,
                 max_model_len=(
-                    m.engine_config(m.roles[0]).max_model_len
-                    or ModelConfig.from_dir(d).max_position_embeddings
+                    engine.max_model_len or ModelConfig.from_dir(d).max_position_embeddings
                 ),
                 mode=m.mode,
                 tokenizer_class=load_tokenizer(d).class_name,

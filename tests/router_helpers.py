@@ -185,6 +185,11 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
         lt.close()
 
 
+def in_use(stack) -> int:
+    """KV blocks in use on the stack's server, after its integrity check."""
+    return stack.lt.run(stack.server.loop.call(lambda e: e.check_integrity())).in_use
+
+
 def assert_error_shape(r) -> dict:
     """An OpenAI-style error body on a 4xx."""
     assert 400 <= r.status_code < 500, (r.status_code, r.text)

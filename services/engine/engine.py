@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from services.engine.attention import AttentionMetadata, PrefillSeq
 from services.engine.attention_cpu import TorchAttentionBackend
 from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
 from services.engine.block_pool import BlockPool, PoolUsage
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.detokenizer import IncrementalDetokenizer
-from services.engine.errors import InvalidRequestError, ModelLoadError
+from services.engine.errors import InvalidRequestError
 from services.engine.fused_ops import triton_available
+from services.engine.gpu_memory import gpu_kv_blocks
 from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
 from services.engine.model import LlamaModel
@@ -114,7 +114,9 @@ class LLMEngine:
         if config.num_kv_blocks:
             num_blocks = config.num_kv_blocks
         elif on_gpu:
-            num_blocks = self._gpu_kv_blocks(per_block)
+            num_blocks = gpu_kv_blocks(
+                self.model, mcfg, config, self.max_model_len, self.dtype, per_block
+            )
         else:
             num_blocks = max(2, config.kv_cache_memory_bytes // per_block)
         self.kv_cache = KVCache.allocate(mcfg, num_blocks, bs, self.dtype, self.device)
@@ -400,59 +402,6 @@ class LLMEngine:
             out.append(KVBlock(h, ids, self.kv_cache.read_block(req.block_ids[j], len(ids))))
             parent = h
         return out
-
-    # -- GPU memory -----------------------------------------------------------------------
-
-    def _gpu_kv_blocks(self, per_block: int) -> int:
-        """KV blocks that fit in gpu_memory_utilization of the card after the weights, the
-        peak activations of a full-budget forward pass and the sampler's float32 logits (the
-        CUDA graphs' pool fits in the latter), at most 4 x max_num_seqs full contexts."""
-        cfg = self.config
-        activations = self._profile_forward()
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        vocab = self.model_config.vocab_size
-        rows = max(cfg.max_num_seqs, cfg.max_graph_batch_size)
-        logits = 8 * rows * vocab * 4  # float32 copies of the sampled rows' logits
-        budget = total * cfg.gpu_memory_utilization - (total - free) - activations - logits
-        num_blocks = int(budget // per_block) - 1
-        # A small model on a large card would get millions of blocks (and as many Python
-        # objects in the pool); four times the most that running sequences can hold is plenty.
-        num_blocks = min(
-            num_blocks, 4 * cfg.max_num_seqs * blocks_for(self.max_model_len, self.block_size)
-        )
-        if num_blocks < 2:
-            raise ModelLoadError(
-                f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
-                f"{total / 2**30:.1f} GiB, activations need {activations / 2**30:.1f} GiB; "
-                "raise gpu_memory_utilization or lower max_num_batched_tokens"
-            )
-        return num_blocks
-
-    @torch.inference_mode()
-    def _profile_forward(self) -> int:
-        """Peak bytes a forward pass over max_num_batched_tokens prompt tokens allocates."""
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        bs = self.block_size
-        cache = KVCache.allocate(self.model_config, 1, bs, self.dtype, self.device)
-        meta = AttentionMetadata(
-            num_decode=0,
-            slot_mapping=torch.arange(n, device=self.device) % bs,  # all into the one block
-            decode_block_table=None,
-            decode_mask=None,
-            prefills=(PrefillSeq(0, n, n, None),),
-            scale=self.model_config.head_dim**-0.5,
-            block_size=bs,
-        )
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos = torch.arange(n, device=self.device)
-        last = torch.tensor([n - 1], device=self.device)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        self.model.forward(ids, pos, meta, cache, last)
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - base
 
     # -- what the services ask ------------------------------------------------------------
 
