@@ -87,9 +87,18 @@ class PrefillConfig(ReplicaConfig):
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig(ReplicaConfig):
     """A decode replica continues prefilled requests; colocated, it also takes whole requests
-    (the baseline disaggregation is measured against)."""
+    (the baseline disaggregation is measured against). borrow_kv: when its KV pool is short it
+    borrows blocks from attention replicas and attends over them there."""
 
     colocated: bool = False
+    # Borrow KV blocks from attention replicas (found in the cluster's lending ledger) when
+    # the engine's own pool is short, and attend over them there (DistAttention).
+    borrow_kv: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.borrow_kv and not self.cluster.redis_url:
+            raise ValueError("borrow_kv needs the cluster's Redis (the lending ledger)")
 
     @property
     def role(self) -> str:
@@ -110,3 +119,22 @@ def build_engine(config: ReplicaConfig):
     elif config.engine.device == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     return LLMEngine(config.model, config.engine)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig(ReplicaConfig):
+    """An attention replica: a KV pool of the model's layout (no weights) that lends blocks to
+    decode replicas and attends over them. Its pool is engine.num_kv_blocks blocks, or
+    engine.kv_cache_memory_bytes worth; lend_fraction of it may be lent (the rest is kept for
+    its own sequences: none yet, so 1.0 by default)."""
+
+    lend_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.lend_fraction <= 1.0:
+            raise ValueError(f"lend_fraction must be within [0, 1], got {self.lend_fraction}")
+
+    @property
+    def role(self) -> str:
+        return "attention"

@@ -22,16 +22,18 @@ import grpc
 import torch
 
 from kvstore.client import KVStoreClient
+from kvstore.lending import Ledger
 from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import decode_pb2 as pb
 from protos.splitserve.v1 import decode_pb2_grpc as pb_grpc
 from rpc.server import ServiceApp
+from services.attention_client import AttentionPeers, layout_key
 from services.config import DecodeConfig
 from services.engine.block_hash import hash_blocks
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequestError
 from services.engine.kv_transfer import KVBlock
-from services.engine_loop import EngineLoop, QueueFullError
+from services.engine_loop import EngineLoop, KVCapacityError, QueueFullError
 from services.metrics import RequestMetrics, ServiceMetrics
 from services.replica import ReplicaServer
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
@@ -68,7 +70,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     yield msg
             except InvalidRequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            except QueueFullError as e:
+            except (QueueFullError, KVCapacityError) as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
     async def _decode(self, request, rec: RequestMetrics):
@@ -169,6 +171,16 @@ class DecodeServer(ReplicaServer):
         super().__init__(config, engine)
         self.colocated = config.colocated
         self.kv: KVStoreClient | None = None
+        self.peers: AttentionPeers | None = None
+        if config.borrow_kv:
+            cluster = config.cluster
+            assert cluster.redis_url is not None
+            ledger = Ledger(cluster.redis_url, cluster.namespace, cluster.ttl_s)
+            e = self.engine
+            layout = layout_key(e.model_id, e.kv_block_layout())
+            self.peers = AttentionPeers(ledger, self.replica_id, layout)
+            e.attach_remote_kv(self.peers)  # before any request: the engine thread is idle
+            self.metrics.watch_lending(borrowed=self.peers.borrowed)
 
     async def start(self) -> str:
         app = self._bind()
@@ -195,3 +207,6 @@ class DecodeServer(ReplicaServer):
         if self.kv is not None:
             await self.kv.close()
         await self._close()
+        if self.peers is not None:
+            self.peers.close()
+            self.peers.ledger.close()

@@ -28,6 +28,11 @@ class QueueFullError(EngineError):
     """More requests are waiting than the server admits; the caller should back off."""
 
 
+class KVCapacityError(EngineError):
+    """The request's context can't be held: not in the replica's KV pool, nor with what
+    creditors can lend now."""
+
+
 @dataclass(frozen=True)
 class Load:
     running: int
@@ -130,7 +135,10 @@ class EngineLoop:
                 continue
             self.steps += 1
             for out in outs:
-                self._send(out.request_id, out, final=out.finished)
+                if out.error is not None:
+                    self._send(out.request_id, KVCapacityError(out.error), final=True)
+                else:
+                    self._send(out.request_id, out, final=out.finished)
 
     def _drain(self, block: bool) -> None:
         try:

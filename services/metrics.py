@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -290,6 +290,15 @@ class ServiceMetrics:
         s.inc(seconds)
         n.inc(len(written))
 
+    def watch_lending(
+        self,
+        lent: Callable[[], dict[str, int]] | None = None,
+        borrowed: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        """Publish the KV lending ledger as this replica sees it: blocks it has lent, by
+        borrower, and blocks it has borrowed, by creditor (each a callable read per scrape)."""
+        self.registry.register(_LendingCollector(self.role, self.model, lent, borrowed))
+
     # -- /metrics over HTTP --------------------------------------------------------------
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -440,3 +449,27 @@ class EngineCollector(Collector):
         )
         c.add_metric(self.labels, self.loop.steps)
         yield c
+
+
+class _LendingCollector(Collector):
+    """splitserve:kv_blocks_lent / kv_blocks_borrowed, by peer. Read on the scrape thread: the
+    callables return a fresh dict (a copy), never one that is being mutated."""
+
+    def __init__(self, role: str, model: str, lent, borrowed) -> None:
+        self.labels = [role, model]
+        self.lent = lent
+        self.borrowed = borrowed
+
+    def collect(self):
+        for name, doc, fn in (
+            ("splitserve:kv_blocks_lent", "KV blocks this replica has lent, by borrower.",
+             self.lent),
+            ("splitserve:kv_blocks_borrowed", "KV blocks this replica has borrowed, by creditor.",
+             self.borrowed),
+        ):  # fmt: skip
+            if fn is None:
+                continue
+            g = GaugeMetricFamily(name, doc, labels=("role", "model", "peer"))
+            for peer, n in sorted(fn().items()):
+                g.add_metric([*self.labels, peer], n)
+            yield g

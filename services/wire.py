@@ -64,3 +64,34 @@ def stored_to_kv(s: StoredBlock, model_id: str, layout: KVLayout) -> KVBlock | N
         return KVBlock.from_bytes(s.block_id, s.meta.token_ids, s.payload, t[0].dtype, shape)
     except ValueError:
         return None
+
+
+def tensor_to_pb(t: torch.Tensor, msg) -> None:
+    """Fill a splitserve.v1.Tensor message with t's layout and raw bytes (copied to the host)."""
+    t = t.detach().contiguous()
+    spec = TensorSpec(str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    msg.layout.CopyFrom(spec.to_pb())
+    msg.data = t.cpu().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensor_from_pb(msg, name: str) -> torch.Tensor:
+    """A tensor from a splitserve.v1.Tensor message; a layout its bytes don't match raises
+    InvalidRequestError naming the tensor. The result shares the message's bytes (read-only
+    in spirit: copy it before writing)."""
+    spec = TensorSpec.from_pb(msg.layout)
+    if not spec.known or spec.dtype not in _TORCH_DTYPES:
+        raise InvalidRequestError(f"{name}: unsupported dtype {spec.dtype!r}")
+    if any(d < 0 for d in spec.shape):
+        raise InvalidRequestError(f"{name}: negative dimension in shape {spec.shape}")
+    if len(msg.data) != spec.nbytes:
+        raise InvalidRequestError(
+            f"{name}: {len(msg.data)} bytes for a {spec.dtype} tensor of shape {spec.shape} "
+            f"({spec.nbytes} bytes)"
+        )
+    dtype = _TORCH_DTYPES[spec.dtype]
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(msg.data), dtype=dtype).view(spec.shape)
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

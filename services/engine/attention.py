@@ -10,9 +10,12 @@ exactly with `merge_partials`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from services.engine.dist_attention import DistStep
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class AttentionMetadata:
     # CUDA backend: context length of each decode sequence, int32 [num_decode] (0: a padding
     # row of a CUDA graph); its decode_block_table is int32 and decode_mask is None.
     decode_context_lens: torch.Tensor | None = None
+    # A step with KV held outside the local pool (DistAttention): the model asks it for every
+    # layer's attention instead of the backend; slot_mapping is -1 for tokens stored remotely.
+    dist: DistStep | None = None
 
 
 def gather_blocks(cache: torch.Tensor, table: torch.Tensor, block_size: int) -> torch.Tensor:

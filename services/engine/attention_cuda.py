@@ -88,9 +88,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_merge_kernel(
-        Part, Out,
+        Part, Out, Lse,
         stride_ob, stride_oh, stride_os, stride_b, stride_h,
-        D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+        D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, H: tl.constexpr,
+        WITH_LSE: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
@@ -108,6 +109,11 @@ if HAS_TRITON:
         )  # fmt: skip  [SPLITS_P, D]
         out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(Out + b * stride_b + h * stride_h + d, out.to(Out.dtype.element_ty))
+        if WITH_LSE:  # the whole context's log-sum-exp, for DistAttention's merge
+            lse_all = tl.where(
+                total > 0, top + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")
+            )
+            tl.store(Lse + b * H + h, lse_all)
 
 
 @functools.cache
@@ -131,11 +137,13 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     splits: int | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged context.
 
     q: [B, H, D] (rows may be strided); caches: [slots, Hkv, D]; block_table: [B, W] int32;
     context_lens: [B] int32 (0: the row is padding, its output is 0). Returns [B, H, D].
+    lse: a float32 [B, H] buffer to receive each head's log-sum-exp (-inf for no context).
     """
     batch, num_heads, head_dim = q.shape
     num_kv = k_cache.shape[1]
@@ -157,9 +165,10 @@ def paged_decode_attention(
         num_warps=4, num_stages=2,
     )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](
-        part, out,
+        part, out, lse if lse is not None else part,
         part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
-        D=head_dim, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), num_warps=1,
+        D=head_dim, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), H=num_heads,
+        WITH_LSE=lse is not None, num_warps=1,
     )  # fmt: skip
     return out
 

@@ -31,6 +31,7 @@ from services.engine.gpu_memory import gpu_kv_blocks
 from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
 from services.engine.model import LlamaModel
+from services.engine.remote_kv import HolderLostError, RemoteKV
 from services.engine.request import FinishReason, Request, RequestOutput, Status
 from services.engine.runner import ModelRunner
 from services.engine.sampler import SampledToken, Sampler, _has_penalty
@@ -158,6 +159,16 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
 
+    def attach_remote_kv(self, remote: RemoteKV) -> None:
+        """Let the engine borrow KV blocks from creditors when its own pool is short, and
+        attend over them where they are (DistAttention). Call before adding requests."""
+        self.scheduler.remote = remote
+        self.runner.remote = remote
+
+    @property
+    def remote_kv(self) -> RemoteKV | None:
+        return self.scheduler.remote
+
     # -- requests -------------------------------------------------------------------------
 
     def add_request(
@@ -235,7 +246,7 @@ class LLMEngine:
         if num_done >= params.max_tokens:
             raise InvalidRequestError("the request has already generated max_tokens tokens")
         need = blocks_for(total, self.block_size)
-        if need > self.pool.num_blocks:
+        if need > self.pool.num_blocks and self.remote_kv is None:
             raise InvalidRequestError(
                 f"the request needs {need} KV blocks at most; this engine has "
                 f"{self.pool.num_blocks}"
@@ -278,14 +289,22 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self._take_back_reclaimed()
         if self.async_scheduling:
             return self._step_async()
         so = self.scheduler.schedule()
+        failed = self._failed_outputs()
         if so.is_empty:
-            return []
+            return failed
         reqs = self._requests_of(so)
-        sampled = self.runner.run(so)
-        outputs = []
+        try:
+            sampled = self.runner.run(so)
+        except HolderLostError as e:
+            # Its blocks are gone: the requests that had some start again from their tokens
+            # (their local prefix mostly from the prefix cache); the others redo this step.
+            self.scheduler.drop_remote(holder_id=e.holder_id)
+            return failed
+        outputs = failed
         now = time.monotonic()
         for req, seq, tok in zip(reqs, so.seqs, sampled, strict=True):
             self.scheduler.commit(req, seq)
@@ -293,6 +312,36 @@ class LLMEngine:
                 continue
             outputs.append(self._append_token(req, tok, now))
         return outputs
+
+    def _failed_outputs(self) -> list[RequestOutput]:
+        """Requests the scheduler ended because they can never fit, as final outputs."""
+        outs = []
+        for req, why in self.scheduler.failed:
+            self._requests.pop(req.request_id, None)
+            self._detok.pop(req.request_id, None)
+            outs.append(
+                RequestOutput(
+                    req.request_id,
+                    [],
+                    "",
+                    True,
+                    FinishReason.ABORT,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_output_tokens=req.num_output_tokens,
+                    error=why,
+                )
+            )
+        self.scheduler.failed = []
+        return outs
+
+    def _take_back_reclaimed(self) -> None:
+        """Creditors that want their blocks back get them: those requests are preempted (to
+        recompute; they borrow elsewhere or wait for local room)."""
+        remote = self.remote_kv
+        if remote is not None:
+            ids = remote.reclaimed()
+            if ids:
+                self.scheduler.drop_remote(request_ids=set(ids))
 
     def _requests_of(self, so: SchedulerOutput) -> list[Request]:
         """The requests of so's seqs, in order, resolved right after scheduling (while their
@@ -307,9 +356,16 @@ class LLMEngine:
             outputs += self._finish_step(*prev)
             prev = None
         so = self.scheduler.schedule()
+        outputs += self._failed_outputs()
         if not so.is_empty:
             reqs = self._requests_of(so)
-            handle = self.runner.launch(so)
+            try:
+                handle = self.runner.launch(so)
+            except HolderLostError as e:
+                self.scheduler.drop_remote(holder_id=e.holder_id)
+                if prev is not None:
+                    outputs += self._finish_step(*prev)
+                return outputs
             for req, seq in zip(reqs, so.seqs, strict=True):
                 self.scheduler.commit(req, seq)
                 if seq.samples:
@@ -391,7 +447,7 @@ class LLMEngine:
         tokens = req.all_token_ids
         out = []
         parent = ROOT_HASH
-        for j in range(blocks_for(n, bs)):
+        for j in range(min(blocks_for(n, bs), len(req.block_ids))):  # local blocks only
             end = min((j + 1) * bs, n)
             ids = tuple(tokens[j * bs : end])
             h = (

@@ -92,7 +92,10 @@ class LlamaModel:
             v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
             q, k = self.rope(positions, q, k)
             k_cache, v_cache = kv_cache.layer(i)
-            attn, _ = self.backend.forward(q, k, v, k_cache, v_cache, meta)
+            if meta.dist is not None:
+                attn = meta.dist.attend(i, q, k, v, k_cache, v_cache)
+            else:
+                attn, _ = self.backend.forward(q, k, v, k_cache, v_cache, meta)
             h = h + F.linear(attn.flatten(1), lw.o_proj)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
             gate, up = F.linear(x, lw.gate_up).chunk(2, dim=-1)
@@ -126,14 +129,13 @@ class LlamaModel:
                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             )  # fmt: skip
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            attn = self.backend.attend(
-                q.view(n, cfg.num_heads, cfg.head_dim),
-                k.view(n, cfg.num_kv_heads, cfg.head_dim),
-                v.view(n, cfg.num_kv_heads, cfg.head_dim),
-                k_cache,
-                v_cache,
-                meta,
-            )  # [N, H, D]
+            q = q.view(n, cfg.num_heads, cfg.head_dim)
+            k = k.view(n, cfg.num_kv_heads, cfg.head_dim)
+            v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+            if meta.dist is not None:
+                attn = meta.dist.attend(i, q, k, v, k_cache, v_cache, written=True)
+            else:
+                attn = self.backend.attend(q, k, v, k_cache, v_cache, meta)  # [N, H, D]
             h = F.linear(attn.view(n, self.q_size), lw.o_proj)
             x, residual = fused_ops.rms_norm(h, lw.post_norm, eps, residual)
             h = F.linear(fused_ops.silu_mul(F.linear(x, lw.gate_up)), lw.down)

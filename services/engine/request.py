@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
 from services.engine.kv_transfer import KVBlock
+from services.engine.remote_kv import RemoteSegment
 from services.engine.sampler import SampledToken
 from services.engine.sampling_params import SamplingParams
 
@@ -38,6 +39,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Blocks lent by other holders, after block_ids in sequence order (DistAttention).
+    remote: list[RemoteSegment] = field(default_factory=list)
     # Content hashes of the request's full blocks, extended as tokens arrive.
     block_hashes: list[BlockHash] = field(default_factory=list)
     status: Status = Status.WAITING
@@ -67,6 +70,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks the request holds, local and remote."""
+        return len(self.block_ids) + sum(s.num_blocks for s in self.remote)
 
     @property
     def num_output_tokens(self) -> int:
@@ -108,3 +116,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     kv_blocks: list[KVBlock] | None = None  # on finish, when the request asked for export
     queue_time_s: float = 0.0  # arrival to first scheduled step
+    error: str | None = None  # ended by the engine, not by the model (e.g. it can never fit)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
+from services.engine.dist_attention import SeqPlacement, plan_step
 from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
 from services.engine.runner_state import RequestStates
@@ -27,6 +28,7 @@ class ModelRunner:
         self.bs = kv_cache.block_size
         self.scale = model.cfg.head_dim**-0.5
         self.requests = RequestStates()
+        self.remote = None  # a RemoteKV once the engine borrows memory (DistAttention)
 
     def run(self, so: SchedulerOutput) -> list[SampledToken | None]:
         self.requests.update(so)
@@ -56,10 +58,13 @@ class ModelRunner:
             st = self.requests[s.request_id]
             ids += st.tokens(s.start, s.end)
             pos.append(np.arange(s.start, s.end))
-            slot_parts.append(slot_mapping(st.block_ids, s.start, s.end, bs))
+            if not st.remote:
+                slot_parts.append(slot_mapping(st.block_ids, s.start, s.end, bs))
             if s.samples:
                 logits_rows.append(len(ids) - 1)
 
+        if self.remote is not None and any(self.requests[s.request_id].remote for s in so.seqs):
+            return self._prepare_dist(so, ids, pos, logits_rows)
         decode_table = decode_mask = None
         if so.decodes:
             decode_table, decode_mask = self._decode_context(so.decodes)
@@ -81,6 +86,33 @@ class ModelRunner:
             prefills=tuple(prefills),
             scale=self.scale,
             block_size=bs,
+        )
+        return (
+            self._dev(torch.tensor(ids, dtype=torch.long)),
+            self._dev(torch.from_numpy(np.concatenate(pos))),
+            meta,
+            self._dev(torch.tensor(logits_rows, dtype=torch.long)),
+        )
+
+    def _prepare_dist(self, so: SchedulerOutput, ids, pos, logits_rows):
+        """A step with remote KV: every sequence attends through DistAttention."""
+        placements, row = [], 0
+        for s in so.seqs:
+            st = self.requests[s.request_id]
+            placements.append(
+                SeqPlacement(s.request_id, row, s.start, s.end, st.block_ids, st.remote)
+            )
+            row += s.num_new
+        slots, dist = plan_step(placements, self.remote, self.bs, self.scale, self.device)
+        meta = AttentionMetadata(
+            num_decode=len(so.decodes),
+            slot_mapping=self._dev(torch.from_numpy(slots)),
+            decode_block_table=None,
+            decode_mask=None,
+            prefills=(),
+            scale=self.scale,
+            block_size=self.bs,
+            dist=dist,
         )
         return (
             self._dev(torch.tensor(ids, dtype=torch.long)),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
+from services.engine.dist_attention import SeqPlacement, plan_step
 from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
 from services.engine.runner_state import RequestState, RequestStates
@@ -141,6 +142,7 @@ class CudaModelRunner:
         self._tok_parity = 0
         self._rows: dict[str, int] = {}  # request id -> its row in `tokens` (last step)
         self.requests = RequestStates()
+        self.remote = None  # a RemoteKV once the engine borrows memory (DistAttention)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         if use_cuda_graphs and self.graph_sizes:
@@ -160,7 +162,7 @@ class CudaModelRunner:
         states = [self.requests[seqs[i].request_id] for i in sampling]
         rows = [st.sampling_row() for st in states]
         plain = Sampler.is_plain_greedy(rows)
-        graph_bs = self._graph_size(so)
+        graph_bs = 0 if self._has_remote(so) else self._graph_size(so)
         if graph_bs:
             logits = self._replay(so, graph_bs)  # [graph_bs, V]; argmax already in self.tokens
             if not plain:
@@ -204,6 +206,8 @@ class CudaModelRunner:
         ids = inp.host_np("ids", n_tok)
         pos = inp.host_np("pos", n_tok)
         slots = inp.host_np("slots", n_tok)
+        if self._has_remote(so):
+            return self._prepare_dist(so, sampling, ids, pos, slots)
         self._fill_decodes(so.decodes, ids, pos, slots, nd)
         t = nd
         starts = []
@@ -238,6 +242,35 @@ class CudaModelRunner:
         )
         ids_dev = self._resolve(inp.view("ids", n_tok))
         return ids_dev, inp.view("pos", n_tok), meta, inp.view("rows", len(sampling)).long()
+
+    def _has_remote(self, so: SchedulerOutput) -> bool:
+        return self.remote is not None and any(self.requests[s.request_id].remote for s in so.seqs)
+
+    def _prepare_dist(self, so: SchedulerOutput, sampling: list[int], ids, pos, slots):
+        """An eager step with remote KV: DistAttention for every sequence (no CUDA graph: the
+        holders' answers arrive over the network)."""
+        inp = self.inputs
+        placements, t = [], 0
+        for s in so.seqs:
+            st = self.requests[s.request_id]
+            self._fill_tokens(s, st, ids[t : t + s.num_new])
+            pos[t : t + s.num_new] = np.arange(s.start, s.end)
+            placements.append(
+                SeqPlacement(s.request_id, t, s.start, s.end, st.block_ids, st.remote)
+            )
+            t += s.num_new
+        local_slots, dist = plan_step(placements, self.remote, self.bs, self.scale, self.device)
+        slots[:t] = local_slots
+        ends = np.cumsum([s.num_new for s in so.seqs])
+        inp.host_np("rows", len(sampling))[:] = ends[sampling] - 1 if sampling else []
+        inp.host_np("sidx", len(sampling))[:] = sampling
+        inp.upload(0)
+        meta = AttentionMetadata(
+            num_decode=len(so.decodes), slot_mapping=inp.view("slots", t), decode_block_table=None,
+            decode_mask=None, prefills=(), scale=self.scale, block_size=self.bs, dist=dist,
+        )  # fmt: skip
+        ids_dev = self._resolve(inp.view("ids", t))
+        return ids_dev, inp.view("pos", t), meta, inp.view("rows", len(sampling)).long()
 
     def _fill_tokens(self, s: ScheduledSeq, st: RequestState, out: np.ndarray) -> None:
         """Input ids of s's tokens; a pending token becomes -(1 + its row in the last step)."""

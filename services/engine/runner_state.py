@@ -3,8 +3,9 @@ NewRequestData once, then each step's diff, plus the tokens the runner samples i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.engine.remote_kv import RemoteSegment
 from services.engine.sampler import SamplingRow
 from services.engine.sampling_params import SamplingParams
 from services.engine.sched_output import NewRequestData, SchedulerOutput
@@ -20,12 +21,14 @@ class RequestState:
     block_ids: list[int]
     # Sampled by a launched step whose results are not read yet (async scheduling on CUDA).
     num_pending: int = 0
+    remote: list[RemoteSegment] = field(default_factory=list)  # blocks after block_ids
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> RequestState:
         return cls(
-            new.prompt_token_ids, list(new.output_token_ids), new.params, list(new.block_ids)
-        )
+            new.prompt_token_ids, list(new.output_token_ids), new.params, list(new.block_ids),
+            remote=list(new.remote),
+        )  # fmt: skip
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +68,8 @@ class RequestStates:
         for s in so.seqs:
             if s.new_block_ids:
                 self._by_id[s.request_id].block_ids += s.new_block_ids
+            if s.new_remote:
+                self._by_id[s.request_id].remote += s.new_remote
 
     def __getitem__(self, request_id: str) -> RequestState:
         return self._by_id[request_id]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.engine.remote_kv import RemoteSegment
 from services.engine.sampling_params import SamplingParams
 
 
@@ -39,6 +40,8 @@ class NewRequestData:
     params: SamplingParams
     block_ids: list[int]  # its block table, covering this step's slice
     num_computed_tokens: int  # tokens whose KV is in the cache already (prefix hits, imports)
+    # Blocks after the local ones, lent by other holders (DistAttention); in sequence order.
+    remote: list[RemoteSegment] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,8 @@ class ScheduledSeq:
     # The slice ends at the request's last token (known or in flight), so the step samples a
     # new one. Fixed when scheduled: the request's token count moves on before results are read.
     samples: bool
+    # Remote segments appended after the request's blocks (it borrowed for this step).
+    new_remote: tuple[RemoteSegment, ...] = ()
 
     @property
     def end(self) -> int:

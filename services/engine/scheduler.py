@@ -7,6 +7,11 @@ request is computed until num_computed_tokens reaches num_tokens, and a step tha
 last known token samples a new one. When a running request cannot get a block, the policy names
 a running request to preempt by recompute (its blocks are released; full ones stay in the prefix
 cache, so it usually resumes from there) and puts it back in the waiting queue.
+
+With a RemoteKV (memory lending, DistAttention), a request that cannot get local blocks first
+borrows them from a creditor; only when no creditor can lend does the policy preempt. A
+request's local blocks stay a prefix of its sequence: once it has borrowed, its later blocks
+are borrowed too.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 
 from services.engine.block_pool import BlockPool
 from services.engine.kv_transfer import KVBlock
+from services.engine.remote_kv import RemoteKV, RemoteSegment
 from services.engine.request import FinishReason, Request, Status
 from services.engine.sched_output import NewRequestData, ScheduledSeq, SchedulerOutput
 from services.engine.sched_policy import FCFSPolicy, SchedulingPolicy
@@ -31,9 +37,15 @@ def _finishes_on_pending(req: Request) -> bool:
     return n_out >= req.params.max_tokens or (req.max_len > 0 and n_all >= req.max_len)
 
 
-def _seq(req: Request, start: int, num_new: int, new_block_ids: list[int]) -> ScheduledSeq:
+def _seq(
+    req: Request,
+    start: int,
+    num_new: int,
+    new_block_ids: list[int],
+    new_remote: tuple[RemoteSegment, ...] = (),
+) -> ScheduledSeq:
     samples = start + num_new == req.num_tokens + req.num_pending_tokens  # its last token
-    return ScheduledSeq(req.request_id, start, num_new, new_block_ids, samples)
+    return ScheduledSeq(req.request_id, start, num_new, new_block_ids, samples, new_remote)
 
 
 class Scheduler:
@@ -44,8 +56,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         policy: SchedulingPolicy | None = None,
+        remote: RemoteKV | None = None,
     ) -> None:
         self.pool = pool
+        self.remote = remote
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -57,6 +71,9 @@ class Scheduler:
         # SchedulerOutput: only a step that computes something reaches it).
         self._finished_ids: list[str] = []
         self._preempted_ids: list[str] = []
+        # Requests ended by the scheduler because they can never fit, with why (the engine
+        # reports them as errors).
+        self.failed: list[tuple[Request, str]] = []
 
     @property
     def num_waiting(self) -> int:
@@ -86,10 +103,9 @@ class Scheduler:
                 i += 1  # its in-flight token is its last: nothing more to compute
                 continue
             num_new = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
-            need = blocks_for(req.num_computed_tokens + num_new, self.block_size) - len(
-                req.block_ids
-            )
-            while not self.pool.can_allocate(need):
+            need = blocks_for(req.num_computed_tokens + num_new, self.block_size) - req.num_blocks
+            grown = self._grow(req, need)
+            while grown is None:
                 victim = self.policy.victim(self.running)
                 j = self.running.index(victim)
                 del self.running[j]
@@ -100,11 +116,12 @@ class Scheduler:
                 preempted.append(victim.request_id)
                 if victim is req:
                     break
+                grown = self._grow(req, need)
             if req.status != Status.RUNNING:
+                self._fail_if_too_long(req)
                 continue  # preempted itself; running[i] is the next one now
-            new_blocks = self.pool.allocate(need)
-            req.block_ids += new_blocks
-            scheduled.append(_seq(req, req.num_computed_tokens, num_new, new_blocks))
+            new_blocks, new_remote = grown
+            scheduled.append(_seq(req, req.num_computed_tokens, num_new, new_blocks, new_remote))
             budget -= num_new
             i += 1
 
@@ -154,10 +171,27 @@ class Scheduler:
         num_new = min(req.num_tokens - computed, budget)
         need = blocks_for(computed + num_new, bs) - len(hits)
         reclaimed = sum(1 for b in hits if self.pool.blocks[b].ref_cnt == 0)
-        if need + reclaimed > self.pool.num_free:
-            return None
+        local = self.pool.num_free - reclaimed  # blocks it can take besides its hits
+        borrowed: list[RemoteSegment] = []
+        if need > local:
+            if self.remote is None:
+                return None
+            if loads:  # imported KV enters local blocks only: recompute it instead
+                loads, computed = [], len(hits) * bs
+                num_new = min(req.num_tokens - computed, budget)
+                need = blocks_for(computed + num_new, bs) - len(hits)
+            seg = self.remote.borrow(req.request_id, len(hits) + local, need - local)
+            if seg is None:
+                # Lenders are short too: start with the chunk that fits locally, if any.
+                num_new = min(num_new, (len(hits) + local) * bs - computed)
+                if num_new <= 0:
+                    return None
+                need = blocks_for(computed + num_new, bs) - len(hits)
+            else:
+                borrowed, need = [seg], local
         self.pool.acquire(hits)
         req.block_ids = hits + self.pool.allocate(need)
+        req.remote = borrowed
         out.kv_loads.extend((req.block_ids[pos], blk.kv) for pos, blk in loads)
         for pos, blk in loads:  # imported full blocks join the prefix cache like computed ones
             if blk.num_tokens == bs:
@@ -172,7 +206,7 @@ class Scheduler:
         out.new_requests.append(
             NewRequestData(
                 req.request_id, list(req.prompt_token_ids), list(req.output_token_ids),
-                req.params, list(req.block_ids), computed,
+                req.params, list(req.block_ids), computed, list(req.remote),
             )
         )  # fmt: skip
         return _seq(req, computed, num_new, [])  # its blocks are in NewRequestData
@@ -185,9 +219,74 @@ class Scheduler:
         self.num_preemptions += 1
         self.policy.requeue(req)
 
+    def _grow(self, req: Request, need: int) -> tuple[list[int], tuple[RemoteSegment, ...]] | None:
+        """Give a running request `need` more blocks: local ones while it has borrowed none
+        and the pool has them, else borrowed (the local part first, so local stays a prefix).
+        None, changing nothing, when neither is possible."""
+        if need <= 0:
+            return [], ()
+        if not req.remote and self.pool.can_allocate(need):
+            blocks = self.pool.allocate(need)
+            req.block_ids += blocks
+            return blocks, ()
+        if self.remote is None:
+            return None
+        local = 0 if req.remote else min(need, self.pool.num_free)
+        seg = self.remote.borrow(req.request_id, req.num_blocks + local, need - local)
+        if seg is None:
+            return None
+        blocks = self.pool.allocate(local)
+        req.block_ids += blocks
+        req.remote.append(seg)
+        return blocks, (seg,)
+
+    def _fail_if_too_long(self, req: Request) -> None:
+        """A request that preempted itself and can never fit the local pool, with no creditor
+        lending and nothing else running that could give blocks back (here or at a creditor):
+        end it with an error instead of retrying forever."""
+        if blocks_for(req.num_tokens + 1, self.block_size) <= self.pool.num_blocks:
+            return
+        if self.remote is not None and self.running:
+            return  # it waits: what the running requests hold comes free as they finish
+        self.policy.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = FinishReason.ABORT
+        where = "no KV creditor could lend the rest" if self.remote else "lending is off"
+        self.failed.append(
+            (
+                req,
+                f"the sequence needs more than this replica's {self.pool.num_blocks} KV blocks "
+                f"and {where}",
+            )
+        )
+
+    def drop_remote(
+        self, request_ids: set[str] | None = None, holder_id: str | None = None
+    ) -> list[str]:
+        """Preempt (to recompute) running requests that hold blocks on holder_id (it was lost)
+        or are named in request_ids (their creditor wants the blocks back)."""
+        victims = [
+            r
+            for r in self.running
+            if r.remote
+            and (
+                (request_ids is not None and r.request_id in request_ids)
+                or any(s.holder_id == holder_id for s in r.remote)
+            )
+        ]
+        for r in victims:
+            self.running.remove(r)
+            self._preempt(r)
+            self._preempted_ids.append(r.request_id)
+        return [r.request_id for r in victims]
+
     def _release(self, req: Request) -> None:
         self.pool.release(list(reversed(req.block_ids)))  # tail first: prefix evicted last
         req.block_ids = []
+        if req.remote:
+            req.remote = []
+            if self.remote is not None:
+                self.remote.release(req.request_id)
 
     def commit(self, req: Request, seq: ScheduledSeq) -> None:
         """The step computed seq's tokens (req's): advance and cache the blocks that became
@@ -195,13 +294,16 @@ class Scheduler:
         req.num_computed_tokens = seq.end
         bs = self.block_size
         # A block whose last token is still pending has no hash yet; cache_hashed takes it.
-        for j in range(seq.start // bs, min(seq.end // bs, len(req.block_hashes))):
+        stop = min(seq.end // bs, len(req.block_hashes), len(req.block_ids))  # local blocks
+        for j in range(seq.start // bs, stop):
             self.pool.cache(req.block_ids[j], req.block_hashes[j])
 
     def cache_hashed(self, req: Request, num_hashes_before: int) -> None:
         """Cache computed blocks that got their hash only now, when a token sampled by an
         earlier, already committed step was appended."""
-        stop = min(len(req.block_hashes), req.num_computed_tokens // self.block_size)
+        stop = min(
+            len(req.block_hashes), req.num_computed_tokens // self.block_size, len(req.block_ids)
+        )
         for j in range(num_hashes_before, stop):
             self.pool.cache(req.block_ids[j], req.block_hashes[j])
 

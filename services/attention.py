@@ -1,0 +1,304 @@
+"""AttentionService: a KV pool that lends blocks to decode replicas and attends over them.
+
+A decode replica short of KV memory borrows blocks here (found through the Redis lending
+ledger), then, every step, sends its layer batches: the queries and new K/V of the sequences
+whose blocks live here. This replica stores the K/V and returns each query's partial attention
+with its log-sum-exp; the decoder merges them with its own (DistAttention, Infinite-LLM).
+
+One bidirectional stream per decoder; requests are handled in order, one response each; a bad
+request gets its own error code and harms nothing else. When a decoder's stream ends, what it
+borrowed is freed. The replica holds no weights: only the model's KV layout.
+
+    splitserve serve attention --model DIR --port 0 --redis URL
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvstore.lending import CreditorInfo, Ledger
+from kvstore.registry import Registration, register_replica
+from kvstore.shm_layout import host_id
+from protos.splitserve.v1 import attention_pb2 as pb
+from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
+from rpc.server import ServiceApp
+from services.attention_client import layout_key
+from services.config import AttentionConfig
+from services.engine.config import ModelConfig
+from services.engine.engine import model_fingerprint
+from services.engine.errors import InvalidRequestError
+from services.engine.kv_cache import KVCache
+from services.engine.kv_holder import KVHolder, LendRefused, SegmentError, UnknownSequenceError
+from services.engine.kv_transfer import KVLayout, dtype_name
+from services.engine.remote_kv import SeqSlice
+from services.metrics import ServiceMetrics
+from services.wire import tensor_from_pb, tensor_to_pb
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
+OK = grpc.StatusCode.OK.value[0]
+
+
+@dataclass
+class _Session:
+    borrower: str = ""
+    reclaim: list[str] = field(default_factory=list)  # told on the next response
+
+
+class AttentionServicer(pb_grpc.AttentionServicer):
+    def __init__(self, server: AttentionServer) -> None:
+        self.s = server
+
+    async def Session(self, request_iterator, context):
+        sess = _Session()
+        try:
+            async for req in request_iterator:
+                resp = self.s.handle(sess, req)
+                if sess.reclaim:
+                    resp.reclaim.extend(sess.reclaim)
+                    sess.reclaim.clear()
+                yield resp
+        finally:
+            if sess.borrower:
+                self.s.drop_borrower(sess)
+
+    async def Stats(self, request, context):
+        h = self.s.holder
+        return pb.AttentionStats(
+            holder_id=self.s.holder_id,
+            num_blocks=h.num_blocks,
+            lend_cap=h.lend_cap,
+            lent=h.lent,
+            lent_to=h.lent_to(),
+            layer_batches=self.s.layer_batches,
+        )
+
+    async def Reclaim(self, request, context):
+        return pb.ReclaimResponse(asked=self.s.reclaim(request.keep_lent))
+
+
+class AttentionServer:
+    """The replica: its KVHolder, gRPC service, ledger entry and registry entry."""
+
+    def __init__(self, config: AttentionConfig) -> None:
+        self.config = config
+        ecfg = config.engine
+        mcfg = ModelConfig.from_dir(config.model)
+        dtype = ecfg.resolve_dtype(mcfg)
+        bs = ecfg.block_size
+        per_block = KVCache.bytes_per_block(mcfg, bs, dtype)
+        num_blocks = ecfg.num_kv_blocks or max(2, ecfg.kv_cache_memory_bytes // per_block)
+        lend_cap = int(num_blocks * config.lend_fraction)
+        self.holder = KVHolder(mcfg, num_blocks, bs, dtype, ecfg.device, lend_cap)
+        self.model_id = ecfg.model_id or model_fingerprint(config.model)
+        layout = KVLayout(
+            mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype_name(dtype), bs, ecfg.device
+        )
+        self.layout = layout_key(self.model_id, layout)
+        self.replica_id = self.holder_id = config.replica_id or f"attention-{uuid.uuid4().hex[:8]}"
+        self.metrics = ServiceMetrics("attention", config.name)
+        self.metrics.watch_lending(lent=self.holder.lent_to)
+        self.layer_batches = 0
+        self.ledger: Ledger | None = None
+        self.registration: Registration | None = None
+        self._sessions: dict[str, _Session] = {}
+        self._beat: asyncio.Task | None = None
+        self.app: ServiceApp
+
+    @property
+    def address(self) -> str:
+        return self.app.address
+
+    async def start(self) -> str:
+        self.app = ServiceApp(self.config.host, self.config.port)
+        pb_grpc.add_AttentionServicer_to_server(AttentionServicer(self), self.app.server)
+        self.app.add(SERVICE_NAME)
+        await self.app.start()
+        cfg = self.config
+        metrics_address = ""
+        if cfg.metrics_port is not None:
+            metrics_address = self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.cluster.redis_url:
+            self.ledger = Ledger(cfg.cluster.redis_url, cfg.cluster.namespace, cfg.cluster.ttl_s)
+            self.ledger.announce(self._info())
+            self._beat = asyncio.create_task(self._heartbeat(cfg.cluster.heartbeat_s))
+            self.registration = register_replica(
+                cfg.cluster, "attention", self.replica_id, model=cfg.name, address=self.address,
+                load=self._load, holder_id=self.holder_id, metrics_address=metrics_address,
+            )  # fmt: skip
+        return self.address
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        await self.app.drain(drain_s)
+        if self._beat is not None:
+            self._beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beat
+        if self.registration is not None:
+            self.registration.close()
+        if self.ledger is not None:
+            with contextlib.suppress(Exception):
+                self.ledger.withdraw(self.holder_id)
+            self.ledger.close()
+        await self.app.stop()
+        await self.metrics.aclose()
+
+    def _info(self) -> CreditorInfo:
+        h = self.holder
+        return CreditorInfo(
+            self.holder_id, self.address, host_id(), self.layout, h.num_blocks, h.lend_cap, h.lent
+        )
+
+    def _load(self) -> dict[str, int]:
+        h = self.holder
+        free = h.num_blocks - h.lent
+        return {"running": len(self._sessions), "waiting": 0, "free_blocks": free,
+                "total_blocks": h.num_blocks}  # fmt: skip
+
+    async def _heartbeat(self, every_s: float) -> None:
+        assert self.ledger is not None
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                if not self.ledger.heartbeat(self.holder_id):
+                    # Redis lost the entry (restart, flush): put back what is lent, to whom.
+                    self.ledger.restore(self._info(), self.holder.lent_to())
+            except Exception as e:  # Redis away: lending goes on; the entry comes back later
+                log.warning("lending ledger heartbeat failed: %s", e)
+
+    # -- requests (on the event loop: holder state has one thread) ---------------------------
+
+    def handle(self, sess: _Session, req: pb.AttentionRequest) -> pb.AttentionResponse:
+        resp = pb.AttentionResponse(id=req.id)
+        kind = req.WhichOneof("body")
+        try:
+            if kind == "hello":
+                self._hello(sess, req.hello)
+            elif not sess.borrower:
+                _fail(resp, grpc.StatusCode.FAILED_PRECONDITION, "say hello first")
+            elif kind == "borrow":
+                resp.granted = self._borrow(sess, req.borrow)
+            elif kind == "release":
+                for sid in req.release.seq_ids:
+                    self._release(sess.borrower, sid)
+            elif kind == "step":
+                slices = [
+                    SeqSlice(s.seq_id, s.q_start, s.num_q, s.write_start, s.num_write)
+                    for s in req.step.seqs
+                ]
+                self.holder.begin_step(sess.borrower, slices)
+            elif kind == "layer":
+                self._layer(sess, req.layer, resp)
+            else:
+                _fail(resp, grpc.StatusCode.INVALID_ARGUMENT, "empty request")
+        except UnknownSequenceError as e:
+            _fail(resp, grpc.StatusCode.NOT_FOUND, str(e))
+        except (SegmentError, InvalidRequestError) as e:
+            _fail(resp, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except LendRefused as e:
+            _fail(resp, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except _Refused as e:
+            _fail(resp, e.code, str(e))
+        return resp
+
+    def _hello(self, sess: _Session, hello: pb.Hello) -> None:
+        if sess.borrower:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "this stream already said hello")
+        if not hello.borrower_id:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "borrower_id is empty")
+        if hello.layout != self.layout:
+            raise _Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this replica holds KV of layout {self.layout!r}, not {hello.layout!r}",
+            )
+        if hello.borrower_id in self._sessions:
+            raise _Refused(
+                grpc.StatusCode.ALREADY_EXISTS, f"{hello.borrower_id} already has a stream here"
+            )
+        sess.borrower = hello.borrower_id
+        self._sessions[sess.borrower] = sess
+
+    def _borrow(self, sess: _Session, b: pb.Borrow) -> int:
+        h = self.holder
+        why = h.can_lend(b.num_blocks)
+        if why is not None:
+            raise LendRefused(why)
+        if self.ledger is not None:
+            try:
+                ok = self.ledger.try_lend(self.holder_id, sess.borrower, b.num_blocks)
+            except Exception as e:
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, f"lending ledger: {e}") from None
+            if not ok:
+                raise LendRefused("the ledger's lend cap is reached")
+        try:
+            h.lend(sess.borrower, b.seq_id, b.first_block, b.num_blocks)
+        except Exception:
+            self._repay(sess.borrower, b.num_blocks)
+            raise
+        return b.num_blocks
+
+    def _release(self, borrower: str, seq_id: str) -> None:
+        self._repay(borrower, self.holder.release(borrower, seq_id))
+
+    def _repay(self, borrower: str, n: int) -> None:
+        if n and self.ledger is not None:
+            try:
+                self.ledger.repay(self.holder_id, borrower, n)
+            except Exception as e:  # the heartbeat's restore corrects it once Redis is back
+                log.warning("lending ledger repay failed: %s", e)
+
+    def _layer(self, sess: _Session, layer: pb.LayerBatch, resp: pb.AttentionResponse) -> None:
+        q = tensor_from_pb(layer.q, "q")
+        k = tensor_from_pb(layer.k, "k")
+        v = tensor_from_pb(layer.v, "v")
+        out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
+        tensor_to_pb(out, resp.layer.out)
+        tensor_to_pb(lse, resp.layer.lse)
+        self.layer_batches += 1
+
+    def drop_borrower(self, sess: _Session) -> None:
+        """Its stream ended: free what it borrowed."""
+        self._sessions.pop(sess.borrower, None)
+        n = self.holder.release_owner(sess.borrower)
+        if n and self.ledger is not None:
+            with contextlib.suppress(Exception):
+                self.ledger.repay_all(self.holder_id, sess.borrower)
+
+    def reclaim(self, keep_lent: int) -> int:
+        """Lower the lend cap to keep_lent and ask borrowers for the blocks above it, biggest
+        sequences first."""
+        h = self.holder
+        h.lend_cap = min(h.lend_cap, keep_lent)
+        if self.ledger is not None:
+            with contextlib.suppress(Exception):
+                self.ledger.set_lend_cap(self.holder_id, h.lend_cap)
+        excess = h.lent - keep_lent
+        asked = 0
+        held = sorted(
+            ((h.held_blocks(o, s), o, s) for o in self._sessions for s in h.seqs_of(o)),
+            reverse=True,
+        )
+        for n, owner, seq in held:
+            if asked >= excess:
+                break
+            self._sessions[owner].reclaim.append(seq)
+            asked += n
+        return asked
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(resp: pb.AttentionResponse, code: grpc.StatusCode, message: str) -> None:
+    resp.code = code.value[0]
+    resp.message = message

@@ -1,0 +1,255 @@
+"""The decoder's side of lending: a RemoteKV over attention replicas' gRPC streams.
+
+The engine thread calls it synchronously: borrow (find a creditor in the Redis ledger, ask it),
+release, and per step and layer, send a layer batch and later wait for its partial. One
+bidirectional stream per creditor; a reader thread per stream hands each response to the
+future waiting on it. A creditor whose stream breaks (it died) is lost: the layer batches in
+flight fail with HolderLostError and the engine recomputes those sequences elsewhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import grpc
+import torch
+
+from kvstore.lending import Ledger
+from protos.splitserve.v1 import attention_pb2 as pb
+from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
+from rpc.channel import GRPC_OPTIONS
+from services.engine.kv_transfer import KVLayout
+from services.engine.remote_kv import HolderLostError, RemoteSegment, SeqSlice
+from services.wire import tensor_from_pb, tensor_to_pb
+
+log = logging.getLogger(__name__)
+
+OK = grpc.StatusCode.OK.value[0]
+
+
+def layout_key(model_id: str, layout: KVLayout) -> str:
+    """What a borrower's and a creditor's KV must share for blocks to be lent: the model and
+    the block layout (not the device)."""
+    return (
+        f"{model_id}/{layout.dtype}/L{layout.num_layers}/H{layout.num_kv_heads}"
+        f"/D{layout.head_dim}/B{layout.block_size}"
+    )
+
+
+class _Stream:
+    """One creditor's stream: requests in order, responses matched by id."""
+
+    def __init__(self, holder_id: str, address: str, on_reclaim) -> None:
+        self.holder_id = holder_id
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self.broken: str | None = None
+        self._on_reclaim = on_reclaim
+        stub = pb_grpc.AttentionStub(self.channel)
+        self._responses = stub.Session(iter(self._out.get, None))
+        self._reader = threading.Thread(target=self._read, name=f"attn-{holder_id}", daemon=True)
+        self._reader.start()
+
+    def send(self, **body) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self.broken is not None:
+                fut.set_exception(HolderLostError(self.holder_id, self.broken))
+                return fut
+            rid = next(self._ids)
+            self._waiting[rid] = fut
+        self._out.put(pb.AttentionRequest(id=rid, **body))
+        return fut
+
+    def _read(self) -> None:
+        why = "its stream ended"
+        try:
+            for resp in self._responses:
+                if resp.reclaim:
+                    self._on_reclaim(self.holder_id, list(resp.reclaim))
+                with self._lock:
+                    fut = self._waiting.pop(resp.id, None)
+                if fut is not None:
+                    fut.set_result(resp)
+        except grpc.RpcError as e:
+            why = f"{e.code().name}: {e.details()}"
+        with self._lock:
+            self.broken = why
+            waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            fut.set_exception(HolderLostError(self.holder_id, why))
+
+    def close(self) -> None:
+        self._out.put(None)
+        self.channel.close()
+        self._reader.join(timeout=5)
+
+
+class _Partial:
+    def __init__(self, fut: Future, holder_id: str, timeout_s: float) -> None:
+        self.fut = fut
+        self.holder_id = holder_id
+        self.timeout_s = timeout_s
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            resp = self.fut.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise HolderLostError(self.holder_id, f"no answer in {self.timeout_s:.0f} s") from None
+        if resp.code != OK:
+            # NOT_FOUND: it no longer holds the sequence (restarted): as good as lost.
+            raise HolderLostError(self.holder_id, resp.message)
+        return tensor_from_pb(resp.layer.out, "out"), tensor_from_pb(resp.layer.lse, "lse")
+
+
+class AttentionPeers:
+    """RemoteKV for an engine: borrows from attention replicas listed in the lending ledger."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        borrower_id: str,
+        layout: str,
+        timeout_s: float = 60.0,
+    ) -> None:
+        """timeout_s: how long a creditor may take to answer one request before it counts as
+        lost (it scales with nothing: one layer batch or one borrow)."""
+        self.ledger = ledger
+        self.borrower_id = borrower_id
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self._streams: dict[str, _Stream] = {}
+        self._held: dict[str, dict[str, int]] = {}  # seq id -> {holder -> blocks}
+        self._reclaimed: list[str] = []
+        self._lock = threading.Lock()
+
+    # -- RemoteKV -----------------------------------------------------------------------------
+
+    def borrow(self, seq_id: str, first_block: int, num_blocks: int) -> RemoteSegment | None:
+        try:
+            creditors = self.ledger.creditors(self.layout)
+        except Exception as e:  # Redis away: no lending now; the scheduler preempts instead
+            log.warning("lending ledger unreachable: %s", e)
+            return None
+        for c in creditors:
+            if c.spare < num_blocks:
+                continue
+            stream = self._stream(c.creditor_id, c.address)
+            if stream is None:
+                continue
+            fut = stream.send(
+                borrow=pb.Borrow(seq_id=seq_id, first_block=first_block, num_blocks=num_blocks)
+            )
+            try:
+                resp = fut.result(timeout=self.timeout_s)
+            except (HolderLostError, FutureTimeout) as e:
+                log.info("creditor %s did not lend: %s", c.creditor_id, e)
+                continue
+            if resp.code != OK:
+                log.debug("creditor %s refused: %s", c.creditor_id, resp.message)
+                continue
+            held = self._held.setdefault(seq_id, {})
+            held[c.creditor_id] = held.get(c.creditor_id, 0) + num_blocks
+            return RemoteSegment(c.creditor_id, first_block, num_blocks)
+        return None
+
+    def release(self, seq_id: str) -> None:
+        for holder in self._held.pop(seq_id, {}):
+            stream = self._streams.get(holder)
+            if stream is not None and stream.broken is None:
+                stream.send(release=pb.Release(seq_ids=[seq_id]))  # answered in order; unread
+
+    def begin_step(self, holder_id: str, slices: list[SeqSlice]) -> None:
+        self._live(holder_id).send(
+            step=pb.StepBegin(
+                seqs=[
+                    pb.SeqSlice(
+                        seq_id=s.seq_id,
+                        q_start=s.q_start,
+                        num_q=s.num_q,
+                        write_start=s.write_start,
+                        num_write=s.num_write,
+                    )
+                    for s in slices
+                ]
+            )
+        )
+
+    def send_layer(self, holder_id, layer, q, k, v) -> _Partial:
+        msg = pb.LayerBatch(layer=layer)
+        tensor_to_pb(q, msg.q)
+        tensor_to_pb(k, msg.k)
+        tensor_to_pb(v, msg.v)
+        return _Partial(self._live(holder_id).send(layer=msg), holder_id, self.timeout_s)
+
+    def reclaimed(self) -> list[str]:
+        with self._lock:
+            out, self._reclaimed = self._reclaimed, []
+        return out
+
+    # -- the ledger as this borrower sees it -------------------------------------------------
+
+    def borrowed(self) -> dict[str, int]:
+        """Blocks borrowed now, by creditor."""
+        out: dict[str, int] = {}
+        for held in list(self._held.values()):
+            for holder, n in list(held.items()):
+                out[holder] = out.get(holder, 0) + n
+        return out
+
+    def close(self) -> None:
+        for s in self._streams.values():
+            s.close()
+        self._streams.clear()
+
+    # -- streams ------------------------------------------------------------------------------
+
+    def _live(self, holder_id: str) -> _Stream:
+        stream = self._streams.get(holder_id)
+        if stream is None:
+            raise HolderLostError(holder_id, "no stream to it")
+        if stream.broken is not None:
+            self._forget(holder_id)
+            raise HolderLostError(holder_id, stream.broken)
+        return stream
+
+    def _stream(self, holder_id: str, address: str) -> _Stream | None:
+        stream = self._streams.get(holder_id)
+        if stream is not None and stream.broken is None:
+            return stream
+        if stream is not None:
+            self._forget(holder_id)
+        stream = _Stream(holder_id, address, self._on_reclaim)
+        hello = stream.send(hello=pb.Hello(borrower_id=self.borrower_id, layout=self.layout))
+        try:
+            resp = hello.result(timeout=self.timeout_s)
+        except (HolderLostError, FutureTimeout) as e:
+            log.info("creditor %s unreachable: %s", holder_id, e)
+            stream.close()
+            return None
+        if resp.code != OK:
+            log.warning("creditor %s refused this decoder: %s", holder_id, resp.message)
+            stream.close()
+            return None
+        self._streams[holder_id] = stream
+        return stream
+
+    def _forget(self, holder_id: str) -> None:
+        """A broken stream: the creditor freed (or lost) everything lent through it."""
+        stream = self._streams.pop(holder_id, None)
+        if stream is not None:
+            stream.close()
+        for held in self._held.values():
+            held.pop(holder_id, None)
+
+    def _on_reclaim(self, holder_id: str, seq_ids: list[str]) -> None:
+        with self._lock:
+            self._reclaimed.extend(seq_ids)

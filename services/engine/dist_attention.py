@@ -1,0 +1,144 @@
+"""DistAttention on the decoder: a step whose sequences hold KV outside the local pool.
+
+A sequence's KV is its local blocks (a prefix) followed by remote segments on other holders.
+Per layer the decoder sends each holder the queries of the sequences it holds blocks for and
+the new K/V that belong there, computes its own partial over the local blocks meanwhile, then
+folds the holders' partials in by log-sum-exp (float32): the same attention, exactly, as if the
+whole context were local.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.engine.partial_attention import SegmentBatch, merge_into, partial_attention
+from services.engine.remote_kv import RemoteKV, RemoteSegment, SeqSlice
+
+
+@dataclass(frozen=True)
+class SeqPlacement:
+    """One scheduled sequence as the runner knows it: its rows in the flat batch compute
+    positions [start, end); its blocks are `local` then `remote`."""
+
+    seq_id: str
+    row_start: int
+    start: int
+    end: int
+    local: list[int]
+    remote: list[RemoteSegment]
+
+
+@dataclass(frozen=True)
+class HolderPart:
+    holder_id: str
+    rows: torch.Tensor  # q rows (flat batch) of its sequences, in slice order
+    write_rows: torch.Tensor  # rows whose new K/V it stores
+
+
+@dataclass
+class DistStep:
+    local: SegmentBatch  # every sequence's local blocks
+    local_rows: torch.Tensor  # rows whose K/V is written to the local cache
+    local_slots: torch.Tensor
+    parts: list[HolderPart]
+    kv: RemoteKV
+    block_size: int
+    scale: float
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        written: bool = False,
+    ) -> torch.Tensor:
+        """Attention of layer `layer` for the whole batch: [N, H, D] in q's dtype. written:
+        the local rows' K/V are in the cache already (the fused path writes them with RoPE)."""
+        if not written and self.local_rows.numel():
+            k_cache.index_copy_(0, self.local_slots, k[self.local_rows])
+            v_cache.index_copy_(0, self.local_slots, v[self.local_rows])
+        # Send first, so the holders work while the local partial is computed.
+        pending = [
+            self.kv.send_layer(p.holder_id, layer, q[p.rows], k[p.write_rows], v[p.write_rows])
+            for p in self.parts
+        ]
+        out, lse = partial_attention(q, k_cache, v_cache, self.local, self.block_size, self.scale)
+        for p, res in zip(self.parts, pending, strict=True):
+            part, part_lse = res.result()
+            merge_into(out, lse, p.rows, part.to(out.device), part_lse.to(out.device))
+        return out.to(q.dtype)
+
+
+def plan_step(
+    seqs: list[SeqPlacement], kv: RemoteKV, block_size: int, scale: float, device: str
+) -> tuple[np.ndarray, DistStep]:
+    """The step's local cache slots (-1 for a token whose K/V goes to a holder) and its
+    DistStep; tells each holder its slices (RemoteKV.begin_step)."""
+    bs = block_size
+    n = seqs[-1].row_start + (seqs[-1].end - seqs[-1].start) if seqs else 0
+    slots = np.full(n, -1, dtype=np.int64)
+    rows, nrows, qpos, tables, nblocks = [], [], [], [], []
+    by_holder: dict[str, tuple[list[SeqSlice], list[int], list[int]]] = {}
+    for s in seqs:
+        num = s.end - s.start
+        rows.append(s.row_start)
+        nrows.append(num)
+        qpos.append(np.arange(s.start, s.end))
+        seen = s.local[: -(-s.end // bs)]
+        tables.append(seen)
+        nblocks.append(len(seen))
+        local_end = min(s.end, len(s.local) * bs)
+        if local_end > s.start:
+            p = np.arange(s.start, local_end)
+            local = np.asarray(s.local, dtype=np.int64)
+            slots[s.row_start : s.row_start + len(p)] = local[p // bs] * bs + p % bs
+        for holder, blocks in _blocks_by_holder(s.remote).items():
+            if blocks[0] * bs > s.end - 1:
+                continue  # nothing visible or written there yet
+            pos = np.arange(s.start, s.end)
+            mine = np.isin(pos // bs, blocks)
+            written = pos[mine]
+            if len(written) and written[-1] - written[0] + 1 != len(written):
+                raise AssertionError(f"{s.seq_id}: a step's writes on {holder} are not contiguous")
+            w0 = int(written[0]) if len(written) else s.start
+            slices, qrows, wrows = by_holder.setdefault(holder, ([], [], []))
+            slices.append(SeqSlice(s.seq_id, s.start, num, w0, len(written)))
+            qrows.extend(range(s.row_start, s.row_start + num))
+            wrows.extend(int(s.row_start + (p - s.start)) for p in written)
+    width = max([1, *nblocks])
+    table = np.zeros((len(seqs), width), dtype=np.int64)
+    logical = np.full((len(seqs), width), -1, dtype=np.int64)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = t
+        logical[i, : len(t)] = np.arange(len(t))
+    dev = torch.device(device)
+
+    def tensor(a) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(dev, non_blocking=True)
+
+    local_rows = np.flatnonzero(slots >= 0)
+    parts = []
+    for holder, (slices, qrows, wrows) in by_holder.items():
+        kv.begin_step(holder, slices)
+        parts.append(HolderPart(holder, tensor(qrows), tensor(wrows)))
+    local = SegmentBatch(
+        rows, nrows, tensor(np.concatenate(qpos) if qpos else []), tensor(table),
+        tensor(logical), nblocks,
+    )  # fmt: skip
+    step = DistStep(
+        local, tensor(local_rows), tensor(slots[local_rows]), parts, kv, bs, scale
+    )  # fmt: skip
+    return slots, step
+
+
+def _blocks_by_holder(remote: list[RemoteSegment]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for seg in remote:
+        out.setdefault(seg.holder_id, []).extend(range(seg.first_block, seg.end_block))
+    return out

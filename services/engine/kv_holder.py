@@ -1,0 +1,196 @@
+"""A creditor's pool: KV blocks lent to other engines' sequences, and attention over them.
+
+The attention service (services/attention.py) wraps one KVHolder per process. Blocks are lent
+per (borrower, sequence) at logical block positions; each step the borrower sends the queries
+and new K/V of its sequences, layer by layer, and gets back the partial attention over the
+blocks held here with its log-sum-exp. No networking and no model weights: only the KV layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from services.engine.block_pool import BlockPool
+from services.engine.config import ModelConfig
+from services.engine.kv_cache import KVCache
+from services.engine.partial_attention import SegmentBatch, partial_attention
+from services.engine.remote_kv import SeqSlice
+
+
+class UnknownSequenceError(LookupError):
+    """No blocks are held here for this sequence (never lent, released, or lost in a restart)."""
+
+
+class SegmentError(ValueError):
+    """A request that does not fit what is held: wrong shapes, dtypes, layers or positions."""
+
+
+class LendRefused(RuntimeError):
+    """The holder will not lend these blocks (cap reached, or no free memory)."""
+
+
+@dataclass
+class HeldSeq:
+    blocks: dict[int, int] = field(default_factory=dict)  # logical block -> physical block
+
+
+@dataclass
+class _Step:
+    slices: list[SeqSlice]
+    seg: SegmentBatch
+    write_slots: torch.Tensor  # [sum num_write] cache slots of the step's new K/V
+    num_q: int
+    num_write: int
+
+
+class KVHolder:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str = "cpu",
+        lend_cap: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = device
+        self.kv_cache = KVCache.allocate(cfg, num_blocks, block_size, dtype, device)
+        self.pool = BlockPool(num_blocks, enable_caching=False)
+        self.lend_cap = num_blocks if lend_cap is None else lend_cap
+        self.scale = cfg.head_dim**-0.5
+        self._seqs: dict[tuple[str, str], HeldSeq] = {}
+        self._steps: dict[str, _Step] = {}  # borrower -> its current step
+
+    # -- lending ------------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def lent(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free
+
+    def lent_to(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (owner, _), s in list(self._seqs.items()):  # one C-level copy: safe to scrape
+            out[owner] = out.get(owner, 0) + len(s.blocks)
+        return out
+
+    def can_lend(self, n: int) -> str | None:
+        """Why n more blocks can't be lent now, or None if they can."""
+        if self.lent + n > self.lend_cap:
+            return f"lend cap reached ({self.lent} of {self.lend_cap} blocks lent)"
+        if not self.pool.can_allocate(n):
+            return f"only {self.pool.num_free} free blocks"
+        return None
+
+    def lend(self, owner: str, seq_id: str, first_block: int, num_blocks: int) -> None:
+        if num_blocks <= 0 or first_block < 0:
+            raise SegmentError(f"bad block range: first {first_block}, count {num_blocks}")
+        why = self.can_lend(num_blocks)
+        if why is not None:
+            raise LendRefused(why)
+        held = self._seqs.setdefault((owner, seq_id), HeldSeq())
+        wanted = range(first_block, first_block + num_blocks)
+        if any(b in held.blocks for b in wanted):
+            raise SegmentError(f"sequence {seq_id!r} already holds some of blocks {wanted}")
+        for logical, phys in zip(wanted, self.pool.allocate(num_blocks), strict=True):
+            held.blocks[logical] = phys
+
+    def release(self, owner: str, seq_id: str) -> int:
+        held = self._seqs.pop((owner, seq_id), None)
+        if held is None:
+            return 0
+        self.pool.release(list(held.blocks.values()))
+        return len(held.blocks)
+
+    def release_owner(self, owner: str) -> int:
+        """Everything lent to one borrower (its stream ended: it left or died)."""
+        self._steps.pop(owner, None)
+        return sum(self.release(o, s) for o, s in list(self._seqs) if o == owner)
+
+    def seqs_of(self, owner: str) -> list[str]:
+        return [s for o, s in self._seqs if o == owner]
+
+    def held_blocks(self, owner: str, seq_id: str) -> int:
+        held = self._seqs.get((owner, seq_id))
+        return len(held.blocks) if held else 0
+
+    # -- attention ----------------------------------------------------------------------------
+
+    def begin_step(self, owner: str, slices: list[SeqSlice]) -> None:
+        """Check a step's slices against what is held and prepare its segment tables."""
+        bs = self.block_size
+        rows, nrows, qpos, tables, logicals, nblocks, slots = [], [], [], [], [], [], []
+        start = 0
+        for s in slices:
+            held = self._seqs.get((owner, s.seq_id))
+            if held is None:
+                raise UnknownSequenceError(f"no blocks are held for sequence {s.seq_id!r}")
+            if s.num_q <= 0 or s.q_start < 0 or s.num_write < 0:
+                raise SegmentError(f"sequence {s.seq_id!r}: bad slice {s}")
+            for p in range(s.write_start, s.write_start + s.num_write):
+                phys = held.blocks.get(p // bs)
+                if phys is None:
+                    raise SegmentError(
+                        f"sequence {s.seq_id!r}: position {p} is in block {p // bs}, not held here"
+                    )
+                slots.append(phys * bs + p % bs)
+            last = s.q_start + s.num_q - 1
+            seen = sorted(b for b in held.blocks if b * bs <= last)
+            rows.append(start)
+            nrows.append(s.num_q)
+            qpos.extend(range(s.q_start, s.q_start + s.num_q))
+            tables.append([held.blocks[b] for b in seen])
+            logicals.append(seen)
+            nblocks.append(len(seen))
+            start += s.num_q
+        width = max([1, *nblocks])
+        table = torch.zeros((len(slices), width), dtype=torch.long)
+        logical = torch.full((len(slices), width), -1, dtype=torch.long)
+        for i, (t, lg) in enumerate(zip(tables, logicals, strict=True)):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            logical[i, : len(lg)] = torch.tensor(lg, dtype=torch.long)
+        dev = self.device
+        seg = SegmentBatch(
+            rows, nrows, torch.tensor(qpos, dtype=torch.long, device=dev),
+            table.to(dev), logical.to(dev), nblocks,
+        )  # fmt: skip
+        write_slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        self._steps[owner] = _Step(list(slices), seg, write_slots, start, len(slots))
+
+    def attend(
+        self, owner: str, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer batch of the owner's current step: write k/v, attend q. Returns out
+        [n, H, D] and lse [n, H] in float32."""
+        step = self._steps.get(owner)
+        if step is None:
+            raise SegmentError("a layer batch came before its step's slices")
+        cfg = self.cfg
+        if not 0 <= layer < cfg.num_layers:
+            raise SegmentError(f"layer {layer} is outside [0, {cfg.num_layers})")
+        want_q = (step.num_q, cfg.num_heads, cfg.head_dim)
+        want_kv = (step.num_write, cfg.num_kv_heads, cfg.head_dim)
+        if tuple(q.shape) != want_q:
+            raise SegmentError(f"q has shape {tuple(q.shape)}, the step needs {want_q}")
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != want_kv:
+                raise SegmentError(f"{name} has shape {tuple(t.shape)}, the step needs {want_kv}")
+            if t.dtype != self.dtype:
+                raise SegmentError(f"{name} is {t.dtype}, this pool holds {self.dtype}")
+        if q.dtype != self.dtype:
+            raise SegmentError(f"q is {q.dtype}, this pool holds {self.dtype}")
+        k_cache, v_cache = self.kv_cache.layer(layer)
+        if step.num_write:
+            k_cache.index_copy_(0, step.write_slots, k.to(self.device))
+            v_cache.index_copy_(0, step.write_slots, v.to(self.device))
+        return partial_attention(
+            q.to(self.device), k_cache, v_cache, step.seg, self.block_size, self.scale
+        )

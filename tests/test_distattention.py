@@ -1,0 +1,260 @@
+"""DistAttention and memory lending end to end: a decoder with a small KV pool borrows blocks
+from real attention replicas (gRPC, Redis ledger), and its greedy tokens equal those of one
+engine holding everything locally."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from kvstore.config import Membership
+from kvstore.lending import Ledger
+from protos.splitserve.v1 import attention_pb2 as pb
+from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
+from services.attention import AttentionServer
+from services.attention_client import AttentionPeers, layout_key
+from services.config import AttentionConfig
+from services.engine.config import EngineConfig
+from services.engine.sampling_params import SamplingParams
+from services.wire import tensor_to_pb
+from tests.engine_helpers import make_engine, random_prompts
+
+# logprobs=0: each token's log-probability too, so a numeric error shows even where a tiny
+# random model repeats one token.
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+BS = 16
+
+
+@pytest.fixture
+def cluster(redis_url, namespace):
+    return Membership(redis_url=redis_url, namespace=namespace, heartbeat_s=0.25, ttl_s=1.5)
+
+
+@pytest.fixture
+def replicas(loop_thread, cluster, tiny_model_dir):
+    """start(num_blocks, lend_fraction) -> a running attention replica; all stopped after."""
+    started: list[AttentionServer] = []
+
+    def start(num_blocks: int = 64, lend_fraction: float = 1.0) -> AttentionServer:
+        cfg = AttentionConfig(
+            name="tiny", model=tiny_model_dir, cluster=cluster, lend_fraction=lend_fraction,
+            engine=EngineConfig(num_kv_blocks=num_blocks, block_size=BS),
+        )  # fmt: skip
+        s = AttentionServer(cfg)
+        loop_thread.run(s.start())
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.app.server is not None:
+            loop_thread.run(s.stop(drain_s=0.5))
+
+
+def decoder(model_dir, cluster, num_kv_blocks=8, **cfg):
+    """An engine with a small pool that borrows through the ledger (as a decode replica)."""
+    e = make_engine(model_dir, num_kv_blocks=num_kv_blocks, block_size=BS, **cfg)
+    ledger = Ledger(cluster.redis_url, cluster.namespace, cluster.ttl_s)
+    peers = AttentionPeers(ledger, "decoder-0", layout_key(e.model_id, e.kv_block_layout()))
+    e.attach_remote_kv(peers)
+    return e, peers
+
+
+def settled_debts(ledger: Ledger, timeout_s: float = 20.0) -> dict:
+    """The ledger once releases (sent without waiting) have landed: nobody owes anything."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        debts = {c: d for c, d in ledger.debts().items() if d}
+        if not debts or time.monotonic() > deadline:
+            return debts
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """Greedy tokens of one engine holding every sequence locally."""
+    engine = make_engine(tiny_model_dir, block_size=BS)
+    cache: dict = {}
+
+    def tokens(prompts: list[list[int]]) -> list[list[int]]:
+        key = tuple(map(tuple, prompts))
+        if key not in cache:
+            cache[key] = [_trace(c) for c in engine.generate(prompts, GREEDY)]
+        return cache[key]
+
+    return tokens
+
+
+def _trace(c) -> list[tuple[int, float]]:
+    """A completion's tokens with their log-probabilities rounded to 1e-4."""
+    return [(t.token_id, round(t.logprob, 4)) for t in c.logprobs]
+
+
+def traces(completions) -> list[list[tuple[int, float]]]:
+    return [_trace(c) for c in completions]
+
+
+@pytest.mark.parametrize("holders", [1, 2, 3])
+def test_one_sequence_over_holders_is_token_exact(
+    holders, tiny_model_dir, cluster, replicas, reference
+):
+    """One long sequence (20 blocks): 8 local blocks plus, with 2 holders, one replica and,
+    with 3, two replicas whose small caps (12 blocks) force the tail across both."""
+    cap = {2: 24, 3: 12}.get(holders, 0)
+    reps = [replicas(num_blocks=64, lend_fraction=cap / 64) for _ in range(holders - 1)]
+    prompt = random_prompts(1, 256, 300, 300, seed=3)
+    engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
+    if holders == 1:  # the local pool alone: it must hold everything
+        engine, peers = make_engine(tiny_model_dir, num_kv_blocks=32, block_size=BS), None
+    assert traces(engine.generate(prompt, GREEDY)) == reference(prompt)
+    for r in reps:  # each holder really held part of it and attended over it
+        assert r.layer_batches > 0
+    if peers is not None:
+        assert engine.num_preemptions == 0
+        assert settled_debts(peers.ledger) == {}
+        assert all(r.holder.lent == 0 for r in reps)
+        peers.close()
+
+
+def test_eight_sequences_at_once_with_chunked_prefill_and_a_prefix_hit(
+    tiny_model_dir, cluster, replicas, reference
+):
+    reps = [replicas(num_blocks=96) for _ in range(2)]
+    shared = random_prompts(1, 256, 64, 64, seed=5)[0]  # 4 full blocks, cached after the first
+    prompts = [shared + p for p in random_prompts(8, 256, 40, 160, seed=6)]
+    engine, peers = decoder(tiny_model_dir, cluster, num_kv_blocks=16, max_num_batched_tokens=48)
+    first = engine.generate(prompts[:1], GREEDY)[0]
+    rest = engine.generate(prompts[1:], GREEDY)
+    assert traces([first, *rest]) == reference(prompts)
+    assert any(c.num_cached_tokens >= 64 for c in rest)  # the shared prefix was a cache hit
+    assert sum(r.layer_batches for r in reps) > 0
+    engine.check_integrity()
+    assert settled_debts(peers.ledger) == {}
+    peers.close()
+
+
+def test_killed_attention_replica_is_recomputed_token_exact(
+    loop_thread, tiny_model_dir, cluster, replicas, reference
+):
+    """A replica dies mid-sequence: the sequences that had blocks there start over from their
+    tokens (borrowing from the survivor) and the tokens do not change."""
+    victim = replicas(num_blocks=64)
+    replicas(num_blocks=64)
+    prompts = random_prompts(3, 256, 200, 260, seed=7)
+    engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
+    outs: dict[str, list] = {}
+    rids = [f"r{i}" for i in range(len(prompts))]
+    for rid, p in zip(rids, prompts, strict=True):
+        engine.add_request(rid, p, GREEDY)
+    killed = False
+    for _ in range(2000):  # bounded: 3 x (prefill chunks + 24 tokens) steps, plus recompute
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            assert out.error is None
+            outs.setdefault(out.request_id, []).extend(
+                (t.token_id, round(t.logprob, 4)) for t in out.logprobs
+            )
+        if not killed and victim.layer_batches > 0 and sum(map(len, outs.values())) >= 6:
+            loop_thread.run(victim.app.server.stop(0))  # abrupt: streams break mid-flight
+            killed = True
+    assert killed
+    assert [outs[r] for r in rids] == reference(prompts)
+    assert engine.num_preemptions > 0  # the lost blocks were recomputed
+    engine.check_integrity()
+    peers.close()
+
+
+def test_refusing_creditor_is_skipped_then_preemption(tiny_model_dir, cluster, replicas, reference):
+    """A creditor at its cap refuses and the next one lends; when none can, the scheduler
+    preempts (recompute) and still produces the same tokens."""
+    replicas(num_blocks=64, lend_fraction=0.0)  # lends nothing
+    lender = replicas(num_blocks=64, lend_fraction=20 / 64)
+    prompts = random_prompts(4, 256, 150, 200, seed=8)
+    engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
+    assert traces(engine.generate(prompts, GREEDY)) == reference(prompts)
+    assert lender.layer_batches > 0
+    assert engine.num_preemptions > 0
+    assert settled_debts(peers.ledger) == {}
+    peers.close()
+
+
+def test_too_long_without_creditors_fails_cleanly(tiny_model_dir, cluster, reference):
+    """No creditor and a sequence that can never fit the local pool: it ends with an error,
+    and the other request on the engine is unharmed."""
+    engine, peers = decoder(tiny_model_dir, cluster, num_kv_blocks=8)
+    short, long_ = random_prompts(1, 256, 20, 20, seed=9)[0], random_prompts(1, 256, 200, 200)[0]
+    engine.add_request("short", short, GREEDY)
+    engine.add_request("long", long_, GREEDY)
+    outs: dict[str, list] = {"short": [], "long": []}
+    errors = {}
+    for _ in range(500):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if out.error:
+                errors[out.request_id] = out.error
+            outs[out.request_id].extend((t.token_id, round(t.logprob, 4)) for t in out.logprobs)
+    assert "long" in errors and "KV blocks" in errors["long"]
+    assert outs["short"] == reference([short])[0]
+    engine.check_integrity()
+    peers.close()
+
+
+def _stream(address: str):
+    channel = grpc.insecure_channel(address)
+    return channel, pb_grpc.AttentionStub(channel)
+
+
+def test_bad_requests_get_their_own_codes_and_harm_nothing(tiny_model_dir, replicas):
+    rep = replicas(num_blocks=16)
+    cfg = rep.holder.cfg
+    channel, stub = _stream(rep.address)
+
+    def layer(nq: int, nw: int, heads: int = cfg.num_heads, layer_no: int = 0):
+        import torch
+
+        msg = pb.LayerBatch(layer=layer_no)
+        tensor_to_pb(torch.randn(nq, heads, cfg.head_dim), msg.q)
+        tensor_to_pb(torch.randn(nw, cfg.num_kv_heads, cfg.head_dim), msg.k)
+        tensor_to_pb(torch.randn(nw, cfg.num_kv_heads, cfg.head_dim), msg.v)
+        return msg
+
+    reqs = [
+        pb.AttentionRequest(id=1, borrow=pb.Borrow(seq_id="a", num_blocks=1)),  # before hello
+        pb.AttentionRequest(id=2, hello=pb.Hello(borrower_id="b", layout="other")),
+        pb.AttentionRequest(id=3, hello=pb.Hello(borrower_id="b", layout=rep.layout)),
+        pb.AttentionRequest(id=4, borrow=pb.Borrow(seq_id="good", first_block=0, num_blocks=2)),
+        pb.AttentionRequest(id=5, borrow=pb.Borrow(seq_id="big", num_blocks=999)),
+        pb.AttentionRequest(
+            id=6, step=pb.StepBegin(seqs=[pb.SeqSlice(seq_id="nope", q_start=0, num_q=1)])
+        ),
+        pb.AttentionRequest(
+            id=7,
+            step=pb.StepBegin(
+                seqs=[pb.SeqSlice(seq_id="good", q_start=0, num_q=3, write_start=0, num_write=3)]
+            ),
+        ),
+        pb.AttentionRequest(id=8, layer=layer(3, 2)),  # k/v rows short
+        pb.AttentionRequest(id=9, layer=layer(3, 3, heads=cfg.num_heads + 1)),  # wrong heads
+        pb.AttentionRequest(id=10, layer=layer(3, 3, layer_no=cfg.num_layers)),  # no such layer
+        pb.AttentionRequest(id=11, layer=layer(3, 3)),  # fine, after all of the above
+    ]
+    resps = {r.id: r for r in stub.Session(iter(reqs), timeout=60)}
+    code = {i: grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == r.code))
+            for i, r in resps.items()}  # fmt: skip
+    assert code[1] == grpc.StatusCode.FAILED_PRECONDITION
+    assert code[2] == grpc.StatusCode.FAILED_PRECONDITION
+    assert code[3] == code[4] == code[7] == code[11] == grpc.StatusCode.OK
+    assert code[5] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code[6] == grpc.StatusCode.NOT_FOUND
+    assert code[8] == code[9] == code[10] == grpc.StatusCode.INVALID_ARGUMENT
+    assert tuple(resps[11].layer.out.layout.shape) == (3, cfg.num_heads, cfg.head_dim)
+    channel.close()
+    # The stream ended: what "b" borrowed is freed.
+    deadline = time.monotonic() + 20
+    while rep.holder.lent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rep.holder.lent == 0
