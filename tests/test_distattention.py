@@ -48,8 +48,17 @@ def replicas(loop_thread, cluster, tiny_model_dir):
         return s
 
     yield start
+    # Whatever the test did, once its borrowers are gone nothing stays lent, here or in the
+    # ledger (lent == borrowed == 0).
+    live = [s for s in started if s.ledger is not None and not getattr(s, "killed", False)]
+    deadline = time.monotonic() + 20
+    while any(s.holder.lent for s in live) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [s.holder.lent for s in live] == [0] * len(live)
+    if live:
+        assert settled_debts(live[0].ledger) == {}
     for s in started:
-        if s.app.server is not None:
+        if not getattr(s, "killed", False):
             loop_thread.run(s.stop(drain_s=0.5))
 
 
@@ -159,7 +168,7 @@ def test_killed_attention_replica_is_recomputed_token_exact(
             )
         if not killed and victim.layer_batches > 0 and sum(map(len, outs.values())) >= 6:
             loop_thread.run(victim.app.server.stop(0))  # abrupt: streams break mid-flight
-            killed = True
+            victim.killed = killed = True
     assert killed
     assert [outs[r] for r in rids] == reference(prompts)
     assert engine.num_preemptions > 0  # the lost blocks were recomputed
@@ -258,3 +267,103 @@ def test_bad_requests_get_their_own_codes_and_harm_nothing(tiny_model_dir, repli
     while rep.holder.lent and time.monotonic() < deadline:
         time.sleep(0.05)
     assert rep.holder.lent == 0
+
+
+def test_creditor_takes_its_memory_back(loop_thread, tiny_model_dir, cluster, replicas, reference):
+    """Reclaim: the creditor lowers its cap and the borrower gives the blocks back (its
+    sequences recompute, borrowing from the other creditor); tokens do not change. Mid-run the
+    ledger matches what the borrower thinks it owes."""
+    first = replicas(num_blocks=64)
+    replicas(num_blocks=64)
+    prompts = random_prompts(3, 256, 200, 260, seed=11)
+    engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
+    rids = [f"r{i}" for i in range(len(prompts))]
+    for rid, p in zip(rids, prompts, strict=True):
+        engine.add_request(rid, p, GREEDY)
+    outs: dict[str, list] = {}
+    asked = None
+    for _ in range(2000):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).extend(
+                (t.token_id, round(t.logprob, 4)) for t in out.logprobs
+            )
+        if asked is None and first.holder.lent > 0 and sum(map(len, outs.values())) >= 3:
+            debts = peers.ledger.debts()  # lent == borrowed, creditor by creditor
+            owed = {c: sum(d.values()) for c, d in debts.items() if d}
+            assert owed == peers.borrowed()
+            stub = pb_grpc.AttentionStub(grpc.insecure_channel(first.address))
+            asked = stub.Reclaim(pb.ReclaimRequest(keep_lent=0), timeout=30).asked
+    assert asked
+    assert first.holder.lent == 0 and first.holder.lend_cap == 0
+    assert [outs[r] for r in rids] == reference(prompts)
+    assert settled_debts(peers.ledger) == {}
+    peers.close()
+
+
+def test_smollm2_over_two_replicas_is_token_exact(smollm2_dir, cluster, loop_thread):
+    """The real model (GQA 9/3 heads, 30 layers): a prompt over twice the decoder's pool."""
+    from kvstore.lending import Ledger
+
+    started = []
+    for _ in range(2):
+        cfg = AttentionConfig(
+            name="smollm2", model=smollm2_dir, cluster=cluster, lend_fraction=8 / 64,
+            engine=EngineConfig(num_kv_blocks=64, block_size=BS),
+        )  # fmt: skip
+        s = AttentionServer(cfg)
+        loop_thread.run(s.start())
+        started.append(s)
+    prompt = random_prompts(1, 49152, 300, 300, seed=12)
+    want = traces(make_engine(smollm2_dir, block_size=BS).generate(prompt, GREEDY))
+    engine = make_engine(smollm2_dir, num_kv_blocks=8, block_size=BS, max_num_batched_tokens=128)
+    ledger = Ledger(cluster.redis_url, cluster.namespace, cluster.ttl_s)
+    peers = AttentionPeers(
+        ledger, "decoder-s", layout_key(engine.model_id, engine.kv_block_layout())
+    )
+    engine.attach_remote_kv(peers)
+    assert traces(engine.generate(prompt, GREEDY)) == want
+    assert all(s.layer_batches > 0 for s in started)  # 8 local + 8 + 4: three holders
+    assert settled_debts(ledger) == {}
+    peers.close()
+    for s in started:
+        loop_thread.run(s.stop(drain_s=0.5))
+
+
+def test_lending_metrics_name_the_peers(tiny_model_dir, cluster, replicas):
+    from prometheus_client import generate_latest
+
+    rep = replicas(num_blocks=32)
+    _, peers = decoder(tiny_model_dir, cluster)
+    seg = peers.borrow("s1", 0, 3)
+    assert seg is not None and seg.holder_id == rep.holder_id
+    text = generate_latest(rep.metrics.registry).decode()
+    assert 'splitserve:kv_blocks_lent{model="tiny",peer="decoder-0",role="attention"} 3.0' in text
+    assert peers.borrowed() == {rep.holder_id: 3}
+    peers.release("s1")
+    assert settled_debts(peers.ledger) == {}
+    peers.close()
+
+
+@pytest.mark.gpu
+def test_gpu_decoder_and_replica_are_token_exact(tiny_model_dir, cluster, replicas):
+    """On CUDA (float32, fused kernels, async scheduling): the decode kernel's log-sum-exp
+    path and the replica's, against a local CUDA engine."""
+    rep = replicas(num_blocks=64)
+    rep.holder = type(rep.holder)(
+        rep.holder.cfg, 64, BS, rep.holder.dtype, "cuda", rep.holder.lend_cap
+    )  # the same replica, its pool on the GPU
+    prompts = random_prompts(4, 256, 150, 220, seed=13)
+    want = traces(
+        make_engine(tiny_model_dir, block_size=BS, device="cuda", dtype="float32").generate(
+            prompts, GREEDY
+        )
+    )
+    engine, peers = decoder(
+        tiny_model_dir, cluster, device="cuda", dtype="float32", max_num_batched_tokens=64
+    )
+    assert traces(engine.generate(prompts, GREEDY)) == want
+    assert rep.layer_batches > 0
+    assert settled_debts(peers.ledger) == {}
+    peers.close()
