@@ -37,10 +37,10 @@ def replicas(loop_thread, cluster, tiny_model_dir):
     """start(num_blocks, lend_fraction) -> a running attention replica; all stopped after."""
     started: list[AttentionServer] = []
 
-    def start(num_blocks: int = 64, lend_fraction: float = 1.0) -> AttentionServer:
+    def start(num_blocks: int = 64, lend_fraction: float = 1.0, **engine) -> AttentionServer:
         cfg = AttentionConfig(
             name="tiny", model=tiny_model_dir, cluster=cluster, lend_fraction=lend_fraction,
-            engine=EngineConfig(num_kv_blocks=num_blocks, block_size=BS),
+            engine=EngineConfig(num_kv_blocks=num_blocks, block_size=BS, **engine),
         )  # fmt: skip
         s = AttentionServer(cfg)
         loop_thread.run(s.start())
@@ -350,10 +350,7 @@ def test_lending_metrics_name_the_peers(tiny_model_dir, cluster, replicas):
 def test_gpu_decoder_and_replica_are_token_exact(tiny_model_dir, cluster, replicas):
     """On CUDA (float32, fused kernels, async scheduling): the decode kernel's log-sum-exp
     path and the replica's, against a local CUDA engine."""
-    rep = replicas(num_blocks=64)
-    rep.holder = type(rep.holder)(
-        rep.holder.cfg, 64, BS, rep.holder.dtype, "cuda", rep.holder.lend_cap
-    )  # the same replica, its pool on the GPU
+    rep = replicas(num_blocks=64, device="cuda", dtype="float32")
     prompts = random_prompts(4, 256, 150, 220, seed=13)
     want = traces(
         make_engine(tiny_model_dir, block_size=BS, device="cuda", dtype="float32").generate(

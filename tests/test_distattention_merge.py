@@ -37,9 +37,11 @@ def _reference(q, k_cache, v_cache, tables, lens, nq):
     return out
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("num_segments", [1, 2, 3])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
-def test_split_attention_merges_exactly(num_segments, heads):
+def test_split_attention_merges_exactly(num_segments, heads, device):
+    """On CUDA the decode rows go through the paged decode kernel's log-sum-exp output."""
     torch.manual_seed(num_segments)
     h, hkv = heads
     d, num_blocks = 16, 64
@@ -73,8 +75,15 @@ def test_split_attention_merges_exactly(num_segments, heads):
         for i, (t, lg) in enumerate(zip(tabs, logs, strict=True)):
             table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             logical[i, : len(lg)] = torch.tensor(lg, dtype=torch.long)
-        seg = SegmentBatch(rows, nq, qpos, table, logical, [len(t) for t in tabs])
-        o, s = partial_attention(q, k_cache, v_cache, seg, BS, d**-0.5)
+        runs = [lg == list(range(lg[0], lg[0] + len(lg))) if lg else True for lg in logs]
+        seg = SegmentBatch(rows, nq, qpos, table, logical, [len(t) for t in tabs], runs)
+        dev = torch.device(device)
+        seg = SegmentBatch(
+            seg.row_start, seg.num_rows, seg.q_pos.to(dev), seg.table.to(dev),
+            seg.logical.to(dev), seg.num_blocks, seg.contiguous,
+        )  # fmt: skip
+        o, s = partial_attention(q.to(dev), k_cache.to(dev), v_cache.to(dev), seg, BS, d**-0.5)
+        o, s = o.cpu(), s.cpu()
         if out is None:
             out, lse = o, s
         else:
@@ -89,7 +98,7 @@ def test_a_segment_with_no_visible_key_weighs_nothing():
     v_cache = torch.randn(8 * BS, 2, 8)
     q = torch.randn(3, 2, 8)
     seg = SegmentBatch(
-        [0], [3], torch.tensor([0, 1, 2]), torch.tensor([[5]]), torch.tensor([[3]]), [1]
+        [0], [3], torch.tensor([0, 1, 2]), torch.tensor([[5]]), torch.tensor([[3]]), [1], [True]
     )
     o, s = partial_attention(q, k_cache, v_cache, seg, BS, 8**-0.5)
     assert torch.isinf(s).all() and (s < 0).all()

@@ -129,7 +129,7 @@ def plan_step(
         parts.append(HolderPart(holder, tensor(qrows), tensor(wrows)))
     local = SegmentBatch(
         rows, nrows, tensor(np.concatenate(qpos) if qpos else []), tensor(table),
-        tensor(logical), nblocks,
+        tensor(logical), nblocks, [True] * len(seqs),  # local blocks: a prefix, one run
     )  # fmt: skip
     step = DistStep(
         local, tensor(local_rows), tensor(slots[local_rows]), parts, kv, bs, scale

@@ -158,9 +158,10 @@ class KVHolder:
             table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             logical[i, : len(lg)] = torch.tensor(lg, dtype=torch.long)
         dev = self.device
+        runs = [lg == list(range(lg[0], lg[0] + len(lg))) if lg else True for lg in logicals]
         seg = SegmentBatch(
             rows, nrows, torch.tensor(qpos, dtype=torch.long, device=dev),
-            table.to(dev), logical.to(dev), nblocks,
+            table.to(dev), logical.to(dev), nblocks, runs,
         )  # fmt: skip
         write_slots = torch.tensor(slots, dtype=torch.long, device=dev)
         self._steps[owner] = _Step(list(slices), seg, write_slots, start, len(slots))

@@ -33,6 +33,9 @@ class SegmentBatch:
     table: torch.Tensor  # [B, W] int64 block ids (padding: 0)
     logical: torch.Tensor  # [B, W] int64 logical block index (padding: -1)
     num_blocks: list[int]
+    # Per sequence: its blocks are one run of consecutive logical blocks (known on the host
+    # when the batch is built, so no layer has to read it back from the device).
+    contiguous: list[bool]
 
 
 def partial_attention(
@@ -76,12 +79,8 @@ def _decode_on_gpu(q, k_cache, v_cache, seg, singles, bs, scale, out, lse) -> li
 
     if not HAS_TRITON:
         return singles
-    logical = seg.logical.cpu()
-    runs, rest = [], []
-    for s in singles:
-        lg = logical[s, : seg.num_blocks[s]]
-        contiguous = bool((lg == lg[0] + torch.arange(len(lg))).all())
-        (runs if contiguous else rest).append(s)
+    runs = [s for s in singles if seg.contiguous[s]]
+    rest = [s for s in singles if not seg.contiguous[s]]
     if runs:
         idx = torch.tensor(runs, device=q.device)
         rows = torch.tensor([seg.row_start[s] for s in runs], device=q.device)
