@@ -231,18 +231,33 @@ def split_decode(
 
 
 def _replica_process(model_dir, redis_url, ns, num_blocks, device, dtype) -> subprocess.Popen:
-    """An attention replica in a process of its own; returns once it is in the ledger."""
-    cmd = [
-        sys.executable, "-m", "splitserve.cli", "serve", "attention", "--model", str(model_dir),
-        "--redis", redis_url, "--namespace", ns, "--num-kv-blocks", str(num_blocks),
-        "--device", device, "--dtype", dtype, "--port", "0",
-    ]  # fmt: skip
+    """An attention replica in a process of its own; returns once it serves."""
+    code = "import sys; from bench.distattention import serve_replica; serve_replica(*sys.argv[1:])"
+    args = [str(model_dir), redis_url, ns, str(num_blocks), device, dtype]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, env=env, text=True)
-    line = proc.stdout.readline()  # its address, once serving
-    if not line:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, env=env, text=True
+    )
+    if not proc.stdout.readline():  # its address, once serving
         raise RuntimeError(f"the attention replica exited ({proc.wait()})")
     return proc
+
+
+def serve_replica(model_dir, redis_url, ns, num_blocks, device, dtype) -> None:
+    """The replica process: serve until SIGTERM (what `splitserve serve attention` runs)."""
+    from kvstore.config import Membership
+    from rpc.server import run_until_signal
+    from services.attention import AttentionServer
+    from services.config import AttentionConfig
+    from services.engine.config import EngineConfig
+
+    config = AttentionConfig(
+        name="bench", model=Path(model_dir), cluster=Membership(redis_url=redis_url, namespace=ns),
+        engine=EngineConfig(num_kv_blocks=int(num_blocks), block_size=BS, device=device,
+                            dtype=dtype),
+    )  # fmt: skip
+    server = AttentionServer(config)
+    asyncio.run(run_until_signal(server.start, server.stop, lambda a: print(a, flush=True)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -264,7 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     results, summary = [], {}
     with EmbeddedRedis() as redis:
         if args.gpu:
-            model = args.model or make_model("llama-8b", tmp / "llama-8b", dtype="bfloat16")
+            model = args.model or make_model(
+                "llama-8b", tmp / "llama-8b", dtype="bfloat16", write_weights=False
+            )  # random weights drawn on the GPU (load_format dummy)
             r = split_decode(model, redis.url, args.seqs or 16, args.context or 32768,
                              args.steps, "cuda:0", "bfloat16")  # fmt: skip
             results.append({"part": "split_decode", **r})
@@ -274,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             model = args.model or make_model("tiny", tmp / "tiny", seed=0)
             ref = _Reference(model, ModelConfig.from_dir(model).vocab_size)
-            per_holder = 16 if args.quick else 64
+            per_holder = 16 if args.quick else 32  # 4 x 32 blocks: the tiny model's 2048
             lengths = {}
             for holders in (1, 2, 4):
                 r = longest_context(model, redis.url, holders, per_holder, ref)
