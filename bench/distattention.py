@@ -30,8 +30,8 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Run as a script, bench/ comes first on the path and bench/kvstore.py would shadow kvstore/.
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench")]
 
 from bench.report import write_report  # noqa: E402
 
@@ -139,14 +139,54 @@ class _Reference:
         return self.engine.generate([prompt], self.params)[0].token_ids
 
 
+class _Timed:
+    """A RemoteKV that times the decoder's side of each layer batch: sending (the device to
+    host copy and encoding) and waiting for the partial (the round trip less what overlapped
+    with the local partial)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.send_s = self.wait_s = 0.0
+        self.batches = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def begin_step(self, holder_id, slices):
+        t0 = time.perf_counter()
+        self.inner.begin_step(holder_id, slices)
+        self.send_s += time.perf_counter() - t0
+
+    def send_layer(self, holder_id, layer, q, k, v):
+        t0 = time.perf_counter()
+        pending = self.inner.send_layer(holder_id, layer, q, k, v)
+        self.send_s += time.perf_counter() - t0
+        self.batches += 1
+        timed = self
+
+        class _Wait:
+            def result(self):
+                t1 = time.perf_counter()
+                try:
+                    return pending.result()
+                finally:
+                    timed.wait_s += time.perf_counter() - t1
+
+        return _Wait()
+
+
 def split_decode(
     model_dir: Path, redis_url: str, seqs: int, context: int, steps: int, device: str, dtype: str
 ) -> dict:
-    """Decode steps of `seqs` sequences of `context` tokens: all local, then each split in
-    half between the local pool and one attention replica in its own process."""
+    """Decode steps of `seqs` sequences of `context` tokens: all local; then each split in
+    half between the local pool and one attention replica, in its own process (the deployed
+    shape) and in this process on another thread (one CUDA context: no time-slicing between
+    processes on the GPU)."""
     import numpy as np
     import torch
 
+    from kvstore.lending import Ledger
+    from services.attention_client import AttentionPeers, layout_key
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
     from services.engine.sampling_params import SamplingParams
@@ -154,9 +194,16 @@ def split_decode(
 
     blocks_per_seq = -(-(context + steps) // BS)
     half = blocks_per_seq // 2
-    ns = f"bench{uuid.uuid4().hex[:8]}"
-    proc = _replica_process(model_dir, redis_url, ns, seqs * (blocks_per_seq - half) + 8, device,
-                            dtype)  # fmt: skip
+    lent = seqs * (blocks_per_seq - half) + 8
+    ns_proc, ns_thread = f"bench{uuid.uuid4().hex[:8]}", f"bench{uuid.uuid4().hex[:8]}"
+    # On a CPU the replica and the decoder share the cores: half each while split (torch's
+    # spinning threads slow everything down when two processes each take all of them).
+    threads = torch.get_num_threads()
+    split_threads = max(1, threads // 2) if device == "cpu" else threads
+    proc = _replica_process(model_dir, redis_url, ns_proc, lent, device, dtype,
+                            max(1, threads - split_threads) if device == "cpu" else 0)  # fmt: skip
+    lt = _Loop()
+    thread_replica = None
     try:
         engine = LLMEngine(
             model_dir,
@@ -166,25 +213,33 @@ def split_decode(
                 max_num_seqs=max(seqs, 1), max_model_len=context + steps + BS,
             ),
         )  # fmt: skip
-        from kvstore.lending import Ledger
-        from services.attention_client import AttentionPeers, layout_key
-
         layout = layout_key(engine.model_id, engine.kv_block_layout())
-        peers = AttentionPeers(Ledger(redis_url, ns), "bench-decoder", layout)
-        engine.attach_remote_kv(peers)
         runner = engine.runner
         params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
         vocab = engine.vocab_size
         rng = np.random.default_rng(0)
         results = {}
-        for mode in ("local", "split"):
+        for mode in ("local", "split_process", "split_thread"):
+            peers = None
+            if mode == "split_thread":
+                results["split_process"]["replica_layer_ms"] = _replica_layer_ms(proc.address)
+                proc.terminate()  # its pool's memory goes back before the next one's is taken
+                proc.wait(timeout=60)
+                thread_replica = _replica(lt, model_dir, redis_url, ns_thread, lent,
+                                          device=device, dtype=dtype)  # fmt: skip
+            torch.set_num_threads(threads if mode == "local" else split_threads)
+            if mode != "local":
+                ns = ns_proc if mode == "split_process" else ns_thread
+                peers = AttentionPeers(Ledger(redis_url, ns), f"bench-{mode}", layout)
+                timed = _Timed(peers)
+                engine.attach_remote_kv(timed)
             so = SchedulerOutput()
             rids, held = [], []
             for i in range(seqs):
                 rid = f"{mode}-{i}"
                 blocks = engine.pool.allocate(blocks_per_seq)
                 remote = []
-                if mode == "split":
+                if peers is not None:
                     seg = peers.borrow(rid, half, blocks_per_seq - half)
                     assert seg is not None, "the replica did not lend"
                     engine.pool.release(blocks[half:])
@@ -196,12 +251,14 @@ def split_decode(
                 )
                 so.decodes.append(ScheduledSeq(rid, context - 1, 1, [], True))
                 rids.append(rid)
-            times = []
+            times, sends, waits = [], [], []
             for step in range(steps):
                 if step:
                     so = SchedulerOutput(
                         decodes=[ScheduledSeq(r, context - 1 + step, 1, [], True) for r in rids]
                     )
+                if peers is not None:
+                    timed.send_s = timed.wait_s = 0.0
                 if device != "cpu":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -209,41 +266,83 @@ def split_decode(
                 if device != "cpu":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            warm = times[1:] if len(times) > 2 else times
-            results[mode] = {"tpot_ms": round(1e3 * float(np.median(warm)), 3),
-                             "steps_ms": [round(1e3 * t, 2) for t in times]}  # fmt: skip
+                if peers is not None:
+                    sends.append(timed.send_s)
+                    waits.append(timed.wait_s)
+            warm = slice(1, None) if len(times) > 2 else slice(None)
+            r = {
+                "tpot_ms": _ms(np.median(times[warm])),
+                "steps_ms": [_ms(t) for t in times],
+            }
+            if peers is not None:
+                r["send_ms"] = _ms(np.median(sends[warm]))  # D2H copies + encoding, per step
+                r["wait_ms"] = _ms(np.median(waits[warm]))  # past the local partial, per step
+                r["round_trips_per_step"] = timed.batches // steps
+            results[mode] = r
             runner.requests.update(SchedulerOutput(finished_ids=rids))
             for rid, blocks in zip(rids, held, strict=True):
-                peers.release(rid)
+                if peers is not None:
+                    peers.release(rid)
                 engine.pool.release(blocks)
-        peers.close()
+            if peers is not None:
+                peers.close()
+                peers.ledger.close()
+        if thread_replica is not None:
+            results["split_thread"]["replica_layer_ms"] = _ms(
+                thread_replica.layer_seconds / max(1, thread_replica.layer_batches)
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    local, split = results["local"]["tpot_ms"], results["split"]["tpot_ms"]
-    return {
-        "seqs": seqs, "context": context, "device": device, "dtype": dtype,
-        "local_tpot_ms": local, "split_tpot_ms": split,
-        "split_throughput_ratio": round(local / split, 3),
-        "local_steps_ms": results["local"]["steps_ms"],
-        "split_steps_ms": results["split"]["steps_ms"],
-    }  # fmt: skip
+        if thread_replica is not None:
+            lt.run(thread_replica.stop(drain_s=0.5))
+    local = results["local"]["tpot_ms"]
+    torch.set_num_threads(threads)
+    out = {"seqs": seqs, "context": context, "device": device, "dtype": dtype,
+           "local_tpot_ms": local, "threads": threads, "split_threads": split_threads}  # fmt: skip
+    for mode in ("split_process", "split_thread"):
+        r = results[mode]
+        out[f"{mode}_tpot_ms"] = r["tpot_ms"]
+        out[f"{mode}_throughput_ratio"] = round(local / r["tpot_ms"], 3)
+    out["modes"] = results
+    return out
 
 
-def _replica_process(model_dir, redis_url, ns, num_blocks, device, dtype) -> subprocess.Popen:
+def _ms(seconds: float) -> float:
+    return round(1e3 * float(seconds), 3)
+
+
+def _replica_process(
+    model_dir, redis_url, ns, num_blocks, device, dtype, cpu_threads=0
+) -> subprocess.Popen:
     """An attention replica in a process of its own; returns once it serves."""
     code = "import sys; from bench.distattention import serve_replica; serve_replica(*sys.argv[1:])"
-    args = [str(model_dir), redis_url, ns, str(num_blocks), device, dtype]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [str(model_dir), redis_url, ns, str(num_blocks), device, dtype, str(cpu_threads)]
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, env=env, text=True
     )
-    if not proc.stdout.readline():  # its address, once serving
+    address = proc.stdout.readline().strip()  # once serving
+    if not address:
         raise RuntimeError(f"the attention replica exited ({proc.wait()})")
+    proc.address = address
     return proc
 
 
-def serve_replica(model_dir, redis_url, ns, num_blocks, device, dtype) -> None:
+def _replica_layer_ms(address: str) -> float:
+    """Mean time the replica spent per layer batch (its Stats)."""
+    import grpc
+
+    from protos.splitserve.v1 import attention_pb2 as pb
+    from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        st = pb_grpc.AttentionStub(ch).Stats(pb.AttentionStatsRequest(), timeout=30)
+    return _ms(st.layer_seconds / max(1, st.layer_batches))
+
+
+def serve_replica(model_dir, redis_url, ns, num_blocks, device, dtype, cpu_threads="0") -> None:
     """The replica process: serve until SIGTERM (what `splitserve serve attention` runs)."""
     from kvstore.config import Membership
     from rpc.server import run_until_signal
@@ -255,6 +354,7 @@ def serve_replica(model_dir, redis_url, ns, num_blocks, device, dtype) -> None:
         name="bench", model=Path(model_dir), cluster=Membership(redis_url=redis_url, namespace=ns),
         engine=EngineConfig(num_kv_blocks=int(num_blocks), block_size=BS, device=device,
                             dtype=dtype),
+        cpu_threads=int(cpu_threads),
     )  # fmt: skip
     server = AttentionServer(config)
     asyncio.run(run_until_signal(server.start, server.stop, lambda a: print(a, flush=True)))
@@ -285,9 +385,12 @@ def main(argv: list[str] | None = None) -> dict:
             r = split_decode(model, redis.url, args.seqs or 16, args.context or 32768,
                              args.steps, "cuda:0", "bfloat16")  # fmt: skip
             results.append({"part": "split_decode", **r})
-            summary = {"gpu_local_tpot_ms": r["local_tpot_ms"],
-                       "gpu_split_tpot_ms": r["split_tpot_ms"],
-                       "gpu_split_throughput_ratio": r["split_throughput_ratio"]}  # fmt: skip
+            summary = {
+                "gpu_local_tpot_ms": r["local_tpot_ms"],
+                "gpu_split_tpot_ms": r["split_process_tpot_ms"],
+                "gpu_split_throughput_ratio": r["split_process_throughput_ratio"],
+                "gpu_split_one_context_throughput_ratio": r["split_thread_throughput_ratio"],
+            }
         else:
             model = args.model or make_model("tiny", tmp / "tiny", seed=0)
             ref = _Reference(model, ModelConfig.from_dir(model).vocab_size)
@@ -305,9 +408,13 @@ def main(argv: list[str] | None = None) -> dict:
             context = args.context or (512 if args.quick else 2048)
             r = split_decode(model, redis.url, seqs, context, args.steps, "cpu", "float32")
             results.append({"part": "split_decode", **r})
-            summary.update({"cpu_local_tpot_ms": r["local_tpot_ms"],
-                            "cpu_split_tpot_ms": r["split_tpot_ms"],
-                            "cpu_split_throughput_ratio": r["split_throughput_ratio"]})  # fmt: skip
+            summary.update(
+                {
+                    "cpu_local_tpot_ms": r["local_tpot_ms"],
+                    "cpu_split_tpot_ms": r["split_process_tpot_ms"],
+                    "cpu_split_throughput_ratio": r["split_process_throughput_ratio"],
+                }
+            )
         print(results[-1], flush=True)
     print("summary:", summary)
     write_report(args.json, "distattention", argv, results, summary)

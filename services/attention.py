@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ from services.engine.kv_holder import KVHolder, LendRefused, SegmentError, Unkno
 from services.engine.kv_transfer import KVLayout, dtype_name
 from services.engine.remote_kv import SeqSlice
 from services.metrics import ServiceMetrics
-from services.wire import tensor_from_pb, tensor_to_pb
+from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
             lent=h.lent,
             lent_to=h.lent_to(),
             layer_batches=self.s.layer_batches,
+            layer_seconds=self.s.layer_seconds,
         )
 
     async def Reclaim(self, request, context):
@@ -90,6 +92,10 @@ class AttentionServer:
     def __init__(self, config: AttentionConfig) -> None:
         self.config = config
         ecfg = config.engine
+        if ecfg.device == "cpu" and config.cpu_threads:
+            import torch
+
+            torch.set_num_threads(config.cpu_threads)
         mcfg = ModelConfig.from_dir(config.model)
         dtype = ecfg.resolve_dtype(mcfg)
         bs = ecfg.block_size
@@ -106,6 +112,7 @@ class AttentionServer:
         self.metrics = ServiceMetrics("attention", config.name)
         self.metrics.watch_lending(lent=self.holder.lent_to)
         self.layer_batches = 0
+        self.layer_seconds = 0.0
         self.ledger: Ledger | None = None
         self.registration: Registration | None = None
         self._sessions: dict[str, _Session] = {}
@@ -255,13 +262,16 @@ class AttentionServer:
                 log.warning("lending ledger repay failed: %s", e)
 
     def _layer(self, sess: _Session, layer: pb.LayerBatch, resp: pb.AttentionResponse) -> None:
+        t0 = time.perf_counter()
         q = tensor_from_pb(layer.q, "q")
         k = tensor_from_pb(layer.k, "k")
         v = tensor_from_pb(layer.v, "v")
         out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
+        out, lse = to_host(out, lse)  # one copy to the host: the work is done after this
         tensor_to_pb(out, resp.layer.out)
         tensor_to_pb(lse, resp.layer.lse)
         self.layer_batches += 1
+        self.layer_seconds += time.perf_counter() - t0
 
     def drop_borrower(self, sess: _Session) -> None:
         """Its stream ended: free what it borrowed."""

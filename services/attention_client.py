@@ -25,7 +25,7 @@ from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
 from rpc.channel import GRPC_OPTIONS
 from services.engine.kv_transfer import KVLayout
 from services.engine.remote_kv import HolderLostError, RemoteSegment, SeqSlice
-from services.wire import tensor_from_pb, tensor_to_pb
+from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ class AttentionPeers:
 
     def send_layer(self, holder_id, layer, q, k, v) -> _Partial:
         msg = pb.LayerBatch(layer=layer)
+        q, k, v = to_host(q, k, v)
         tensor_to_pb(q, msg.q)
         tensor_to_pb(k, msg.k)
         tensor_to_pb(v, msg.v)

@@ -94,4 +94,16 @@ def tensor_from_pb(msg, name: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).view(spec.shape)
 
 
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors on the host, with one device-to-host copy for all of them (one wait, not one
+    per tensor) when they share a GPU and a dtype."""
+    if not tensors[0].is_cuda or len({t.dtype for t in tensors}) > 1:
+        return [t.detach().cpu() for t in tensors]
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).cpu()
+    return [
+        part.view(t.shape)
+        for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+    ]
+
+
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

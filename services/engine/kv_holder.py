@@ -8,8 +8,10 @@ blocks held here with its log-sum-exp. No networking and no model weights: only 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from services.engine.block_pool import BlockPool
@@ -34,6 +36,9 @@ class LendRefused(RuntimeError):
 @dataclass
 class HeldSeq:
     blocks: dict[int, int] = field(default_factory=dict)  # logical block -> physical block
+    # The same, ordered by logical block (kept as blocks are lent, so a step need not sort).
+    order: list[int] = field(default_factory=list)
+    phys: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -102,12 +107,18 @@ class KVHolder:
             raise SegmentError(f"sequence {seq_id!r} already holds some of blocks {wanted}")
         for logical, phys in zip(wanted, self.pool.allocate(num_blocks), strict=True):
             held.blocks[logical] = phys
+        if held.order and held.order[-1] > first_block:  # lent out of order: re-sort once
+            pairs = sorted(held.blocks.items())
+            held.order, held.phys = [b for b, _ in pairs], [p for _, p in pairs]
+        else:
+            held.order += wanted
+            held.phys += [held.blocks[b] for b in wanted]
 
     def release(self, owner: str, seq_id: str) -> int:
         held = self._seqs.pop((owner, seq_id), None)
         if held is None:
             return 0
-        self.pool.release(list(held.blocks.values()))
+        self.pool.release(held.phys)
         return len(held.blocks)
 
     def release_owner(self, owner: str) -> int:
@@ -143,22 +154,23 @@ class KVHolder:
                     )
                 slots.append(phys * bs + p % bs)
             last = s.q_start + s.num_q - 1
-            seen = sorted(b for b in held.blocks if b * bs <= last)
+            n = bisect.bisect_right(held.order, last // bs)  # blocks with a key <= last
             rows.append(start)
             nrows.append(s.num_q)
             qpos.extend(range(s.q_start, s.q_start + s.num_q))
-            tables.append([held.blocks[b] for b in seen])
-            logicals.append(seen)
-            nblocks.append(len(seen))
+            tables.append(held.phys[:n])
+            logicals.append(held.order[:n])
+            nblocks.append(n)
             start += s.num_q
         width = max([1, *nblocks])
-        table = torch.zeros((len(slices), width), dtype=torch.long)
-        logical = torch.full((len(slices), width), -1, dtype=torch.long)
+        table = np.zeros((len(slices), width), dtype=np.int64)
+        logical = np.full((len(slices), width), -1, dtype=np.int64)
         for i, (t, lg) in enumerate(zip(tables, logicals, strict=True)):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            logical[i, : len(lg)] = torch.tensor(lg, dtype=torch.long)
+            table[i, : len(t)] = t
+            logical[i, : len(lg)] = lg
         dev = self.device
-        runs = [lg == list(range(lg[0], lg[0] + len(lg))) if lg else True for lg in logicals]
+        runs = [not lg or lg[-1] - lg[0] == len(lg) - 1 for lg in logicals]  # sorted, unique
+        table, logical = torch.from_numpy(table), torch.from_numpy(logical)
         seg = SegmentBatch(
             rows, nrows, torch.tensor(qpos, dtype=torch.long, device=dev),
             table.to(dev), logical.to(dev), nblocks, runs,

@@ -116,7 +116,7 @@ class AttentionStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttentionStats(_message.Message):
-    __slots__ = ("holder_id", "num_blocks", "lend_cap", "lent", "lent_to", "layer_batches")
+    __slots__ = ("holder_id", "num_blocks", "lend_cap", "lent", "lent_to", "layer_batches", "layer_seconds")
     class LentToEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,13 +130,15 @@ class AttentionStats(_message.Message):
     LENT_FIELD_NUMBER: _ClassVar[int]
     LENT_TO_FIELD_NUMBER: _ClassVar[int]
     LAYER_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     holder_id: str
     num_blocks: int
     lend_cap: int
     lent: int
     lent_to: _containers.ScalarMap[str, int]
     layer_batches: int
-    def __init__(self, holder_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., lend_cap: _Optional[int] = ..., lent: _Optional[int] = ..., lent_to: _Optional[_Mapping[str, int]] = ..., layer_batches: _Optional[int] = ...) -> None: ...
+    layer_seconds: float
+    def __init__(self, holder_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., lend_cap: _Optional[int] = ..., lent: _Optional[int] = ..., lent_to: _Optional[_Mapping[str, int]] = ..., layer_batches: _Optional[int] = ..., layer_seconds: _Optional[float] = ...) -> None: ...
 
 class ReclaimRequest(_message.Message):
     __slots__ = ("keep_lent",)
