@@ -186,7 +186,7 @@ def split_decode(
     import torch
 
     from kvstore.lending import Ledger
-    from services.attention_client import AttentionPeers, layout_key
+    from services.attention_client import AttentionPeers, IpcSpec, layout_key
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
     from services.engine.sampling_params import SamplingParams
@@ -230,7 +230,10 @@ def split_decode(
             torch.set_num_threads(threads if mode == "local" else split_threads)
             if mode != "local":
                 ns = ns_proc if mode == "split_process" else ns_thread
-                peers = AttentionPeers(Ledger(redis_url, ns), f"bench-{mode}", layout)
+                mc = engine.model_config
+                ipc = IpcSpec(device, max(seqs, 64), mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                              engine.dtype)  # fmt: skip
+                peers = AttentionPeers(Ledger(redis_url, ns), f"bench-{mode}", layout, ipc=ipc)
                 timed = _Timed(peers)
                 engine.attach_remote_kv(timed)
             so = SchedulerOutput()
@@ -316,13 +319,14 @@ def _replica_process(
     model_dir, redis_url, ns, num_blocks, device, dtype, cpu_threads=0
 ) -> subprocess.Popen:
     """An attention replica in a process of its own; returns once it serves."""
-    code = "import sys; from bench.distattention import serve_replica; serve_replica(*sys.argv[1:])"
-    args = [str(model_dir), redis_url, ns, str(num_blocks), device, dtype, str(cpu_threads)]
+    cmd = [
+        sys.executable, "-m", "services.attention", "--model", str(model_dir), "--redis",
+        redis_url, "--namespace", ns, "--num-kv-blocks", str(num_blocks), "--block-size",
+        str(BS), "--device", device, "--dtype", dtype, "--cpu-threads", str(cpu_threads),
+    ]  # fmt: skip
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, env=env, text=True
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
     address = proc.stdout.readline().strip()  # once serving
     if not address:
         raise RuntimeError(f"the attention replica exited ({proc.wait()})")
@@ -340,24 +344,6 @@ def _replica_layer_ms(address: str) -> float:
     with grpc.insecure_channel(address) as ch:
         st = pb_grpc.AttentionStub(ch).Stats(pb.AttentionStatsRequest(), timeout=30)
     return _ms(st.layer_seconds / max(1, st.layer_batches))
-
-
-def serve_replica(model_dir, redis_url, ns, num_blocks, device, dtype, cpu_threads="0") -> None:
-    """The replica process: serve until SIGTERM (what `splitserve serve attention` runs)."""
-    from kvstore.config import Membership
-    from rpc.server import run_until_signal
-    from services.attention import AttentionServer
-    from services.config import AttentionConfig
-    from services.engine.config import EngineConfig
-
-    config = AttentionConfig(
-        name="bench", model=Path(model_dir), cluster=Membership(redis_url=redis_url, namespace=ns),
-        engine=EngineConfig(num_kv_blocks=int(num_blocks), block_size=BS, device=device,
-                            dtype=dtype),
-        cpu_threads=int(cpu_threads),
-    )  # fmt: skip
-    server = AttentionServer(config)
-    asyncio.run(run_until_signal(server.start, server.stop, lambda a: print(a, flush=True)))
 
 
 def main(argv: list[str] | None = None) -> dict:

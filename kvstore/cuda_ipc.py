@@ -111,6 +111,28 @@ class CudaIpcTransport:
         return pool
 
 
+def share_buffer(buf, pool_id: str, nbytes: int) -> pb.CudaIpcHandle:
+    """A CUDA IPC handle to a uint8 GPU tensor's allocation, for another process to map with
+    open_pool (the same process can't: CUDA refuses to open its own handles)."""
+    import torch
+
+    (_, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
+        buf.untyped_storage()._share_cuda_()
+    )
+    return pb.CudaIpcHandle(
+        pool_id=pool_id,
+        device_uuid=str(torch.cuda.get_device_properties(buf.device).uuid),
+        handle=handle,
+        storage_size=size,
+        storage_offset=offset,
+        ref_counter_handle=rc_handle or b"",
+        ref_counter_offset=rc_offset or 0,
+        event_handle=ev_handle or b"",
+        event_sync_required=bool(ev_sync),
+        pool_bytes=nbytes,
+    )
+
+
 def open_pool(h: pb.CudaIpcHandle):
     """The holder's pool as a uint8 tensor in this process (on the holder's GPU)."""
     import torch

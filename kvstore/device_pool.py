@@ -131,28 +131,13 @@ class DevicePool:
 
     def share(self) -> pb.CudaIpcHandle:
         """The pool's CUDA IPC handle (made once: every reader maps the same allocation)."""
-        import torch
+        from kvstore.cuda_ipc import share_buffer
 
         if not self.on_cuda:
             raise RuntimeError(f"a {self.device} pool can't be shared: CUDA IPC needs a GPU")
         with self._lock:
             if self._handle is None:
-                storage = self.buf.untyped_storage()
-                (_, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
-                    storage._share_cuda_()
-                )
-                self._handle = pb.CudaIpcHandle(
-                    pool_id=self.pool_id,
-                    device_uuid=str(torch.cuda.get_device_properties(self.device).uuid),
-                    handle=handle,
-                    storage_size=size,
-                    storage_offset=offset,
-                    ref_counter_handle=rc_handle or b"",
-                    ref_counter_offset=rc_offset or 0,
-                    event_handle=ev_handle or b"",
-                    event_sync_required=bool(ev_sync),
-                    pool_bytes=self.capacity,
-                )
+                self._handle = share_buffer(self.buf, self.pool_id, self.capacity)
             return self._handle
 
     # -- pins -------------------------------------------------------------------------------

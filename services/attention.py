@@ -38,6 +38,7 @@ from services.engine.kv_cache import KVCache
 from services.engine.kv_holder import KVHolder, LendRefused, SegmentError, UnknownSequenceError
 from services.engine.kv_transfer import KVLayout, dtype_name
 from services.engine.remote_kv import SeqSlice
+from services.ipc_link import IpcBuffer, decoder_layout, replica_layout
 from services.metrics import ServiceMetrics
 from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
@@ -51,6 +52,7 @@ OK = grpc.StatusCode.OK.value[0]
 class _Session:
     borrower: str = ""
     reclaim: list[str] = field(default_factory=list)  # told on the next response
+    ipc: tuple[IpcBuffer, IpcBuffer] | None = None  # (the decoder's buffer, ours)
 
 
 class AttentionServicer(pb_grpc.AttentionServicer):
@@ -187,7 +189,7 @@ class AttentionServer:
         kind = req.WhichOneof("body")
         try:
             if kind == "hello":
-                self._hello(sess, req.hello)
+                self._hello(sess, req.hello, resp)
             elif not sess.borrower:
                 _fail(resp, grpc.StatusCode.FAILED_PRECONDITION, "say hello first")
             elif kind == "borrow":
@@ -215,7 +217,7 @@ class AttentionServer:
             _fail(resp, e.code, str(e))
         return resp
 
-    def _hello(self, sess: _Session, hello: pb.Hello) -> None:
+    def _hello(self, sess: _Session, hello: pb.Hello, resp: pb.AttentionResponse) -> None:
         if sess.borrower:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "this stream already said hello")
         if not hello.borrower_id:
@@ -231,6 +233,28 @@ class AttentionServer:
             )
         sess.borrower = hello.borrower_id
         self._sessions[sess.borrower] = sess
+        if hello.HasField("ipc"):
+            sess.ipc = self._ipc_link(hello.ipc)
+            if sess.ipc is not None:
+                resp.ipc.CopyFrom(sess.ipc[1].link)
+
+    def _ipc_link(self, theirs: pb.IpcLink) -> tuple[IpcBuffer, IpcBuffer] | None:
+        """Map the decoder's buffer and make ours, or None (bytes) where CUDA can't."""
+        h = self.holder
+        cfg = h.cfg
+        if not str(h.device).startswith("cuda"):
+            return None
+        try:
+            src = IpcBuffer.open(
+                theirs, decoder_layout(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, h.dtype)
+            )
+            dst = IpcBuffer.create(
+                src.buf.device, theirs.rows, replica_layout(cfg.num_heads, cfg.head_dim)
+            )
+        except (RuntimeError, LookupError, ValueError) as e:
+            log.info("no CUDA IPC with this decoder (%s): layer batches go as bytes", e)
+            return None
+        return src, dst
 
     def _borrow(self, sess: _Session, b: pb.Borrow) -> int:
         h = self.holder
@@ -263,15 +287,40 @@ class AttentionServer:
 
     def _layer(self, sess: _Session, layer: pb.LayerBatch, resp: pb.AttentionResponse) -> None:
         t0 = time.perf_counter()
-        q = tensor_from_pb(layer.q, "q")
-        k = tensor_from_pb(layer.k, "k")
-        v = tensor_from_pb(layer.v, "v")
-        out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
-        out, lse = to_host(out, lse)  # one copy to the host: the work is done after this
-        tensor_to_pb(out, resp.layer.out)
-        tensor_to_pb(lse, resp.layer.lse)
+        if layer.ipc:
+            self._layer_ipc(sess, layer, resp)
+        else:
+            q = tensor_from_pb(layer.q, "q")
+            k = tensor_from_pb(layer.k, "k")
+            v = tensor_from_pb(layer.v, "v")
+            out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
+            out, lse = to_host(out, lse)  # one copy to the host: the work is done after this
+            tensor_to_pb(out, resp.layer.out)
+            tensor_to_pb(lse, resp.layer.lse)
         self.layer_batches += 1
         self.layer_seconds += time.perf_counter() - t0
+
+    def _layer_ipc(self, sess: _Session, layer: pb.LayerBatch, resp) -> None:
+        """The batch is in the decoder's buffer: our stream waits for it, computes, writes the
+        partials to our buffer and announces them; the host never waits for the GPU."""
+        if sess.ipc is None:
+            raise SegmentError("an IPC layer batch on a stream without an IPC link")
+        src, dst = sess.ipc
+        q_rows = _rows(layer.q, "q")
+        kv_rows = _rows(layer.k, "k")
+        if q_rows > src.rows or kv_rows > src.rows or _rows(layer.v, "v") != kv_rows:
+            raise SegmentError(f"an IPC batch of {q_rows} q and {kv_rows} k/v rows does not fit")
+        src.wait()
+        q, k, v = src.regions[0][:q_rows], src.regions[1][:kv_rows], src.regions[2][:kv_rows]
+        out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
+        dst.regions[0][:q_rows].copy_(out)
+        dst.regions[1][:q_rows].copy_(lse)
+        dst.ready()
+        resp.layer.ipc = True
+        resp.layer.out.layout.CopyFrom(layer.q.layout)
+        resp.layer.out.layout.dtype = "float32"
+        resp.layer.lse.layout.dtype = "float32"
+        resp.layer.lse.layout.shape.extend([q_rows, self.holder.cfg.num_heads])
 
     def drop_borrower(self, sess: _Session) -> None:
         """Its stream ended: free what it borrowed."""
@@ -303,6 +352,13 @@ class AttentionServer:
         return asked
 
 
+def _rows(t: pb.Tensor, name: str) -> int:
+    shape = t.layout.shape
+    if not shape or shape[0] < 0:
+        raise SegmentError(f"{name}: no rows in shape {list(shape)}")
+    return int(shape[0])
+
+
 class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -312,3 +368,41 @@ class _Refused(Exception):
 def _fail(resp: pb.AttentionResponse, code: grpc.StatusCode, message: str) -> None:
     resp.code = code.value[0]
     resp.message = message
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m services.attention`: one replica in the foreground (what `splitserve serve
+    attention` runs); prints its address once serving, stops on SIGTERM."""
+    import argparse
+    from pathlib import Path
+
+    from kvstore.config import Membership
+    from rpc.server import run_until_signal
+    from services.engine.config import EngineConfig
+
+    ap = argparse.ArgumentParser(prog="python -m services.attention")
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--redis", required=True, help="Redis URL of the lending ledger")
+    ap.add_argument("--namespace", default="splitserve")
+    ap.add_argument("--num-kv-blocks", type=int, required=True)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--lend-fraction", type=float, default=1.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--cpu-threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    config = AttentionConfig(
+        name=a.model.name, model=a.model, host=a.host, port=a.port, cpu_threads=a.cpu_threads,
+        cluster=Membership(redis_url=a.redis, namespace=a.namespace),
+        lend_fraction=a.lend_fraction,
+        engine=EngineConfig(num_kv_blocks=a.num_kv_blocks, block_size=a.block_size,
+                            device=a.device, dtype=a.dtype),
+    )  # fmt: skip
+    server = AttentionServer(config)
+    asyncio.run(run_until_signal(server.start, server.stop, lambda a: print(a, flush=True)))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -23,8 +24,10 @@ from kvstore.lending import Ledger
 from protos.splitserve.v1 import attention_pb2 as pb
 from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
 from rpc.channel import GRPC_OPTIONS
+from rpc.tensor import TensorSpec
 from services.engine.kv_transfer import KVLayout
 from services.engine.remote_kv import HolderLostError, RemoteSegment, SeqSlice
+from services.ipc_link import IpcBuffer, decoder_layout, replica_layout
 from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,10 @@ def layout_key(model_id: str, layout: KVLayout) -> str:
     )
 
 
+def _spec(t: torch.Tensor) -> TensorSpec:
+    return TensorSpec(str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
 class _Stream:
     """One creditor's stream: requests in order, responses matched by id."""
 
@@ -53,6 +60,7 @@ class _Stream:
         self._lock = threading.Lock()
         self.broken: str | None = None
         self._on_reclaim = on_reclaim
+        self.ipc: tuple[IpcBuffer, IpcBuffer] | None = None  # (ours, the replica's)
         stub = pb_grpc.AttentionStub(self.channel)
         self._responses = stub.Session(iter(self._out.get, None))
         self._reader = threading.Thread(target=self._read, name=f"attn-{holder_id}", daemon=True)
@@ -94,10 +102,15 @@ class _Stream:
 
 
 class _Partial:
-    def __init__(self, fut: Future, holder_id: str, timeout_s: float) -> None:
+    def __init__(
+        self, fut: Future, holder_id: str, timeout_s: float, ipc: IpcBuffer | None = None,
+        num_q: int = 0,
+    ) -> None:  # fmt: skip
         self.fut = fut
         self.holder_id = holder_id
         self.timeout_s = timeout_s
+        self.ipc = ipc  # the replica's buffer, where an IPC answer is
+        self.num_q = num_q
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -107,7 +120,25 @@ class _Partial:
         if resp.code != OK:
             # NOT_FOUND: it no longer holds the sequence (restarted): as good as lost.
             raise HolderLostError(self.holder_id, resp.message)
+        if resp.layer.ipc and self.ipc is not None:
+            # In the replica's buffer: this stream waits for its GPU, the host does not.
+            self.ipc.wait()
+            n = self.num_q
+            return self.ipc.regions[0][:n], self.ipc.regions[1][:n]
         return tensor_from_pb(resp.layer.out, "out"), tensor_from_pb(resp.layer.lse, "lse")
+
+
+@dataclass(frozen=True)
+class IpcSpec:
+    """What a decoder needs to offer replicas on its host a CUDA IPC link: its GPU, the rows
+    one layer batch may have (a step's tokens) and the shape of q and k/v rows."""
+
+    device: str
+    rows: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
 
 
 class AttentionPeers:
@@ -119,9 +150,12 @@ class AttentionPeers:
         borrower_id: str,
         layout: str,
         timeout_s: float = 60.0,
+        ipc: IpcSpec | None = None,
     ) -> None:
         """timeout_s: how long a creditor may take to answer one request before it counts as
-        lost (it scales with nothing: one layer batch or one borrow)."""
+        lost (it scales with nothing: one layer batch or one borrow). ipc: offer replicas on
+        this host a CUDA IPC link for layer batches (those that can't map it keep to bytes)."""
+        self.ipc = ipc
         self.ledger = ledger
         self.borrower_id = borrower_id
         self.layout = layout
@@ -184,12 +218,26 @@ class AttentionPeers:
         )
 
     def send_layer(self, holder_id, layer, q, k, v) -> _Partial:
+        stream = self._live(holder_id)
+        link = stream.ipc
+        if link is not None and q.is_cuda and max(len(q), len(k)) <= link[0].rows:
+            mine, theirs = link
+            qb, kb, vb = mine.regions
+            qb[: len(q)].copy_(q)
+            kb[: len(k)].copy_(k)
+            vb[: len(v)].copy_(v)
+            mine.ready()
+            msg = pb.LayerBatch(layer=layer, ipc=True)
+            for t, field_ in ((q, msg.q), (k, msg.k), (v, msg.v)):
+                field_.layout.CopyFrom(_spec(t).to_pb())
+            fut = stream.send(layer=msg)
+            return _Partial(fut, holder_id, self.timeout_s, theirs, len(q))
         msg = pb.LayerBatch(layer=layer)
         q, k, v = to_host(q, k, v)
         tensor_to_pb(q, msg.q)
         tensor_to_pb(k, msg.k)
         tensor_to_pb(v, msg.v)
-        return _Partial(self._live(holder_id).send(layer=msg), holder_id, self.timeout_s)
+        return _Partial(stream.send(layer=msg), holder_id, self.timeout_s)
 
     def reclaimed(self) -> list[str]:
         with self._lock:
@@ -229,9 +277,10 @@ class AttentionPeers:
         if stream is not None:
             self._forget(holder_id)
         stream = _Stream(holder_id, address, self._on_reclaim)
-        hello = stream.send(hello=pb.Hello(borrower_id=self.borrower_id, layout=self.layout))
+        hello = pb.Hello(borrower_id=self.borrower_id, layout=self.layout)
+        mine = self._offer_ipc(hello)
         try:
-            resp = hello.result(timeout=self.timeout_s)
+            resp = stream.send(hello=hello).result(timeout=self.timeout_s)
         except (HolderLostError, FutureTimeout) as e:
             log.info("creditor %s unreachable: %s", holder_id, e)
             stream.close()
@@ -240,8 +289,27 @@ class AttentionPeers:
             log.warning("creditor %s refused this decoder: %s", holder_id, resp.message)
             stream.close()
             return None
+        if mine is not None and resp.HasField("ipc"):
+            spec = self.ipc
+            try:
+                theirs = IpcBuffer.open(resp.ipc, replica_layout(spec.num_heads, spec.head_dim))
+                stream.ipc = (mine, theirs)
+            except (RuntimeError, LookupError, ValueError) as e:
+                log.info("no CUDA IPC with %s (%s): layer batches go as bytes", holder_id, e)
         self._streams[holder_id] = stream
         return stream
+
+    def _offer_ipc(self, hello: pb.Hello) -> IpcBuffer | None:
+        spec = self.ipc
+        if spec is None or not spec.device.startswith("cuda"):
+            return None
+        mine = IpcBuffer.create(
+            torch.device(spec.device), spec.rows,
+            decoder_layout(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype),
+        )  # fmt: skip
+        assert mine.link is not None
+        hello.ipc.CopyFrom(mine.link)
+        return mine
 
     def _forget(self, holder_id: str) -> None:
         """A broken stream: the creditor freed (or lost) everything lent through it."""

@@ -364,3 +364,43 @@ def test_gpu_decoder_and_replica_are_token_exact(tiny_model_dir, cluster, replic
     assert rep.layer_batches > 0
     assert settled_debts(peers.ledger) == {}
     peers.close()
+
+
+@pytest.mark.gpu
+def test_gpu_replica_process_over_cuda_ipc_is_token_exact(tiny_model_dir, cluster):
+    """A replica in its own process on the same GPU: layer batches travel through CUDA IPC
+    buffers and events (gRPC carries only control), and tokens do not change."""
+    import os
+    import subprocess
+    import sys
+
+    from services.attention_client import IpcSpec
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.attention", "--model", str(tiny_model_dir), "--redis",
+         cluster.redis_url, "--namespace", cluster.namespace, "--num-kv-blocks", "64",
+         "--device", "cuda", "--dtype", "float32"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip()
+        prompts = random_prompts(4, 256, 150, 220, seed=14)
+        local = make_engine(tiny_model_dir, block_size=BS, device="cuda", dtype="float32")
+        want = traces(local.generate(prompts, GREEDY))
+        engine = make_engine(tiny_model_dir, num_kv_blocks=8, block_size=BS, device="cuda",
+                             dtype="float32", max_num_batched_tokens=64)  # fmt: skip
+        mc = engine.model_config
+        ledger = Ledger(cluster.redis_url, cluster.namespace, cluster.ttl_s)
+        ipc = IpcSpec("cuda", 64, mc.num_heads, mc.num_kv_heads, mc.head_dim, engine.dtype)
+        peers = AttentionPeers(
+            ledger, "decoder-ipc", layout_key(engine.model_id, engine.kv_block_layout()), ipc=ipc
+        )
+        engine.attach_remote_kv(peers)
+        assert traces(engine.generate(prompts, GREEDY)) == want
+        assert any(s.ipc is not None for s in peers._streams.values())  # it went through IPC
+        assert settled_debts(ledger) == {}
+        peers.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

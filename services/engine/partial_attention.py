@@ -12,7 +12,7 @@ last token written so far. A query that sees no key gets lse = -inf and output 0
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,15 @@ class SegmentBatch:
     # Per sequence: its blocks are one run of consecutive logical blocks (known on the host
     # when the batch is built, so no layer has to read it back from the device).
     contiguous: list[bool]
+    # Index tensors derived from the above, made on the first layer and reused by the others
+    # (building one from a host list waits for the device).
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def cached(self, key: str, make):
+        t = self.derived.get(key)
+        if t is None:
+            t = self.derived[key] = make()
+        return t
 
 
 def partial_attention(
@@ -51,13 +60,16 @@ def partial_attention(
     Single-row sequences (decodes) are attended in one batched call; each multi-row sequence
     (a prefill chunk) on its own, so no batch pads to the longest chunk."""
     n, h, d = q.shape
+    dev = q.device
     out = torch.zeros((n, h, d), dtype=torch.float32, device=q.device)
     lse = torch.full((n, h), float("-inf"), dtype=torch.float32, device=q.device)
     singles = [s for s, r in enumerate(seg.num_rows) if r == 1 and seg.num_blocks[s] > 0]
     if singles and q.is_cuda:
         singles = _decode_on_gpu(q, k_cache, v_cache, seg, singles, block_size, scale, out, lse)
     if singles:
-        rows = torch.tensor([seg.row_start[s] for s in singles], device=q.device)
+        rows = seg.cached(
+            "single_rows", lambda: torch.tensor([seg.row_start[s] for s in singles], device=dev)
+        )
         o, s_ = _attend_seqs(
             q, k_cache, v_cache, seg, singles, rows.unsqueeze(1), block_size, scale
         )
@@ -82,12 +94,16 @@ def _decode_on_gpu(q, k_cache, v_cache, seg, singles, bs, scale, out, lse) -> li
     runs = [s for s in singles if seg.contiguous[s]]
     rest = [s for s in singles if not seg.contiguous[s]]
     if runs:
-        idx = torch.tensor(runs, device=q.device)
-        rows = torch.tensor([seg.row_start[s] for s in runs], device=q.device)
-        first = seg.logical[idx, 0] * bs
-        nkeys = torch.tensor([seg.num_blocks[s] for s in runs], device=q.device) * bs
-        lens = torch.minimum(seg.q_pos[rows] - first + 1, nkeys).clamp(min=0).to(torch.int32)
-        table = seg.table[idx].to(torch.int32)
+
+        def make():
+            idx = torch.tensor(runs, device=q.device)
+            rows = torch.tensor([seg.row_start[s] for s in runs], device=q.device)
+            first = seg.logical[idx, 0] * bs
+            nkeys = torch.tensor([seg.num_blocks[s] for s in runs], device=q.device) * bs
+            lens = torch.minimum(seg.q_pos[rows] - first + 1, nkeys).clamp(min=0)
+            return rows, lens.to(torch.int32), seg.table[idx].to(torch.int32)
+
+        rows, lens, table = seg.cached("decode_runs", make)
         o = torch.empty((len(runs), *q.shape[1:]), dtype=q.dtype, device=q.device)
         s_ = torch.empty((len(runs), q.shape[1]), dtype=torch.float32, device=q.device)
         paged_decode_attention(q[rows], k_cache, v_cache, table, lens, bs, scale, out=o, lse=s_)
@@ -99,7 +115,7 @@ def _attend_seqs(q, k_cache, v_cache, seg: SegmentBatch, seqs: list[int], rows, 
     """Sequences `seqs`, each with the same number of rows: rows [B, T] index q.
     Returns out [B, T, H, D] and lse [B, T, H]."""
     width = max(seg.num_blocks[s] for s in seqs)
-    idx = torch.tensor(seqs, device=q.device)
+    idx = seg.cached(f"seqs{seqs}", lambda: torch.tensor(seqs, device=q.device))
     table = seg.table[idx, :width]  # [B, W]
     logical = seg.logical[idx, :width]
     kc = gather_blocks(k_cache, table, bs)  # [B, W*bs, Hkv, D]

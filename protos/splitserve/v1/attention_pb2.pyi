@@ -1,4 +1,5 @@
 from protos.splitserve.v1 import common_pb2 as _common_pb2
+from protos.splitserve.v1 import kvstore_pb2 as _kvstore_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -8,12 +9,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("borrower_id", "layout")
+    __slots__ = ("borrower_id", "layout", "ipc")
     BORROWER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
     borrower_id: str
     layout: str
-    def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
+    ipc: IpcLink
+    def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ...) -> None: ...
+
+class IpcLink(_message.Message):
+    __slots__ = ("buffer", "event", "rows")
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    buffer: _kvstore_pb2.CudaIpcHandle
+    event: bytes
+    rows: int
+    def __init__(self, buffer: _Optional[_Union[_kvstore_pb2.CudaIpcHandle, _Mapping]] = ..., event: _Optional[bytes] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class Borrow(_message.Message):
     __slots__ = ("seq_id", "first_block", "num_blocks")
@@ -60,16 +73,18 @@ class Tensor(_message.Message):
     def __init__(self, layout: _Optional[_Union[_common_pb2.TensorLayout, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LayerBatch(_message.Message):
-    __slots__ = ("layer", "q", "k", "v")
+    __slots__ = ("layer", "q", "k", "v", "ipc")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     V_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
     layer: int
     q: Tensor
     k: Tensor
     v: Tensor
-    def __init__(self, layer: _Optional[int] = ..., q: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ipc: bool
+    def __init__(self, layer: _Optional[int] = ..., q: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[_Union[Tensor, _Mapping]] = ..., v: _Optional[_Union[Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ...) -> None: ...
 
 class AttentionRequest(_message.Message):
     __slots__ = ("id", "hello", "borrow", "release", "step", "layer")
@@ -88,28 +103,32 @@ class AttentionRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., borrow: _Optional[_Union[Borrow, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., step: _Optional[_Union[StepBegin, _Mapping]] = ..., layer: _Optional[_Union[LayerBatch, _Mapping]] = ...) -> None: ...
 
 class LayerResult(_message.Message):
-    __slots__ = ("out", "lse")
+    __slots__ = ("out", "lse", "ipc")
     OUT_FIELD_NUMBER: _ClassVar[int]
     LSE_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
     out: Tensor
     lse: Tensor
-    def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ipc: bool
+    def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ...) -> None: ...
 
 class AttentionResponse(_message.Message):
-    __slots__ = ("id", "code", "message", "layer", "granted", "reclaim")
+    __slots__ = ("id", "code", "message", "layer", "granted", "reclaim", "ipc")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     RECLAIM_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: int
     message: str
     layer: LayerResult
     granted: int
     reclaim: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., layer: _Optional[_Union[LayerResult, _Mapping]] = ..., granted: _Optional[int] = ..., reclaim: _Optional[_Iterable[str]] = ...) -> None: ...
+    ipc: IpcLink
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., layer: _Optional[_Union[LayerResult, _Mapping]] = ..., granted: _Optional[int] = ..., reclaim: _Optional[_Iterable[str]] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ...) -> None: ...
 
 class AttentionStatsRequest(_message.Message):
     __slots__ = ()
