@@ -404,3 +404,59 @@ def test_gpu_replica_process_over_cuda_ipc_is_token_exact(tiny_model_dir, cluste
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _replica_process(model_dir, cluster, num_blocks: int, device: str = "cpu"):
+    """An attention replica in its own process (python -m services.attention)."""
+    import os
+    import subprocess
+    import sys
+
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.attention", "--model", str(model_dir), "--redis",
+         cluster.redis_url, "--namespace", cluster.namespace, "--num-kv-blocks",
+         str(num_blocks), "--device", device, "--cpu-threads", "1"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert proc.stdout.readline().strip(), "the replica did not start"
+    return proc
+
+
+def test_sigkilled_replica_process_is_recomputed_token_exact(
+    tiny_model_dir, cluster, replicas, reference
+):
+    """The real fault: a replica process killed with SIGKILL mid-sequence."""
+    import signal
+
+    proc = _replica_process(tiny_model_dir, cluster, 64)
+    survivor = replicas(num_blocks=64)
+    try:
+        prompts = random_prompts(2, 256, 220, 260, seed=15)
+        engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
+        rids = ["a", "b"]
+        for rid, p in zip(rids, prompts, strict=True):
+            engine.add_request(rid, p, GREEDY)
+        outs: dict[str, list] = {}
+        killed = False
+        for _ in range(2000):
+            if not engine.has_unfinished():
+                break
+            for out in engine.step():
+                assert out.error is None
+                outs.setdefault(out.request_id, []).extend(
+                    (t.token_id, round(t.logprob, 4)) for t in out.logprobs
+                )
+            on_victim = any(s.holder_id != survivor.holder_id for s in peers._streams.values())
+            if not killed and on_victim and sum(map(len, outs.values())) >= 4:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+                killed = True
+        assert killed
+        assert [outs[r] for r in rids] == reference(prompts)
+        engine.check_integrity()
+        peers.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
