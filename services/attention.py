@@ -113,6 +113,7 @@ class AttentionServer:
         self.replica_id = self.holder_id = config.replica_id or f"attention-{uuid.uuid4().hex[:8]}"
         self.metrics = ServiceMetrics("attention", config.name)
         self.metrics.watch_lending(lent=self.holder.lent_to)
+        self.metrics_address: str | None = None  # host:port of /metrics once started, if asked
         self.layer_batches = 0
         self.layer_seconds = 0.0
         self.ledger: Ledger | None = None
@@ -131,16 +132,16 @@ class AttentionServer:
         self.app.add(SERVICE_NAME)
         await self.app.start()
         cfg = self.config
-        metrics_address = ""
         if cfg.metrics_port is not None:
-            metrics_address = self.metrics.serve(cfg.host, cfg.metrics_port)
+            self.metrics_address = self.metrics.serve(cfg.host, cfg.metrics_port)
         if cfg.cluster.redis_url:
             self.ledger = Ledger(cfg.cluster.redis_url, cfg.cluster.namespace, cfg.cluster.ttl_s)
             self.ledger.announce(self._info())
             self._beat = asyncio.create_task(self._heartbeat(cfg.cluster.heartbeat_s))
             self.registration = register_replica(
                 cfg.cluster, "attention", self.replica_id, model=cfg.name, address=self.address,
-                load=self._load, holder_id=self.holder_id, metrics_address=metrics_address,
+                load=self._load, holder_id=self.holder_id,
+                metrics_address=self.metrics_address or "",
             )  # fmt: skip
         return self.address
 

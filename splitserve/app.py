@@ -1,5 +1,6 @@
 """The Ray Serve application: the router as HTTP ingress, plus prefill, decode (or colocated)
-replicas per model, from the typed configs splitserve.deployment builds.
+replicas per model, and the attention replicas that lend them KV, from the typed configs
+splitserve.deployment builds.
 
 Ray Serve places, starts, health-checks and scales the replicas; the services still talk gRPC
 to each other (each replica serves its own port and registers it in Redis), so the same
@@ -18,7 +19,7 @@ from typing import Any
 from ray import serve
 
 from router.config import RouterConfig
-from services.config import DecodeConfig, PrefillConfig, ReplicaConfig
+from services.config import AttentionConfig, DecodeConfig, PrefillConfig, ReplicaConfig
 from splitserve.app_config import AppConfig
 from splitserve.deployment import plan_deployment
 
@@ -32,17 +33,40 @@ def _bind_host() -> str:
     return os.environ.get("SPLITSERVE_BIND_HOST", "127.0.0.1")
 
 
+class _ServedReplica:
+    """What a Serve replica running one gRPC server shares: health, address, drain on exit."""
+
+    server: Any
+    address: str
+    drain_s: float = 10
+
+    async def check_health(self) -> None:
+        if self.server.app.draining:
+            raise RuntimeError("draining")
+
+    async def address_of(self) -> str:
+        return self.address
+
+    async def __del__(self) -> None:
+        await self.server.stop(drain_s=self.drain_s)
+
+
+def _on_assigned_gpu(config: ReplicaConfig) -> ReplicaConfig:
+    if config.engine.device == "cpu":
+        return config
+    return dataclasses.replace(
+        config, engine=dataclasses.replace(config.engine, device=_assigned_gpu())
+    )
+
+
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30)
-class EngineReplica:
+class EngineReplica(_ServedReplica):
     """One prefill, decode or colocated server (engine + gRPC port) inside a Serve replica."""
 
     async def __init__(self, config: ReplicaConfig) -> None:
         from services.config import build_engine
 
-        if config.engine.device != "cpu":
-            config = dataclasses.replace(
-                config, engine=dataclasses.replace(config.engine, device=_assigned_gpu())
-            )
+        config = _on_assigned_gpu(config)
         engine = await asyncio.to_thread(build_engine, config)
         if isinstance(config, PrefillConfig):
             from services.prefill import PrefillServer
@@ -56,15 +80,23 @@ class EngineReplica:
         self.address = await self.server.start()
         log.info("%s replica of %s serving on %s", config.role, config.name, self.address)
 
-    async def check_health(self) -> None:
-        if self.server.app.draining:
-            raise RuntimeError("draining")
 
-    async def address_of(self) -> str:
-        return self.address
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=30)
+class AttentionReplica(_ServedReplica):
+    """One attention server (a KV pool lent to decoders, no engine) inside a Serve replica. It
+    announces itself in the lending ledger; decoders borrow from it on demand, so it needs no
+    start order with them."""
 
-    async def __del__(self) -> None:
-        await self.server.stop(drain_s=10)
+    drain_s = 5
+
+    async def __init__(self, config: AttentionConfig) -> None:
+        from services.attention import AttentionServer
+
+        config = _on_assigned_gpu(config)
+        assert isinstance(config, AttentionConfig)
+        self.server = AttentionServer(config)  # allocates the pool: quick, no weights
+        self.address = await self.server.start()
+        log.info("attention replica of %s serving on %s", config.name, self.address)
 
 
 def _assigned_gpu() -> str:
@@ -124,7 +156,8 @@ def build_application(cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path
             opts["autoscaling_config"] = side.autoscaling.model_dump()
         else:
             opts["num_replicas"] = side.replicas
-        workers.append(EngineReplica.options(**opts).bind(r.config))
+        replica = AttentionReplica if r.role == "attention" else EngineReplica
+        workers.append(replica.options(**opts).bind(r.config))
     return RouterReplica.options(
         name="router",
         num_replicas=cfg.router.replicas,

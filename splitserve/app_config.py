@@ -13,6 +13,7 @@
         mode: disaggregated                # or colocated
         prefill: {replicas: 1, num_gpus: 0, num_cpus: 0, device_pool: 2GiB}
         decode: {replicas: 1, num_gpus: 0, num_cpus: 0}
+        attention: {replicas: 2, num_kv_blocks: 4096, lend_fraction: 1.0}  # optional: KV lenders
         engine: {max_num_seqs: 64, max_num_batched_tokens: 512, block_size: 16}
         sampling: {temperature: 0.7, max_tokens: 1024}   # unset by a request; over the model's
 
@@ -22,6 +23,7 @@ Errors name the field: `models.0.prefill.replicas: Input should be greater than 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -48,10 +50,20 @@ class Autoscaling(_Strict):
     target_ongoing_requests: float = Field(16, gt=0)
 
 
-class ReplicaSpec(_Strict):
+class Placement(_Strict):
+    """Where a role's replicas run and how many: what Ray Serve needs of every role."""
+
     replicas: int = Field(1, ge=1)
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(0, ge=0)  # 0 lets replicas start on a 2-core machine
+    autoscaling: Autoscaling | None = None
+    # CPU engines: torch threads (0: all cores; Ray would otherwise pin a 0-CPU replica to one).
+    threads: int = Field(0, ge=0)
+
+
+class ReplicaSpec(Placement):
+    """A prefill, decode or colocated role: an engine replica."""
+
     max_waiting: int = Field(256, ge=1)
     kv_memory: str = "1GiB"  # prefill: its KV shard
     # Prefill on a GPU: hand-off KV kept on the GPU, which a decode on the same host copies GPU
@@ -67,9 +79,29 @@ class ReplicaSpec(_Strict):
         parse_size(v)  # its ValueError names the value and shows examples
         return v
 
-    autoscaling: Autoscaling | None = None
-    # CPU engines: torch threads (0: all cores; Ray would otherwise pin a 0-CPU replica to one).
-    threads: int = Field(0, ge=0)
+
+class AttentionSpec(Placement):
+    """Attention replicas (DistAttention): KV pools with no weights that lend blocks to the
+    model's decode (or colocated) replicas when theirs are short, and attend over them. The
+    pool: num_kv_blocks blocks, or kv_memory worth (unset: as the engine section sizes the
+    decoders' pool); lend_fraction of it may be lent."""
+
+    num_kv_blocks: int | None = Field(None, ge=2)
+    kv_memory: str | None = None
+    lend_fraction: float = Field(1.0, ge=0, le=1)
+
+    @field_validator("kv_memory")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_pool_size(self) -> AttentionSpec:
+        if self.num_kv_blocks is not None and self.kv_memory is not None:
+            raise ValueError("num_kv_blocks and kv_memory both size the pool: set one")
+        return self
 
 
 class EngineSpec(_Strict):
@@ -146,23 +178,50 @@ class ModelSpec(_Strict):
     prefill: ReplicaSpec = ReplicaSpec()
     decode: ReplicaSpec = ReplicaSpec()
     colocated: ReplicaSpec = ReplicaSpec()
+    # Set: attention replicas lend KV to this model's decoders, which then borrow (borrow_kv).
+    attention: AttentionSpec | None = None
     engine: EngineSpec = EngineSpec()
     sampling: SamplingSpec = SamplingSpec()
 
     @property
-    def roles(self) -> tuple[str, ...]:
+    def serving_roles(self) -> tuple[str, ...]:
+        """The roles that run the model (an engine each)."""
         return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
 
-    def side(self, role: str) -> ReplicaSpec:
-        return getattr(self, role)
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Every role of this model's pool: the serving ones, then attention if set."""
+        return self.serving_roles + (("attention",) if self.attention is not None else ())
+
+    @property
+    def borrows_kv(self) -> bool:
+        """Whether the decode (or colocated) replicas borrow KV from attention replicas."""
+        return self.attention is not None
+
+    def side(self, role: str) -> Placement:
+        side = getattr(self, role)
+        if side is None:
+            raise ValueError(f"model {self.name!r} has no {role} replicas")
+        return side
 
     def engine_config(self, role: str, device: str = "cpu"):
         """This role's EngineConfig: the model's engine settings, its dtype, the role's own
-        step budget, on `device`."""
+        step budget (an attention role: its own pool size), on `device`."""
+        side = self.side(role)
+        if isinstance(side, AttentionSpec):
+            cfg = self.engine.engine_config(dtype=self.dtype, device=device)
+            if side.num_kv_blocks is not None:
+                return dataclasses.replace(cfg, num_kv_blocks=side.num_kv_blocks)
+            if side.kv_memory is not None:
+                return dataclasses.replace(
+                    cfg, num_kv_blocks=None, kv_cache_memory_bytes=parse_size(side.kv_memory)
+                )
+            return cfg
+        assert isinstance(side, ReplicaSpec)
         return self.engine.engine_config(
             dtype=self.dtype,
             device=device,
-            max_num_batched_tokens=self.side(role).max_num_batched_tokens,
+            max_num_batched_tokens=side.max_num_batched_tokens,
         )
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ app.add_typer(models_app, name="models")
 serve_app = typer.Typer(help="Run one splitserve service in the foreground.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 app.add_typer(loadgen_app, name="bench")
+kv_app = typer.Typer(help="Look at the cluster's KV state in Redis.", no_args_is_help=True)
+app.add_typer(kv_app, name="kv")
 err = Console(stderr=True, soft_wrap=True)
 
 DtypeOpt = Annotated[
@@ -292,6 +295,7 @@ def _serve_engine_service(
     metrics_port: int | None,
     device: str = "cpu",
     device_pool: str = "2GiB",
+    borrow_kv: bool = False,
 ) -> None:
     from kvstore.config import Membership
     from services.config import DecodeConfig, PrefillConfig
@@ -320,14 +324,17 @@ def _serve_engine_service(
             config = DecodeConfig(**common, colocated=role == "colocated")
     except ValueError as e:
         fail(str(e))
-    # A colocated server needs no Redis; the others register and hand KV off through it.
-    needs_redis = role != "colocated" or redis_url is not None
+    # A colocated server needs no Redis unless it borrows KV (the lending ledger is there); the
+    # others register and hand KV off through it.
+    needs_redis = role != "colocated" or redis_url is not None or borrow_kv
     with (
         _cluster_redis(config.cluster)
         if needs_redis
         else contextlib.nullcontext(config.cluster) as cluster
     ):
         config = dataclasses.replace(config, cluster=cluster)
+        if borrow_kv:
+            config = dataclasses.replace(config, borrow_kv=True)
         if role == "prefill":
             from services.prefill import PrefillServer as Server
         else:
@@ -380,13 +387,26 @@ def _service_command(role: str, doc: str):
             str,
             typer.Option("--device-pool", help="Prefill on a GPU: hand-off KV kept there; 0 off"),
         ] = "2GiB",
+        borrow_kv: Annotated[
+            bool,
+            typer.Option(
+                "--borrow-kv/--no-borrow-kv",
+                help="When the KV pool is short, borrow blocks from attention replicas "
+                "(found in the lending ledger in Redis)",
+            ),
+        ] = False,
     ) -> None:
         _serve_engine_service(
             role, model, dtype, host, port, redis_url, namespace, max_waiting, kv_memory,
-            num_kv_blocks, metrics_port, device, device_pool,
+            num_kv_blocks, metrics_port, device, device_pool, borrow_kv,
         )  # fmt: skip
 
     command.__doc__ = doc
+    if role == "prefill":  # a prefill replica's pool only hands KV off: it borrows none
+        sig = inspect.signature(command, eval_str=True)  # typer reads the options from these
+        command.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[p for p in sig.parameters.values() if p.name != "borrow_kv"]
+        )
     return command
 
 
@@ -408,6 +428,144 @@ serve_app.command("colocated")(
         "Both phases on one engine (the baseline): whole requests -> token streams.",
     )
 )
+
+
+@serve_app.command("attention")
+def serve_attention(
+    model: ModelOpt = "smollm2-135m-instruct",
+    dtype: DtypeOpt = "auto",
+    port: Annotated[int, typer.Option("--port", help="gRPC port; 0 picks a free one")] = 0,
+    host: Annotated[str, typer.Option("--host", help="Address to bind")] = "127.0.0.1",
+    redis_url: Annotated[
+        str | None,
+        typer.Option("--redis", help="Redis URL of the lending ledger (default: a private one)"),
+    ] = None,
+    namespace: Annotated[str, typer.Option("--namespace")] = "splitserve",
+    num_kv_blocks: Annotated[
+        int | None, typer.Option("--num-kv-blocks", help="KV pool size in blocks")
+    ] = None,
+    kv_memory: Annotated[
+        str | None,
+        typer.Option("--kv-memory", help="KV pool size in memory, e.g. 4GiB (default 512MiB)"),
+    ] = None,
+    lend_fraction: Annotated[
+        float, typer.Option("--lend-fraction", help="Fraction of the pool decoders may borrow")
+    ] = 1.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve Prometheus /metrics here (0: any port)"),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
+) -> None:
+    """Attention service: a KV pool (no weights) lent to decode replicas started with
+    --borrow-kv, attending over what they borrowed. Prints its address."""
+    from kvstore.config import Membership
+    from services.attention import AttentionServer
+    from services.config import AttentionConfig
+    from services.engine.config import EngineConfig
+    from services.engine.errors import EngineError
+
+    if num_kv_blocks is not None and kv_memory is not None:
+        fail("--num-kv-blocks and --kv-memory both size the pool: give one")
+    model_dir = resolve_model(model)
+    try:
+        engine = EngineConfig(dtype=dtype, num_kv_blocks=num_kv_blocks, device=device)
+        if kv_memory is not None:
+            engine = dataclasses.replace(
+                engine, kv_cache_memory_bytes=_size(kv_memory, "--kv-memory")
+            )
+        config = AttentionConfig(
+            name=model if model in _known_models() else model_dir.name,
+            model=model_dir,
+            engine=engine,
+            host=host,
+            port=port,
+            cluster=Membership(redis_url=redis_url, namespace=namespace),
+            metrics_port=metrics_port,
+            lend_fraction=lend_fraction,
+        )
+    except ValueError as e:
+        fail(str(e))
+    with _cluster_redis(config.cluster) as cluster:
+        try:
+            server = AttentionServer(dataclasses.replace(config, cluster=cluster))
+        except (EngineError, ValueError) as e:
+            fail(str(e))
+
+        def announce(address: str) -> None:
+            print(address, flush=True)
+            h = server.holder
+            err.print(
+                f"attention replica {server.holder_id}: {h.num_blocks} KV blocks, "
+                f"{h.lend_cap} lendable",
+                highlight=False,
+            )
+            if server.metrics_address:
+                err.print(f"metrics at http://{server.metrics_address}/metrics", highlight=False)
+
+        _serve(server.start, server.stop, announce)
+
+
+@kv_app.command("ledger")
+def kv_ledger(
+    redis_url: Annotated[str, typer.Option("--redis", help="Redis URL of the lending ledger")],
+    namespace: Annotated[str, typer.Option("--namespace", help="Redis key prefix")] = "splitserve",
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {"creditors": [...], "debts": {...}}')
+    ] = False,
+) -> None:
+    """Who owes whom in the KV lending ledger (blocks each borrower holds of each creditor).
+
+    Lists each live creditor's pool, lend cap, lent and spare blocks, then one row per debt."""
+    import redis
+    from rich.table import Table
+
+    from kvstore.lending import Ledger
+
+    try:
+        ledger = Ledger(redis_url, namespace)
+    except ValueError as e:  # a URL redis-py can't parse
+        fail(f"--redis: {e}")
+    try:
+        creditors = ledger.creditors()
+        debts = ledger.debts()
+    except (redis.RedisError, OSError) as e:
+        fail(f"cannot read the lending ledger at {redis_url}: {e}")
+    finally:
+        ledger.close()
+    # Two reads: a creditor that came or went between them shows in neither's rows alone.
+    live = {c.creditor_id for c in creditors}
+    debts = {cid: d for cid, d in debts.items() if cid in live}
+    if as_json:
+        rows = [{**dataclasses.asdict(c), "spare": c.spare} for c in creditors]
+        print(json.dumps({"creditors": rows, "debts": debts}))
+        return
+    out = Console(soft_wrap=True)
+    if not creditors:
+        out.print(f"no live creditors in namespace {namespace!r}", highlight=False)
+        return
+    ct = Table(title=f"KV creditors ({namespace})", title_justify="left")
+    # Ids and numbers whole; the address and layout (long, often alike) fold if short of room.
+    ct.add_column("creditor", no_wrap=True)
+    ct.add_column("address", overflow="fold", min_width=10)
+    for col in ("capacity", "lend_cap", "lent", "spare"):
+        ct.add_column(col, justify="right", no_wrap=True)
+    ct.add_column("layout", overflow="fold", min_width=16)
+    for c in creditors:
+        nums = (c.capacity, c.lend_cap, c.lent, c.spare)
+        ct.add_row(c.creditor_id, c.address, *(str(v) for v in nums), c.layout)
+    out.print(ct)
+    dt = Table(title="Who owes whom (blocks)", title_justify="left")
+    dt.add_column("creditor", no_wrap=True)
+    dt.add_column("borrower", no_wrap=True)
+    dt.add_column("blocks", justify="right", no_wrap=True)
+    for c in creditors:
+        for borrower, n in debts.get(c.creditor_id, {}).items():
+            dt.add_row(c.creditor_id, borrower, str(n))
+    if dt.row_count:
+        out.print(dt)
+    else:
+        out.print("nothing lent", highlight=False)
 
 
 @app.command()

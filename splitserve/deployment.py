@@ -1,7 +1,8 @@
 """What runs where: the typed configs of every server, built once from the app config.
 
 The app config (splitserve.app_config) is what a user writes; these are what the servers take:
-a RouterConfig, and per model and role a PrefillConfig or DecodeConfig holding its EngineConfig.
+a RouterConfig, and per model and role a PrefillConfig, DecodeConfig or AttentionConfig holding
+its EngineConfig.
 `splitserve up` and the Helm chart's RayService hand them to Ray replicas as they are."""
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ from pathlib import Path
 from kvstore.config import Membership
 from kvstore.sizes import parse_size
 from router.config import ModelRoute, RouterConfig
-from services.config import DecodeConfig, PrefillConfig, ReplicaConfig
-from splitserve.app_config import AppConfig, ModelSpec, ReplicaSpec
+from services.config import AttentionConfig, DecodeConfig, PrefillConfig, ReplicaConfig
+from splitserve.app_config import AppConfig, ModelSpec, Placement, ReplicaSpec
 
 
 @dataclass(frozen=True)
 class ReplicaPlan:
-    """One Serve deployment of engine replicas: its role, its placement (Ray resources,
-    replicas or autoscaling) and the config every replica of it runs."""
+    """One Serve deployment of a model's replicas (engine or attention): its role, its
+    placement (Ray resources, replicas or autoscaling) and the config every replica of it runs."""
 
     role: str
     model: str
-    spec: ReplicaSpec
+    spec: Placement
     config: ReplicaConfig
 
     @property
@@ -51,7 +52,8 @@ def plan_deployment(
     routes, replicas = [], []
     for m in cfg.models:
         d = model_dirs[m.name]
-        engine = m.engine_config(m.roles[0])  # block size and context are the same every role
+        # Block size and context are the same every role.
+        engine = m.engine_config(m.serving_roles[0])
         routes.append(
             ModelRoute(
                 name=m.name,
@@ -87,7 +89,8 @@ def replica_config(
     m: ModelSpec, role: str, model_dir: Path, cluster: Membership, host: str
 ) -> ReplicaConfig:
     """The config of one role's replicas. A GPU replica's engine names "cuda" here; the replica
-    narrows it to the GPU Ray assigned it (splitserve.app)."""
+    narrows it to the GPU Ray assigned it (splitserve.app). A model with attention replicas has
+    decoders that borrow KV from them (borrow_kv)."""
     side = m.side(role)
     common = {
         "name": m.name,
@@ -96,15 +99,19 @@ def replica_config(
         "host": host,
         "port": 0,
         "cluster": cluster,
-        "max_waiting": side.max_waiting,
         "metrics_port": 0,
         # 0: every core (Ray would otherwise hold a 0-CPU replica's torch to one thread).
         "cpu_threads": side.threads or os.cpu_count() or 1,
     }
+    if role == "attention":
+        assert m.attention is not None
+        return AttentionConfig(**common, lend_fraction=m.attention.lend_fraction)
+    assert isinstance(side, ReplicaSpec)
+    common["max_waiting"] = side.max_waiting
     if role == "prefill":
         return PrefillConfig(
             **common,
             kv_memory_bytes=parse_size(side.kv_memory),
             device_pool_bytes=parse_size(side.device_pool),
         )
-    return DecodeConfig(**common, colocated=role == "colocated")
+    return DecodeConfig(**common, colocated=role == "colocated", borrow_kv=m.borrows_kv)

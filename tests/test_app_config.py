@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from splitserve.app_config import ConfigError, load_config, parse_config
@@ -55,6 +57,21 @@ def test_a_full_config_reads_back(tmp_path):
         ([{"name": "a", "path": "p", "prefill": {"max_num_batched_tokens": 0}}],
          "models.0.prefill.max_num_batched_tokens: Input should be greater than or equal to 1"),
         ([{"name": "a", "path": "p", "prefil": {}}], "models.0.prefil: Extra inputs"),
+        # Attention replicas: their pool and what of it may be lent.
+        ([{"name": "a", "path": "p", "attention": {"lend_fraction": 1.5}}],
+         "models.0.attention.lend_fraction: Input should be less than or equal to 1"),
+        ([{"name": "a", "path": "p", "attention": {"lend_fraction": -0.1}}],
+         "models.0.attention.lend_fraction: Input should be greater than or equal to 0"),
+        ([{"name": "a", "path": "p", "attention": {"num_kv_blocks": 1}}],
+         "models.0.attention.num_kv_blocks: Input should be greater than or equal to 2"),
+        ([{"name": "a", "path": "p", "attention": {"kv_memory": "lots"}}],
+         "models.0.attention.kv_memory: not a size: 'lots'"),
+        ([{"name": "a", "path": "p", "attention": {"num_kv_blocks": 64, "kv_memory": "1GiB"}}],
+         "models.0.attention.num_kv_blocks: num_kv_blocks and kv_memory both size the pool"),
+        ([{"name": "a", "path": "p", "attention": {"replicas": 0}}],
+         "models.0.attention.replicas: Input should be greater than or equal to 1"),
+        ([{"name": "a", "path": "p", "attention": {"max_waiting": 3}}],
+         "models.0.attention.max_waiting: Extra inputs"),
         ([{"name": "a", "path": "p"}, {"name": "a", "path": "q"}], "duplicate model names"),
         ([], "models: List should have at least 1 item"),
     ],
@@ -121,3 +138,82 @@ def test_the_deployment_is_typed_configs_built_once(tmp_path, tiny_model_dir):
     assert route.model_id == model_fingerprint(tiny_model_dir)
     with pytest.raises(dataclasses.FrozenInstanceError):
         pre.max_waiting = 3  # type: ignore[misc]
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_attention_replicas_make_the_decoders_borrow(mode, tiny_model_dir):
+    """An `attention:` side adds attention replicas to the model's pool (their own pool size
+    over the engine's, their lend fraction) and turns borrow_kv on for its decoders."""
+    from services.config import AttentionConfig, DecodeConfig
+    from splitserve.deployment import plan_deployment
+
+    model = {"name": "m", "path": "p", "mode": mode, "engine": {"num_kv_blocks": 24}}
+    plain = plan_deployment(parse_config({"models": [model]}), "redis://r:6379/0",
+                            {"m": tiny_model_dir})  # fmt: skip
+    assert all(r.role != "attention" for r in plain.replicas)
+    assert not any(getattr(r.config, "borrow_kv", False) for r in plain.replicas)
+
+    side = {"replicas": 2, "num_kv_blocks": 256, "lend_fraction": 0.75, "num_cpus": 0.5}
+    cfg = parse_config({"models": [{**model, "attention": side}]})
+    assert cfg.models[0].roles[-1] == "attention"
+    plan = plan_deployment(cfg, "redis://r:6379/0", {"m": tiny_model_dir})
+    by_role = {r.role: r for r in plan.replicas}
+    serving = ["prefill", "decode"] if mode == "disaggregated" else ["colocated"]
+    assert list(by_role) == [*serving, "attention"]
+    att = by_role["attention"]
+    assert att.name == "attention-m" and (att.spec.replicas, att.spec.num_cpus) == (2, 0.5)
+    assert isinstance(att.config, AttentionConfig) and att.config.role == "attention"
+    assert (att.config.engine.num_kv_blocks, att.config.lend_fraction) == (256, 0.75)
+    assert att.config.cluster.redis_url == "redis://r:6379/0"
+    dec = by_role[serving[-1]].config
+    assert isinstance(dec, DecodeConfig) and dec.borrow_kv and dec.engine.num_kv_blocks == 24
+    # The KV layout must match the decoders': same block size and dtype.
+    assert (att.config.engine.block_size, att.config.engine.dtype) == (
+        dec.engine.block_size, dec.engine.dtype
+    )  # fmt: skip
+    # kv_memory sizes the pool by bytes instead of the engine's block count.
+    cfg = parse_config({"models": [{**model, "attention": {"kv_memory": "64MiB"}}]})
+    att = plan_deployment(cfg, "redis://r:6379/0", {"m": tiny_model_dir}).replicas[-1].config
+    assert (att.engine.num_kv_blocks, att.engine.kv_cache_memory_bytes) == (None, 64 << 20)
+
+
+def test_the_long_context_example_loads_and_plans(tiny_model_dir):
+    """examples/long-context.yaml: one colocated replica with a small pool that borrows from
+    two attention replicas holding several times more."""
+    from services.config import AttentionConfig, DecodeConfig
+    from splitserve.deployment import plan_deployment
+
+    cfg = load_config(EXAMPLES / "long-context.yaml")
+    [m] = cfg.models
+    assert (m.name, m.path, m.dtype, m.mode) == (
+        "smollm2-135m-instruct", "smollm2-135m-instruct", "float32", "colocated"
+    )  # fmt: skip
+    plan = plan_deployment(cfg, "redis://r:6379/0", {m.name: tiny_model_dir})
+    assert [(r.role, r.spec.replicas) for r in plan.replicas] == [("colocated", 1),
+                                                                   ("attention", 2)]  # fmt: skip
+    col, att = (r.config for r in plan.replicas)
+    assert isinstance(col, DecodeConfig) and col.colocated and col.borrow_kv
+    assert isinstance(att, AttentionConfig)
+    bs = col.engine.block_size
+    local = col.engine.num_kv_blocks * bs
+    lent = 2 * att.engine.num_kv_blocks * att.lend_fraction * bs
+    assert local < 500 and local + lent >= 4 * 1500  # a 1,500-token prompt: 4x the local pool
+
+
+def test_attention_roles_run_as_attention_replicas(tiny_model_dir):
+    """The Serve application runs an AttentionReplica (no engine) for the attention role and
+    an EngineReplica for the others (read through Ray's bound graph, a private attribute)."""
+    from splitserve.app import build_application
+
+    cfg = load_config(EXAMPLES / "long-context.yaml")
+    app = build_application(cfg, "redis://r:6379/0", {cfg.models[0].name: tiny_model_dir})
+    workers = [w._bound_deployment for w in app._bound_deployment.init_args[1:]]
+    got = [(w.name, w.func_or_class.__name__, w.num_replicas, type(w.init_args[0]).__name__)
+           for w in workers]  # fmt: skip
+    assert got == [
+        ("colocated-smollm2-135m-instruct", "EngineReplica", 1, "DecodeConfig"),
+        ("attention-smollm2-135m-instruct", "AttentionReplica", 2, "AttentionConfig"),
+    ]
