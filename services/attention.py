@@ -1,13 +1,5 @@
-"""AttentionService: a KV pool that lends blocks to decode replicas and attends over them.
-
-A decode replica short of KV memory borrows blocks here (found through the Redis lending
-ledger), then, every step, sends its layer batches: the queries and new K/V of the sequences
-whose blocks live here. This replica stores the K/V and returns each query's partial attention
-with its log-sum-exp; the decoder merges them with its own (DistAttention, Infinite-LLM).
-
-One bidirectional stream per decoder; requests are handled in order, one response each; a bad
-request gets its own error code and harms nothing else. When a decoder's stream ends, what it
-borrowed is freed. The replica holds no weights: only the model's KV layout.
+"""The attention replica: a KV pool of its own (no weights, only the model's KV layout) that
+lends blocks to decode replicas and attends over them (services/lender.py has the protocol).
 
     splitserve serve attention --model DIR --port 0 --redis URL
 """
@@ -15,77 +7,29 @@ borrowed is freed. The replica holds no weights: only the model's KV layout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 import uuid
-from dataclasses import dataclass, field
 
 import grpc
 
-from kvstore.lending import CreditorInfo, Ledger
+from kvstore.lending import Ledger
 from kvstore.registry import Registration, register_replica
-from kvstore.shm_layout import host_id
 from protos.splitserve.v1 import attention_pb2 as pb
-from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
 from rpc.server import ServiceApp
 from services.attention_client import layout_key
 from services.config import AttentionConfig
 from services.engine.config import ModelConfig
 from services.engine.engine import model_fingerprint
-from services.engine.errors import InvalidRequestError
 from services.engine.kv_cache import KVCache
-from services.engine.kv_holder import KVHolder, LendRefused, SegmentError, UnknownSequenceError
+from services.engine.kv_holder import KVHolder
 from services.engine.kv_transfer import KVLayout, dtype_name
-from services.engine.remote_kv import SeqSlice
-from services.ipc_link import IpcBuffer, decoder_layout, replica_layout
+from services.lender import Lender
 from services.metrics import ServiceMetrics
-from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
 OK = grpc.StatusCode.OK.value[0]
-
-
-@dataclass
-class _Session:
-    borrower: str = ""
-    reclaim: list[str] = field(default_factory=list)  # told on the next response
-    ipc: tuple[IpcBuffer, IpcBuffer] | None = None  # (the decoder's buffer, ours)
-
-
-class AttentionServicer(pb_grpc.AttentionServicer):
-    def __init__(self, server: AttentionServer) -> None:
-        self.s = server
-
-    async def Session(self, request_iterator, context):
-        sess = _Session()
-        try:
-            async for req in request_iterator:
-                resp = self.s.handle(sess, req)
-                if sess.reclaim:
-                    resp.reclaim.extend(sess.reclaim)
-                    sess.reclaim.clear()
-                yield resp
-        finally:
-            if sess.borrower:
-                self.s.drop_borrower(sess)
-
-    async def Stats(self, request, context):
-        h = self.s.holder
-        return pb.AttentionStats(
-            holder_id=self.s.holder_id,
-            num_blocks=h.num_blocks,
-            lend_cap=h.lend_cap,
-            lent=h.lent,
-            lent_to=h.lent_to(),
-            layer_batches=self.s.layer_batches,
-            layer_seconds=self.s.layer_seconds,
-        )
-
-    async def Reclaim(self, request, context):
-        return pb.ReclaimResponse(asked=self.s.reclaim(request.keep_lent))
 
 
 class AttentionServer:
@@ -113,13 +57,9 @@ class AttentionServer:
         self.replica_id = self.holder_id = config.replica_id or f"attention-{uuid.uuid4().hex[:8]}"
         self.metrics = ServiceMetrics("attention", config.name)
         self.metrics.watch_lending(lent=self.holder.lent_to)
+        self.lender = Lender(self.holder, self.holder_id, self.layout)
         self.metrics_address: str | None = None  # host:port of /metrics once started, if asked
-        self.layer_batches = 0
-        self.layer_seconds = 0.0
-        self.ledger: Ledger | None = None
         self.registration: Registration | None = None
-        self._sessions: dict[str, _Session] = {}
-        self._beat: asyncio.Task | None = None
         self.app: ServiceApp
 
     @property
@@ -128,16 +68,13 @@ class AttentionServer:
 
     async def start(self) -> str:
         self.app = ServiceApp(self.config.host, self.config.port)
-        pb_grpc.add_AttentionServicer_to_server(AttentionServicer(self), self.app.server)
-        self.app.add(SERVICE_NAME)
+        self.lender.add_to(self.app)
         await self.app.start()
         cfg = self.config
         if cfg.metrics_port is not None:
             self.metrics_address = self.metrics.serve(cfg.host, cfg.metrics_port)
         if cfg.cluster.redis_url:
-            self.ledger = Ledger(cfg.cluster.redis_url, cfg.cluster.namespace, cfg.cluster.ttl_s)
-            self.ledger.announce(self._info())
-            self._beat = asyncio.create_task(self._heartbeat(cfg.cluster.heartbeat_s))
+            await self.lender.start_ledger(cfg.cluster, self.address)
             self.registration = register_replica(
                 cfg.cluster, "attention", self.replica_id, model=cfg.name, address=self.address,
                 load=self._load, holder_id=self.holder_id,
@@ -147,228 +84,30 @@ class AttentionServer:
 
     async def stop(self, drain_s: float = 5.0) -> None:
         await self.app.drain(drain_s)
-        if self._beat is not None:
-            self._beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._beat
+        await self.lender.stop_ledger()
         if self.registration is not None:
             self.registration.close()
-        if self.ledger is not None:
-            with contextlib.suppress(Exception):
-                self.ledger.withdraw(self.holder_id)
-            self.ledger.close()
         await self.app.stop()
         await self.metrics.aclose()
 
-    def _info(self) -> CreditorInfo:
-        h = self.holder
-        return CreditorInfo(
-            self.holder_id, self.address, host_id(), self.layout, h.num_blocks, h.lend_cap, h.lent
-        )
-
     def _load(self) -> dict[str, int]:
         h = self.holder
-        free = h.num_blocks - h.lent
-        return {"running": len(self._sessions), "waiting": 0, "free_blocks": free,
-                "total_blocks": h.num_blocks}  # fmt: skip
+        free = h.capacity - h.lent
+        return {"running": self.lender.num_sessions, "waiting": 0, "free_blocks": free,
+                "total_blocks": h.capacity}  # fmt: skip
 
-    async def _heartbeat(self, every_s: float) -> None:
-        assert self.ledger is not None
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                if not self.ledger.heartbeat(self.holder_id):
-                    # Redis lost the entry (restart, flush): put back what is lent, to whom.
-                    self.ledger.restore(self._info(), self.holder.lent_to())
-            except Exception as e:  # Redis away: lending goes on; the entry comes back later
-                log.warning("lending ledger heartbeat failed: %s", e)
+    # What tests and benchmarks read (the lender's counters).
+    @property
+    def layer_batches(self) -> int:
+        return self.lender.layer_batches
 
-    # -- requests (on the event loop: holder state has one thread) ---------------------------
+    @property
+    def layer_seconds(self) -> float:
+        return self.lender.layer_seconds
 
-    def handle(self, sess: _Session, req: pb.AttentionRequest) -> pb.AttentionResponse:
-        resp = pb.AttentionResponse(id=req.id)
-        kind = req.WhichOneof("body")
-        try:
-            if kind == "hello":
-                self._hello(sess, req.hello, resp)
-            elif not sess.borrower:
-                _fail(resp, grpc.StatusCode.FAILED_PRECONDITION, "say hello first")
-            elif kind == "borrow":
-                resp.granted = self._borrow(sess, req.borrow)
-            elif kind == "release":
-                for sid in req.release.seq_ids:
-                    self._release(sess.borrower, sid)
-            elif kind == "step":
-                slices = [
-                    SeqSlice(s.seq_id, s.q_start, s.num_q, s.write_start, s.num_write)
-                    for s in req.step.seqs
-                ]
-                self.holder.begin_step(sess.borrower, slices)
-            elif kind == "layer":
-                self._layer(sess, req.layer, resp)
-            else:
-                _fail(resp, grpc.StatusCode.INVALID_ARGUMENT, "empty request")
-        except UnknownSequenceError as e:
-            _fail(resp, grpc.StatusCode.NOT_FOUND, str(e))
-        except (SegmentError, InvalidRequestError) as e:
-            _fail(resp, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except LendRefused as e:
-            _fail(resp, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except _Refused as e:
-            _fail(resp, e.code, str(e))
-        return resp
-
-    def _hello(self, sess: _Session, hello: pb.Hello, resp: pb.AttentionResponse) -> None:
-        if sess.borrower:
-            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "this stream already said hello")
-        if not hello.borrower_id:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "borrower_id is empty")
-        if hello.layout != self.layout:
-            raise _Refused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"this replica holds KV of layout {self.layout!r}, not {hello.layout!r}",
-            )
-        if hello.borrower_id in self._sessions:
-            raise _Refused(
-                grpc.StatusCode.ALREADY_EXISTS, f"{hello.borrower_id} already has a stream here"
-            )
-        sess.borrower = hello.borrower_id
-        self._sessions[sess.borrower] = sess
-        if hello.HasField("ipc"):
-            sess.ipc = self._ipc_link(hello.ipc)
-            if sess.ipc is not None:
-                resp.ipc.CopyFrom(sess.ipc[1].link)
-
-    def _ipc_link(self, theirs: pb.IpcLink) -> tuple[IpcBuffer, IpcBuffer] | None:
-        """Map the decoder's buffer and make ours, or None (bytes) where CUDA can't."""
-        h = self.holder
-        cfg = h.cfg
-        if not str(h.device).startswith("cuda"):
-            return None
-        try:
-            src = IpcBuffer.open(
-                theirs, decoder_layout(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, h.dtype)
-            )
-            dst = IpcBuffer.create(
-                src.buf.device, theirs.rows, replica_layout(cfg.num_heads, cfg.head_dim)
-            )
-        except (RuntimeError, LookupError, ValueError) as e:
-            log.info("no CUDA IPC with this decoder (%s): layer batches go as bytes", e)
-            return None
-        return src, dst
-
-    def _borrow(self, sess: _Session, b: pb.Borrow) -> int:
-        h = self.holder
-        why = h.can_lend(b.num_blocks)
-        if why is not None:
-            raise LendRefused(why)
-        if self.ledger is not None:
-            try:
-                ok = self.ledger.try_lend(self.holder_id, sess.borrower, b.num_blocks)
-            except Exception as e:
-                raise _Refused(grpc.StatusCode.UNAVAILABLE, f"lending ledger: {e}") from None
-            if not ok:
-                raise LendRefused("the ledger's lend cap is reached")
-        try:
-            h.lend(sess.borrower, b.seq_id, b.first_block, b.num_blocks)
-        except Exception:
-            self._repay(sess.borrower, b.num_blocks)
-            raise
-        return b.num_blocks
-
-    def _release(self, borrower: str, seq_id: str) -> None:
-        self._repay(borrower, self.holder.release(borrower, seq_id))
-
-    def _repay(self, borrower: str, n: int) -> None:
-        if n and self.ledger is not None:
-            try:
-                self.ledger.repay(self.holder_id, borrower, n)
-            except Exception as e:  # the heartbeat's restore corrects it once Redis is back
-                log.warning("lending ledger repay failed: %s", e)
-
-    def _layer(self, sess: _Session, layer: pb.LayerBatch, resp: pb.AttentionResponse) -> None:
-        t0 = time.perf_counter()
-        if layer.ipc:
-            self._layer_ipc(sess, layer, resp)
-        else:
-            q = tensor_from_pb(layer.q, "q")
-            k = tensor_from_pb(layer.k, "k")
-            v = tensor_from_pb(layer.v, "v")
-            out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
-            out, lse = to_host(out, lse)  # one copy to the host: the work is done after this
-            tensor_to_pb(out, resp.layer.out)
-            tensor_to_pb(lse, resp.layer.lse)
-        self.layer_batches += 1
-        self.layer_seconds += time.perf_counter() - t0
-
-    def _layer_ipc(self, sess: _Session, layer: pb.LayerBatch, resp) -> None:
-        """The batch is in the decoder's buffer: our stream waits for it, computes, writes the
-        partials to our buffer and announces them; the host never waits for the GPU."""
-        if sess.ipc is None:
-            raise SegmentError("an IPC layer batch on a stream without an IPC link")
-        src, dst = sess.ipc
-        q_rows = _rows(layer.q, "q")
-        kv_rows = _rows(layer.k, "k")
-        if q_rows > src.rows or kv_rows > src.rows or _rows(layer.v, "v") != kv_rows:
-            raise SegmentError(f"an IPC batch of {q_rows} q and {kv_rows} k/v rows does not fit")
-        src.wait()
-        q, k, v = src.regions[0][:q_rows], src.regions[1][:kv_rows], src.regions[2][:kv_rows]
-        out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
-        dst.regions[0][:q_rows].copy_(out)
-        dst.regions[1][:q_rows].copy_(lse)
-        dst.ready()
-        resp.layer.ipc = True
-        resp.layer.out.layout.CopyFrom(layer.q.layout)
-        resp.layer.out.layout.dtype = "float32"
-        resp.layer.lse.layout.dtype = "float32"
-        resp.layer.lse.layout.shape.extend([q_rows, self.holder.cfg.num_heads])
-
-    def drop_borrower(self, sess: _Session) -> None:
-        """Its stream ended: free what it borrowed."""
-        self._sessions.pop(sess.borrower, None)
-        n = self.holder.release_owner(sess.borrower)
-        if n and self.ledger is not None:
-            with contextlib.suppress(Exception):
-                self.ledger.repay_all(self.holder_id, sess.borrower)
-
-    def reclaim(self, keep_lent: int) -> int:
-        """Lower the lend cap to keep_lent and ask borrowers for the blocks above it, biggest
-        sequences first."""
-        h = self.holder
-        h.lend_cap = min(h.lend_cap, keep_lent)
-        if self.ledger is not None:
-            with contextlib.suppress(Exception):
-                self.ledger.set_lend_cap(self.holder_id, h.lend_cap)
-        excess = h.lent - keep_lent
-        asked = 0
-        held = sorted(
-            ((h.held_blocks(o, s), o, s) for o in self._sessions for s in h.seqs_of(o)),
-            reverse=True,
-        )
-        for n, owner, seq in held:
-            if asked >= excess:
-                break
-            self._sessions[owner].reclaim.append(seq)
-            asked += n
-        return asked
-
-
-def _rows(t: pb.Tensor, name: str) -> int:
-    shape = t.layout.shape
-    if not shape or shape[0] < 0:
-        raise SegmentError(f"{name}: no rows in shape {list(shape)}")
-    return int(shape[0])
-
-
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _fail(resp: pb.AttentionResponse, code: grpc.StatusCode, message: str) -> None:
-    resp.code = code.value[0]
-    resp.message = message
+    @property
+    def ledger(self) -> Ledger | None:
+        return self.lender.ledger
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,27 +59,41 @@ class KVHolder:
         dtype: torch.dtype,
         device: str = "cpu",
         lend_cap: int | None = None,
+        *,
+        pool: BlockPool | None = None,
+        kv_cache: KVCache | None = None,
+        reserve: int = 0,
     ) -> None:
+        """A pool of its own (num_blocks), or an engine's `pool` and `kv_cache` shared: then it
+        lends their free blocks, keeping `reserve` of them free for the engine's own work, and
+        every lend and release must run on the engine's thread (the caller's business)."""
         self.cfg = cfg
         self.block_size = block_size
         self.dtype = dtype
         self.device = device
-        self.kv_cache = KVCache.allocate(cfg, num_blocks, block_size, dtype, device)
-        self.pool = BlockPool(num_blocks, enable_caching=False)
-        self.lend_cap = num_blocks if lend_cap is None else lend_cap
+        self.kv_cache = kv_cache or KVCache.allocate(cfg, num_blocks, block_size, dtype, device)
+        self.pool = pool or BlockPool(num_blocks, enable_caching=False)
+        self.reserve = reserve
+        self.lend_cap = self.pool.num_blocks if lend_cap is None else lend_cap
         self.scale = cfg.head_dim**-0.5
+        self._lent = 0
         self._seqs: dict[tuple[str, str], HeldSeq] = {}
         self._steps: dict[str, _Step] = {}  # borrower -> its current step
 
     # -- lending ------------------------------------------------------------------------------
 
     @property
-    def num_blocks(self) -> int:
+    def capacity(self) -> int:
+        """Blocks of the pool it lends from."""
         return self.pool.num_blocks
 
     @property
     def lent(self) -> int:
-        return self.pool.num_blocks - self.pool.num_free
+        return self._lent
+
+    def held_block_ids(self) -> list[int]:
+        """Every block lent now (an engine sharing its pool counts them as held)."""
+        return [b for s in list(self._seqs.values()) for b in s.phys]
 
     def lent_to(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -91,8 +105,8 @@ class KVHolder:
         """Why n more blocks can't be lent now, or None if they can."""
         if self.lent + n > self.lend_cap:
             return f"lend cap reached ({self.lent} of {self.lend_cap} blocks lent)"
-        if not self.pool.can_allocate(n):
-            return f"only {self.pool.num_free} free blocks"
+        if not self.pool.can_allocate(n + self.reserve):
+            return f"only {self.pool.num_free} free blocks, {self.reserve} of them kept"
         return None
 
     def lend(self, owner: str, seq_id: str, first_block: int, num_blocks: int) -> None:
@@ -107,6 +121,7 @@ class KVHolder:
             raise SegmentError(f"sequence {seq_id!r} already holds some of blocks {wanted}")
         for logical, phys in zip(wanted, self.pool.allocate(num_blocks), strict=True):
             held.blocks[logical] = phys
+        self._lent += num_blocks
         if held.order and held.order[-1] > first_block:  # lent out of order: re-sort once
             pairs = sorted(held.blocks.items())
             held.order, held.phys = [b for b, _ in pairs], [p for _, p in pairs]
@@ -119,6 +134,7 @@ class KVHolder:
         if held is None:
             return 0
         self.pool.release(held.phys)
+        self._lent -= len(held.blocks)
         return len(held.blocks)
 
     def release_owner(self, owner: str) -> int:
