@@ -174,7 +174,7 @@ class AttentionPeers:
             log.warning("lending ledger unreachable: %s", e)
             return None
         for c in creditors:
-            if c.spare < num_blocks:
+            if c.spare < num_blocks or c.creditor_id == self.borrower_id:  # not from itself
                 continue
             stream = self._stream(c.creditor_id, c.address)
             if stream is None:

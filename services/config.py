@@ -94,11 +94,18 @@ class DecodeConfig(ReplicaConfig):
     # Borrow KV blocks from attention replicas (found in the cluster's lending ledger) when
     # the engine's own pool is short, and attend over them there (DistAttention).
     borrow_kv: bool = False
+    # Lend up to this share of the engine's KV pool, while this replica's own work leaves it
+    # free, to other decode replicas that borrow (0: lend nothing).
+    lend_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.borrow_kv and not self.cluster.redis_url:
             raise ValueError("borrow_kv needs the cluster's Redis (the lending ledger)")
+        if not 0.0 <= self.lend_fraction <= 1.0:
+            raise ValueError(f"lend_fraction must be within [0, 1], got {self.lend_fraction}")
+        if self.lend_fraction and not self.cluster.redis_url:
+            raise ValueError("lend_fraction needs the cluster's Redis (the lending ledger)")
 
     @property
     def role(self) -> str:

@@ -32,8 +32,10 @@ from services.config import DecodeConfig
 from services.engine.block_hash import hash_blocks
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequestError
+from services.engine.kv_holder import KVHolder
 from services.engine.kv_transfer import KVBlock
 from services.engine_loop import EngineLoop, KVCapacityError, QueueFullError
+from services.lender import Lender
 from services.metrics import RequestMetrics, ServiceMetrics
 from services.replica import ReplicaServer
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
@@ -188,6 +190,32 @@ class DecodeServer(ReplicaServer):
             self.peers = AttentionPeers(ledger, self.replica_id, layout, ipc=ipc)
             e.attach_remote_kv(self.peers)  # before any request: the engine thread is idle
             self.metrics.watch_lending(borrowed=self.peers.borrowed)
+        self.lender: Lender | None = None
+        if config.lend_fraction > 0:
+            self.lender = self._lender(config.lend_fraction)
+
+    def _lender(self, fraction: float) -> Lender:
+        """Lend free blocks of the engine's own pool to other decode replicas: pool changes
+        run on the engine's thread (between steps), attention over the lent blocks on the
+        event loop (they are the borrower's alone). A chunk's worth of blocks stays free for
+        this replica's own work, and when it runs short it asks its borrowers for blocks back;
+        while it is borrowing itself it lends nothing."""
+        e = self.engine
+        holder = KVHolder(
+            e.model_config, 0, e.block_size, e.dtype, e.device,
+            lend_cap=int(fraction * e.num_kv_blocks), pool=e.pool, kv_cache=e.kv_cache,
+            reserve=-(-e.config.max_num_batched_tokens // e.block_size),
+        )  # fmt: skip
+        peers = self.peers
+        lender = Lender(
+            holder, self.replica_id, layout_key(e.model_id, e.kv_block_layout()),
+            pool_op=lambda fn: self.loop.call(lambda _engine: fn()),
+            borrowing=(lambda: bool(peers.borrowed())) if peers is not None else None,
+        )  # fmt: skip
+        e.lent_blocks = holder.held_block_ids
+        e.scheduler.on_short = lender.ask_back
+        self.metrics.watch_lending(lent=holder.lent_to)
+        return lender
 
     async def start(self) -> str:
         app = self._bind()
@@ -203,13 +231,19 @@ class DecodeServer(ReplicaServer):
                                   self.metrics)  # fmt: skip
         pb_grpc.add_DecodeServicer_to_server(servicer, app.server)
         app.add(SERVICE_NAME)
+        if self.lender is not None:
+            self.lender.add_to(app)
         await app.start()
+        if self.lender is not None:
+            await self.lender.start_ledger(cluster, self.address)
         self._announce()
         return self.address
 
     async def stop(self, drain_s: float = 30.0) -> None:
         """Drain: refuse new requests, finish the running ones, then leave the registry."""
         await self.app.drain(drain_s)
+        if self.lender is not None:
+            await self.lender.stop_ledger()
         self._leave_registry()
         if self.kv is not None:
             await self.kv.close()

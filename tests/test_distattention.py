@@ -460,3 +460,67 @@ def test_sigkilled_replica_process_is_recomputed_token_exact(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+async def _collect(loop, rid, prompt, params) -> list:
+    out = []
+    async for o in loop.generate(rid, prompt, params):
+        out.extend((t.token_id, round(t.logprob, 4)) for t in o.logprobs)
+    return out
+
+
+def test_a_decode_replica_lends_free_blocks_and_takes_them_back(
+    loop_thread, tiny_model_dir, cluster, replicas, reference
+):
+    """Decode replica B lends the free blocks of its own engine's pool to A's long sequence.
+    When B's own requests need them, B asks for them back: A recomputes that sequence with
+    blocks from the attention replica, and every token matches."""
+    import asyncio
+    import dataclasses
+
+    from tests.replica_helpers import decode_server
+
+    fallback = replicas(num_blocks=64, lend_fraction=30 / 64)
+    b = decode_server(
+        tiny_model_dir, cluster.redis_url, cluster.namespace, colocated=True,
+        lend_fraction=1.0, engine={"num_kv_blocks": 48, "block_size": BS,
+                                   "max_num_batched_tokens": 64},
+    )  # fmt: skip
+    loop_thread.run(b.start())
+    try:
+        engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
+        long_prompt = random_prompts(1, 256, 300, 300, seed=16)[0]
+        # Long enough to be still running when B's own work arrives.
+        slow = dataclasses.replace(GREEDY, max_tokens=160)
+        local = make_engine(tiny_model_dir, block_size=BS)
+        want_long = traces(local.generate([long_prompt], slow))[0]
+        engine.add_request("long", long_prompt, slow)
+        own = random_prompts(3, 256, 180, 200, seed=17)  # B's own work: 13 blocks each
+        outs: list = []
+        b_jobs = None
+        for _ in range(3000):
+            if not engine.has_unfinished():
+                break
+            for out in engine.step():
+                assert out.error is None
+                outs.extend((t.token_id, round(t.logprob, 4)) for t in out.logprobs)
+            if b_jobs is None and b.lender.holder.lent >= 4:  # A's tail is on B: now B is busy
+                b_jobs = [
+                    asyncio.run_coroutine_threadsafe(
+                        _collect(b.loop, f"own{i}", p, GREEDY), loop_thread.loop
+                    )
+                    for i, p in enumerate(own)
+                ]
+        assert b_jobs is not None, "A never borrowed from B"
+        assert outs == want_long
+        assert [j.result(timeout=300) for j in b_jobs] == reference(own)
+        assert engine.num_preemptions > 0  # B took its blocks back
+        assert fallback.layer_batches > 0  # and A went on with the attention replica's
+        peers.close()
+        deadline = time.monotonic() + 20
+        while b.lender.holder.lent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b.lender.holder.lent == 0
+        loop_thread.run(b.loop.call(lambda e: e.check_integrity()))
+    finally:
+        loop_thread.run(b.stop(drain_s=5))

@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +158,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        # Blocks of this pool lent to other engines' sequences (services.lender): held, not free.
+        self.lent_blocks: Callable[[], Iterable[int]] | None = None
 
     def attach_remote_kv(self, remote: RemoteKV) -> None:
         """Let the engine borrow KV blocks from creditors when its own pool is short, and
@@ -483,6 +485,8 @@ class LLMEngine:
         for r in self.scheduler.running:
             for b in r.block_ids:
                 held[b] = held.get(b, 0) + 1
+        for b in self.lent_blocks() if self.lent_blocks is not None else ():
+            held[b] = held.get(b, 0) + 1
         for b in self.pool.blocks:
             if b.ref_cnt != held.get(b.block_id, 0):
                 raise AssertionError(

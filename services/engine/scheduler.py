@@ -17,6 +17,7 @@ are borrowed too.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from services.engine.block_pool import BlockPool
 from services.engine.kv_transfer import KVBlock
@@ -60,6 +61,10 @@ class Scheduler:
     ) -> None:
         self.pool = pool
         self.remote = remote
+        # Told how many blocks are lacking when a running request must preempt or a waiting one
+        # can't be admitted: a pool that lends (services.lender) asks its borrowers for blocks
+        # back.
+        self.on_short: Callable[[int], None] | None = None
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -131,7 +136,9 @@ class Scheduler:
             if req is None or req.num_pending_tokens:
                 break  # preempted with a token in flight: admit once it lands
             admitted = self._admit(req, budget, out)
-            if admitted is None:
+            if admitted is None:  # its blocks lack
+                if self.on_short is not None:
+                    self.on_short(blocks_for(req.num_tokens, self.block_size))
                 break
             self.policy.pop()
             req.status = Status.RUNNING
@@ -229,6 +236,8 @@ class Scheduler:
             blocks = self.pool.allocate(need)
             req.block_ids += blocks
             return blocks, ()
+        if self.on_short is not None:  # this pool lends: its own work comes first
+            self.on_short(need)
         if self.remote is None:
             return None
         local = 0 if req.remote else min(need, self.pool.num_free)
