@@ -496,7 +496,7 @@ def serve_attention(
             print(address, flush=True)
             h = server.holder
             err.print(
-                f"attention replica {server.holder_id}: {h.num_blocks} KV blocks, "
+                f"attention replica {server.holder_id}: {h.capacity} KV blocks, "
                 f"{h.lend_cap} lendable",
                 highlight=False,
             )

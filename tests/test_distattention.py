@@ -60,6 +60,9 @@ def replicas(loop_thread, cluster, tiny_model_dir):
     for s in started:
         if not getattr(s, "killed", False):
             loop_thread.run(s.stop(drain_s=0.5))
+        elif s.registration is not None:  # its server is gone; its threads go too
+            s.registration.close()
+            loop_thread.run(s.lender.stop_ledger())
 
 
 def decoder(model_dir, cluster, num_kv_blocks=8, **cfg):
