@@ -72,6 +72,9 @@ class ReplicaSpec(Placement):
     # This role's tokens a step, over engine.max_num_batched_tokens: a prefill-only replica has
     # no decodes to protect and can take whole prompts a step.
     max_num_batched_tokens: int | None = Field(None, ge=1)
+    # Decode or colocated: lend up to this share of the engine's KV pool, while its own work
+    # leaves it free, to the other decoders of the model (which then borrow). 0: lend nothing.
+    lend_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("kv_memory", "device_pool")
     @classmethod
@@ -195,8 +198,12 @@ class ModelSpec(_Strict):
 
     @property
     def borrows_kv(self) -> bool:
-        """Whether the decode (or colocated) replicas borrow KV from attention replicas."""
-        return self.attention is not None
+        """Whether the decode (or colocated) replicas borrow KV: from attention replicas, or
+        from each other when they lend."""
+        if self.attention is not None:
+            return True
+        side = getattr(self, "colocated" if self.mode == "colocated" else "decode", None)
+        return bool(side is not None and side.lend_fraction > 0)
 
     def side(self, role: str) -> Placement:
         side = getattr(self, role)
@@ -228,6 +235,8 @@ class ModelSpec(_Strict):
     def _roles_engine_rules(self) -> ModelSpec:
         for role in self.roles:
             self.engine_config(role)  # the role's overrides against the engine's rules
+        if self.prefill is not None and self.prefill.lend_fraction:
+            raise ValueError("prefill.lend_fraction: only decode and colocated replicas lend KV")
         return self
 
 

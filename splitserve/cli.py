@@ -296,6 +296,7 @@ def _serve_engine_service(
     device: str = "cpu",
     device_pool: str = "2GiB",
     borrow_kv: bool = False,
+    lend_fraction: float = 0.0,
 ) -> None:
     from kvstore.config import Membership
     from services.config import DecodeConfig, PrefillConfig
@@ -326,15 +327,17 @@ def _serve_engine_service(
         fail(str(e))
     # A colocated server needs no Redis unless it borrows KV (the lending ledger is there); the
     # others register and hand KV off through it.
-    needs_redis = role != "colocated" or redis_url is not None or borrow_kv
+    needs_redis = role != "colocated" or redis_url is not None or borrow_kv or lend_fraction > 0
     with (
         _cluster_redis(config.cluster)
         if needs_redis
         else contextlib.nullcontext(config.cluster) as cluster
     ):
         config = dataclasses.replace(config, cluster=cluster)
-        if borrow_kv:
-            config = dataclasses.replace(config, borrow_kv=True)
+        try:
+            config = dataclasses.replace(config, borrow_kv=borrow_kv, lend_fraction=lend_fraction)
+        except ValueError as e:
+            fail(str(e))
         if role == "prefill":
             from services.prefill import PrefillServer as Server
         else:
@@ -395,17 +398,26 @@ def _service_command(role: str, doc: str):
                 "(found in the lending ledger in Redis)",
             ),
         ] = False,
+        lend_fraction: Annotated[
+            float,
+            typer.Option(
+                "--lend-fraction",
+                help="Lend up to this share of the KV pool, while free, to decoders that borrow",
+            ),
+        ] = 0.0,
     ) -> None:
         _serve_engine_service(
             role, model, dtype, host, port, redis_url, namespace, max_waiting, kv_memory,
-            num_kv_blocks, metrics_port, device, device_pool, borrow_kv,
+            num_kv_blocks, metrics_port, device, device_pool, borrow_kv, lend_fraction,
         )  # fmt: skip
 
     command.__doc__ = doc
     if role == "prefill":  # a prefill replica's pool only hands KV off: it borrows none
         sig = inspect.signature(command, eval_str=True)  # typer reads the options from these
         command.__signature__ = sig.replace(  # type: ignore[attr-defined]
-            parameters=[p for p in sig.parameters.values() if p.name != "borrow_kv"]
+            parameters=[
+                p for p in sig.parameters.values() if p.name not in ("borrow_kv", "lend_fraction")
+            ]
         )
     return command
 

@@ -114,4 +114,7 @@ def replica_config(
             kv_memory_bytes=parse_size(side.kv_memory),
             device_pool_bytes=parse_size(side.device_pool),
         )
-    return DecodeConfig(**common, colocated=role == "colocated", borrow_kv=m.borrows_kv)
+    return DecodeConfig(
+        **common, colocated=role == "colocated", borrow_kv=m.borrows_kv,
+        lend_fraction=side.lend_fraction,
+    )  # fmt: skip

@@ -57,6 +57,11 @@ def test_a_full_config_reads_back(tmp_path):
         ([{"name": "a", "path": "p", "prefill": {"max_num_batched_tokens": 0}}],
          "models.0.prefill.max_num_batched_tokens: Input should be greater than or equal to 1"),
         ([{"name": "a", "path": "p", "prefil": {}}], "models.0.prefil: Extra inputs"),
+        # Decoders lending their own free blocks: a share of the pool; prefill lends none.
+        ([{"name": "a", "path": "p", "colocated": {"lend_fraction": 2}}],
+         "models.0.colocated.lend_fraction: Input should be less than or equal to 1"),
+        ([{"name": "a", "path": "p", "mode": "disaggregated", "prefill": {"lend_fraction": 0.5}}],
+         "models.0: prefill.lend_fraction: only decode and colocated replicas lend KV"),
         # Attention replicas: their pool and what of it may be lent.
         ([{"name": "a", "path": "p", "attention": {"lend_fraction": 1.5}}],
          "models.0.attention.lend_fraction: Input should be less than or equal to 1"),
@@ -174,6 +179,12 @@ def test_attention_replicas_make_the_decoders_borrow(mode, tiny_model_dir):
     assert (att.config.engine.block_size, att.config.engine.dtype) == (
         dec.engine.block_size, dec.engine.dtype
     )  # fmt: skip
+    # Decoders that lend to each other also borrow from each other, without attention replicas.
+    serving_side = serving[-1]
+    lending = {**model, serving_side: {"replicas": 2, "lend_fraction": 0.5}}
+    dec = plan_deployment(parse_config({"models": [lending]}), "redis://r:6379/0",
+                          {"m": tiny_model_dir}).replicas[-1].config  # fmt: skip
+    assert isinstance(dec, DecodeConfig) and dec.borrow_kv and dec.lend_fraction == 0.5
     # kv_memory sizes the pool by bytes instead of the engine's block count.
     cfg = parse_config({"models": [{**model, "attention": {"kv_memory": "64MiB"}}]})
     att = plan_deployment(cfg, "redis://r:6379/0", {"m": tiny_model_dir}).replicas[-1].config
