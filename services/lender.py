@@ -315,18 +315,7 @@ class Lender:
         if self.ledger is not None:
             with contextlib.suppress(Exception):
                 self.ledger.set_lend_cap(self.holder_id, h.lend_cap)
-        excess = h.lent - keep_lent
-        asked = 0
-        held = sorted(
-            ((h.held_blocks(o, s), o, s) for o in self._sessions for s in h.seqs_of(o)),
-            reverse=True,
-        )
-        for n, owner, seq in held:
-            if asked >= excess:
-                break
-            self._sessions[owner].reclaim.append(seq)
-            asked += n
-        return asked
+        return self._ask(h.lent - keep_lent)
 
     def ask_back(self, num_blocks: int) -> None:
         """The pool's owner is short (thread-safe): ask borrowers for about num_blocks back
@@ -334,7 +323,8 @@ class Lender:
         if self._loop is not None and self._sessions:
             self._loop.call_soon_threadsafe(self._ask, num_blocks)
 
-    def _ask(self, num_blocks: int) -> None:
+    def _ask(self, num_blocks: int) -> int:
+        """Name sequences to give back, biggest first, until about num_blocks are asked for."""
         h = self.holder
         asked = 0
         held = sorted(
@@ -347,6 +337,7 @@ class Lender:
             if seq not in self._sessions[owner].reclaim:
                 self._sessions[owner].reclaim.append(seq)
             asked += n
+        return asked
 
 
 def _rows(t: pb.Tensor, name: str) -> int:

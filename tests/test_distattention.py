@@ -84,6 +84,26 @@ def settled_debts(ledger: Ledger, timeout_s: float = 20.0) -> dict:
         time.sleep(0.05)
 
 
+def drive(engine, requests: dict, between=None, max_steps: int = 3000):
+    """Run requests {id: (prompt, params)} on the engine step by step (bounded), calling
+    between(outs) after each step. Returns ({id: trace}, {id: error})."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    outs: dict[str, list] = {rid: [] for rid in requests}
+    errors: dict[str, str] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if out.error:
+                errors[out.request_id] = out.error
+            outs[out.request_id] += [(t.token_id, round(t.logprob, 4)) for t in out.logprobs]
+        if between is not None:
+            between(outs)
+    assert not engine.has_unfinished(), "the requests did not finish in the step bound"
+    return outs, errors
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """Greedy tokens of one engine holding every sequence locally."""
@@ -156,22 +176,17 @@ def test_killed_attention_replica_is_recomputed_token_exact(
     replicas(num_blocks=64)
     prompts = random_prompts(3, 256, 200, 260, seed=7)
     engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
-    outs: dict[str, list] = {}
     rids = [f"r{i}" for i in range(len(prompts))]
-    for rid, p in zip(rids, prompts, strict=True):
-        engine.add_request(rid, p, GREEDY)
     killed = False
-    for _ in range(2000):  # bounded: 3 x (prefill chunks + 24 tokens) steps, plus recompute
-        if not engine.has_unfinished():
-            break
-        for out in engine.step():
-            assert out.error is None
-            outs.setdefault(out.request_id, []).extend(
-                (t.token_id, round(t.logprob, 4)) for t in out.logprobs
-            )
+
+    def kill(outs):
+        nonlocal killed
         if not killed and victim.layer_batches > 0 and sum(map(len, outs.values())) >= 6:
             loop_thread.run(victim.app.server.stop(0))  # abrupt: streams break mid-flight
             victim.killed = killed = True
+
+    outs, errors = drive(engine, {r: (p, GREEDY) for r, p in zip(rids, prompts, strict=True)}, kill)
+    assert not errors
     assert killed
     assert [outs[r] for r in rids] == reference(prompts)
     assert engine.num_preemptions > 0  # the lost blocks were recomputed
@@ -198,17 +213,7 @@ def test_too_long_without_creditors_fails_cleanly(tiny_model_dir, cluster, refer
     and the other request on the engine is unharmed."""
     engine, peers = decoder(tiny_model_dir, cluster, num_kv_blocks=8)
     short, long_ = random_prompts(1, 256, 20, 20, seed=9)[0], random_prompts(1, 256, 200, 200)[0]
-    engine.add_request("short", short, GREEDY)
-    engine.add_request("long", long_, GREEDY)
-    outs: dict[str, list] = {"short": [], "long": []}
-    errors = {}
-    for _ in range(500):
-        if not engine.has_unfinished():
-            break
-        for out in engine.step():
-            if out.error:
-                errors[out.request_id] = out.error
-            outs[out.request_id].extend((t.token_id, round(t.logprob, 4)) for t in out.logprobs)
+    outs, errors = drive(engine, {"short": (short, GREEDY), "long": (long_, GREEDY)})
     assert "long" in errors and "KV blocks" in errors["long"]
     assert outs["short"] == reference([short])[0]
     engine.check_integrity()
@@ -281,23 +286,18 @@ def test_creditor_takes_its_memory_back(loop_thread, tiny_model_dir, cluster, re
     prompts = random_prompts(3, 256, 200, 260, seed=11)
     engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
     rids = [f"r{i}" for i in range(len(prompts))]
-    for rid, p in zip(rids, prompts, strict=True):
-        engine.add_request(rid, p, GREEDY)
-    outs: dict[str, list] = {}
     asked = None
-    for _ in range(2000):
-        if not engine.has_unfinished():
-            break
-        for out in engine.step():
-            outs.setdefault(out.request_id, []).extend(
-                (t.token_id, round(t.logprob, 4)) for t in out.logprobs
-            )
+
+    def reclaim(outs):
+        nonlocal asked
         if asked is None and first.holder.lent > 0 and sum(map(len, outs.values())) >= 3:
             debts = peers.ledger.debts()  # lent == borrowed, creditor by creditor
             owed = {c: sum(d.values()) for c, d in debts.items() if d}
             assert owed == peers.borrowed()
             stub = pb_grpc.AttentionStub(grpc.insecure_channel(first.address))
             asked = stub.Reclaim(pb.ReclaimRequest(keep_lent=0), timeout=30).asked
+
+    outs, _ = drive(engine, {r: (p, GREEDY) for r, p in zip(rids, prompts, strict=True)}, reclaim)
     assert asked
     assert first.holder.lent == 0 and first.holder.lend_cap == 0
     assert [outs[r] for r in rids] == reference(prompts)
@@ -438,23 +438,20 @@ def test_sigkilled_replica_process_is_recomputed_token_exact(
         prompts = random_prompts(2, 256, 220, 260, seed=15)
         engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
         rids = ["a", "b"]
-        for rid, p in zip(rids, prompts, strict=True):
-            engine.add_request(rid, p, GREEDY)
-        outs: dict[str, list] = {}
         killed = False
-        for _ in range(2000):
-            if not engine.has_unfinished():
-                break
-            for out in engine.step():
-                assert out.error is None
-                outs.setdefault(out.request_id, []).extend(
-                    (t.token_id, round(t.logprob, 4)) for t in out.logprobs
-                )
+
+        def kill(outs):
+            nonlocal killed
             on_victim = any(s.holder_id != survivor.holder_id for s in peers._streams.values())
             if not killed and on_victim and sum(map(len, outs.values())) >= 4:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=30)
                 killed = True
+
+        outs, errors = drive(
+            engine, {r: (p, GREEDY) for r, p in zip(rids, prompts, strict=True)}, kill
+        )
+        assert not errors
         assert killed
         assert [outs[r] for r in rids] == reference(prompts)
         engine.check_integrity()
@@ -497,16 +494,10 @@ def test_a_decode_replica_lends_free_blocks_and_takes_them_back(
         slow = dataclasses.replace(GREEDY, max_tokens=160)
         local = make_engine(tiny_model_dir, block_size=BS)
         want_long = traces(local.generate([long_prompt], slow))[0]
-        engine.add_request("long", long_prompt, slow)
-        own = random_prompts(3, 256, 180, 200, seed=17)  # B's own work: 13 blocks each
-        outs: list = []
         b_jobs = None
-        for _ in range(3000):
-            if not engine.has_unfinished():
-                break
-            for out in engine.step():
-                assert out.error is None
-                outs.extend((t.token_id, round(t.logprob, 4)) for t in out.logprobs)
+
+        def busy_b(outs):
+            nonlocal b_jobs
             if b_jobs is None and b.lender.holder.lent >= 4:  # A's tail is on B: now B is busy
                 b_jobs = [
                     asyncio.run_coroutine_threadsafe(
@@ -514,6 +505,11 @@ def test_a_decode_replica_lends_free_blocks_and_takes_them_back(
                     )
                     for i, p in enumerate(own)
                 ]
+
+        own = random_prompts(3, 256, 180, 200, seed=17)  # B's own work: 13 blocks each
+        traced, errors = drive(engine, {"long": (long_prompt, slow)}, busy_b)
+        assert not errors
+        outs = traced["long"]
         assert b_jobs is not None, "A never borrowed from B"
         assert outs == want_long
         assert [j.result(timeout=300) for j in b_jobs] == reference(own)
