@@ -5,10 +5,6 @@ engine holding everything."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import grpc
@@ -19,6 +15,7 @@ from kvstore.registry import list_replicas
 from protos.splitserve.v1 import attention_pb2 as pb
 from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
 from tests.router_helpers import free_port
+from tests.up_helpers import start_up, stop_up
 
 pytestmark = pytest.mark.slow
 
@@ -33,26 +30,9 @@ def system(tmp_path_factory, smollm2_dir):
     cfg["grpc"] = {"host": "127.0.0.1", "port": gport}
     path = tmp_path_factory.mktemp("long") / "app.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "splitserve.cli", "up", "--config", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    stderr: list[str] = []
-    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
-    reader.start()
-    url = proc.stdout.readline().strip()
-    if not url.startswith("http://"):
-        proc.kill()
-        reader.join(10)
-        pytest.fail(f"splitserve up did not come up: {''.join(stderr)[-3000:]}")
-    said = [line for line in stderr if "private Redis-compatible server at" in line]
-    redis_url = said[0].rsplit(" ", 1)[-1].strip() if said else None
-    yield {"url": url, "redis": redis_url, "cfg": cfg}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(90)
-    finally:
-        proc.kill()
+    up = start_up(["--config", str(path)])
+    yield {"url": up["url"], "redis": up["redis"], "cfg": cfg}
+    stop_up(up["proc"])
 
 
 def test_prompt_longer_than_the_replica_pool_answers_token_exact(system, smollm2_dir):

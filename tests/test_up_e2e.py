@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -17,6 +15,7 @@ import pytest
 from kvstore.registry import list_replicas
 from loadgen.readers import read_trace
 from tests.router_helpers import free_port
+from tests.up_helpers import start_up, stop_up
 
 pytestmark = pytest.mark.slow
 
@@ -25,38 +24,12 @@ pytestmark = pytest.mark.slow
 def system():
     """`splitserve up` as a user runs it: no --redis, so it starts its own private server."""
     port, gport = free_port(), free_port()
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", "tiny", "--port", str(port),
-           "--grpc-port", str(gport)]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    stderr: list[str] = []
-    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
-    reader.start()
-    url = proc.stdout.readline().strip()
-    if not url.startswith("http://"):
-        proc.kill()
-        reader.join(10)
-        pytest.fail(f"splitserve up did not come up: {''.join(stderr)[-3000:]}")
-    # Said on stderr before Ray starts, so long before the URL: the reader has it by now.
-    said = [line for line in stderr if "private Redis-compatible server at" in line]
-    assert said, "".join(stderr)
-    redis_url = said[0].rsplit(" ", 1)[-1].strip()
-    assert redis_url.startswith("redis://127.0.0.1:"), said
-    yield {"url": url, "grpc": f"127.0.0.1:{gport}", "redis": redis_url, "proc": proc}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(90)
-    finally:
-        proc.kill()
-    # Nothing it started is left behind (its whole session: Ray, replicas, servers).
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
-        if not left.stdout.strip():
-            break
-        time.sleep(0.5)
-    assert not left.stdout.strip(), f"processes left behind: {left.stdout}"
+    up = start_up(["--model", "tiny", "--port", str(port), "--grpc-port", str(gport)])
+    assert up["redis"], "".join(up["stderr"])
+    assert up["redis"].startswith("redis://127.0.0.1:"), up["redis"]
+    proc = up["proc"]
+    yield {"url": up["url"], "grpc": f"127.0.0.1:{gport}", "redis": up["redis"], "proc": proc}
+    stop_up(proc)
 
 
 def _client(system):
