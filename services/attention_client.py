@@ -99,6 +99,8 @@ class _Stream:
         self._out.put(None)
         self.channel.close()
         self._reader.join(timeout=5)
+        for buf in self.ipc or ():
+            buf.close()
 
 
 class _Partial:
@@ -130,8 +132,9 @@ class _Partial:
 
 @dataclass(frozen=True)
 class IpcSpec:
-    """What a decoder needs to offer replicas on its host a CUDA IPC link: its GPU, the rows
-    one layer batch may have (a step's tokens) and the shape of q and k/v rows."""
+    """What a decoder needs to offer lenders on its host shared buffers for layer batches (CUDA
+    IPC on a GPU, shared memory on a CPU): its device, the rows one layer batch may have (a
+    step's tokens) and the shape of q and k/v rows."""
 
     device: str
     rows: int
@@ -220,7 +223,8 @@ class AttentionPeers:
     def send_layer(self, holder_id, layer, q, k, v) -> _Partial:
         stream = self._live(holder_id)
         link = stream.ipc
-        if link is not None and q.is_cuda and max(len(q), len(k)) <= link[0].rows:
+        shared = link is not None and (q.is_cuda or link[0].event is None)
+        if shared and max(len(q), len(k)) <= link[0].rows:
             mine, theirs = link
             qb, kb, vb = mine.regions
             qb[: len(q)].copy_(q)
@@ -283,30 +287,45 @@ class AttentionPeers:
             resp = stream.send(hello=hello).result(timeout=self.timeout_s)
         except (HolderLostError, FutureTimeout) as e:
             log.info("creditor %s unreachable: %s", holder_id, e)
+            resp = None
+        if resp is None or resp.code != OK:
+            if resp is not None:
+                log.warning("creditor %s refused this decoder: %s", holder_id, resp.message)
             stream.close()
-            return None
-        if resp.code != OK:
-            log.warning("creditor %s refused this decoder: %s", holder_id, resp.message)
-            stream.close()
+            if mine is not None:
+                mine.close()
             return None
         if mine is not None and resp.HasField("ipc"):
             spec = self.ipc
+            layout = replica_layout(spec.num_heads, spec.head_dim)
             try:
-                theirs = IpcBuffer.open(resp.ipc, replica_layout(spec.num_heads, spec.head_dim))
+                theirs = (
+                    IpcBuffer.open_shm(resp.ipc, layout)
+                    if resp.ipc.shm_path
+                    else IpcBuffer.open(resp.ipc, layout)
+                )
                 stream.ipc = (mine, theirs)
-            except (RuntimeError, LookupError, ValueError) as e:
-                log.info("no CUDA IPC with %s (%s): layer batches go as bytes", holder_id, e)
+                mine.unlink()  # the lender mapped it before answering
+            except (OSError, RuntimeError, LookupError, ValueError) as e:
+                log.info("no shared buffers with %s (%s): layer batches go as bytes", holder_id, e)
+        if stream.ipc is None and mine is not None:
+            mine.close()
         self._streams[holder_id] = stream
         return stream
 
     def _offer_ipc(self, hello: pb.Hello) -> IpcBuffer | None:
         spec = self.ipc
-        if spec is None or not spec.device.startswith("cuda"):
+        if spec is None:
             return None
-        mine = IpcBuffer.create(
-            torch.device(spec.device), spec.rows,
-            decoder_layout(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype),
-        )  # fmt: skip
+        layout = decoder_layout(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype)
+        if spec.device.startswith("cuda"):
+            mine = IpcBuffer.create(torch.device(spec.device), spec.rows, layout)
+        else:
+            try:
+                mine = IpcBuffer.create_shm(spec.rows, layout)
+            except OSError as e:  # no /dev/shm here: bytes then
+                log.info("no shared memory for layer batches (%s)", e)
+                return None
         assert mine.link is not None
         hello.ipc.CopyFrom(mine.link)
         return mine

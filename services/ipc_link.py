@@ -1,18 +1,23 @@
-"""Layer batches through GPU memory shared by CUDA IPC, for a decoder and an attention replica
-on one host: gRPC carries only control, and neither host waits for its GPU.
+"""Layer batches through memory shared on one host, for a decoder and a lender: gRPC carries
+only control.
 
-Each side owns one buffer and one interprocess event and maps the other's. The writer fills
-its buffer on its GPU stream and records its event; the reader's stream waits for that event
-(cudaStreamWaitEvent) before reading. The decoder's buffer holds a batch's q, k, v; the
-replica's, the partial outputs and their log-sum-exp. Reuse is safe by stream order: the
-decoder writes the next batch only after its stream consumed the replica's answer to this one,
-which the replica wrote after its own stream read this batch.
+Each side owns one buffer and maps the other's. The decoder's buffer holds a batch's q, k, v;
+the lender's, the partial outputs and their log-sum-exp. On GPUs the buffers are CUDA IPC
+allocations with an interprocess event each: the writer fills its buffer on its stream and
+records its event, the reader's stream waits for that event (cudaStreamWaitEvent), so neither
+host waits for its GPU. Reuse is safe by stream order: the decoder writes the next batch only
+after its stream consumed the lender's answer to this one, which the lender wrote after its
+own stream read this batch. On CPUs they are files in /dev/shm, and the messages order them:
+a batch is written before the message that announces it is sent.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,11 +27,51 @@ from protos.splitserve.v1 import attention_pb2 as pb
 
 @dataclass
 class IpcBuffer:
-    buf: torch.Tensor  # uint8 on the GPU (ours or mapped from the peer)
-    event: torch.cuda.Event
+    buf: torch.Tensor  # uint8: on the GPU, or over a shared-memory file (ours or the peer's)
+    event: torch.cuda.Event | None  # None for shared memory
     rows: int
     regions: list[torch.Tensor]  # typed views, each [rows, ...]
     link: pb.IpcLink | None = None  # ours, as the peer maps it
+    _file: tuple[mmap.mmap, Path | None] | None = None  # shared memory: its map, ours to unlink
+
+    @classmethod
+    def create_shm(cls, rows: int, layout, root: Path = Path("/dev/shm")) -> IpcBuffer:
+        """A shared-memory buffer (a file under root, unlinked by close())."""
+        nbytes = _size(rows, layout)
+        path = root / f"splitserve-ipc-{uuid.uuid4().hex}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            mm = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        buf = torch.frombuffer(mm, dtype=torch.uint8)
+        link = pb.IpcLink(rows=rows, shm_path=str(path))
+        return cls(buf, None, rows, _carve(buf, rows, layout), link, (mm, path))
+
+    @classmethod
+    def open_shm(cls, link: pb.IpcLink, layout) -> IpcBuffer:
+        """The peer's shared-memory buffer. Raises OSError where the file isn't reachable
+        (another host) and ValueError if it is too small."""
+        nbytes = _size(link.rows, layout)
+        fd = os.open(link.shm_path, os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size < nbytes:
+                raise ValueError("the peer's buffer is smaller than its rows need")
+            mm = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        buf = torch.frombuffer(mm, dtype=torch.uint8)
+        return cls(buf, None, link.rows, _carve(buf, link.rows, layout), None, (mm, None))
+
+    def unlink(self) -> None:
+        """Remove our shared-memory file once the peer has it mapped: the mapping lives on,
+        and no file is left behind if either process dies."""
+        if self._file is not None and self._file[1] is not None:
+            self._file[1].unlink(missing_ok=True)
+            self._file = (self._file[0], None)
+
+    close = unlink  # the mapping goes when the last tensor over it does
 
     @classmethod
     def create(
@@ -55,11 +100,13 @@ class IpcBuffer:
 
     def ready(self) -> None:
         """What this side wrote to its buffer on its current stream is for the peer now."""
-        self.event.record()
+        if self.event is not None:
+            self.event.record()
 
     def wait(self) -> None:
         """This side's current stream waits for what the peer last announced."""
-        torch.cuda.current_stream().wait_event(self.event)
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
 
 
 def _size(rows: int, layout) -> int:

@@ -214,22 +214,23 @@ class Lender:
                 resp.ipc.CopyFrom(sess.ipc[1].link)
 
     def _ipc_link(self, theirs: pb.IpcLink) -> tuple[IpcBuffer, IpcBuffer] | None:
-        """Map the decoder's buffer and make ours, or None (bytes) where CUDA can't."""
+        """Map the decoder's buffer and make ours (CUDA IPC for a GPU pool, shared memory for
+        a CPU one), or None (bytes) where this host can't."""
         h = self.holder
         cfg = h.cfg
-        if not str(h.device).startswith("cuda"):
-            return None
+        src_layout = decoder_layout(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, h.dtype)
+        dst_layout = replica_layout(cfg.num_heads, cfg.head_dim)
+        on_gpu = str(h.device).startswith("cuda")
         try:
-            src = IpcBuffer.open(
-                theirs, decoder_layout(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, h.dtype)
-            )
-            dst = IpcBuffer.create(
-                src.buf.device, theirs.rows, replica_layout(cfg.num_heads, cfg.head_dim)
-            )
-        except (RuntimeError, LookupError, ValueError) as e:
-            log.info("no CUDA IPC with this decoder (%s): layer batches go as bytes", e)
-            return None
-        return src, dst
+            if theirs.shm_path and not on_gpu:
+                src = IpcBuffer.open_shm(theirs, src_layout)
+                return src, IpcBuffer.create_shm(theirs.rows, dst_layout)
+            if theirs.HasField("buffer") and on_gpu:
+                src = IpcBuffer.open(theirs, src_layout)
+                return src, IpcBuffer.create(src.buf.device, theirs.rows, dst_layout)
+        except (OSError, RuntimeError, LookupError, ValueError) as e:
+            log.info("no shared buffers with this decoder (%s): layer batches go as bytes", e)
+        return None
 
     async def _borrow(self, sess: _Session, b: pb.Borrow) -> int:
         h = self.holder
@@ -283,6 +284,7 @@ class Lender:
         if sess.ipc is None:
             raise SegmentError("an IPC layer batch on a stream without an IPC link")
         src, dst = sess.ipc
+        dst.unlink()  # the decoder mapped it when we said hello
         q_rows = _rows(layer.q, "q")
         kv_rows = _rows(layer.k, "k")
         if q_rows > src.rows or kv_rows > src.rows or _rows(layer.v, "v") != kv_rows:
@@ -302,6 +304,8 @@ class Lender:
     async def drop_borrower(self, sess: _Session) -> None:
         """Its stream ended: free what it borrowed."""
         self._sessions.pop(sess.borrower, None)
+        for buf in sess.ipc or ():
+            buf.close()
         n = await self.pool_op(lambda: self.holder.release_owner(sess.borrower))
         if n and self.ledger is not None:
             with contextlib.suppress(Exception):

@@ -14,7 +14,7 @@ from kvstore.lending import Ledger
 from protos.splitserve.v1 import attention_pb2 as pb
 from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
 from services.attention import AttentionServer
-from services.attention_client import AttentionPeers, layout_key
+from services.attention_client import AttentionPeers, IpcSpec, layout_key
 from services.config import AttentionConfig
 from services.engine.config import EngineConfig
 from services.engine.sampling_params import SamplingParams
@@ -65,11 +65,17 @@ def replicas(loop_thread, cluster, tiny_model_dir):
             loop_thread.run(s.lender.stop_ledger())
 
 
-def decoder(model_dir, cluster, num_kv_blocks=8, **cfg):
-    """An engine with a small pool that borrows through the ledger (as a decode replica)."""
+def decoder(model_dir, cluster, num_kv_blocks=8, shared=True, **cfg):
+    """An engine with a small pool that borrows through the ledger (as a decode replica);
+    shared: layer batches through shared memory (else as bytes in the messages)."""
     e = make_engine(model_dir, num_kv_blocks=num_kv_blocks, block_size=BS, **cfg)
     ledger = Ledger(cluster.redis_url, cluster.namespace, cluster.ttl_s)
-    peers = AttentionPeers(ledger, "decoder-0", layout_key(e.model_id, e.kv_block_layout()))
+    mc = e.model_config
+    ipc = IpcSpec(e.device, e.config.max_num_batched_tokens, mc.num_heads, mc.num_kv_heads,
+                  mc.head_dim, e.dtype) if shared else None  # fmt: skip
+    peers = AttentionPeers(
+        ledger, "decoder-0", layout_key(e.model_id, e.kv_block_layout()), ipc=ipc
+    )
     e.attach_remote_kv(peers)
     return e, peers
 
@@ -128,21 +134,24 @@ def traces(completions) -> list[list[tuple[int, float]]]:
     return [_trace(c) for c in completions]
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shm", "bytes"])
 @pytest.mark.parametrize("holders", [1, 2, 3])
 def test_one_sequence_over_holders_is_token_exact(
-    holders, tiny_model_dir, cluster, replicas, reference
+    holders, shared, tiny_model_dir, cluster, replicas, reference
 ):
     """One long sequence (20 blocks): 8 local blocks plus, with 2 holders, one replica and,
     with 3, two replicas whose small caps (12 blocks) force the tail across both."""
     cap = {2: 24, 3: 12}.get(holders, 0)
     reps = [replicas(num_blocks=64, lend_fraction=cap / 64) for _ in range(holders - 1)]
     prompt = random_prompts(1, 256, 300, 300, seed=3)
-    engine, peers = decoder(tiny_model_dir, cluster, max_num_batched_tokens=64)
+    engine, peers = decoder(tiny_model_dir, cluster, shared=shared, max_num_batched_tokens=64)
     if holders == 1:  # the local pool alone: it must hold everything
         engine, peers = make_engine(tiny_model_dir, num_kv_blocks=32, block_size=BS), None
     assert traces(engine.generate(prompt, GREEDY)) == reference(prompt)
     for r in reps:  # each holder really held part of it and attended over it
         assert r.layer_batches > 0
+    if peers is not None:  # the layer batches went the way asked
+        assert all((s.ipc is not None) == shared for s in peers._streams.values())
     if peers is not None:
         assert engine.num_preemptions == 0
         assert settled_debts(peers.ledger) == {}

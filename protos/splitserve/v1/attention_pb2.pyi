@@ -19,14 +19,16 @@ class Hello(_message.Message):
     def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ...) -> None: ...
 
 class IpcLink(_message.Message):
-    __slots__ = ("buffer", "event", "rows")
+    __slots__ = ("buffer", "event", "rows", "shm_path")
     BUFFER_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SHM_PATH_FIELD_NUMBER: _ClassVar[int]
     buffer: _kvstore_pb2.CudaIpcHandle
     event: bytes
     rows: int
-    def __init__(self, buffer: _Optional[_Union[_kvstore_pb2.CudaIpcHandle, _Mapping]] = ..., event: _Optional[bytes] = ..., rows: _Optional[int] = ...) -> None: ...
+    shm_path: str
+    def __init__(self, buffer: _Optional[_Union[_kvstore_pb2.CudaIpcHandle, _Mapping]] = ..., event: _Optional[bytes] = ..., rows: _Optional[int] = ..., shm_path: _Optional[str] = ...) -> None: ...
 
 class Borrow(_message.Message):
     __slots__ = ("seq_id", "first_block", "num_blocks")
