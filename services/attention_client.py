@@ -167,14 +167,14 @@ class AttentionPeers:
         self._held: dict[str, dict[str, int]] = {}  # seq id -> {holder -> blocks}
         self._reclaimed: list[str] = []
         self._lock = threading.Lock()
+        self._ledger_down = False
+        self._caps: dict[str, int] = {}  # creditor -> its cap, as last seen in the ledger
 
     # -- RemoteKV -----------------------------------------------------------------------------
 
     def borrow(self, seq_id: str, first_block: int, num_blocks: int) -> RemoteSegment | None:
-        try:
-            creditors = self.ledger.creditors(self.layout)
-        except Exception as e:  # Redis away: no lending now; the scheduler preempts instead
-            log.warning("lending ledger unreachable: %s", e)
+        creditors = self._creditors()
+        if creditors is None:  # no lending now; the scheduler preempts or waits instead
             return None
         for c in creditors:
             if c.spare < num_blocks or c.creditor_id == self.borrower_id:  # not from itself
@@ -195,6 +195,7 @@ class AttentionPeers:
                 continue
             held = self._held.setdefault(seq_id, {})
             held[c.creditor_id] = held.get(c.creditor_id, 0) + num_blocks
+            self._caps[c.creditor_id] = min(c.lend_cap, c.capacity)
             return RemoteSegment(c.creditor_id, first_block, num_blocks)
         return None
 
@@ -242,6 +243,36 @@ class AttentionPeers:
         tensor_to_pb(k, msg.k)
         tensor_to_pb(v, msg.v)
         return _Partial(stream.send(layer=msg), holder_id, self.timeout_s)
+
+    def lendable(self) -> int | None:
+        creditors = self._creditors()
+        if creditors is None:
+            return None
+        caps = {
+            c.creditor_id: min(c.lend_cap, c.capacity)
+            for c in creditors
+            if c.creditor_id != self.borrower_id
+        }
+        # A creditor this decoder still has a live stream to is there even if the ledger lost
+        # it for a moment (a Redis restart, before its heartbeat puts it back).
+        for hid, cap in self._caps.items():
+            stream = self._streams.get(hid)
+            if hid not in caps and stream is not None and stream.broken is None:
+                caps[hid] = cap
+        return sum(caps.values())
+
+    def _creditors(self) -> list | None:
+        """The ledger's creditors of this KV layout, or None (said once per outage) when Redis
+        can't be read."""
+        try:
+            creditors = self.ledger.creditors(self.layout)
+        except Exception as e:
+            if not self._ledger_down:
+                log.warning("lending ledger unreachable: %s", e)
+            self._ledger_down = True
+            return None
+        self._ledger_down = False
+        return creditors
 
     def reclaimed(self) -> list[str]:
         with self._lock:

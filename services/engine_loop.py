@@ -134,15 +134,19 @@ class EngineLoop:
                     self._send(rid, RuntimeError(f"engine step failed: {exc}"), final=True)
                 continue
             self.steps += 1
+            if not outs and e.num_running == 0 and e.num_waiting:
+                # Waiting for memory that isn't there yet (lenders busy or unreachable): poll
+                # at a gentle pace rather than spin, still woken at once by any command.
+                self._drain(block=True, timeout=0.05)
             for out in outs:
                 if out.error is not None:
                     self._send(out.request_id, KVCapacityError(out.error), final=True)
                 else:
                     self._send(out.request_id, out, final=out.finished)
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool, timeout: float = 0.5) -> None:
         try:
-            cmd = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
+            cmd = self._cmds.get(timeout=timeout) if block else self._cmds.get_nowait()
         except queue.Empty:
             return
         while True:

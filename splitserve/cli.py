@@ -334,10 +334,13 @@ def _serve_engine_service(
         else contextlib.nullcontext(config.cluster) as cluster
     ):
         config = dataclasses.replace(config, cluster=cluster)
-        try:
-            config = dataclasses.replace(config, borrow_kv=borrow_kv, lend_fraction=lend_fraction)
-        except ValueError as e:
-            fail(str(e))
+        if role != "prefill":  # a prefill replica neither borrows nor lends
+            try:
+                config = dataclasses.replace(
+                    config, borrow_kv=borrow_kv, lend_fraction=lend_fraction
+                )
+            except ValueError as e:
+                fail(str(e))
         if role == "prefill":
             from services.prefill import PrefillServer as Server
         else:

@@ -532,3 +532,48 @@ def test_a_decode_replica_lends_free_blocks_and_takes_them_back(
         loop_thread.run(b.loop.call(lambda e: e.check_integrity()))
     finally:
         loop_thread.run(b.stop(drain_s=5))
+
+
+def test_redis_restart_mid_sequence_loses_nothing(
+    fresh_redis, namespace, loop_thread, tiny_model_dir, reference
+):
+    """Redis restarts (empty) while a sequence runs over borrowed blocks: lending goes on over
+    the open streams, creditors put their entries and debts back, the tokens do not change and
+    the ledger ends square."""
+    cl = Membership(redis_url=fresh_redis.url, namespace=namespace, heartbeat_s=0.25, ttl_s=1.5)
+    reps = []
+    for _ in range(2):
+        s = AttentionServer(AttentionConfig(
+            name="tiny", model=tiny_model_dir, cluster=cl,
+            engine=EngineConfig(num_kv_blocks=64, block_size=BS),
+        ))  # fmt: skip
+        loop_thread.run(s.start())
+        reps.append(s)
+    try:
+        prompts = random_prompts(2, 256, 220, 260, seed=18)
+        engine, peers = decoder(tiny_model_dir, cl, max_num_batched_tokens=64)
+        restarted = False
+
+        def restart(outs):
+            nonlocal restarted
+            if not restarted and sum(map(len, outs.values())) >= 4:
+                fresh_redis.restart()
+                restarted = True
+
+        rids = ["a", "b"]
+        outs, errors = drive(
+            engine, {r: (p, GREEDY) for r, p in zip(rids, prompts, strict=True)}, restart
+        )
+        assert restarted and not errors
+        assert [outs[r] for r in rids] == reference(prompts)
+        # The creditors are back in the (new) ledger, and nobody owes anything once done.
+        deadline = time.monotonic() + 20
+        while len(peers.ledger.creditors()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert {c.creditor_id for c in peers.ledger.creditors()} == {r.holder_id for r in reps}
+        assert settled_debts(peers.ledger) == {}
+        assert all(r.holder.lent == 0 for r in reps)
+        peers.close()
+    finally:
+        for s in reps:
+            loop_thread.run(s.stop(drain_s=0.5))

@@ -82,3 +82,8 @@ class RemoteKV(Protocol):
     def reclaimed(self) -> list[str]:
         """Sequences whose creditors asked for their blocks back since the last call."""
         ...
+
+    def lendable(self) -> int | None:
+        """The most blocks the creditors could lend this engine, all idle (their caps); None
+        when it can't be known now (the ledger is unreachable)."""
+        ...

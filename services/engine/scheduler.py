@@ -250,21 +250,27 @@ class Scheduler:
         return blocks, (seg,)
 
     def _fail_if_too_long(self, req: Request) -> None:
-        """A request that preempted itself and can never fit the local pool, with no creditor
-        lending and nothing else running that could give blocks back (here or at a creditor):
-        end it with an error instead of retrying forever."""
-        if blocks_for(req.num_tokens + 1, self.block_size) <= self.pool.num_blocks:
+        """A request that preempted itself and can never be held: not by the local pool, nor
+        with all that creditors could lend even when idle. End it with an error instead of
+        retrying forever. Short only for now (lenders busy, or unreachable), it waits."""
+        need = blocks_for(req.num_tokens + 1, self.block_size)
+        if need <= self.pool.num_blocks:
             return
-        if self.remote is not None and self.running:
-            return  # it waits: what the running requests hold comes free as they finish
+        lendable = 0
+        if self.remote is not None:
+            if self.running:
+                return  # what the running requests hold comes free as they finish
+            lendable = self.remote.lendable()
+            if lendable is None or need <= self.pool.num_blocks + lendable:
+                return
         self.policy.remove(req)
         req.status = Status.FINISHED
         req.finish_reason = FinishReason.ABORT
-        where = "no KV creditor could lend the rest" if self.remote else "lending is off"
+        where = f"its KV creditors can lend {lendable} at most" if self.remote else "lending is off"
         self.failed.append(
             (
                 req,
-                f"the sequence needs more than this replica's {self.pool.num_blocks} KV blocks "
+                f"the sequence needs {need} KV blocks; this replica has {self.pool.num_blocks} "
                 f"and {where}",
             )
         )
