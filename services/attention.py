@@ -7,14 +7,10 @@ lends blocks to decode replicas and attends over them (services/lender.py has th
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
-
-import grpc
 
 from kvstore.lending import Ledger
 from kvstore.registry import Registration, register_replica
-from protos.splitserve.v1 import attention_pb2 as pb
 from rpc.server import ServiceApp
 from services.attention_client import layout_key
 from services.config import AttentionConfig
@@ -25,11 +21,6 @@ from services.engine.kv_holder import KVHolder
 from services.engine.kv_transfer import KVLayout, dtype_name
 from services.lender import Lender
 from services.metrics import ServiceMetrics
-
-log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
-OK = grpc.StatusCode.OK.value[0]
 
 
 class AttentionServer:
