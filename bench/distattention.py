@@ -219,15 +219,20 @@ def split_decode(
         vocab = engine.vocab_size
         rng = np.random.default_rng(0)
         results = {}
-        for mode in ("local", "split_process", "split_thread"):
+        graphs = getattr(runner, "_graphs", None)
+        modes = ("local", "local_eager", "split_process", "split_thread")
+        for mode in modes if graphs else ("local", "split_process", "split_thread"):
             peers = None
+            # local_eager: the same local step without CUDA graphs, as every split step runs.
+            if graphs:
+                runner._graphs = {} if mode == "local_eager" else graphs
             if mode == "split_thread":
                 proc.terminate()  # its pool's memory goes back before the next one's is taken
                 proc.wait(timeout=60)
                 thread_replica = _replica(lt, model_dir, redis_url, ns_thread, lent,
                                           device=device, dtype=dtype)  # fmt: skip
-            torch.set_num_threads(threads if mode == "local" else split_threads)
-            if mode != "local":
+            torch.set_num_threads(threads if mode.startswith("local") else split_threads)
+            if not mode.startswith("local"):
                 ns = ns_proc if mode == "split_process" else ns_thread
                 mc = engine.model_config
                 ipc = IpcSpec(device, max(seqs, 64), mc.num_heads, mc.num_kv_heads, mc.head_dim,
@@ -304,6 +309,8 @@ def split_decode(
     torch.set_num_threads(threads)
     out = {"seqs": seqs, "context": context, "device": device, "dtype": dtype,
            "local_tpot_ms": local, "threads": threads, "split_threads": split_threads}  # fmt: skip
+    if "local_eager" in results:
+        out["local_eager_tpot_ms"] = results["local_eager"]["tpot_ms"]
     for mode in ("split_process", "split_thread"):
         r = results[mode]
         out[f"{mode}_tpot_ms"] = r["tpot_ms"]
