@@ -8,6 +8,9 @@ import pytest
 
 from services.model_prep.presets import make_model
 
+# The DistAttention and lending tests' fixtures (cluster, replicas, reference).
+pytest_plugins = ["tests.dist_helpers"]
+
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need a CUDA device: without one they are skipped, saying so."""
