@@ -14,8 +14,8 @@ from kvstore.registry import Registration, register_replica
 from rpc.server import ServiceApp
 from services.attention_client import layout_key
 from services.config import AttentionConfig
+from services.engine.block_hash import model_fingerprint
 from services.engine.config import ModelConfig
-from services.engine.engine import model_fingerprint
 from services.engine.kv_cache import KVCache
 from services.engine.kv_holder import KVHolder
 from services.engine.kv_transfer import KVLayout, dtype_name

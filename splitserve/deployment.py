@@ -44,8 +44,8 @@ def plan_deployment(
 ) -> Deployment:
     """model_dirs: each model's resolved directory. bind_host: where replicas listen (0.0.0.0
     in a cluster, so replicas on other nodes reach them)."""
+    from services.engine.block_hash import model_fingerprint
     from services.engine.config import ModelConfig
-    from services.engine.engine import model_fingerprint
     from services.engine.tokenizer import load_tokenizer
 
     cluster = Membership(redis_url=redis_url, namespace=cfg.namespace)

@@ -119,7 +119,7 @@ def test_the_deployment_is_typed_configs_built_once(tmp_path, tiny_model_dir):
     import dataclasses
 
     from services.config import DecodeConfig, PrefillConfig
-    from services.engine.engine import model_fingerprint
+    from services.engine.block_hash import model_fingerprint
     from splitserve.deployment import plan_deployment
 
     f = tmp_path / "app.yaml"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -39,3 +40,13 @@ def hash_blocks(
         parent = hash_block(parent, token_ids[start : start + block_size], model_id)
         out.append(parent)
     return out
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identity of a model's weights for block hashes: its name plus a digest of its config and
+    weight files' names and sizes, so two different checkpoints never share block ids."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"{model_dir.name}@{h.hexdigest()}"

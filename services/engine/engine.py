@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from services.engine.attention_cpu import TorchAttentionBackend
-from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
+from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block, model_fingerprint
 from services.engine.block_pool import BlockPool, PoolUsage
+from services.engine.completion import Completion
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.errors import InvalidRequestError
 from services.engine.fused_ops import triton_available
 from services.engine.gpu_memory import gpu_kv_blocks
+from services.engine.integrity import check_engine
 from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
 from services.engine.model import LlamaModel
@@ -41,39 +41,6 @@ from services.engine.sched_policy import make_policy
 from services.engine.scheduler import Scheduler, blocks_for
 from services.engine.tokenizer import Tokenizer, load_tokenizer
 from services.engine.weights import load_weights, random_weights
-
-
-@dataclass
-class Completion:
-    """A finished request, gathered from its step outputs."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    logprobs: list[SampledToken] = field(default_factory=list)
-    num_cached_tokens: int = 0
-    kv_blocks: list[KVBlock] | None = None
-
-    def add(self, out: RequestOutput) -> None:
-        self.token_ids += out.new_token_ids
-        self.text += out.new_text
-        self.logprobs += out.logprobs
-        if out.finished:
-            self.finish_reason = out.finish_reason
-            self.num_cached_tokens = out.num_cached_tokens
-            self.kv_blocks = out.kv_blocks
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Identity of a model's weights for block hashes: its name plus a digest of its config and
-    weight files' names and sizes, so two different checkpoints never share block ids."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return f"{model_dir.name}@{h.hexdigest()}"
 
 
 class LLMEngine:
@@ -262,6 +229,11 @@ class LLMEngine:
             return False
         self.scheduler.finish(req, FinishReason.ABORT)
         return True
+
+    @property
+    def has_step_in_flight(self) -> bool:
+        """A launched step whose tokens are not read yet (async scheduling)."""
+        return self._inflight is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._inflight is not None
@@ -479,46 +451,9 @@ class LLMEngine:
     # -- conveniences ---------------------------------------------------------------------
 
     def check_integrity(self) -> PoolUsage:
-        """Pool invariants, plus: blocks in use are exactly those held by live requests."""
-        usage = self.pool.check_integrity()
-        held: dict[int, int] = {}
-        for r in self.scheduler.running:
-            for b in r.block_ids:
-                held[b] = held.get(b, 0) + 1
-        for b in self.lent_blocks() if self.lent_blocks is not None else ():
-            held[b] = held.get(b, 0) + 1
-        for b in self.pool.blocks:
-            if b.ref_cnt != held.get(b.block_id, 0):
-                raise AssertionError(
-                    f"block {b.block_id}: ref_cnt {b.ref_cnt}, held {held.get(b.block_id, 0)}"
-                )
-        if any(r.block_ids for r in self.scheduler.policy):
-            raise AssertionError("a waiting request holds blocks")
-        self._check_runner_states()
-        return usage
-
-    def _check_runner_states(self) -> None:
-        """The runner knows every running request, with the same tokens and blocks, and no
-        request the scheduler has not told it (yet) to forget."""
-        known = self.runner.requests.ids()
-        running = {r.request_id for r in self.scheduler.running}
-        if not running <= known:
-            raise AssertionError(f"the runner does not know running requests {running - known}")
-        stale = known - running - self.scheduler.ids_to_drop()
-        if stale:
-            raise AssertionError(f"the runner keeps requests that left: {stale}")
-        if self._inflight is not None:
-            return  # tokens of the step in flight are not read yet
-        for r in self.scheduler.running:
-            st = self.runner.requests[r.request_id]
-            same = (
-                st.prompt_token_ids == r.prompt_token_ids
-                and st.output_token_ids == r.output_token_ids
-                and st.block_ids == r.block_ids
-                and st.num_pending == 0
-            )
-            if not same:
-                raise AssertionError(f"the runner's copy of request {r.request_id} differs")
+        """Pool invariants, plus: blocks in use are exactly those held by live requests (and
+        lent), and the runner's copy of every running request matches the scheduler's."""
+        return check_engine(self)
 
     def run_until_done(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():
