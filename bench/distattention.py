@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,17 +47,17 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def _decoder(model_dir: Path, redis_url: str, ns: str, num_blocks: int, **cfg):
+def _decoder(model_dir: Path, redis_url: str, ns: str, num_blocks: int, borrow: bool, **cfg):
+    """An engine of num_blocks blocks; borrow: it borrows from the ledger's creditors."""
     from kvstore.lending import Ledger
-    from services.attention_client import AttentionPeers, layout_key
+    from services.attention_client import AttentionPeers
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
 
     e = LLMEngine(model_dir, EngineConfig(num_kv_blocks=num_blocks, block_size=BS, **cfg))
-    peers = AttentionPeers(
-        Ledger(redis_url, ns), f"bench-{uuid.uuid4().hex[:6]}",
-        layout_key(e.model_id, e.kv_block_layout()),
-    )  # fmt: skip
+    if not borrow:
+        return e, None
+    peers = AttentionPeers.for_engine(e, Ledger(redis_url, ns), f"bench-{uuid.uuid4().hex[:6]}")
     e.attach_remote_kv(peers)
     return e, peers
 
@@ -88,9 +86,9 @@ def longest_context(model_dir: Path, redis_url: str, holders: int, per_holder: i
     ns = f"bench{uuid.uuid4().hex[:8]}"
     lt = _Loop()
     reps = [_replica(lt, model_dir, redis_url, ns, per_holder) for _ in range(holders - 1)]
-    engine, peers = _decoder(model_dir, redis_url, ns, per_holder, max_num_batched_tokens=256)
-    if holders == 1:
-        engine.scheduler.remote = engine.runner.remote = None  # the local pool alone
+    engine, peers = _decoder(  # one holder: the local pool alone
+        model_dir, redis_url, ns, per_holder, holders > 1, max_num_batched_tokens=256
+    )
     t0 = time.monotonic()
     best, tried = 0, []
     try:
@@ -107,7 +105,8 @@ def longest_context(model_dir: Path, redis_url: str, holders: int, per_holder: i
                 best = length
                 break
     finally:
-        peers.close()
+        if peers is not None:
+            peers.close()
         for r in reps:
             lt.run(r.stop(drain_s=0.5))
     return {
@@ -186,7 +185,8 @@ def split_decode(
     import torch
 
     from kvstore.lending import Ledger
-    from services.attention_client import AttentionPeers, IpcSpec, layout_key
+    from services.attention import spawn
+    from services.attention_client import AttentionPeers
     from services.engine.config import EngineConfig
     from services.engine.engine import LLMEngine
     from services.engine.sampling_params import SamplingParams
@@ -200,8 +200,16 @@ def split_decode(
     # spinning threads slow everything down when two processes each take all of them).
     threads = torch.get_num_threads()
     split_threads = max(1, threads // 2) if device == "cpu" else threads
-    proc = _replica_process(model_dir, redis_url, ns_proc, lent, device, dtype,
-                            max(1, threads - split_threads) if device == "cpu" else 0)  # fmt: skip
+    proc = spawn(
+        model_dir,
+        redis_url,
+        ns_proc,
+        lent,
+        block_size=BS,
+        device=device,
+        dtype=dtype,
+        cpu_threads=max(1, threads - split_threads) if device == "cpu" else 0,
+    )
     lt = _Loop()
     thread_replica = None
     try:
@@ -213,7 +221,6 @@ def split_decode(
                 max_num_seqs=max(seqs, 1), max_model_len=context + steps + BS,
             ),
         )  # fmt: skip
-        layout = layout_key(engine.model_id, engine.kv_block_layout())
         runner = engine.runner
         params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
         vocab = engine.vocab_size
@@ -234,10 +241,7 @@ def split_decode(
             torch.set_num_threads(threads if mode.startswith("local") else split_threads)
             if not mode.startswith("local"):
                 ns = ns_proc if mode == "split_process" else ns_thread
-                mc = engine.model_config
-                ipc = IpcSpec(device, max(seqs, 64), mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                              engine.dtype)  # fmt: skip
-                peers = AttentionPeers(Ledger(redis_url, ns), f"bench-{mode}", layout, ipc=ipc)
+                peers = AttentionPeers.for_engine(engine, Ledger(redis_url, ns), f"bench-{mode}")
                 timed = _Timed(peers)
                 engine.attach_remote_kv(timed)
             so = SchedulerOutput()
@@ -321,25 +325,6 @@ def split_decode(
 
 def _ms(seconds: float) -> float:
     return round(1e3 * float(seconds), 3)
-
-
-def _replica_process(
-    model_dir, redis_url, ns, num_blocks, device, dtype, cpu_threads=0
-) -> subprocess.Popen:
-    """An attention replica in a process of its own; returns once it serves."""
-    cmd = [
-        sys.executable, "-m", "services.attention", "--model", str(model_dir), "--redis",
-        redis_url, "--namespace", ns, "--num-kv-blocks", str(num_blocks), "--block-size",
-        str(BS), "--device", device, "--dtype", dtype, "--cpu-threads", str(cpu_threads),
-    ]  # fmt: skip
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-    address = proc.stdout.readline().strip()  # once serving
-    if not address:
-        raise RuntimeError(f"the attention replica exited ({proc.wait()})")
-    proc.address = address
-    return proc
 
 
 def _replica_work(proc, thread_replica) -> tuple[float, int]:

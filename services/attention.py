@@ -7,7 +7,11 @@ lends blocks to decode replicas and attends over them (services/lender.py has th
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 from kvstore.lending import Ledger
 from kvstore.registry import Registration, register_replica
@@ -101,11 +105,33 @@ class AttentionServer:
         return self.lender.ledger
 
 
+def spawn(
+    model: Path, redis_url: str, namespace: str, num_kv_blocks: int, *, block_size: int = 16,
+    device: str = "cpu", dtype: str = "auto", cpu_threads: int = 0,
+) -> subprocess.Popen:  # fmt: skip
+    """A replica in a process of its own (`python -m services.attention`), returned once it
+    serves, its address in `.address`. Raises RuntimeError if it exits instead."""
+    cmd = [
+        sys.executable, "-m", "services.attention", "--model", str(model), "--redis", redis_url,
+        "--namespace", namespace, "--num-kv-blocks", str(num_kv_blocks), "--block-size",
+        str(block_size), "--device", device, "--dtype", dtype, "--cpu-threads", str(cpu_threads),
+    ]  # fmt: skip
+    root = str(Path(__file__).resolve().parents[1])  # where `services` imports from
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path}
+    )
+    address = proc.stdout.readline().strip()  # printed once serving
+    if not address:
+        raise RuntimeError(f"the attention replica exited ({proc.wait()})")
+    proc.address = address
+    return proc
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m services.attention`: one replica in the foreground (what `splitserve serve
     attention` runs); prints its address once serving, stops on SIGTERM."""
     import argparse
-    from pathlib import Path
 
     from kvstore.config import Membership
     from rpc.server import run_until_signal

@@ -170,6 +170,20 @@ class AttentionPeers:
         self._ledger_down = False
         self._caps: dict[str, int] = {}  # creditor -> its cap, as last seen in the ledger
 
+    @classmethod
+    def for_engine(
+        cls, engine, ledger: Ledger, borrower_id: str, shared: bool = True, **kw
+    ) -> AttentionPeers:
+        """Peers for this engine's KV layout; shared: offer lenders on this host shared
+        buffers for layer batches as large as the engine's step (else bytes only)."""
+        mc = engine.model_config
+        ipc = IpcSpec(
+            engine.device, engine.config.max_num_batched_tokens, mc.num_heads, mc.num_kv_heads,
+            mc.head_dim, engine.dtype,
+        ) if shared else None  # fmt: skip
+        layout = layout_key(engine.model_id, engine.kv_block_layout())
+        return cls(ledger, borrower_id, layout, ipc=ipc, **kw)
+
     # -- RemoteKV -----------------------------------------------------------------------------
 
     def borrow(self, seq_id: str, first_block: int, num_blocks: int) -> RemoteSegment | None:

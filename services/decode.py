@@ -27,7 +27,7 @@ from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import decode_pb2 as pb
 from protos.splitserve.v1 import decode_pb2_grpc as pb_grpc
 from rpc.server import ServiceApp
-from services.attention_client import AttentionPeers, IpcSpec, layout_key
+from services.attention_client import AttentionPeers, layout_key
 from services.config import DecodeConfig
 from services.engine.block_hash import hash_blocks
 from services.engine.engine import LLMEngine
@@ -179,15 +179,7 @@ class DecodeServer(ReplicaServer):
             assert cluster.redis_url is not None
             ledger = Ledger(cluster.redis_url, cluster.namespace, cluster.ttl_s)
             e = self.engine
-            layout = layout_key(e.model_id, e.kv_block_layout())
-            ipc = None
-            if torch.device(e.device).type == "cuda":  # replicas on this host: CUDA IPC
-                mc = e.model_config
-                ipc = IpcSpec(
-                    e.device, e.config.max_num_batched_tokens, mc.num_heads, mc.num_kv_heads,
-                    mc.head_dim, e.dtype,
-                )  # fmt: skip
-            self.peers = AttentionPeers(ledger, self.replica_id, layout, ipc=ipc)
+            self.peers = AttentionPeers.for_engine(e, ledger, self.replica_id)
             e.attach_remote_kv(self.peers)  # before any request: the engine thread is idle
             self.metrics.watch_lending(borrowed=self.peers.borrowed)
         self.lender: Lender | None = None

@@ -4,17 +4,14 @@ the tokens are held to (imported as fixtures by those test modules)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from kvstore.config import Membership
 from kvstore.lending import Ledger
-from services.attention import AttentionServer
-from services.attention_client import AttentionPeers, IpcSpec, layout_key
+from services.attention import AttentionServer, spawn
+from services.attention_client import AttentionPeers
 from services.config import AttentionConfig
 from services.engine.config import EngineConfig
 from services.engine.sampling_params import SamplingParams
@@ -73,12 +70,7 @@ def decoder(model_dir, cluster, num_kv_blocks=8, shared=True, **cfg):
     shared: layer batches through shared memory (else as bytes in the messages)."""
     e = make_engine(model_dir, num_kv_blocks=num_kv_blocks, block_size=BS, **cfg)
     ledger = Ledger(cluster.redis_url, cluster.namespace, cluster.ttl_s)
-    mc = e.model_config
-    ipc = IpcSpec(e.device, e.config.max_num_batched_tokens, mc.num_heads, mc.num_kv_heads,
-                  mc.head_dim, e.dtype) if shared else None  # fmt: skip
-    peers = AttentionPeers(
-        ledger, "decoder-0", layout_key(e.model_id, e.kv_block_layout()), ipc=ipc
-    )
+    peers = AttentionPeers.for_engine(e, ledger, "decoder-0", shared=shared)
     e.attach_remote_kv(peers)
     return e, peers
 
@@ -138,13 +130,8 @@ def traces(completions) -> list[list[tuple[int, float]]]:
 
 
 def replica_process(model_dir, cluster, num_blocks: int, device: str = "cpu", dtype: str = "auto"):
-    """An attention replica in its own process (python -m services.attention), serving."""
-    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.attention", "--model", str(model_dir), "--redis",
-         cluster.redis_url, "--namespace", cluster.namespace, "--num-kv-blocks",
-         str(num_blocks), "--device", device, "--dtype", dtype, "--cpu-threads", "1"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path},
+    """An attention replica in its own process, serving (one torch thread on a CPU)."""
+    return spawn(
+        model_dir, cluster.redis_url, cluster.namespace, num_blocks, block_size=BS,
+        device=device, dtype=dtype, cpu_threads=1,
     )  # fmt: skip
-    assert proc.stdout.readline().strip(), "the replica did not start"
-    return proc

@@ -16,6 +16,8 @@ import torch
 
 from services.engine.partial_attention import SegmentBatch, merge_into, partial_attention
 from services.engine.remote_kv import RemoteKV, RemoteSegment, SeqSlice
+from services.engine.runner_state import RequestStates
+from services.engine.sched_output import SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,16 @@ class DistStep:
             part, part_lse = res.result()
             merge_into(out, lse, p.rows, part.to(out.device), part_lse.to(out.device))
         return out.to(q.dtype)
+
+
+def placements(so: SchedulerOutput, states: RequestStates) -> list[SeqPlacement]:
+    """Each scheduled sequence's rows and blocks, from the runner's copy of its request."""
+    out, row = [], 0
+    for s in so.seqs:
+        st = states[s.request_id]
+        out.append(SeqPlacement(s.request_id, row, s.start, s.end, st.block_ids, st.remote))
+        row += s.num_new
+    return out
 
 
 def plan_step(

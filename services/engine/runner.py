@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
-from services.engine.dist_attention import SeqPlacement, plan_step
+from services.engine.dist_attention import placements, plan_step
 from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
 from services.engine.runner_state import RequestStates
@@ -96,14 +96,9 @@ class ModelRunner:
 
     def _prepare_dist(self, so: SchedulerOutput, ids, pos, logits_rows):
         """A step with remote KV: every sequence attends through DistAttention."""
-        placements, row = [], 0
-        for s in so.seqs:
-            st = self.requests[s.request_id]
-            placements.append(
-                SeqPlacement(s.request_id, row, s.start, s.end, st.block_ids, st.remote)
-            )
-            row += s.num_new
-        slots, dist = plan_step(placements, self.remote, self.bs, self.scale, self.device)
+        slots, dist = plan_step(
+            placements(so, self.requests), self.remote, self.bs, self.scale, self.device
+        )
         meta = AttentionMetadata(
             num_decode=len(so.decodes),
             slot_mapping=self._dev(torch.from_numpy(slots)),

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
-from services.engine.dist_attention import SeqPlacement, plan_step
+from services.engine.dist_attention import placements, plan_step
 from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
 from services.engine.runner_state import RequestState, RequestStates
@@ -250,16 +250,14 @@ class CudaModelRunner:
         """An eager step with remote KV: DistAttention for every sequence (no CUDA graph: the
         holders' answers arrive over the network)."""
         inp = self.inputs
-        placements, t = [], 0
+        t = 0
         for s in so.seqs:
-            st = self.requests[s.request_id]
-            self._fill_tokens(s, st, ids[t : t + s.num_new])
+            self._fill_tokens(s, self.requests[s.request_id], ids[t : t + s.num_new])
             pos[t : t + s.num_new] = np.arange(s.start, s.end)
-            placements.append(
-                SeqPlacement(s.request_id, t, s.start, s.end, st.block_ids, st.remote)
-            )
             t += s.num_new
-        local_slots, dist = plan_step(placements, self.remote, self.bs, self.scale, self.device)
+        local_slots, dist = plan_step(
+            placements(so, self.requests), self.remote, self.bs, self.scale, self.device
+        )
         slots[:t] = local_slots
         ends = np.cumsum([s.num_new for s in so.seqs])
         inp.host_np("rows", len(sampling))[:] = ends[sampling] - 1 if sampling else []
