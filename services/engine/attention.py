@@ -1,10 +1,10 @@
-"""The attention-backend seam: what a backend is given, what it returns, and the exact merge.
+"""The attention-backend seam: what a backend is given and what it returns.
 
 A batch is laid out as decode sequences first (one query token each), then prefill chunks.
 Backends write the step's new K/V into the paged cache and attend over each sequence's whole
 context. On request they also return the per-head log-sum-exp of the scores, which is what lets
 partial attentions over disjoint KV segments (attention offload, DistAttention) be merged
-exactly with `merge_partials`.
+exactly (services/engine/partial_attention.py: `merge_into`).
 """
 
 from __future__ import annotations
@@ -70,19 +70,3 @@ class AttentionBackend(Protocol):
         Returns out [N, H, D] and, if return_lse, lse [N, H] in float32 (natural log).
         """
         ...
-
-
-def merge_partials(
-    outs: list[torch.Tensor], lses: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly combine attention computed over disjoint KV segments.
-
-    outs[i]: [N, H, D] softmax-normalized over segment i; lses[i]: [N, H].
-    out = sum_i exp(lse_i - lse) * out_i with lse = logsumexp_i(lse_i). A segment with no keys
-    for a query carries lse = -inf and weight 0.
-    """
-    lse_stack = torch.stack(lses)  # [S, N, H]
-    total = torch.logsumexp(lse_stack, dim=0)  # [N, H]
-    weights = torch.exp(lse_stack - total.unsqueeze(0)).nan_to_num(0.0)  # [S, N, H]
-    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True))
-    return out.to(outs[0].dtype), total

@@ -2,7 +2,7 @@
 
 DistAttention splits a sequence's KV into segments held by different pools (the decoder's own,
 attention replicas'); each pool attends its queries over the keys it holds and returns the
-partial output and per-head log-sum-exp in float32, which `merge_partials` combines exactly.
+partial output and per-head log-sum-exp in float32, which `merge_into` combines exactly.
 
 A segment is a list of blocks with their logical positions in the sequence, so a key's position
 is logical block * block_size + offset; a query at position p sees the keys at positions <= p.
