@@ -95,16 +95,12 @@ def plan_step(
     bs = block_size
     n = seqs[-1].row_start + (seqs[-1].end - seqs[-1].start) if seqs else 0
     slots = np.full(n, -1, dtype=np.int64)
-    rows, nrows, qpos, tables, nblocks = [], [], [], [], []
+    local_segments = []
     by_holder: dict[str, tuple[list[SeqSlice], list[int], list[int]]] = {}
     for s in seqs:
         num = s.end - s.start
-        rows.append(s.row_start)
-        nrows.append(num)
-        qpos.append(np.arange(s.start, s.end))
-        seen = s.local[: -(-s.end // bs)]
-        tables.append(seen)
-        nblocks.append(len(seen))
+        seen = s.local[: -(-s.end // bs)]  # local blocks: a prefix, one run
+        local_segments.append((s.start, num, seen, list(range(len(seen)))))
         local_end = min(s.end, len(s.local) * bs)
         if local_end > s.start:
             p = np.arange(s.start, local_end)
@@ -123,12 +119,6 @@ def plan_step(
             slices.append(SeqSlice(s.seq_id, s.start, num, w0, len(written)))
             qrows.extend(range(s.row_start, s.row_start + num))
             wrows.extend(int(s.row_start + (p - s.start)) for p in written)
-    width = max([1, *nblocks])
-    table = np.zeros((len(seqs), width), dtype=np.int64)
-    logical = np.full((len(seqs), width), -1, dtype=np.int64)
-    for i, t in enumerate(tables):
-        table[i, : len(t)] = t
-        logical[i, : len(t)] = np.arange(len(t))
     dev = torch.device(device)
 
     def tensor(a) -> torch.Tensor:
@@ -139,10 +129,7 @@ def plan_step(
     for holder, (slices, qrows, wrows) in by_holder.items():
         kv.begin_step(holder, slices)
         parts.append(HolderPart(holder, tensor(qrows), tensor(wrows)))
-    local = SegmentBatch(
-        rows, nrows, tensor(np.concatenate(qpos) if qpos else []), tensor(table),
-        tensor(logical), nblocks, [True] * len(seqs),  # local blocks: a prefix, one run
-    )  # fmt: skip
+    local = SegmentBatch.build(local_segments, dev)
     step = DistStep(
         local, tensor(local_rows), tensor(slots[local_rows]), parts, kv, bs, scale
     )  # fmt: skip

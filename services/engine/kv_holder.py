@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from services.engine.block_pool import BlockPool
@@ -154,8 +153,7 @@ class KVHolder:
     def begin_step(self, owner: str, slices: list[SeqSlice]) -> None:
         """Check a step's slices against what is held and prepare its segment tables."""
         bs = self.block_size
-        rows, nrows, qpos, tables, logicals, nblocks, slots = [], [], [], [], [], [], []
-        start = 0
+        segments, slots = [], []
         for s in slices:
             held = self._seqs.get((owner, s.seq_id))
             if held is None:
@@ -171,28 +169,11 @@ class KVHolder:
                 slots.append(phys * bs + p % bs)
             last = s.q_start + s.num_q - 1
             n = bisect.bisect_right(held.order, last // bs)  # blocks with a key <= last
-            rows.append(start)
-            nrows.append(s.num_q)
-            qpos.extend(range(s.q_start, s.q_start + s.num_q))
-            tables.append(held.phys[:n])
-            logicals.append(held.order[:n])
-            nblocks.append(n)
-            start += s.num_q
-        width = max([1, *nblocks])
-        table = np.zeros((len(slices), width), dtype=np.int64)
-        logical = np.full((len(slices), width), -1, dtype=np.int64)
-        for i, (t, lg) in enumerate(zip(tables, logicals, strict=True)):
-            table[i, : len(t)] = t
-            logical[i, : len(lg)] = lg
-        dev = self.device
-        runs = [not lg or lg[-1] - lg[0] == len(lg) - 1 for lg in logicals]  # sorted, unique
-        table, logical = torch.from_numpy(table), torch.from_numpy(logical)
-        seg = SegmentBatch(
-            rows, nrows, torch.tensor(qpos, dtype=torch.long, device=dev),
-            table.to(dev), logical.to(dev), nblocks, runs,
-        )  # fmt: skip
-        write_slots = torch.tensor(slots, dtype=torch.long, device=dev)
-        self._steps[owner] = _Step(list(slices), seg, write_slots, start, len(slots))
+            segments.append((s.q_start, s.num_q, held.phys[:n], held.order[:n]))
+        seg = SegmentBatch.build(segments, self.device)
+        write_slots = torch.tensor(slots, dtype=torch.long, device=self.device)
+        num_q = sum(s.num_q for s in slices)
+        self._steps[owner] = _Step(list(slices), seg, write_slots, num_q, len(slots))
 
     def attend(
         self, owner: str, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from services.engine.attention import gather_blocks
@@ -39,6 +40,35 @@ class SegmentBatch:
     # Index tensors derived from the above, made on the first layer and reused by the others
     # (building one from a host list waits for the device).
     derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(
+        cls, seqs: list[tuple[int, int, list[int], list[int]]], device: str | torch.device
+    ) -> SegmentBatch:
+        """From each sequence's (first query position, number of queries, its blocks, their
+        logical indices in increasing order), rows laid out sequence after sequence."""
+        width = max([1, *(len(t) for _, _, t, _ in seqs)])
+        table = np.zeros((len(seqs), width), dtype=np.int64)
+        logical = np.full((len(seqs), width), -1, dtype=np.int64)
+        row_start, num_rows, q_pos, row = [], [], [], 0
+        for i, (q0, nq, blocks, order) in enumerate(seqs):
+            table[i, : len(blocks)] = blocks
+            logical[i, : len(order)] = order
+            row_start.append(row)
+            num_rows.append(nq)
+            q_pos.append(np.arange(q0, q0 + nq))
+            row += nq
+        dev = torch.device(device)
+
+        def on_device(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
+        return cls(
+            row_start, num_rows,
+            on_device(np.concatenate(q_pos) if q_pos else np.zeros(0, dtype=np.int64)),
+            on_device(table), on_device(logical), [len(t) for _, _, t, _ in seqs],
+            [not o or o[-1] - o[0] == len(o) - 1 for _, _, _, o in seqs],  # sorted, unique
+        )  # fmt: skip
 
     def cached(self, key: str, make):
         t = self.derived.get(key)
