@@ -1,5 +1,7 @@
 """The attention replica: a KV pool of its own (no weights, only the model's KV layout) that
-lends blocks to decode replicas and attends over them (services/lender.py has the protocol).
+lends blocks to decode replicas and attends over them (services/lender.py has the protocol),
+or, in offload mode, holds KV head ranges of model workers' pools and attends for them
+(services/offload_server.py).
 
     splitserve serve attention --model DIR --port 0 --redis URL
 """
@@ -25,6 +27,7 @@ from services.engine.kv_holder import KVHolder
 from services.engine.kv_transfer import KVLayout, dtype_name
 from services.lender import Lender
 from services.metrics import ServiceMetrics
+from services.offload_server import OffloadHost
 
 
 class AttentionServer:
@@ -42,8 +45,6 @@ class AttentionServer:
         bs = ecfg.block_size
         per_block = KVCache.bytes_per_block(mcfg, bs, dtype)
         num_blocks = ecfg.num_kv_blocks or max(2, ecfg.kv_cache_memory_bytes // per_block)
-        lend_cap = int(num_blocks * config.lend_fraction)
-        self.holder = KVHolder(mcfg, num_blocks, bs, dtype, ecfg.device, lend_cap)
         self.model_id = ecfg.model_id or model_fingerprint(config.model)
         layout = KVLayout(
             mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype_name(dtype), bs, ecfg.device
@@ -51,8 +52,17 @@ class AttentionServer:
         self.layout = layout_key(self.model_id, layout)
         self.replica_id = self.holder_id = config.replica_id or f"attention-{uuid.uuid4().hex[:8]}"
         self.metrics = ServiceMetrics("attention", config.name)
-        self.metrics.watch_lending(lent=self.holder.lent_to)
-        self.lender = Lender(self.holder, self.holder_id, self.layout)
+        self.offload: OffloadHost | None = None
+        self.lender: Lender | None = None
+        if config.offload:
+            self.offload = OffloadHost(
+                mcfg, dtype, ecfg.device, bs, num_blocks * per_block, self.layout, self.replica_id
+            )
+        else:
+            lend_cap = int(num_blocks * config.lend_fraction)
+            self.holder = KVHolder(mcfg, num_blocks, bs, dtype, ecfg.device, lend_cap)
+            self.metrics.watch_lending(lent=self.holder.lent_to)
+            self.lender = Lender(self.holder, self.holder_id, self.layout)
         self.metrics_address: str | None = None  # host:port of /metrics once started, if asked
         self.registration: Registration | None = None
         self.app: ServiceApp
@@ -63,9 +73,22 @@ class AttentionServer:
 
     async def start(self) -> str:
         self.app = ServiceApp(self.config.host, self.config.port)
+        cfg = self.config
+        if self.offload is not None:
+            self.offload.add_to(self.app)
+            await self.app.start()
+            if cfg.metrics_port is not None:
+                self.metrics_address = self.metrics.serve(cfg.host, cfg.metrics_port)
+            if cfg.cluster.redis_url:
+                self.registration = register_replica(
+                    cfg.cluster, "attention-offload", self.replica_id, model=cfg.name,
+                    address=self.address, load=self._offload_load,
+                    metrics_address=self.metrics_address or "",
+                )  # fmt: skip
+            return self.address
+        assert self.lender is not None
         self.lender.add_to(self.app)
         await self.app.start()
-        cfg = self.config
         if cfg.metrics_port is not None:
             self.metrics_address = self.metrics.serve(cfg.host, cfg.metrics_port)
         if cfg.cluster.redis_url:
@@ -79,11 +102,19 @@ class AttentionServer:
 
     async def stop(self, drain_s: float = 5.0) -> None:
         await self.app.drain(drain_s)
-        await self.lender.stop_ledger()
+        if self.lender is not None:
+            await self.lender.stop_ledger()
         if self.registration is not None:
             self.registration.close()
         await self.app.stop()
         await self.metrics.aclose()
+
+    def _offload_load(self) -> dict[str, int]:
+        h = self.offload
+        assert h is not None
+        return {"running": len(h.sessions), "waiting": 0,
+                "free_blocks": (h.budget_bytes - h.used_bytes) >> 10,
+                "total_blocks": h.budget_bytes >> 10}  # fmt: skip
 
     def _load(self) -> dict[str, int]:
         h = self.holder
@@ -94,20 +125,21 @@ class AttentionServer:
     # What tests and benchmarks read (the lender's counters).
     @property
     def layer_batches(self) -> int:
-        return self.lender.layer_batches
+        return (self.offload or self.lender).layer_batches
 
     @property
     def layer_seconds(self) -> float:
-        return self.lender.layer_seconds
+        return (self.offload or self.lender).layer_seconds
 
     @property
     def ledger(self) -> Ledger | None:
-        return self.lender.ledger
+        return self.lender.ledger if self.lender is not None else None
 
 
 def spawn(
     model: Path, redis_url: str, namespace: str, num_kv_blocks: int, *, block_size: int = 16,
-    device: str = "cpu", dtype: str = "auto", cpu_threads: int = 0,
+    device: str = "cpu", dtype: str = "auto", cpu_threads: int = 0, offload: bool = False,
+    name: str | None = None,
 ) -> subprocess.Popen:  # fmt: skip
     """A replica in a process of its own (`python -m services.attention`), returned once it
     serves, its address in `.address`. Raises RuntimeError if it exits instead."""
@@ -115,6 +147,7 @@ def spawn(
         sys.executable, "-m", "services.attention", "--model", str(model), "--redis", redis_url,
         "--namespace", namespace, "--num-kv-blocks", str(num_kv_blocks), "--block-size",
         str(block_size), "--device", device, "--dtype", dtype, "--cpu-threads", str(cpu_threads),
+        *(["--offload"] if offload else []), *(["--name", name] if name else []),
     ]  # fmt: skip
     root = str(Path(__file__).resolve().parents[1])  # where `services` imports from
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
@@ -149,9 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--cpu-threads", type=int, default=0)
+    ap.add_argument("--offload", action="store_true", help="hold model workers' KV heads")
+    ap.add_argument("--name", help="the served model name (default: the model directory's)")
     a = ap.parse_args(argv)
     config = AttentionConfig(
-        name=a.model.name, model=a.model, host=a.host, port=a.port, cpu_threads=a.cpu_threads,
+        name=a.name or a.model.name, offload=a.offload, model=a.model, host=a.host, port=a.port,
+        cpu_threads=a.cpu_threads,
         cluster=Membership(redis_url=a.redis, namespace=a.namespace),
         lend_fraction=a.lend_fraction,
         engine=EngineConfig(num_kv_blocks=a.num_kv_blocks, block_size=a.block_size,

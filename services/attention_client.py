@@ -9,9 +9,7 @@ flight fail with HolderLostError and the engine recomputes those sequences elsew
 
 from __future__ import annotations
 
-import itertools
 import logging
-import queue
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -23,11 +21,11 @@ import torch
 from kvstore.lending import Ledger
 from protos.splitserve.v1 import attention_pb2 as pb
 from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
-from rpc.channel import GRPC_OPTIONS
 from rpc.tensor import TensorSpec
 from services.engine.kv_transfer import KVLayout
 from services.engine.remote_kv import HolderLostError, RemoteSegment, SeqSlice
 from services.ipc_link import IpcBuffer, decoder_layout, replica_layout
+from services.session_stream import SessionStream
 from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
@@ -48,59 +46,17 @@ def _spec(t: torch.Tensor) -> TensorSpec:
     return TensorSpec(str(t.dtype).removeprefix("torch."), tuple(t.shape))
 
 
-class _Stream:
+def _stream_to(holder_id: str, address: str, on_reclaim) -> SessionStream:
     """One creditor's stream: requests in order, responses matched by id."""
 
-    def __init__(self, holder_id: str, address: str, on_reclaim) -> None:
-        self.holder_id = holder_id
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-        self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, Future] = {}
-        self._lock = threading.Lock()
-        self.broken: str | None = None
-        self._on_reclaim = on_reclaim
-        self.ipc: tuple[IpcBuffer, IpcBuffer] | None = None  # (ours, the replica's)
-        stub = pb_grpc.AttentionStub(self.channel)
-        self._responses = stub.Session(iter(self._out.get, None))
-        self._reader = threading.Thread(target=self._read, name=f"attn-{holder_id}", daemon=True)
-        self._reader.start()
+    def seen(resp) -> None:
+        if resp.reclaim:
+            on_reclaim(holder_id, list(resp.reclaim))
 
-    def send(self, **body) -> Future:
-        fut: Future = Future()
-        with self._lock:
-            if self.broken is not None:
-                fut.set_exception(HolderLostError(self.holder_id, self.broken))
-                return fut
-            rid = next(self._ids)
-            self._waiting[rid] = fut
-        self._out.put(pb.AttentionRequest(id=rid, **body))
-        return fut
-
-    def _read(self) -> None:
-        why = "its stream ended"
-        try:
-            for resp in self._responses:
-                if resp.reclaim:
-                    self._on_reclaim(self.holder_id, list(resp.reclaim))
-                with self._lock:
-                    fut = self._waiting.pop(resp.id, None)
-                if fut is not None:
-                    fut.set_result(resp)
-        except grpc.RpcError as e:
-            why = f"{e.code().name}: {e.details()}"
-        with self._lock:
-            self.broken = why
-            waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
-            fut.set_exception(HolderLostError(self.holder_id, why))
-
-    def close(self) -> None:
-        self._out.put(None)
-        self.channel.close()
-        self._reader.join(timeout=5)
-        for buf in self.ipc or ():
-            buf.close()
+    return SessionStream(
+        holder_id, address, lambda ch: pb_grpc.AttentionStub(ch).Session, pb.AttentionRequest,
+        lambda why: HolderLostError(holder_id, why), seen,
+    )  # fmt: skip
 
 
 class _Partial:
@@ -163,7 +119,7 @@ class AttentionPeers:
         self.borrower_id = borrower_id
         self.layout = layout
         self.timeout_s = timeout_s
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, SessionStream] = {}
         self._held: dict[str, dict[str, int]] = {}  # seq id -> {holder -> blocks}
         self._reclaimed: list[str] = []
         self._lock = threading.Lock()
@@ -310,7 +266,7 @@ class AttentionPeers:
 
     # -- streams ------------------------------------------------------------------------------
 
-    def _live(self, holder_id: str) -> _Stream:
+    def _live(self, holder_id: str) -> SessionStream:
         stream = self._streams.get(holder_id)
         if stream is None:
             raise HolderLostError(holder_id, "no stream to it")
@@ -319,13 +275,13 @@ class AttentionPeers:
             raise HolderLostError(holder_id, stream.broken)
         return stream
 
-    def _stream(self, holder_id: str, address: str) -> _Stream | None:
+    def _stream(self, holder_id: str, address: str) -> SessionStream | None:
         stream = self._streams.get(holder_id)
         if stream is not None and stream.broken is None:
             return stream
         if stream is not None:
             self._forget(holder_id)
-        stream = _Stream(holder_id, address, self._on_reclaim)
+        stream = _stream_to(holder_id, address, self._on_reclaim)
         hello = pb.Hello(borrower_id=self.borrower_id, layout=self.layout)
         mine = self._offer_ipc(hello)
         try:

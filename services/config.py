@@ -97,9 +97,16 @@ class DecodeConfig(ReplicaConfig):
     # Lend up to this share of the engine's KV pool, while this replica's own work leaves it
     # free, to other decode replicas that borrow (0: lend nothing).
     lend_fraction: float = 0.0
+    # Attention offload (engine.kv_offload): this many attention workers of the model hold the
+    # KV heads of this replica's pool, one range each (found in the registry).
+    offload_workers: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if (self.offload_workers > 0) != self.engine.kv_offload:
+            raise ValueError("offload_workers > 0 and engine.kv_offload go together")
+        if self.offload_workers and not self.cluster.redis_url:
+            raise ValueError("offload needs the cluster's Redis (where attention workers are)")
         if self.borrow_kv and not self.cluster.redis_url:
             raise ValueError("borrow_kv needs the cluster's Redis (the lending ledger)")
         if not 0.0 <= self.lend_fraction <= 1.0:
@@ -133,9 +140,11 @@ class AttentionConfig(ReplicaConfig):
     """An attention replica: a KV pool of the model's layout (no weights) that lends blocks to
     decode replicas and attends over them. Its pool is engine.num_kv_blocks blocks, or
     engine.kv_cache_memory_bytes worth; lend_fraction of it may be lent (the rest is kept for
-    its own sequences: none yet, so 1.0 by default)."""
+    its own sequences: none yet, so 1.0 by default). offload: instead of lending, hold KV head
+    ranges of model workers' pools in attention offload (that much memory in all)."""
 
     lend_fraction: float = 1.0
+    offload: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -114,6 +114,13 @@ class BlockPool:
         blk.block_hash = block_hash
         self._cached[block_hash] = block_id
 
+    def forget_cached(self) -> None:
+        """Drop every content hash: the blocks' KV was lost (offload: a worker died). Blocks in
+        use stay in use; none is found by lookup any more."""
+        for blk in self.blocks:
+            blk.block_hash = None
+        self._cached.clear()
+
     def is_cached(self, block_hash: BlockHash) -> bool:
         return block_hash in self._cached
 

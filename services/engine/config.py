@@ -197,6 +197,9 @@ class EngineConfig:
     admits in arrival order and preempts the newest running request; "priority" admits by
     add_request's priority (lower first, ties in arrival order) and preempts the running request
     with the highest value, newest first.
+    kv_offload: attention offload's model worker: no KV here; the engine's num_kv_blocks blocks
+    live on attention workers (attach_shards), each holding a range of KV heads. offload_pingpong
+    splits decode steps in two batches that take turns; offload_q_first sends q before k, v.
     """
 
     block_size: int = 16
@@ -216,8 +219,15 @@ class EngineConfig:
     async_scheduling: bool = True
     load_format: str = "auto"  # auto | dummy
     scheduling_policy: str = "fcfs"  # fcfs | priority
+    kv_offload: bool = False
+    offload_pingpong: bool = True
+    offload_q_first: bool = True
 
     def __post_init__(self) -> None:
+        if self.kv_offload and self.num_kv_blocks is None:
+            raise ValueError(
+                "kv_offload needs num_kv_blocks: the blocks its attention workers hold"
+            )
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

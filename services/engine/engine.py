@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from services.engine.integrity import check_engine
 from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
 from services.engine.model import LlamaModel
+from services.engine.offload_plan import AttentionShards, WorkerLostError
 from services.engine.remote_kv import HolderLostError, RemoteKV
 from services.engine.request import FinishReason, Request, RequestOutput, Status
 from services.engine.runner import ModelRunner
@@ -41,6 +43,8 @@ from services.engine.sched_policy import make_policy
 from services.engine.scheduler import Scheduler, blocks_for
 from services.engine.tokenizer import Tokenizer, load_tokenizer
 from services.engine.weights import load_weights, random_weights
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -87,7 +91,9 @@ class LLMEngine:
             )
         else:
             num_blocks = max(2, config.kv_cache_memory_bytes // per_block)
-        self.kv_cache = KVCache.allocate(mcfg, num_blocks, bs, self.dtype, self.device)
+        # Offload: the blocks live on attention workers; none here.
+        local = 0 if config.kv_offload else num_blocks
+        self.kv_cache = KVCache.allocate(mcfg, local, bs, self.dtype, self.device)
         self._kv_layout = KVLayout(
             mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype_name(self.dtype), bs,
             self.device,
@@ -97,7 +103,14 @@ class LLMEngine:
             self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
             make_policy(config.scheduling_policy),
         )  # fmt: skip
-        if self.fused:
+        if config.kv_offload:
+            from services.engine.runner_offload import OffloadRunner
+
+            self.runner = OffloadRunner(
+                self.model, bs, Sampler(seed), self.device, pingpong=config.offload_pingpong,
+                q_first=config.offload_q_first,
+            )  # fmt: skip
+        elif self.fused:
             from services.engine.runner_cuda import CudaModelRunner
 
             self.runner = CudaModelRunner(
@@ -110,7 +123,7 @@ class LLMEngine:
             )  # fmt: skip
         else:
             self.runner = ModelRunner(self.model, self.kv_cache, Sampler(seed), self.device)
-        self.async_scheduling = self.fused and config.async_scheduling
+        self.async_scheduling = self.fused and config.async_scheduling and not config.kv_offload
         # The step launched and not yet read: (so, its requests in so.seqs order, StepHandle).
         self._inflight: tuple[SchedulerOutput, list[Request], object] | None = None
         if self.fused:
@@ -133,6 +146,12 @@ class LLMEngine:
         attend over them where they are (DistAttention). Call before adding requests."""
         self.scheduler.remote = remote
         self.runner.remote = remote
+
+    def attach_shards(self, shards: AttentionShards) -> None:
+        """Offload mode: the attention workers that hold this engine's KV (kv_offload)."""
+        if not self.config.kv_offload:
+            raise RuntimeError("attach_shards is for an engine with kv_offload set")
+        self.runner.attach(shards)
 
     @property
     def remote_kv(self) -> RemoteKV | None:
@@ -266,6 +285,8 @@ class LLMEngine:
         self._take_back_reclaimed()
         if self.async_scheduling:
             return self._step_async()
+        if self.config.kv_offload and not self._shards_ready():
+            return self._failed_outputs()
         so = self.scheduler.schedule()
         failed = self._failed_outputs()
         if so.is_empty:
@@ -278,6 +299,13 @@ class LLMEngine:
             # (their local prefix mostly from the prefix cache); the others redo this step.
             self.scheduler.drop_remote(holder_id=e.holder_id)
             return failed
+        except WorkerLostError as e:
+            # A head range of every block is gone: every request starts again from its tokens
+            # once a worker holds that range again, and no cached block can be trusted.
+            log.warning("%s: recomputing %d requests", e, len(self.scheduler.running))
+            self.scheduler.preempt_all()
+            self.pool.forget_cached()
+            return failed
         outputs = failed
         now = time.monotonic()
         for req, seq, tok in zip(reqs, so.seqs, sampled, strict=True):
@@ -286,6 +314,14 @@ class LLMEngine:
                 continue
             outputs.append(self._append_token(req, tok, now))
         return outputs
+
+    def _shards_ready(self) -> bool:
+        """Offload: every head range has a live attention worker (or one was found now); while
+        not, requests wait."""
+        shards = self.runner.shards
+        if shards is None:
+            raise RuntimeError("an offload engine steps only once its attention workers attach")
+        return shards.ready or shards.recover()
 
     def _failed_outputs(self) -> list[RequestOutput]:
         """Requests the scheduler ended because they can never fit, as final outputs."""

@@ -295,6 +295,14 @@ class Scheduler:
             self._preempted_ids.append(r.request_id)
         return [r.request_id for r in victims]
 
+    def preempt_all(self) -> list[str]:
+        """Preempt every running request (to recompute): its KV was lost."""
+        victims, self.running = self.running, []
+        for r in victims:
+            self._preempt(r)
+            self._preempted_ids.append(r.request_id)
+        return [r.request_id for r in victims]
+
     def _release(self, req: Request) -> None:
         self.pool.release(list(reversed(req.block_ids)))  # tail first: prefix evicted last
         req.block_ids = []
