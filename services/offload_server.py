@@ -290,7 +290,7 @@ def _raw(a: np.ndarray) -> bytes:
 def _ints(b: bytes, name: str) -> np.ndarray:
     if len(b) % 8:
         raise SegmentError(f"{name}: {len(b)} bytes is not a whole number of int64")
-    return np.frombuffer(b, dtype=np.int64)
+    return np.frombuffer(b, dtype=np.int64).copy()  # writable: torch takes it as is
 
 
 class _Refused(Exception):
