@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
             r = gpu_part(model, redis.url, args.context, args.budget_gib, args.tpot_ms,
                          args.steps or 8)  # fmt: skip
             results = [{"part": "gpu", **r}]
-            summary = {k: r[k] for k in ("batch_ratio_gpu", "throughput_ratio_gpu",
-                                         "tpot_ms_colocated_gpu", "tpot_ms_offload_gpu")}  # fmt: skip
+            keys = ("batch_ratio_gpu", "throughput_ratio_gpu", "tpot_ms_colocated_gpu",
+                    "tpot_ms_offload_gpu")  # fmt: skip
+            summary = {k: r[k] for k in keys}
         else:
             model = args.model or _default_model(tmp)
             seqs = args.seqs or (4 if args.quick else 8)
