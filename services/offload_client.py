@@ -55,8 +55,12 @@ class _Worker:
 
 
 class _Out:
-    def __init__(self, fut: Future, w: _Worker, timeout_s: float, buf: IpcBuffer | None, n: int):
+    def __init__(
+        self, fut: Future, w: _Worker, timeout_s: float, buf: IpcBuffer | None, n: int,
+        device: str,
+    ) -> None:  # fmt: skip
         self.fut, self.w, self.timeout_s, self.buf, self.n = fut, w, timeout_s, buf, n
+        self.device = device
 
     def result(self) -> torch.Tensor:
         try:
@@ -66,9 +70,9 @@ class _Out:
         if resp.code != OK:
             raise WorkerLostError(self.w.index, f"{resp.message} (code {resp.code})")
         if resp.ipc and self.buf is not None:
-            self.buf.wait()
+            self.buf.wait(host=True)
             return self.buf.regions[0][: self.n]
-        return tensor_from_pb(resp.out, "out")
+        return tensor_from_pb(resp.out, "out").to(self.device, non_blocking=True)
 
 
 class AttentionWorkers:
@@ -279,7 +283,7 @@ class AttentionWorkers:
             for t, (_, f, _) in zip(hosted, named, strict=True):
                 tensor_to_pb(t, f)
         fut = stream.send(want_answer=part != Part.KV, layer=msg)
-        return _Out(fut, w, self.timeout_s, theirs, n)
+        return _Out(fut, w, self.timeout_s, theirs, n, self.device)
 
     def _live(self, w: _Worker) -> SessionStream:
         if w.stream is None or w.stream.broken is not None:

@@ -167,7 +167,7 @@ class OffloadHost:
                 raise SegmentError(f"an IPC layer batch of tag {tag} without a buffer for it")
             pair = sess.ipc[tag]
             pair[1].unlink()  # the model worker mapped it when we answered the attach
-            pair[0].wait()
+            pair[0].wait(host=True)
         if layer.part == Part.Q:
             q = self._tensor(pair, layer.q, 0, "q")
             sess.q_ids[(tag, li)] = resp.id
