@@ -8,8 +8,8 @@ import pytest
 
 from services.model_prep.presets import make_model
 
-# The DistAttention and lending tests' fixtures (cluster, replicas, reference).
-pytest_plugins = ["tests.dist_helpers"]
+# The DistAttention, lending and offload tests' fixtures (cluster, replicas, reference, ...).
+pytest_plugins = ["tests.dist_helpers", "tests.offload_helpers"]
 
 
 def pytest_collection_modifyitems(config, items):

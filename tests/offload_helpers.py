@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvstore.registry import list_replicas
-from services.attention import AttentionServer
+from services.attention import AttentionServer, spawn
 from services.attention_client import layout_key
 from services.config import AttentionConfig
 from services.engine.config import EngineConfig
@@ -56,3 +56,12 @@ def model_worker(
     workers.connect(wait_s)
     e.attach_shards(workers)
     return e, workers
+
+
+def worker_process(model_dir, cluster, num_blocks: int, device: str = "cpu", name: str = "tiny"):
+    """An attention worker in offload mode in its own process (one torch thread on a CPU)."""
+    return spawn(
+        model_dir, cluster.redis_url, cluster.namespace, num_blocks, block_size=BS,
+        device=device, dtype="float32" if device != "cpu" else "auto", cpu_threads=1,
+        offload=True, name=name,
+    )  # fmt: skip

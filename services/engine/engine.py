@@ -300,11 +300,8 @@ class LLMEngine:
             self.scheduler.drop_remote(holder_id=e.holder_id)
             return failed
         except WorkerLostError as e:
-            # A head range of every block is gone: every request starts again from its tokens
-            # once a worker holds that range again, and no cached block can be trusted.
-            log.warning("%s: recomputing %d requests", e, len(self.scheduler.running))
-            self.scheduler.preempt_all()
-            self.pool.forget_cached()
+            log.warning("%s", e)
+            self._lose_kv()
             return failed
         outputs = failed
         now = time.monotonic()
@@ -321,7 +318,21 @@ class LLMEngine:
         shards = self.runner.shards
         if shards is None:
             raise RuntimeError("an offload engine steps only once its attention workers attach")
-        return shards.ready or shards.recover()
+        if shards.ready:
+            return True
+        self._lose_kv()  # a worker went away between steps: what it held is gone too
+        return shards.recover()
+
+    def _lose_kv(self) -> None:
+        """Offload: a head range of every block is gone. Every running request starts again
+        from its tokens once a worker holds that range again, and no cached block can be
+        trusted."""
+        if self.scheduler.running:
+            log.warning(
+                "attention worker lost: recomputing %d requests", len(self.scheduler.running)
+            )
+        self.scheduler.preempt_all()
+        self.pool.forget_cached()
 
     def _failed_outputs(self) -> list[RequestOutput]:
         """Requests the scheduler ended because they can never fit, as final outputs."""
