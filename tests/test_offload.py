@@ -6,6 +6,7 @@ preemption; the wire carries Lamina's (2 + 2/G) e d bytes per token and layer.""
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import torch
@@ -157,3 +158,68 @@ def test_gpu_offload_over_cuda_ipc_is_token_exact(tiny_model_dir, cluster):
         proc.terminate()
         proc.wait(timeout=30)
         torch.cuda.empty_cache()
+
+
+def test_bad_requests_get_their_own_codes_and_harm_nothing(tiny_model_dir, offload_workers):
+    import grpc
+    import numpy as np
+
+    from protos.splitserve.v1 import offload_pb2 as pb
+    from protos.splitserve.v1 import offload_pb2_grpc as pb_grpc
+    from rpc.channel import GRPC_OPTIONS
+    from services.offload_server import layout_to_pb
+    from services.wire import tensor_to_pb
+
+    srv = offload_workers(num_blocks=8)
+    cfg = srv.offload.cfg
+    g, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+
+    def step(slots, lens=(3,), table=((0,),)):
+        lay = StepLayout(len(lens), np.array(slots), np.array(table), np.array(lens), ())
+        return layout_to_pb(0, lay)
+
+    def layer(rows=1, heads=1, part=pb.OffloadLayer.ALL, layer_no=0):
+        msg = pb.OffloadLayer(tag=0, layer=layer_no, part=part)
+        if part != pb.OffloadLayer.KV:
+            tensor_to_pb(torch.randn(rows, heads * g, d), msg.q)
+        if part != pb.OffloadLayer.Q:
+            tensor_to_pb(torch.randn(rows, heads, d), msg.k)
+            tensor_to_pb(torch.randn(rows, heads, d), msg.v)
+        return msg
+
+    def attach(**kw):
+        a = dict(worker_id="m", layout=srv.layout, kv_head_start=0, kv_head_end=1, num_blocks=4)
+        return pb.Attach(**{**a, **kw})
+
+    reqs = [
+        pb.OffloadRequest(id=1, step=step([2])),  # before attach
+        pb.OffloadRequest(id=2, attach=attach(layout="other")),
+        pb.OffloadRequest(id=3, attach=attach(kv_head_end=cfg.num_kv_heads + 1)),
+        pb.OffloadRequest(id=4, attach=attach(num_blocks=10_000)),  # over the memory
+        pb.OffloadRequest(id=5, attach=attach()),
+        pb.OffloadRequest(id=6, step=step([4 * BS])),  # a slot past the region
+        pb.OffloadRequest(id=7, step=step([2], table=((9,),))),  # a block past the region
+        pb.OffloadRequest(id=8, layer=layer()),  # no layout for tag 0 (the last one failed)
+        pb.OffloadRequest(id=9, step=step([2])),
+        pb.OffloadRequest(id=10, layer=layer(heads=2)),  # more heads than attached
+        pb.OffloadRequest(id=11, layer=layer(layer_no=cfg.num_layers)),  # no such layer
+        pb.OffloadRequest(id=12, layer=layer(part=pb.OffloadLayer.KV)),  # k, v before q
+        pb.OffloadRequest(id=13, layer=layer()),  # fine, after all of the above
+    ]
+    with grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
+        stub = pb_grpc.AttentionOffloadStub(ch)
+        resps = {r.id: r for r in stub.Session(iter(reqs), timeout=60)}
+    code = {i: grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == r.code))
+            for i, r in resps.items()}  # fmt: skip
+    assert code[1] == code[2] == grpc.StatusCode.FAILED_PRECONDITION
+    assert code[3] == grpc.StatusCode.INVALID_ARGUMENT
+    assert code[4] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code[5] == code[9] == code[13] == grpc.StatusCode.OK
+    assert code[6] == code[7] == code[8] == code[10] == code[11] == code[12]
+    assert code[6] == grpc.StatusCode.INVALID_ARGUMENT
+    assert tuple(resps[13].out.layout.shape) == (1, g, d)
+    # The stream ended: its region is freed.
+    deadline = time.monotonic() + 20
+    while srv.offload.used_bytes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.offload.used_bytes == 0 and not srv.offload.sessions
