@@ -23,6 +23,7 @@ import torch
 
 from kvstore.client import KVStoreClient
 from kvstore.lending import Ledger
+from kvstore.registry import list_replicas
 from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import decode_pb2 as pb
 from protos.splitserve.v1 import decode_pb2_grpc as pb_grpc
@@ -37,6 +38,8 @@ from services.engine.kv_transfer import KVBlock
 from services.engine_loop import EngineLoop, KVCapacityError, QueueFullError
 from services.lender import Lender
 from services.metrics import RequestMetrics, ServiceMetrics
+from services.offload_client import AttentionWorkers, forget_placement, record_placement
+from services.offload_metrics import OffloadCollector
 from services.replica import ReplicaServer
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
 
@@ -164,6 +167,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             await self.kv.unpin(address, pin_id)
 
 
+# How long a model worker waits at start for attention workers to hold all its KV heads.
+OFFLOAD_WAIT_S = 300.0
+
+
 class DecodeServer(ReplicaServer):
     """A decode (or colocated) replica: engine, KV store client, gRPC service, registration."""
 
@@ -185,6 +192,28 @@ class DecodeServer(ReplicaServer):
         self.lender: Lender | None = None
         if config.lend_fraction > 0:
             self.lender = self._lender(config.lend_fraction)
+        self.offload: AttentionWorkers | None = None
+        if config.offload_workers:
+            self.offload = self._offload(config)
+
+    def _offload(self, config: DecodeConfig) -> AttentionWorkers:
+        """Attention offload: the model's attention workers (from the registry) hold this
+        model worker's KV heads; where they are is recorded in Redis."""
+        e, cluster = self.engine, config.cluster
+        assert cluster.redis_url is not None
+        url, ns, name = cluster.redis_url, cluster.namespace, config.name
+
+        def find() -> list[str]:
+            return [r.address for r in list_replicas(url, "attention-offload", name, ns)]
+
+        workers = AttentionWorkers(
+            self.replica_id, e.model_config, layout_key(e.model_id, e.kv_block_layout()),
+            e.num_kv_blocks, e.dtype, e.device, find, config.offload_workers,
+            e.config.max_num_batched_tokens,
+            on_placement=lambda p: record_placement(url, ns, self.replica_id, p),
+        )  # fmt: skip
+        self.metrics.registry.register(OffloadCollector("colocated", name, e.runner.counters))
+        return workers
 
     def _lender(self, fraction: float) -> Lender:
         """Lend free blocks of the engine's own pool to other decode replicas: pool changes
@@ -210,6 +239,10 @@ class DecodeServer(ReplicaServer):
         return lender
 
     async def start(self) -> str:
+        if self.offload is not None:
+            # Attention workers may start after this replica (Ray starts roles together).
+            await asyncio.to_thread(self.offload.connect, OFFLOAD_WAIT_S)
+            self.engine.attach_shards(self.offload)  # before any request: the engine is idle
         app = self._bind()
         cluster = self.config.cluster
         if cluster.redis_url:
@@ -243,3 +276,8 @@ class DecodeServer(ReplicaServer):
         if self.peers is not None:
             self.peers.close()
             self.peers.ledger.close()
+        if self.offload is not None:
+            self.offload.close()
+            with contextlib.suppress(Exception):
+                cluster = self.config.cluster
+                forget_placement(cluster.redis_url, cluster.namespace, self.replica_id)

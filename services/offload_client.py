@@ -293,3 +293,47 @@ class AttentionWorkers:
 
 def _spec(t: torch.Tensor) -> TensorSpec:
     return TensorSpec(str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+def _placement_key(ns: str, worker_id: str) -> str:
+    return f"{ns}:offload:{worker_id}"
+
+
+def record_placement(
+    redis_url: str, ns: str, worker_id: str, placement: list[tuple[str, tuple[int, int]]]
+) -> None:
+    """Where a model worker's KV heads are: `{ns}:offload:{worker}` maps "a-b" (KV heads
+    [a, b)) to the attention worker's address (`splitserve kv ledger` shows it)."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url, socket_timeout=5.0)
+    try:
+        key = _placement_key(ns, worker_id)
+        p = r.pipeline()
+        p.delete(key)
+        p.hset(key, mapping={f"{a}-{b}": address for address, (a, b) in placement})
+        p.execute()
+    finally:
+        r.close()
+
+
+def forget_placement(redis_url: str, ns: str, worker_id: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(redis_url, socket_timeout=5.0)
+    try:
+        r.delete(_placement_key(ns, worker_id))
+    finally:
+        r.close()
+
+
+def placements(redis_url: str, ns: str) -> dict[str, dict[str, str]]:
+    """Every model worker's placement: {worker: {"a-b": address}}."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url, socket_timeout=5.0, decode_responses=True)
+    try:
+        keys = sorted(r.scan_iter(match=f"{ns}:offload:*", count=500))
+        return {k.split(":", 2)[2]: r.hgetall(k) for k in keys}
+    finally:
+        r.close()

@@ -177,7 +177,9 @@ class ModelSpec(_Strict):
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    # offload: colocated replicas are model workers with no KV; the attention replicas hold
+    # their KV heads and attend for them (attention offload, Lamina). `attention` sizes them.
+    mode: Literal["disaggregated", "colocated", "offload"] = "disaggregated"
     prefill: ReplicaSpec = ReplicaSpec()
     decode: ReplicaSpec = ReplicaSpec()
     colocated: ReplicaSpec = ReplicaSpec()
@@ -192,6 +194,10 @@ class ModelSpec(_Strict):
         return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
 
     @property
+    def offload(self) -> bool:
+        return self.mode == "offload"
+
+    @property
     def roles(self) -> tuple[str, ...]:
         """Every role of this model's pool: the serving ones, then attention if set."""
         return self.serving_roles + (("attention",) if self.attention is not None else ())
@@ -200,9 +206,11 @@ class ModelSpec(_Strict):
     def borrows_kv(self) -> bool:
         """Whether the decode (or colocated) replicas borrow KV: from attention replicas, or
         from each other when they lend."""
+        if self.offload:
+            return False  # offload's model workers keep no KV to borrow for
         if self.attention is not None:
             return True
-        side = getattr(self, "colocated" if self.mode == "colocated" else "decode", None)
+        side = getattr(self, "decode" if self.mode == "disaggregated" else "colocated", None)
         return bool(side is not None and side.lend_fraction > 0)
 
     def side(self, role: str) -> Placement:
@@ -237,7 +245,26 @@ class ModelSpec(_Strict):
             self.engine_config(role)  # the role's overrides against the engine's rules
         if self.prefill is not None and self.prefill.lend_fraction:
             raise ValueError("prefill.lend_fraction: only decode and colocated replicas lend KV")
+        if self.offload:
+            self._offload_rules()
         return self
+
+    def _offload_rules(self) -> None:
+        if self.attention is None:
+            raise ValueError("mode offload needs an attention section: the workers holding KV")
+        if self.colocated.lend_fraction:
+            raise ValueError("colocated.lend_fraction: offload's model workers hold no KV to lend")
+        if self.colocated.autoscaling or self.attention.autoscaling:
+            raise ValueError(
+                "mode offload: set fixed replicas (every model worker holds a region on every "
+                "attention worker)"
+            )
+        for field in ("num_kv_blocks", "kv_cache_memory"):
+            if getattr(self.engine, field) is not None:
+                raise ValueError(
+                    f"engine.{field}: in mode offload the attention section sizes the KV "
+                    "(attention.num_kv_blocks or attention.kv_memory)"
+                )
 
 
 class Endpoint(_Strict):

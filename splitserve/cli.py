@@ -165,8 +165,14 @@ def up(
     port: Annotated[int, typer.Option("--port", help="HTTP port")] = 8000,
     grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC Generate port")] = 50051,
     mode: Annotated[
-        str, typer.Option("--mode", help="disaggregated | colocated (demo only)")
+        str, typer.Option("--mode", help="disaggregated | colocated | offload (demo only)")
     ] = "disaggregated",
+    model_workers: Annotated[
+        int, typer.Option("--model-workers", min=1, help="offload: model workers (no KV)")
+    ] = 1,
+    attention_workers: Annotated[
+        int, typer.Option("--attention-workers", min=1, help="offload: workers holding KV")
+    ] = 1,
     redis_url: Annotated[
         str | None,
         typer.Option("--redis", help="Use this Redis (default: a private local server)"),
@@ -178,7 +184,11 @@ def up(
     from splitserve.up import demo_config, run_up
 
     try:
-        cfg = load_config(config) if config else demo_config(model, port, grpc_port, mode)
+        cfg = (
+            load_config(config)
+            if config
+            else demo_config(model, port, grpc_port, mode, model_workers, attention_workers)
+        )
     except ConfigError as e:
         fail(str(e))
     if redis_url:

@@ -7,6 +7,7 @@ its EngineConfig.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ def plan_deployment(
                 max_model_len=(
                     engine.max_model_len or ModelConfig.from_dir(d).max_position_embeddings
                 ),
-                mode=m.mode,
+                mode="colocated" if m.offload else m.mode,  # the router sees model workers
                 tokenizer_class=load_tokenizer(d).class_name,
                 defaults=m.sampling.over(d),
             )
@@ -83,6 +84,32 @@ def plan_deployment(
         grpc_port=cfg.grpc.port,
     )
     return Deployment(router, tuple(replicas))
+
+
+def offload_blocks(m: ModelSpec, model_dir: Path) -> int:
+    """Blocks of each model worker's pool in mode offload: every attention worker splits its
+    memory evenly among the model workers, and the widest KV head range bounds the count."""
+    from services.engine.config import ModelConfig
+    from services.engine.kv_cache import KVCache
+    from services.engine.offload_plan import head_ranges
+
+    assert m.attention is not None
+    mcfg = ModelConfig.from_dir(model_dir)
+    device = "cuda" if m.attention.num_gpus > 0 else "cpu"
+    ecfg = m.engine_config("attention", device=device)
+    per_block = KVCache.bytes_per_block(mcfg, ecfg.block_size, ecfg.resolve_dtype(mcfg))
+    budget = (ecfg.num_kv_blocks or max(2, ecfg.kv_cache_memory_bytes // per_block)) * per_block
+    try:
+        widest = max(b - a for a, b in head_ranges(mcfg.num_kv_heads, m.attention.replicas))
+    except ValueError as e:
+        raise ValueError(f"model {m.name!r}: attention.replicas: {e}") from None
+    blocks = budget // m.colocated.replicas * mcfg.num_kv_heads // (per_block * widest)
+    if blocks < 2:
+        raise ValueError(
+            f"model {m.name!r}: the attention replicas' memory gives each of the "
+            f"{m.colocated.replicas} model workers {blocks} blocks; raise attention.kv_memory"
+        )
+    return blocks
 
 
 def replica_config(
@@ -105,9 +132,16 @@ def replica_config(
     }
     if role == "attention":
         assert m.attention is not None
-        return AttentionConfig(**common, lend_fraction=m.attention.lend_fraction)
+        return AttentionConfig(**common, lend_fraction=m.attention.lend_fraction, offload=m.offload)
     assert isinstance(side, ReplicaSpec)
     common["max_waiting"] = side.max_waiting
+    if m.offload:
+        blocks = offload_blocks(m, model_dir)
+        common["engine"] = dataclasses.replace(
+            common["engine"], kv_offload=True, num_kv_blocks=blocks
+        )
+        assert m.attention is not None
+        return DecodeConfig(**common, colocated=True, offload_workers=m.attention.replicas)
     if role == "prefill":
         return PrefillConfig(
             **common,

@@ -21,16 +21,22 @@ from splitserve.app_config import AppConfig, ModelSpec, parse_config
 err = Console(stderr=True, soft_wrap=True)
 
 
-def demo_config(model: str, port: int, grpc_port: int, mode: str) -> AppConfig:
-    """The local demo: one model, one replica per role, auth off (and said so)."""
+def demo_config(
+    model: str, port: int, grpc_port: int, mode: str, model_workers: int = 1,
+    attention_workers: int = 1,
+) -> AppConfig:  # fmt: skip
+    """The local demo: one model, one replica per role, auth off (and said so). Mode offload:
+    model_workers model workers (no KV) over attention_workers attention workers."""
+    spec: dict = {"name": Path(model).name if "/" in model else model, "path": model, "mode": mode}
+    if mode == "offload":
+        spec["colocated"] = {"replicas": model_workers}
+        spec["attention"] = {"replicas": attention_workers, "kv_memory": "512MiB"}
     return parse_config(
         {
             "http": {"host": "127.0.0.1", "port": port},
             "grpc": {"host": "127.0.0.1", "port": grpc_port},
             "auth": {"enabled": False},
-            "models": [
-                {"name": Path(model).name if "/" in model else model, "path": model, "mode": mode}
-            ],
+            "models": [spec],
         }
     )
 

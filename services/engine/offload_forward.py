@@ -31,6 +31,7 @@ class _Batch:
         self.positions = positions
         self.residual: torch.Tensor | None = None  # the fused path's running residual
         self.pending: list[PendingOut] = []
+        self.sent_at = 0.0
 
 
 class OffloadForward:
@@ -94,6 +95,7 @@ class OffloadForward:
             for w in range(len(self.shards.heads)):
                 self.shards.send_kv(w, b.mb.tag, i, self._heads(k, w), self._heads(v, w))
             self.c.bytes_sent += _nbytes(q, k, v)
+            b.sent_at = time.perf_counter()
             return
         qkv = F.linear(x, lw.qkv, lw.qkv_bias)
         if m.fused:
@@ -114,13 +116,17 @@ class OffloadForward:
             for w in range(len(self.shards.heads))
         ]
         self.c.bytes_sent += _nbytes(q, k, v)
+        b.sent_at = time.perf_counter()
 
     def _post(self, b: _Batch, i: int) -> None:
         m, cfg = self.m, self.m.cfg
         lw = m.w.layers[i]
         t0 = time.perf_counter()
         parts = [p.result() for p in b.pending]
-        self.c.wait_seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.c.wait_seconds += t1 - t0
+        self.c.round_trips += 1
+        self.c.round_trip_seconds += t1 - b.sent_at
         attn = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         self.c.bytes_received += attn.numel() * attn.element_size()
         o = F.linear(attn.reshape(attn.shape[0], m.q_size), lw.o_proj)

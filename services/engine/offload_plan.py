@@ -155,6 +155,8 @@ class OffloadCounters:
     bytes_sent: int = 0  # q, k, v
     bytes_received: int = 0  # o
     token_layers: int = 0  # rows of the steps times layers: the bytes' denominator
+    round_trips: int = 0  # layer batches sent and answered
+    round_trip_seconds: float = 0.0  # from a batch's last send to its answer in hand
 
     @property
     def idle_fraction(self) -> float:
