@@ -74,3 +74,39 @@ def kv_ledger(
         out.print(dt)
     else:
         out.print("nothing lent", highlight=False)
+
+
+@kv_app.command("offload")
+def kv_offload(
+    redis_url: Annotated[str, typer.Option("--redis", help="Redis URL of the cluster")],
+    namespace: Annotated[str, typer.Option("--namespace", help="Redis key prefix")] = "splitserve",
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {worker: {"a-b": address}}')
+    ] = False,
+) -> None:
+    """Attention offload: which attention worker holds which KV heads of each model worker."""
+    import redis
+    from rich.table import Table
+
+    from services.offload_client import placements
+
+    try:
+        placed = placements(redis_url, namespace)
+    except ValueError as e:
+        fail(f"--redis: {e}")
+    except (redis.RedisError, OSError) as e:
+        fail(f"cannot read the offload placements at {redis_url}: {e}")
+    if as_json:
+        print(json.dumps(placed))
+        return
+    out = Console(soft_wrap=True)
+    if not placed:
+        out.print(f"no offload model workers in namespace {namespace!r}", highlight=False)
+        return
+    t = Table(title=f"KV heads of model workers ({namespace})", title_justify="left")
+    for col in ("model worker", "KV heads", "attention worker"):
+        t.add_column(col, no_wrap=col != "attention worker", overflow="fold")
+    for worker, heads in placed.items():
+        for rng, address in sorted(heads.items(), key=lambda kv: int(kv[0].split("-")[0])):
+            t.add_row(worker, rng, address)
+    out.print(t)

@@ -223,3 +223,64 @@ def test_bad_requests_get_their_own_codes_and_harm_nothing(tiny_model_dir, offlo
     while srv.offload.used_bytes and time.monotonic() < deadline:
         time.sleep(0.05)
     assert srv.offload.used_bytes == 0 and not srv.offload.sessions
+
+
+def test_kv_offload_command_shows_where_heads_live(redis_url, namespace):
+    import json
+
+    from typer.testing import CliRunner
+
+    from services.offload_client import forget_placement, record_placement
+    from splitserve.cli import app
+
+    record_placement(redis_url, namespace, "model-a", [("h1:1", (0, 2)), ("h2:2", (2, 3))])
+    res = CliRunner().invoke(app, ["kv", "offload", "--redis", redis_url, "--namespace",
+                                   namespace, "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == {"model-a": {"0-2": "h1:1", "2-3": "h2:2"}}
+    res = CliRunner().invoke(app, ["kv", "offload", "--redis", redis_url, "--namespace", namespace])
+    assert res.exit_code == 0 and "model-a" in res.output and "h2:2" in res.output
+    forget_placement(redis_url, namespace, "model-a")
+    res = CliRunner().invoke(app, ["kv", "offload", "--redis", redis_url, "--namespace", namespace])
+    assert "no offload model workers" in res.output
+    res = CliRunner().invoke(app, ["kv", "offload", "--redis", "redis://127.0.0.1:1"])
+    assert res.exit_code != 0 and "cannot read" in res.output
+
+
+@pytest.mark.parametrize(
+    ("model", "error"),
+    [
+        ({}, "mode offload needs an attention section"),
+        ({"attention": {"replicas": 1}, "colocated": {"lend_fraction": 0.5}},
+         "colocated.lend_fraction"),
+        ({"attention": {"replicas": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 2}}},
+         "set fixed replicas"),
+        ({"attention": {"replicas": 1}, "engine": {"num_kv_blocks": 64}}, "engine.num_kv_blocks"),
+    ],
+)  # fmt: skip
+def test_offload_config_errors_name_the_field(model, error):
+    from splitserve.app_config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=error):
+        parse_config({"models": [{"name": "m", "path": "tiny", "mode": "offload", **model}]})
+
+
+def test_offload_plan_splits_worker_memory_among_model_workers(tiny_model_dir):
+    from splitserve.app_config import parse_config
+    from splitserve.deployment import plan_deployment
+
+    cfg = parse_config({"models": [{
+        "name": "m", "path": "tiny", "mode": "offload", "colocated": {"replicas": 2},
+        "attention": {"replicas": 2, "num_kv_blocks": 100}, "engine": {"block_size": BS},
+    }]})  # fmt: skip
+    plan = plan_deployment(cfg, "redis://127.0.0.1:1", {"m": tiny_model_dir})
+    model = next(r.config for r in plan.replicas if r.role == "colocated")
+    attn = next(r.config for r in plan.replicas if r.role == "attention")
+    assert attn.offload and model.offload_workers == 2 and model.engine.kv_offload
+    # 100 blocks a worker, half each for two model workers, of 1 of the 2 KV heads.
+    assert model.engine.num_kv_blocks == 100
+    assert plan.router.models[0].mode == "colocated"
+    cfg = parse_config({"models": [{"name": "m", "path": "tiny", "mode": "offload",
+                                    "attention": {"replicas": 3}}]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"attention\.replicas: 3 attention workers for 2 KV"):
+        plan_deployment(cfg, "redis://127.0.0.1:1", {"m": tiny_model_dir})

@@ -42,8 +42,9 @@ def test_offload_serves_token_exact_through_the_openai_client(system, smollm2_di
     prompts = ["The capital of France is", "Write a haiku about the sea:",
                "List three prime numbers:", "def fibonacci(n):"]  # fmt: skip
     for prompt in prompts:
-        want = local.generate([local.encode(prompt)], SamplingParams(max_tokens=16,
-                                                                     temperature=0.0))[0].text
+        want = local.generate(
+            [local.encode(prompt)], SamplingParams(max_tokens=16, temperature=0.0)
+        )[0].text
         got = client.completions.create(
             model="smollm2-135m-instruct", prompt=prompt, max_tokens=16, temperature=0.0,
             timeout=600,
@@ -73,7 +74,7 @@ def test_offload_serves_token_exact_through_the_openai_client(system, smollm2_di
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=30) as resp:
             text = resp.read().decode()
         for line in text.splitlines():
-            if line.startswith('splitserve:offload_bytes_total{') and 'direction="sent"' in line:
+            if line.startswith("splitserve:offload_bytes_total{") and 'direction="sent"' in line:
                 sent += float(line.rsplit(" ", 1)[1])
         assert "splitserve:offload_round_trips_total" in text
     assert sent > 0
