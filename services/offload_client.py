@@ -11,7 +11,10 @@ for the lost range before steps go on.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -24,6 +27,7 @@ import torch
 from protos.splitserve.v1 import offload_pb2 as pb
 from protos.splitserve.v1 import offload_pb2_grpc as pb_grpc
 from rpc.tensor import TensorSpec
+from services import local_link
 from services.engine.config import ModelConfig
 from services.engine.offload_plan import StepLayout, WorkerLostError, head_ranges
 from services.ipc_link import IpcBuffer, decoder_layout
@@ -42,21 +46,70 @@ class OffloadRefused(RuntimeError):
     """No attention worker would hold a head range (full, wrong layout, unreachable)."""
 
 
+class _Link:
+    """The local socket of a session on this host: requests written and answers read by the
+    engine thread itself, in order."""
+
+    def __init__(self, sock: socket.socket, lost) -> None:
+        self.sock = sock
+        self.lost = lost
+        self.broken: str | None = None
+        self._ids = itertools.count(1 << 32)  # apart from the gRPC stream's ids
+        self._awaited: set[int] = set()
+        self._got: dict[int, pb.OffloadResponse] = {}
+
+    def send(self, want_answer: bool = True, **body) -> int:
+        if self.broken is not None:
+            raise self.lost(self.broken)
+        rid = next(self._ids)
+        if want_answer:
+            self._awaited.add(rid)
+        try:
+            local_link.send(self.sock, pb.OffloadRequest(id=rid, **body))
+        except local_link.LinkClosed as e:
+            self.broken = str(e)
+            raise self.lost(self.broken) from None
+        return rid
+
+    def wait(self, rid: int) -> pb.OffloadResponse:
+        try:
+            while rid not in self._got:
+                if self.broken is not None:
+                    raise self.lost(self.broken)
+                resp = local_link.recv(self.sock, pb.OffloadResponse.FromString)
+                if resp.id in self._awaited:  # others (a step's OK) need no answer
+                    self._got[resp.id] = resp
+        except (local_link.LinkClosed, TimeoutError) as e:
+            self.broken = str(e) or "no answer in time"
+            raise self.lost(self.broken) from None
+        self._awaited.discard(rid)
+        return self._got.pop(rid)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
 @dataclass
 class _Worker:
     index: int
     heads: tuple[int, int]
     address: str = ""
     stream: SessionStream | None = None
+    link: _Link | None = None
 
     @property
     def live(self) -> bool:
-        return self.stream is not None and self.stream.broken is None
+        return (
+            self.stream is not None
+            and self.stream.broken is None
+            and (self.link is None or self.link.broken is None)
+        )
 
 
 class _Out:
     def __init__(
-        self, fut: Future, w: _Worker, timeout_s: float, buf: IpcBuffer | None, n: int,
+        self, fut: Future | int, w: _Worker, timeout_s: float, buf: IpcBuffer | None, n: int,
         device: str,
     ) -> None:  # fmt: skip
         self.fut, self.w, self.timeout_s, self.buf, self.n = fut, w, timeout_s, buf, n
@@ -64,7 +117,11 @@ class _Out:
 
     def result(self) -> torch.Tensor:
         try:
-            resp = self.fut.result(timeout=self.timeout_s)
+            if isinstance(self.fut, int):  # a request on the local link: its id
+                assert self.w.link is not None
+                resp = self.w.link.wait(self.fut)
+            else:
+                resp = self.fut.result(timeout=self.timeout_s)
         except FutureTimeout:
             raise WorkerLostError(self.w.index, f"no answer in {self.timeout_s:.0f} s") from None
         if resp.code != OK:
@@ -92,10 +149,12 @@ class AttentionWorkers:
         rows: int,
         timeout_s: float = 60.0,
         shared: bool = True,
+        local: bool = True,
         on_placement: Callable[[list[tuple[str, tuple[int, int]]]], None] | None = None,
     ) -> None:
         """rows: the most rows a batch may have (the engine's step budget); shared: offer
-        shared buffers to workers on this host (else bytes only)."""
+        shared buffers to workers on this host (else bytes only); local: with shared buffers,
+        layouts and layer batches over a local socket (else over the gRPC stream)."""
         self.worker_id = worker_id
         self.cfg = cfg
         self.layout = layout
@@ -106,6 +165,7 @@ class AttentionWorkers:
         self.rows = rows
         self.timeout_s = timeout_s
         self.shared = shared
+        self.local = local  # with shared buffers, per-layer traffic over a local socket
         self.on_placement = on_placement
         self.heads = head_ranges(cfg.num_kv_heads, num_workers)
         self.group = cfg.num_heads // cfg.num_kv_heads
@@ -160,9 +220,7 @@ class AttentionWorkers:
         for w in self._workers:
             if w.live:
                 continue
-            if w.stream is not None:
-                w.stream.close()
-                w.stream = None
+            self._drop(w)
             for address in self._candidates():
                 if self._attach(w, address):
                     break
@@ -181,6 +239,7 @@ class AttentionWorkers:
             num_blocks=self.num_blocks,
         )  # fmt: skip
         mine = self._offer(w, attach)
+        attach.local = bool(mine) and self.local
         try:
             resp = stream.send(attach=attach).result(timeout=self.timeout_s)
         except (WorkerLostError, FutureTimeout) as e:
@@ -203,6 +262,13 @@ class AttentionWorkers:
         if stream.ipc is None:
             for buf in mine:
                 buf.close()
+        w.link = None
+        if stream.ipc is not None and resp.local_socket:
+            try:
+                sock = local_link.connect(resp.local_socket, self.timeout_s)
+                w.link = _Link(sock, lambda why, i=w.index: WorkerLostError(i, why))
+            except OSError as e:
+                log.info("no local link to %s (%s): layer batches over gRPC", address, e)
         w.stream, w.address = stream, address
         log.info("KV heads %s of %s on attention worker %s", w.heads, self.worker_id, address)
         return True
@@ -242,9 +308,16 @@ class AttentionWorkers:
 
     def close(self) -> None:
         for w in self._workers:
-            if w.stream is not None:
-                w.stream.close()
-                w.stream = None
+            self._drop(w)
+
+    @staticmethod
+    def _drop(w: _Worker) -> None:
+        if w.link is not None:
+            w.link.close()
+            w.link = None
+        if w.stream is not None:
+            w.stream.close()
+            w.stream = None
 
     # -- AttentionShards ----------------------------------------------------------------------
 
@@ -269,7 +342,8 @@ class AttentionWorkers:
         named = [(t, f, i) for i, (t, f) in enumerate(((q, msg.q), (k, msg.k), (v, msg.v)))]
         named = [(t, f, i) for t, f, i in named if t is not None]
         n = len(named[0][0])
-        pair = stream.ipc[tag] if stream.ipc is not None and tag < len(stream.ipc) else None
+        ipc = w.stream.ipc if w.stream is not None else None
+        pair = ipc[tag] if ipc is not None and tag < len(ipc) else None
         if pair is not None and n <= pair[0].rows:
             mine, theirs = pair
             for t, f, i in named:
@@ -285,10 +359,11 @@ class AttentionWorkers:
         fut = stream.send(want_answer=part != Part.KV, layer=msg)
         return _Out(fut, w, self.timeout_s, theirs, n, self.device)
 
-    def _live(self, w: _Worker) -> SessionStream:
+    def _live(self, w: _Worker) -> SessionStream | _Link:
+        """Where this worker's requests go: its local link if it has one, else its stream."""
         if w.stream is None or w.stream.broken is not None:
             raise WorkerLostError(w.index, w.stream.broken if w.stream else "not attached")
-        return w.stream
+        return w.link if w.link is not None else w.stream
 
 
 def _spec(t: torch.Tensor) -> TensorSpec:

@@ -10,7 +10,10 @@ on GPUs, /dev/shm files on CPUs), one pair per batch tag; elsewhere as raw bytes
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +24,7 @@ import torch
 from protos.splitserve.v1 import offload_pb2 as pb
 from protos.splitserve.v1 import offload_pb2_grpc as pb_grpc
 from rpc.server import ServiceApp
+from services import local_link
 from services.engine.config import ModelConfig
 from services.engine.errors import InvalidRequestError
 from services.engine.kv_holder import SegmentError
@@ -31,6 +35,7 @@ from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
+LINK_ACCEPT_S = 30.0  # how long a local socket waits for its model worker to connect
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionOffload"].full_name
 Part = pb.OffloadLayer.Part
 
@@ -50,6 +55,9 @@ class _Session:
     shard: KVShard | None = None
     ipc: list[tuple[IpcBuffer, IpcBuffer]] = field(default_factory=list)  # per tag
     q_ids: dict[tuple[int, int], int] = field(default_factory=dict)  # (tag, layer) -> Q's id
+    # The local socket's connection and the thread serving it, once asked for.
+    link: socket.socket | None = None
+    link_thread: threading.Thread | None = None
 
 
 class OffloadHost:
@@ -140,6 +148,34 @@ class OffloadHost:
                 break
             sess.ipc.append(pair)
         resp.ipc_links.extend(theirs.link for _, theirs in sess.ipc)
+        if a.local and sess.ipc:
+            resp.local_socket = self._serve_link(sess)
+
+    def _serve_link(self, sess: _Session) -> str:
+        """A local socket for this session's per-layer traffic, served by its own thread."""
+        srv, path = local_link.listen()
+
+        def serve() -> None:
+            try:
+                if torch.device(self.device).type == "cuda":
+                    torch.cuda.set_device(torch.device(self.device))  # events record here
+                sess.link = local_link.accept(srv, path, LINK_ACCEPT_S)
+                while True:
+                    req = local_link.recv(sess.link, pb.OffloadRequest.FromString)
+                    for resp in self.handle(sess, req):
+                        local_link.send(sess.link, resp)
+            except (local_link.LinkClosed, TimeoutError, OSError) as e:
+                log.debug("local link of %s ended: %s", sess.worker_id, e)
+            except Exception:  # a bug here must not pass silently: the model worker sees EOF
+                log.exception("local link of %s failed", sess.worker_id)
+            finally:
+                if sess.link is not None:
+                    sess.link.close()
+
+        sess.link_thread = threading.Thread(target=serve, name=f"link-{sess.worker_id}",
+                                            daemon=True)  # fmt: skip
+        sess.link_thread.start()
+        return path
 
     def _ipc_pair(self, shard: KVShard, link) -> tuple[IpcBuffer, IpcBuffer] | None:
         src_layout, dst_layout = shard_layouts(shard)
@@ -214,7 +250,12 @@ class OffloadHost:
         return buf[: shape[0]]
 
     def detach(self, sess: _Session) -> None:
-        """Its stream ended: free the region."""
+        """Its stream ended: free the region (once its local link's thread is out of it)."""
+        if sess.link is not None:
+            with contextlib.suppress(OSError):
+                sess.link.shutdown(socket.SHUT_RDWR)
+        if sess.link_thread is not None:
+            sess.link_thread.join(timeout=LINK_ACCEPT_S + 5)
         if sess.worker_id and self.sessions.get(sess.worker_id) is sess:
             del self.sessions[sess.worker_id]
         for _, theirs in sess.ipc:

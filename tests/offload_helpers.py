@@ -40,7 +40,8 @@ def offload_workers(loop_thread, cluster, tiny_model_dir):
 
 def model_worker(
     model_dir, cluster, name: str = "tiny", num_workers: int = 1, num_kv_blocks: int = 32,
-    shared: bool = True, wait_s: float = 10.0, worker_id: str = "model-0", **cfg,
+    shared: bool = True, local: bool = True, wait_s: float = 10.0, worker_id: str = "model-0",
+    **cfg,
 ):  # fmt: skip
     """An offload engine (no KV of its own) attached to `num_workers` attention workers of
     `name` found in the registry; returns (engine, its AttentionWorkers)."""
@@ -51,7 +52,7 @@ def model_worker(
         e.device,
         lambda: [r.address for r in list_replicas(
             cluster.redis_url, "attention-offload", name, cluster.namespace)],
-        num_workers, e.config.max_num_batched_tokens, shared=shared, timeout_s=30,
+        num_workers, e.config.max_num_batched_tokens, shared=shared, local=local, timeout_s=30,
     )  # fmt: skip
     workers.connect(wait_s)
     e.attach_shards(workers)

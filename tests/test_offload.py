@@ -84,19 +84,23 @@ def test_offload_is_token_exact_with_chunks_prefix_hits_and_preemption(
         w.close()
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shm", "bytes"])
-def test_smollm2_offload_is_token_exact(shared, smollm2_dir, cluster, offload_workers):
+@pytest.mark.parametrize("transport", ["link", "shm", "bytes"])
+def test_smollm2_offload_is_token_exact(transport, smollm2_dir, cluster, offload_workers):
+    """Over each way layer batches travel: shared memory with a local socket for control
+    (the same-host default), shared memory with gRPC control, bytes in gRPC messages."""
+    shared, local = transport != "bytes", transport == "link"
     for _ in range(2):
         offload_workers(num_blocks=48, model_dir=smollm2_dir, name="smol")
     prompts = random_prompts(3, 4096, 20, 90, seed=9)
     want = traces(make_engine(smollm2_dir, block_size=BS).generate(prompts, GREEDY))
     engine, w = model_worker(
         smollm2_dir, cluster, name="smol", num_workers=2, num_kv_blocks=32, shared=shared,
-        max_num_batched_tokens=64,
+        local=local, max_num_batched_tokens=64,
     )  # fmt: skip
     try:
         same_tokens(traces(engine.generate(prompts, GREEDY)), want)
-        assert all((s.ipc is not None) == shared for s in (x.stream for x in w._workers))
+        assert all((x.stream.ipc is not None) == shared for x in w._workers)
+        assert all((x.link is not None) == local for x in w._workers)
     finally:
         w.close()
 

@@ -9,20 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Attach(_message.Message):
-    __slots__ = ("worker_id", "layout", "kv_head_start", "kv_head_end", "num_blocks", "ipc")
+    __slots__ = ("worker_id", "layout", "kv_head_start", "kv_head_end", "num_blocks", "ipc", "local")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
     KV_HEAD_END_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     layout: str
     kv_head_start: int
     kv_head_end: int
     num_blocks: int
     ipc: _containers.RepeatedCompositeFieldContainer[_attention_pb2.IpcLink]
-    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[str] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., ipc: _Optional[_Iterable[_Union[_attention_pb2.IpcLink, _Mapping]]] = ...) -> None: ...
+    local: bool
+    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[str] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., ipc: _Optional[_Iterable[_Union[_attention_pb2.IpcLink, _Mapping]]] = ..., local: _Optional[bool] = ...) -> None: ...
 
 class PrefillChunk(_message.Message):
     __slots__ = ("query_start", "num_query", "seq_len", "table")
@@ -95,20 +97,22 @@ class OffloadRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., attach: _Optional[_Union[Attach, _Mapping]] = ..., step: _Optional[_Union[StepLayout, _Mapping]] = ..., layer: _Optional[_Union[OffloadLayer, _Mapping]] = ...) -> None: ...
 
 class OffloadResponse(_message.Message):
-    __slots__ = ("id", "code", "message", "out", "ipc", "ipc_links")
+    __slots__ = ("id", "code", "message", "out", "ipc", "ipc_links", "local_socket")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
     IPC_LINKS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: int
     message: str
     out: _attention_pb2.Tensor
     ipc: bool
     ipc_links: _containers.RepeatedCompositeFieldContainer[_attention_pb2.IpcLink]
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., out: _Optional[_Union[_attention_pb2.Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ..., ipc_links: _Optional[_Iterable[_Union[_attention_pb2.IpcLink, _Mapping]]] = ...) -> None: ...
+    local_socket: str
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., out: _Optional[_Union[_attention_pb2.Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ..., ipc_links: _Optional[_Iterable[_Union[_attention_pb2.IpcLink, _Mapping]]] = ..., local_socket: _Optional[str] = ...) -> None: ...
 
 class OffloadStatsRequest(_message.Message):
     __slots__ = ()
