@@ -42,6 +42,7 @@ class OffloadForward:
         cfg = model.cfg
         self.group = cfg.num_heads // cfg.num_kv_heads
         self._dummy_cache: torch.Tensor | None = None
+        self._skip: dict[int, torch.Tensor] = {}  # by rows: every slot -1 (write no cache)
 
     @torch.inference_mode()
     def __call__(
@@ -170,7 +171,9 @@ class OffloadForward:
             self._dummy_cache = torch.zeros(
                 (1, cfg.num_kv_heads, cfg.head_dim), dtype=qkv.dtype, device=qkv.device
             )
-        skip = torch.full((n,), -1, dtype=torch.long, device=qkv.device)
+        skip = self._skip.get(n)
+        if skip is None:
+            skip = self._skip[n] = torch.full((n,), -1, dtype=torch.long, device=qkv.device)
         fused_ops.rope_and_cache(
             qkv, positions, m.cos_sin, self._dummy_cache, self._dummy_cache, skip,
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
