@@ -170,6 +170,7 @@ class AttentionWorkers:
         self.heads = head_ranges(cfg.num_kv_heads, num_workers)
         self.group = cfg.num_heads // cfg.num_kv_heads
         self._workers = [_Worker(i, h) for i, h in enumerate(self.heads)]
+        self._generation = 0
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -270,6 +271,7 @@ class AttentionWorkers:
             except OSError as e:
                 log.info("no local link to %s (%s): layer batches over gRPC", address, e)
         w.stream, w.address = stream, address
+        self._generation += 1
         log.info("KV heads %s of %s on attention worker %s", w.heads, self.worker_id, address)
         return True
 
@@ -325,6 +327,33 @@ class AttentionWorkers:
         msg = layout_to_pb(tag, layout)
         for w in self._workers:
             self._live(w).send(want_answer=False, step=msg)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a worker is (re)attached: its buffers are new."""
+        return self._generation
+
+    def buffers(self, worker: int, tag: int):
+        """(q, k, v, o) shared regions of a worker and batch tag, or None (bytes only)."""
+        w = self._workers[worker]
+        ipc = w.stream.ipc if w.stream is not None else None
+        if ipc is None or tag >= len(ipc):
+            return None
+        mine, theirs = ipc[tag]
+        return (*mine.regions, theirs.regions[0])
+
+    def send_ready(self, worker: int, tag: int, layer: int, n: int) -> _Out:
+        """A layer batch of n rows already in the worker's shared buffer (written on this
+        stream): announce it."""
+        w = self._workers[worker]
+        stream = self._live(w)
+        assert w.stream is not None and w.stream.ipc is not None
+        mine, theirs = w.stream.ipc[tag]
+        msg = pb.OffloadLayer(tag=tag, layer=layer, part=Part.ALL, ipc=True)
+        for region, f in zip(mine.regions, (msg.q, msg.k, msg.v), strict=True):
+            f.layout.CopyFrom(_spec(region[:n]).to_pb())
+        mine.ready()
+        return _Out(stream.send(layer=msg), w, self.timeout_s, theirs, n, self.device)
 
     def send(self, worker, tag, layer, q, k, v) -> _Out:
         return self._send(worker, tag, layer, Part.ALL, q, k, v)

@@ -104,11 +104,15 @@ class LLMEngine:
             make_policy(config.scheduling_policy),
         )  # fmt: skip
         if config.kv_offload:
+            from services.engine.runner_cuda import graph_batch_sizes
             from services.engine.runner_offload import OffloadRunner
 
+            graphs = self.fused and not config.enforce_eager
+            limit = min(config.max_graph_batch_size, config.max_num_seqs)
             self.runner = OffloadRunner(
                 self.model, bs, Sampler(seed), self.device, pingpong=config.offload_pingpong,
                 q_first=config.offload_q_first,
+                graph_sizes=graph_batch_sizes(limit) if graphs else None,
             )  # fmt: skip
         elif self.fused:
             from services.engine.runner_cuda import CudaModelRunner

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.model import LlamaModel, rms_norm
+from services.engine.offload_graphs import GraphSet, OffloadGraphs
 from services.engine.offload_plan import AttentionShards, MicroBatch, OffloadCounters, PendingOut
 
 
@@ -32,13 +33,20 @@ class _Batch:
         self.residual: torch.Tensor | None = None  # the fused path's running residual
         self.pending: list[PendingOut] = []
         self.sent_at = 0.0
+        self.graphs: GraphSet | None = None  # a decode batch's captured dense layers
 
 
 class OffloadForward:
-    def __init__(self, model: LlamaModel, shards: AttentionShards, counters: OffloadCounters):
+    def __init__(
+        self, model: LlamaModel, shards: AttentionShards, counters: OffloadCounters,
+        graph_sizes: list[int] | None = None,
+    ) -> None:  # fmt: skip
+        """graph_sizes: decode batch sizes to capture the dense layers of as CUDA graphs
+        (fused path only; None or empty: none)."""
         self.m = model
         self.shards = shards
         self.c = counters
+        self.graphs = OffloadGraphs(model, graph_sizes) if graph_sizes and model.fused else None
         cfg = model.cfg
         self.group = cfg.num_heads // cfg.num_kv_heads
         self._dummy_cache: torch.Tensor | None = None
@@ -60,6 +68,8 @@ class OffloadForward:
         ]
         num_layers = len(m.w.layers)
         for b in live:
+            self._graph_inputs(b, input_ids)
+        for b in live:
             self._pre(b, 0)
         for i in range(num_layers):
             for b in live:
@@ -72,8 +82,32 @@ class OffloadForward:
         self.c.token_layers += len(input_ids) * num_layers
         return logits
 
+    def _graph_inputs(self, b: _Batch, input_ids: torch.Tensor) -> None:
+        """Use captured graphs for a decode batch that can (its ids and positions go to the
+        graphs' inputs, padding rows zero)."""
+        lay, n = b.mb.layout, b.mb.row_end - b.mb.row_start
+        if self.graphs is None or lay.q_first or lay.num_decode != n:
+            return
+        gs = self.graphs.get(self.shards, b.mb.tag, n)
+        if gs is None:
+            return
+        gs.ids[:n].copy_(input_ids[b.mb.row_start : b.mb.row_end])
+        gs.pos[:n].copy_(b.positions)
+        gs.ids[n:].zero_()
+        gs.pos[n:].zero_()
+        b.graphs = gs
+
     def _pre(self, b: _Batch, i: int) -> None:
         m, cfg = self.m, self.m.cfg
+        if b.graphs is not None:  # layer i-1's tail and layer i's head, in one replay
+            b.graphs.replay(i)
+            n = b.mb.row_end - b.mb.row_start
+            b.pending = [
+                self.shards.send_ready(w, b.mb.tag, i, n) for w in range(len(self.shards.heads))
+            ]
+            self.c.bytes_sent += n * (m.q_size + 2 * m.kv_size) * m.w.embed.element_size()
+            b.sent_at = time.perf_counter()
+            return
         lw = m.w.layers[i]
         if m.fused:
             from services.engine import fused_ops
@@ -128,6 +162,9 @@ class OffloadForward:
         self.c.wait_seconds += t1 - t0
         self.c.round_trips += 1
         self.c.round_trip_seconds += t1 - b.sent_at
+        if b.graphs is not None:  # the next replay reads the answers where they are
+            self.c.bytes_received += sum(p.numel() * p.element_size() for p in parts)
+            return
         attn = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         self.c.bytes_received += attn.numel() * attn.element_size()
         o = F.linear(attn.reshape(attn.shape[0], m.q_size), lw.o_proj)
@@ -144,6 +181,10 @@ class OffloadForward:
 
     def _logits(self, b: _Batch) -> torch.Tensor:
         m, cfg = self.m, self.m.cfg
+        if b.graphs is not None:
+            b.graphs.replay(len(m.w.layers))
+            assert b.graphs.logits is not None
+            return b.graphs.logits[b.mb.logits_rows]
         rows = torch.tensor(b.mb.logits_rows, dtype=torch.long, device=b.h.device)
         h = b.h[rows]
         if m.fused:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class OffloadRunner:
     def __init__(
         self, model: LlamaModel, block_size: int, sampler: Sampler, device: str,
-        pingpong: bool = True, q_first: bool = True,
+        pingpong: bool = True, q_first: bool = True, graph_sizes: list[int] | None = None,
     ) -> None:  # fmt: skip
         self.model = model
         self.bs = block_size
@@ -45,10 +45,11 @@ class OffloadRunner:
         self.shards: AttentionShards | None = None
         self.remote = None  # no DistAttention borrowing in offload mode
         self._forward: OffloadForward | None = None
+        self.graph_sizes = graph_sizes
 
     def attach(self, shards: AttentionShards) -> None:
         self.shards = shards
-        self._forward = OffloadForward(self.model, shards, self.counters)
+        self._forward = OffloadForward(self.model, shards, self.counters, self.graph_sizes)
 
     def run(self, so: SchedulerOutput) -> list[SampledToken | None]:
         if self._forward is None:
