@@ -19,6 +19,19 @@ from services.engine.sampler import SampledToken, Sampler
 from services.engine.sched_output import ScheduledSeq, SchedulerOutput
 
 
+def sample_step(
+    sampler: Sampler, requests: RequestStates, seqs: list[ScheduledSeq], logits: torch.Tensor
+) -> list[SampledToken | None]:
+    """Sample the step's sampling rows (logits in that order), append each token to its
+    request's output; one token or None per scheduled sequence."""
+    states = [requests[s.request_id] for s in seqs if s.samples]
+    sampled = sampler(logits, [st.sampling_row() for st in states]) if states else []
+    for st, tok in zip(states, sampled, strict=True):
+        st.output_token_ids.append(tok.token_id)
+    tokens = iter(sampled)
+    return [next(tokens) if s.samples else None for s in seqs]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, device: str) -> None:
         self.model = model
@@ -37,12 +50,7 @@ class ModelRunner:
         seqs = so.seqs
         input_ids, positions, meta, logits_rows = self.prepare(so)
         logits = self.model.forward(input_ids, positions, meta, self.kv_cache, logits_rows)
-        states = [self.requests[s.request_id] for s in seqs if s.samples]
-        sampled = self.sampler(logits, [st.sampling_row() for st in states]) if states else []
-        for st, tok in zip(states, sampled, strict=True):
-            st.output_token_ids.append(tok.token_id)
-        tokens = iter(sampled)
-        return [next(tokens) if s.samples else None for s in seqs]
+        return sample_step(self.sampler, self.requests, seqs, logits)
 
     def prepare(
         self, so: SchedulerOutput

@@ -22,6 +22,7 @@ from services.engine.offload_plan import (
     StepLayout,
     split_step,
 )
+from services.engine.runner import sample_step
 from services.engine.runner_state import RequestStates
 from services.engine.sampler import SampledToken, Sampler
 from services.engine.sched_output import SchedulerOutput
@@ -63,13 +64,7 @@ class OffloadRunner:
         logits = self._forward(
             torch.tensor(ids, dtype=torch.long).to(dev), torch.from_numpy(pos).to(dev), batches
         )
-        seqs = so.seqs
-        states = [self.requests[s.request_id] for s in seqs if s.samples]
-        sampled = self.sampler(logits, [st.sampling_row() for st in states]) if states else []
-        for st, tok in zip(states, sampled, strict=True):
-            st.output_token_ids.append(tok.token_id)
-        tokens = iter(sampled)
-        return [next(tokens) if s.samples else None for s in seqs]
+        return sample_step(self.sampler, self.requests, so.seqs, logits)
 
     def prepare(self, so: SchedulerOutput) -> tuple[list[int], np.ndarray, StepLayout, list[int]]:
         """(input ids, positions, the attention workers' layout, logits rows) of one step."""
