@@ -123,6 +123,10 @@ class EngineSpec(_Strict):
     enforce_eager: bool | None = None
     max_graph_batch_size: int | None = None
     async_scheduling: bool | None = None
+    # mode offload: two batches taking turns, and q sent before k, v (docs/offload.md: both
+    # pay off with the model and attention workers on separate devices; off by default)
+    offload_pingpong: bool | None = None
+    offload_q_first: bool | None = None
 
     @field_validator("kv_cache_memory")
     @classmethod

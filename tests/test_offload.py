@@ -288,3 +288,18 @@ def test_offload_plan_splits_worker_memory_among_model_workers(tiny_model_dir):
                                     "attention": {"replicas": 3}}]})  # fmt: skip
     with pytest.raises(ValueError, match=r"attention\.replicas: 3 attention workers for 2 KV"):
         plan_deployment(cfg, "redis://127.0.0.1:1", {"m": tiny_model_dir})
+
+
+def test_the_offload_example_plans(smollm2_dir):
+    from pathlib import Path
+
+    from splitserve.app_config import load_config
+    from splitserve.deployment import plan_deployment
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "offload.yaml"
+    cfg = load_config(example)
+    plan = plan_deployment(cfg, "redis://127.0.0.1:1", {cfg.models[0].name: smollm2_dir})
+    roles = sorted(r.role for r in plan.replicas)
+    assert roles == ["attention", "colocated"]
+    model = next(r for r in plan.replicas if r.role == "colocated")
+    assert model.spec.replicas == 2 and model.config.engine.num_kv_blocks > 100

@@ -200,6 +200,8 @@ class EngineConfig:
     kv_offload: attention offload's model worker: no KV here; the engine's num_kv_blocks blocks
     live on attention workers (attach_shards), each holding a range of KV heads. offload_pingpong
     splits decode steps in two batches that take turns; offload_q_first sends q before k, v.
+    Both are off by default: they hide round trips when model and attention workers run on
+    separate devices, and measured slower where the two share one (docs/benchmarks.md).
     """
 
     block_size: int = 16
@@ -220,8 +222,8 @@ class EngineConfig:
     load_format: str = "auto"  # auto | dummy
     scheduling_policy: str = "fcfs"  # fcfs | priority
     kv_offload: bool = False
-    offload_pingpong: bool = True
-    offload_q_first: bool = True
+    offload_pingpong: bool = False
+    offload_q_first: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_offload and self.num_kv_blocks is None:

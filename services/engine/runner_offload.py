@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class OffloadRunner:
     def __init__(
         self, model: LlamaModel, block_size: int, sampler: Sampler, device: str,
-        pingpong: bool = True, q_first: bool = True, graph_sizes: list[int] | None = None,
+        pingpong: bool = False, q_first: bool = False, graph_sizes: list[int] | None = None,
     ) -> None:  # fmt: skip
         self.model = model
         self.bs = block_size
