@@ -22,6 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import torch
 
 from protos.splitserve.v1 import offload_pb2 as pb
@@ -150,11 +151,14 @@ class AttentionWorkers:
         timeout_s: float = 60.0,
         shared: bool = True,
         local: bool = True,
+        adopt: bool = True,
         on_placement: Callable[[list[tuple[str, tuple[int, int]]]], None] | None = None,
     ) -> None:
         """rows: the most rows a batch may have (the engine's step budget); shared: offer
         shared buffers to workers on this host (else bytes only); local: with shared buffers,
-        layouts and layer batches over a local socket (else over the gRPC stream)."""
+        layouts and layer batches over a local socket (else over the gRPC stream); adopt: at
+        the first connect, take over the regions a model worker that went away left (its
+        sequences then find their blocks in the prefix cache)."""
         self.worker_id = worker_id
         self.cfg = cfg
         self.layout = layout
@@ -171,6 +175,12 @@ class AttentionWorkers:
         self.group = cfg.num_heads // cfg.num_kv_heads
         self._workers = [_Worker(i, h) for i, h in enumerate(self.heads)]
         self._generation = 0
+        # The first connect adopts what a model worker that went away left on the workers (see
+        # Attach.adopt): whose it was, and per worker the cached blocks it reported.
+        self._adopting = adopt
+        self._origin = ""
+        self._found: dict[int, dict[int, bytes]] = {}
+        self.adopted: list[tuple[int, bytes]] = []  # blocks every worker holds, by content
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -188,6 +198,11 @@ class AttentionWorkers:
                     f"({len(self._candidates())} reachable, {len(self.heads)} needed)"
                 )
             time.sleep(0.2)
+        if self._adopting:
+            self._adopting = False
+            maps = [self._found.get(w.index, {}) for w in self._workers]
+            common = set.intersection(*(set(m.items()) for m in maps)) if maps else set()
+            self.adopted = sorted(common)  # every head range of these blocks is in place
         if self.on_placement is not None:
             self.on_placement(self.placement())
 
@@ -241,6 +256,8 @@ class AttentionWorkers:
         )  # fmt: skip
         mine = self._offer(w, attach)
         attach.local = bool(mine) and self.local
+        if self._adopting and (w.index == 0 or self._origin):
+            attach.adopt, attach.adopt_from = True, self._origin
         try:
             resp = stream.send(attach=attach).result(timeout=self.timeout_s)
         except (WorkerLostError, FutureTimeout) as e:
@@ -272,6 +289,12 @@ class AttentionWorkers:
                 log.info("no local link to %s (%s): layer batches over gRPC", address, e)
         w.stream, w.address = stream, address
         self._generation += 1
+        if resp.adopted_from:
+            self._origin = resp.adopted_from
+            ids = np.frombuffer(resp.cached_blocks, dtype=np.int64).tolist()
+            self._found[w.index] = dict(zip(ids, resp.cached_hashes, strict=True))
+            log.info("%s adopted the KV heads %s of %s on %s (%d cached blocks)",
+                     self.worker_id, w.heads, resp.adopted_from, address, len(ids))  # fmt: skip
         log.info("KV heads %s of %s on attention worker %s", w.heads, self.worker_id, address)
         return True
 

@@ -65,8 +65,10 @@ class OffloadHost:
 
     def __init__(
         self, cfg: ModelConfig, dtype: torch.dtype, device: str, block_size: int,
-        budget_bytes: int, layout: str, worker_id: str,
+        budget_bytes: int, layout: str, worker_id: str, keep_s: float = 60.0,
     ) -> None:  # fmt: skip
+        """keep_s: how long a region outlives its model worker's stream, for a replacement
+        to adopt (0: freed at once)."""
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
@@ -75,12 +77,22 @@ class OffloadHost:
         self.layout = layout
         self.worker_id = worker_id
         self.sessions: dict[str, _Session] = {}
+        self.keep_s = keep_s
+        # Regions of model workers whose stream ended: worker id -> (kept until, the region).
+        self.orphans: dict[str, tuple[float, KVShard]] = {}
         self.layer_batches = 0
         self.layer_seconds = 0.0
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.shard.nbytes for s in self.sessions.values() if s.shard is not None)
+        live = sum(s.shard.nbytes for s in list(self.sessions.values()) if s.shard is not None)
+        return live + sum(shard.nbytes for _, shard in list(self.orphans.values()))
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        for wid, (until, _) in list(self.orphans.items()):
+            if until <= now:
+                del self.orphans[wid]
 
     def add_to(self, app: ServiceApp) -> None:
         pb_grpc.add_AttentionOffloadServicer_to_server(_Servicer(self), app.server)
@@ -119,6 +131,7 @@ class OffloadHost:
             )
         if a.worker_id in self.sessions:
             raise _Refused(grpc.StatusCode.ALREADY_EXISTS, f"{a.worker_id} is attached already")
+        self._purge()
         heads = a.kv_head_end - a.kv_head_start
         if a.num_blocks < 1 or heads < 1 or a.kv_head_end > self.cfg.num_kv_heads:
             raise _Refused(
@@ -126,17 +139,19 @@ class OffloadHost:
                 f"bad region: {a.num_blocks} blocks of KV heads [{a.kv_head_start}, "
                 f"{a.kv_head_end}) of {self.cfg.num_kv_heads}",
             )
-        need = KVShard.bytes_for(self.cfg, heads, a.num_blocks, self.block_size, self.dtype)
-        free = self.budget_bytes - self.used_bytes
-        if need > free:
-            raise _Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{a.num_blocks} blocks of {heads} KV heads need {need} bytes; {free} are free",
-            )
-        sess.shard = KVShard(
-            self.cfg, a.kv_head_start, a.kv_head_end, a.num_blocks, self.block_size, self.dtype,
-            self.device,
-        )  # fmt: skip
+        sess.shard = self._adopt(a, resp) if a.adopt else None
+        if sess.shard is None:
+            need = KVShard.bytes_for(self.cfg, heads, a.num_blocks, self.block_size, self.dtype)
+            free = self.budget_bytes - self.used_bytes
+            if need > free:
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{a.num_blocks} blocks of {heads} KV heads need {need} bytes; {free} are free",
+                )
+            sess.shard = KVShard(
+                self.cfg, a.kv_head_start, a.kv_head_end, a.num_blocks, self.block_size,
+                self.dtype, self.device,
+            )  # fmt: skip
         sess.worker_id = a.worker_id
         self.sessions[a.worker_id] = sess
         for link in a.ipc:
@@ -176,6 +191,25 @@ class OffloadHost:
                                             daemon=True)  # fmt: skip
         sess.link_thread.start()
         return path
+
+    def _adopt(self, a: pb.Attach, resp: pb.OffloadResponse) -> KVShard | None:
+        """The oldest kept region of these heads and size (of adopt_from, if named)."""
+        fits = sorted(
+            (until, wid) for wid, (until, shard) in self.orphans.items()
+            if shard.heads == (a.kv_head_start, a.kv_head_end)
+            and shard.num_blocks == a.num_blocks
+            and (not a.adopt_from or wid == a.adopt_from)
+        )  # fmt: skip
+        if not fits:
+            return None
+        wid = fits[0][1]
+        _, shard = self.orphans.pop(wid)
+        resp.adopted_from = wid
+        ids = np.array(list(shard.hashes), dtype=np.int64)
+        resp.cached_blocks = ids.tobytes()
+        resp.cached_hashes.extend(shard.hashes[int(b)] for b in ids)
+        log.info("%s adopted the region of %s (%d cached blocks)", a.worker_id, wid, len(ids))
+        return shard
 
     def _ipc_pair(self, shard: KVShard, link) -> tuple[IpcBuffer, IpcBuffer] | None:
         src_layout, dst_layout = shard_layouts(shard)
@@ -260,6 +294,10 @@ class OffloadHost:
             del self.sessions[sess.worker_id]
         for _, theirs in sess.ipc:
             theirs.close()
+        if sess.shard is not None and self.keep_s > 0:
+            sess.shard.forget_steps()
+            self.orphans[sess.worker_id] = (time.monotonic() + self.keep_s, sess.shard)
+        self._purge()
         sess.shard = None
         sess.ipc = []
 
@@ -304,6 +342,8 @@ def layout_to_pb(tag: int, lay: StepLayout) -> pb.StepLayout:
             for p in lay.prefills
         ],
         q_first=lay.q_first,
+        cached_blocks=np.array([b for b, _ in lay.cached], dtype=np.int64).tobytes(),
+        cached_hashes=[h for _, h in lay.cached],
     )
 
 
@@ -313,6 +353,9 @@ def layout_from_pb(m: pb.StepLayout) -> StepLayout:
     if table.size != nd * width:
         raise SegmentError(f"decode_table has {table.size} ids, not {nd} x {width}")
     lens = _ints(m.decode_lens, "decode_lens")
+    cached_ids = _ints(m.cached_blocks, "cached_blocks").tolist()
+    if len(cached_ids) != len(m.cached_hashes):
+        raise SegmentError(f"{len(cached_ids)} cached blocks, {len(m.cached_hashes)} hashes")
     return StepLayout(
         nd, _ints(m.slot_mapping, "slot_mapping"), table.reshape(nd, width), lens,
         tuple(
@@ -320,7 +363,7 @@ def layout_from_pb(m: pb.StepLayout) -> StepLayout:
                          _ints(p.table, "table") if p.table else None)
             for p in m.prefills
         ),
-        bool(m.q_first),
+        bool(m.q_first), tuple(zip(cached_ids, m.cached_hashes, strict=True)),
     )  # fmt: skip
 
 

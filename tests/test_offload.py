@@ -222,11 +222,15 @@ def test_bad_requests_get_their_own_codes_and_harm_nothing(tiny_model_dir, offlo
     assert code[6] == code[7] == code[8] == code[10] == code[11] == code[12]
     assert code[6] == grpc.StatusCode.INVALID_ARGUMENT
     assert tuple(resps[13].out.layout.shape) == (1, g, d)
-    # The stream ended: its region is freed.
+    # The stream ended: its region is kept for a replacement to adopt, then freed.
     deadline = time.monotonic() + 20
-    while srv.offload.used_bytes and time.monotonic() < deadline:
+    while srv.offload.sessions and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert srv.offload.used_bytes == 0 and not srv.offload.sessions
+    assert not srv.offload.sessions and list(srv.offload.orphans) == ["m"]
+    srv.offload.keep_s = 0
+    srv.offload.orphans["m"] = (0.0, srv.offload.orphans["m"][1])
+    srv.offload._purge()
+    assert srv.offload.used_bytes == 0
 
 
 def test_kv_offload_command_shows_where_heads_live(redis_url, namespace):
@@ -303,3 +307,62 @@ def test_the_offload_example_plans(smollm2_dir):
     assert roles == ["attention", "colocated"]
     model = next(r for r in plan.replicas if r.role == "colocated")
     assert model.spec.replicas == 2 and model.config.engine.num_kv_blocks > 100
+
+
+_MODEL_WORKER = """
+import sys
+from kvstore.config import Membership
+from services.engine.sampling_params import SamplingParams
+from tests.offload_helpers import model_worker
+model, url, ns, prompt = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+cluster = Membership(redis_url=url, namespace=ns)
+engine, w = model_worker(model, cluster, num_kv_blocks=32, worker_id="model-a")
+engine.add_request("r", [int(t) for t in prompt.split(",")],
+                   SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+while engine.has_unfinished():
+    for out in engine.step():
+        for t in out.new_token_ids:
+            print(t, flush=True)
+"""
+
+
+def test_killed_model_worker_is_replaced_and_goes_on_from_the_workers_kv(tiny_model_dir, cluster):
+    """Model workers are stateless: one SIGKILLed mid-generation leaves its region on the
+    attention worker; a replacement adopts it, finds the full blocks in its prefix cache and
+    continues the request (resubmitted with the tokens so far) with the same tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from services.engine.sampling_params import SamplingParams
+
+    proc = worker_process(tiny_model_dir, cluster, 64)
+    prompt = random_prompts(1, 256, 70, 70, seed=31)[0]
+    ref = make_engine(tiny_model_dir, block_size=BS)
+    want = ref.generate([prompt], GREEDY)[0].token_ids
+    root = str(Path(__file__).resolve().parents[1])
+    mw = subprocess.Popen(
+        [sys.executable, "-c", _MODEL_WORKER, str(tiny_model_dir), cluster.redis_url,
+         cluster.namespace, ",".join(map(str, prompt))],
+        stdout=subprocess.PIPE, text=True, cwd=root,
+    )  # fmt: skip
+    try:
+        got = [int(mw.stdout.readline()) for _ in range(12)]  # 70 + 12 tokens: 5 full blocks
+        mw.send_signal(signal.SIGKILL)
+        mw.wait(timeout=30)
+        assert got == want[:12]
+        engine, w = model_worker(tiny_model_dir, cluster, num_kv_blocks=32, worker_id="model-b")
+        try:
+            assert len(w.adopted) >= 4  # the full blocks the first one computed
+            params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+            rest = engine.generate([prompt + got], params)[0]
+            assert rest.token_ids == want[12:24]
+            assert rest.num_cached_tokens >= 4 * BS  # found in place, not recomputed
+            engine.check_integrity()
+        finally:
+            w.close()
+    finally:
+        for p in (mw, proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)

@@ -41,6 +41,8 @@ class BlockPool:
         self.enable_caching = enable_caching
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
+        # Attention offload: blocks cached since take_cached_log() last ran (None: not logged).
+        self._cached_log: list[tuple[int, BlockHash]] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -113,6 +115,33 @@ class BlockPool:
             return
         blk.block_hash = block_hash
         self._cached[block_hash] = block_id
+        if self._cached_log is not None:
+            self._cached_log.append((block_id, block_hash))
+
+    def log_cached(self) -> None:
+        """From now on, remember every block cached until take_cached_log()."""
+        self._cached_log = []
+
+    def take_cached_log(self) -> list[tuple[int, BlockHash]]:
+        if not self._cached_log:
+            return []
+        out, self._cached_log = self._cached_log, []
+        return out
+
+    def adopt_cached(self, blocks: Sequence[tuple[int, BlockHash]]) -> int:
+        """Blocks whose content is known to be in place (a replacement model worker finding
+        its predecessor's KV on the attention workers): free blocks become cached ones, found
+        by lookup. Returns how many were adopted."""
+        n = 0
+        for bid, h in blocks:
+            if not 0 <= bid < len(self.blocks) or h in self._cached or not self.enable_caching:
+                continue
+            blk = self.blocks[bid]
+            if blk.ref_cnt == 0 and blk.block_hash is None:
+                blk.block_hash = h
+                self._cached[h] = bid
+                n += 1
+        return n
 
     def forget_cached(self) -> None:
         """Drop every content hash: the blocks' KV was lost (offload: a worker died). Blocks in
@@ -120,6 +149,8 @@ class BlockPool:
         for blk in self.blocks:
             blk.block_hash = None
         self._cached.clear()
+        if self._cached_log:
+            self._cached_log.clear()
 
     def is_cached(self, block_hash: BlockHash) -> bool:
         return block_hash in self._cached

@@ -99,6 +99,8 @@ class LLMEngine:
             self.device,
         )  # fmt: skip
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+        if config.kv_offload:
+            self.pool.log_cached()  # the attention workers keep them beside the KV
         self.scheduler = Scheduler(
             self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
             make_policy(config.scheduling_policy),
@@ -156,6 +158,9 @@ class LLMEngine:
         if not self.config.kv_offload:
             raise RuntimeError("attach_shards is for an engine with kv_offload set")
         self.runner.attach(shards)
+        adopted = self.pool.adopt_cached(shards.adopted)
+        if adopted:
+            log.info("found %d cached blocks of a previous model worker", adopted)
 
     @property
     def remote_kv(self) -> RemoteKV | None:

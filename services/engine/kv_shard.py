@@ -70,6 +70,7 @@ class KVShard:
 
             self.backend = TorchAttentionBackend()
         self._steps: dict[int, _Step] = {}
+        self.hashes: dict[int, bytes] = {}  # block id -> the hash of the full content it holds
 
     @staticmethod
     def bytes_for(cfg: ModelConfig, num_heads: int, num_blocks: int, bs: int, dtype) -> int:
@@ -82,6 +83,7 @@ class KVShard:
 
     def begin_step(self, tag: int, layout: StepLayout) -> None:
         """Check a batch's layout against this pool and prepare its attention metadata."""
+        self._steps.pop(tag, None)  # a layout that fails leaves no stale one behind
         slots = self.num_blocks * self.block_size
         n = layout.num_rows
         if n == 0:
@@ -109,6 +111,12 @@ class KVShard:
             raise SegmentError(f"{n} slots for {row} rows")
         if layout.q_first and layout.prefills:
             raise SegmentError("q first is for decode-only batches")
+        for bid, h in layout.cached:
+            if not 0 <= bid < self.num_blocks or len(h) != 16:
+                raise SegmentError(f"cached block {bid}: not a block of this pool or a bad hash")
+            self.hashes[bid] = h
+        for bid in set((layout.slot_mapping // self.block_size).tolist()):
+            self.hashes.pop(bid, None)  # written again: whatever it held is not there now
         dev = torch.device(self.device)
         on_gpu = dev.type == "cuda"
 
@@ -149,6 +157,10 @@ class KVShard:
                 segs.append((seen - 1, 1, blocks, list(range(nblk))))
             prefix = SegmentBatch.build(segs, dev)
         self._steps[tag] = _Step(layout, meta, prefix)
+
+    def forget_steps(self) -> None:
+        """Its model worker went away: no step of its is in flight any more."""
+        self._steps.clear()
 
     def attend(
         self, tag: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

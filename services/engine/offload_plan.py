@@ -55,6 +55,10 @@ class StepLayout:
     decode_lens: np.ndarray  # int64 [num_decode] context length including the new token
     prefills: tuple[PrefillChunk, ...]
     q_first: bool = False
+    # Blocks whose content got a hash since the last step: (block id, hash). Workers keep them
+    # beside the KV (forgetting a block's once its slots are written again), so a replacement
+    # model worker can find its predecessor's blocks.
+    cached: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -84,7 +88,7 @@ def split_step(layout: StepLayout, logits_rows: list[int], two: bool) -> list[Mi
     a = nd // 2
     first = StepLayout(
         a, layout.slot_mapping[:a], layout.decode_table[:a], layout.decode_lens[:a], (),
-        layout.q_first,
+        layout.q_first, layout.cached,
     )  # fmt: skip
     second = StepLayout(
         nd - a, layout.slot_mapping[a:], layout.decode_table[a:], layout.decode_lens[a:],
@@ -120,6 +124,9 @@ class AttentionShards(Protocol):
     from the engine's thread only."""
 
     heads: list[tuple[int, int]]
+    # Blocks a model worker that went away left, found in place on every worker at attach:
+    # (block id, content hash), for the prefix cache.
+    adopted: list[tuple[int, bytes]]
 
     def begin_step(self, tag: int, layout: StepLayout) -> None:
         """Announce batch `tag`'s layout to every worker; its layer batches follow."""

@@ -94,6 +94,6 @@ class OffloadRunner:
             offset += s.num_new
         layout = StepLayout(
             nd, np.concatenate(slots), table, lens, tuple(chunks),
-            q_first=self.q_first and not chunks,
+            q_first=self.q_first and not chunks, cached=tuple(so.cached_blocks),
         )  # fmt: skip
         return ids, np.concatenate(pos), layout, logits_rows

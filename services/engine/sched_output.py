@@ -82,6 +82,9 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)  # back to waiting, blocks released
     # Imported KV of new requests, written before the step: (block id, [L, 2, T, Hkv, D]).
     kv_loads: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # Blocks whose full content got a hash since the last step, (block id, hash), when the pool
+    # logs them (attention offload records them beside the KV, for a replacement model worker).
+    cached_blocks: list[tuple[int, bytes]] = field(default_factory=list)
 
     @property
     def seqs(self) -> list[ScheduledSeq]:

@@ -152,6 +152,7 @@ class Scheduler:
         if scheduled:
             out.finished_ids, self._finished_ids = self._finished_ids, []
             out.preempted_ids, self._preempted_ids = self._preempted_ids, []
+            out.cached_blocks = self.pool.take_cached_log()
         return out
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> ScheduledSeq | None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.splitserve.v1 import attention_pb2 as protos_dot_splitserve_dot_v1_dot_attention__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/splitserve/v1/offload.proto\x12\rsplitserve.v1\x1a$protos/splitserve/v1/attention.proto\"\x9f\x01\n\x06\x41ttach\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x15\n\rkv_head_start\x18\x03 \x01(\r\x12\x13\n\x0bkv_head_end\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12#\n\x03ipc\x18\x06 \x03(\x0b\x32\x16.splitserve.v1.IpcLink\x12\r\n\x05local\x18\x07 \x01(\x08\"V\n\x0cPrefillChunk\x12\x13\n\x0bquery_start\x18\x01 \x01(\r\x12\x11\n\tnum_query\x18\x02 \x01(\r\x12\x0f\n\x07seq_len\x18\x03 \x01(\r\x12\r\n\x05table\x18\x04 \x01(\x0c\"\xc3\x01\n\nStepLayout\x12\x0b\n\x03tag\x18\x01 \x01(\r\x12\x12\n\nnum_decode\x18\x02 \x01(\r\x12\x14\n\x0cslot_mapping\x18\x03 \x01(\x0c\x12\x14\n\x0c\x64\x65\x63ode_table\x18\x04 \x01(\x0c\x12\x13\n\x0btable_width\x18\x05 \x01(\r\x12\x13\n\x0b\x64\x65\x63ode_lens\x18\x06 \x01(\x0c\x12-\n\x08prefills\x18\x07 \x03(\x0b\x32\x1b.splitserve.v1.PrefillChunk\x12\x0f\n\x07q_first\x18\x08 \x01(\x08\"\xed\x01\n\x0cOffloadLayer\x12\x0b\n\x03tag\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12.\n\x04part\x18\x03 \x01(\x0e\x32 .splitserve.v1.OffloadLayer.Part\x12 \n\x01q\x18\x04 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12 \n\x01k\x18\x05 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12 \n\x01v\x18\x06 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\x0b\n\x03ipc\x18\x07 \x01(\x08\"\x1e\n\x04Part\x12\x07\n\x03\x41LL\x10\x00\x12\x05\n\x01Q\x10\x01\x12\x06\n\x02KV\x10\x02\"\xa6\x01\n\x0eOffloadRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x06\x61ttach\x18\x02 \x01(\x0b\x32\x15.splitserve.v1.AttachH\x00\x12)\n\x04step\x18\x03 \x01(\x0b\x32\x19.splitserve.v1.StepLayoutH\x00\x12,\n\x05layer\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.OffloadLayerH\x00\x42\x06\n\x04\x62ody\"\xae\x01\n\x0fOffloadResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\"\n\x03out\x18\x04 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\x0b\n\x03ipc\x18\x05 \x01(\x08\x12)\n\tipc_links\x18\x06 \x03(\x0b\x32\x16.splitserve.v1.IpcLink\x12\x14\n\x0clocal_socket\x18\x07 \x01(\t\"\x15\n\x13OffloadStatsRequest\"\x90\x01\n\x0cOffloadStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x15\n\rmodel_workers\x18\x04 \x01(\r\x12\x15\n\rlayer_batches\x18\x05 \x01(\x04\x12\x15\n\rlayer_seconds\x18\x06 \x01(\x01\x32\xaa\x01\n\x10\x41ttentionOffload\x12L\n\x07Session\x12\x1d.splitserve.v1.OffloadRequest\x1a\x1e.splitserve.v1.OffloadResponse(\x01\x30\x01\x12H\n\x05Stats\x12\".splitserve.v1.OffloadStatsRequest\x1a\x1b.splitserve.v1.OffloadStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/splitserve/v1/offload.proto\x12\rsplitserve.v1\x1a$protos/splitserve/v1/attention.proto\"\xc2\x01\n\x06\x41ttach\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x15\n\rkv_head_start\x18\x03 \x01(\r\x12\x13\n\x0bkv_head_end\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12#\n\x03ipc\x18\x06 \x03(\x0b\x32\x16.splitserve.v1.IpcLink\x12\r\n\x05local\x18\x07 \x01(\x08\x12\r\n\x05\x61\x64opt\x18\x08 \x01(\x08\x12\x12\n\nadopt_from\x18\t \x01(\t\"V\n\x0cPrefillChunk\x12\x13\n\x0bquery_start\x18\x01 \x01(\r\x12\x11\n\tnum_query\x18\x02 \x01(\r\x12\x0f\n\x07seq_len\x18\x03 \x01(\r\x12\r\n\x05table\x18\x04 \x01(\x0c\"\xf1\x01\n\nStepLayout\x12\x0b\n\x03tag\x18\x01 \x01(\r\x12\x12\n\nnum_decode\x18\x02 \x01(\r\x12\x14\n\x0cslot_mapping\x18\x03 \x01(\x0c\x12\x14\n\x0c\x64\x65\x63ode_table\x18\x04 \x01(\x0c\x12\x13\n\x0btable_width\x18\x05 \x01(\r\x12\x13\n\x0b\x64\x65\x63ode_lens\x18\x06 \x01(\x0c\x12-\n\x08prefills\x18\x07 \x03(\x0b\x32\x1b.splitserve.v1.PrefillChunk\x12\x0f\n\x07q_first\x18\x08 \x01(\x08\x12\x15\n\rcached_blocks\x18\t \x01(\x0c\x12\x15\n\rcached_hashes\x18\n \x03(\x0c\"\xed\x01\n\x0cOffloadLayer\x12\x0b\n\x03tag\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12.\n\x04part\x18\x03 \x01(\x0e\x32 .splitserve.v1.OffloadLayer.Part\x12 \n\x01q\x18\x04 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12 \n\x01k\x18\x05 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12 \n\x01v\x18\x06 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\x0b\n\x03ipc\x18\x07 \x01(\x08\"\x1e\n\x04Part\x12\x07\n\x03\x41LL\x10\x00\x12\x05\n\x01Q\x10\x01\x12\x06\n\x02KV\x10\x02\"\xa6\x01\n\x0eOffloadRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x06\x61ttach\x18\x02 \x01(\x0b\x32\x15.splitserve.v1.AttachH\x00\x12)\n\x04step\x18\x03 \x01(\x0b\x32\x19.splitserve.v1.StepLayoutH\x00\x12,\n\x05layer\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.OffloadLayerH\x00\x42\x06\n\x04\x62ody\"\xf2\x01\n\x0fOffloadResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\"\n\x03out\x18\x04 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\x0b\n\x03ipc\x18\x05 \x01(\x08\x12)\n\tipc_links\x18\x06 \x03(\x0b\x32\x16.splitserve.v1.IpcLink\x12\x14\n\x0clocal_socket\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x64opted_from\x18\x08 \x01(\t\x12\x15\n\rcached_blocks\x18\t \x01(\x0c\x12\x15\n\rcached_hashes\x18\n \x03(\x0c\"\x15\n\x13OffloadStatsRequest\"\x90\x01\n\x0cOffloadStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x15\n\rmodel_workers\x18\x04 \x01(\r\x12\x15\n\rlayer_batches\x18\x05 \x01(\x04\x12\x15\n\rlayer_seconds\x18\x06 \x01(\x01\x32\xaa\x01\n\x10\x41ttentionOffload\x12L\n\x07Session\x12\x1d.splitserve.v1.OffloadRequest\x1a\x1e.splitserve.v1.OffloadResponse(\x01\x30\x01\x12H\n\x05Stats\x12\".splitserve.v1.OffloadStatsRequest\x1a\x1b.splitserve.v1.OffloadStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.splitserve.v1.offloa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ATTACH']._serialized_start=92
-  _globals['_ATTACH']._serialized_end=251
-  _globals['_PREFILLCHUNK']._serialized_start=253
-  _globals['_PREFILLCHUNK']._serialized_end=339
-  _globals['_STEPLAYOUT']._serialized_start=342
-  _globals['_STEPLAYOUT']._serialized_end=537
-  _globals['_OFFLOADLAYER']._serialized_start=540
-  _globals['_OFFLOADLAYER']._serialized_end=777
-  _globals['_OFFLOADLAYER_PART']._serialized_start=747
-  _globals['_OFFLOADLAYER_PART']._serialized_end=777
-  _globals['_OFFLOADREQUEST']._serialized_start=780
-  _globals['_OFFLOADREQUEST']._serialized_end=946
-  _globals['_OFFLOADRESPONSE']._serialized_start=949
-  _globals['_OFFLOADRESPONSE']._serialized_end=1123
-  _globals['_OFFLOADSTATSREQUEST']._serialized_start=1125
-  _globals['_OFFLOADSTATSREQUEST']._serialized_end=1146
-  _globals['_OFFLOADSTATS']._serialized_start=1149
-  _globals['_OFFLOADSTATS']._serialized_end=1293
-  _globals['_ATTENTIONOFFLOAD']._serialized_start=1296
-  _globals['_ATTENTIONOFFLOAD']._serialized_end=1466
+  _globals['_ATTACH']._serialized_end=286
+  _globals['_PREFILLCHUNK']._serialized_start=288
+  _globals['_PREFILLCHUNK']._serialized_end=374
+  _globals['_STEPLAYOUT']._serialized_start=377
+  _globals['_STEPLAYOUT']._serialized_end=618
+  _globals['_OFFLOADLAYER']._serialized_start=621
+  _globals['_OFFLOADLAYER']._serialized_end=858
+  _globals['_OFFLOADLAYER_PART']._serialized_start=828
+  _globals['_OFFLOADLAYER_PART']._serialized_end=858
+  _globals['_OFFLOADREQUEST']._serialized_start=861
+  _globals['_OFFLOADREQUEST']._serialized_end=1027
+  _globals['_OFFLOADRESPONSE']._serialized_start=1030
+  _globals['_OFFLOADRESPONSE']._serialized_end=1272
+  _globals['_OFFLOADSTATSREQUEST']._serialized_start=1274
+  _globals['_OFFLOADSTATSREQUEST']._serialized_end=1295
+  _globals['_OFFLOADSTATS']._serialized_start=1298
+  _globals['_OFFLOADSTATS']._serialized_end=1442
+  _globals['_ATTENTIONOFFLOAD']._serialized_start=1445
+  _globals['_ATTENTIONOFFLOAD']._serialized_end=1615
 # @@protoc_insertion_point(module_scope)

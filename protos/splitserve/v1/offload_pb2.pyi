@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Attach(_message.Message):
-    __slots__ = ("worker_id", "layout", "kv_head_start", "kv_head_end", "num_blocks", "ipc", "local")
+    __slots__ = ("worker_id", "layout", "kv_head_start", "kv_head_end", "num_blocks", "ipc", "local", "adopt", "adopt_from")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class Attach(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_FROM_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     layout: str
     kv_head_start: int
@@ -24,7 +26,9 @@ class Attach(_message.Message):
     num_blocks: int
     ipc: _containers.RepeatedCompositeFieldContainer[_attention_pb2.IpcLink]
     local: bool
-    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[str] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., ipc: _Optional[_Iterable[_Union[_attention_pb2.IpcLink, _Mapping]]] = ..., local: _Optional[bool] = ...) -> None: ...
+    adopt: bool
+    adopt_from: str
+    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[str] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., ipc: _Optional[_Iterable[_Union[_attention_pb2.IpcLink, _Mapping]]] = ..., local: _Optional[bool] = ..., adopt: _Optional[bool] = ..., adopt_from: _Optional[str] = ...) -> None: ...
 
 class PrefillChunk(_message.Message):
     __slots__ = ("query_start", "num_query", "seq_len", "table")
@@ -39,7 +43,7 @@ class PrefillChunk(_message.Message):
     def __init__(self, query_start: _Optional[int] = ..., num_query: _Optional[int] = ..., seq_len: _Optional[int] = ..., table: _Optional[bytes] = ...) -> None: ...
 
 class StepLayout(_message.Message):
-    __slots__ = ("tag", "num_decode", "slot_mapping", "decode_table", "table_width", "decode_lens", "prefills", "q_first")
+    __slots__ = ("tag", "num_decode", "slot_mapping", "decode_table", "table_width", "decode_lens", "prefills", "q_first", "cached_blocks", "cached_hashes")
     TAG_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODE_FIELD_NUMBER: _ClassVar[int]
     SLOT_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +52,8 @@ class StepLayout(_message.Message):
     DECODE_LENS_FIELD_NUMBER: _ClassVar[int]
     PREFILLS_FIELD_NUMBER: _ClassVar[int]
     Q_FIRST_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_HASHES_FIELD_NUMBER: _ClassVar[int]
     tag: int
     num_decode: int
     slot_mapping: bytes
@@ -56,7 +62,9 @@ class StepLayout(_message.Message):
     decode_lens: bytes
     prefills: _containers.RepeatedCompositeFieldContainer[PrefillChunk]
     q_first: bool
-    def __init__(self, tag: _Optional[int] = ..., num_decode: _Optional[int] = ..., slot_mapping: _Optional[bytes] = ..., decode_table: _Optional[bytes] = ..., table_width: _Optional[int] = ..., decode_lens: _Optional[bytes] = ..., prefills: _Optional[_Iterable[_Union[PrefillChunk, _Mapping]]] = ..., q_first: _Optional[bool] = ...) -> None: ...
+    cached_blocks: bytes
+    cached_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tag: _Optional[int] = ..., num_decode: _Optional[int] = ..., slot_mapping: _Optional[bytes] = ..., decode_table: _Optional[bytes] = ..., table_width: _Optional[int] = ..., decode_lens: _Optional[bytes] = ..., prefills: _Optional[_Iterable[_Union[PrefillChunk, _Mapping]]] = ..., q_first: _Optional[bool] = ..., cached_blocks: _Optional[bytes] = ..., cached_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class OffloadLayer(_message.Message):
     __slots__ = ("tag", "layer", "part", "q", "k", "v", "ipc")
@@ -97,7 +105,7 @@ class OffloadRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., attach: _Optional[_Union[Attach, _Mapping]] = ..., step: _Optional[_Union[StepLayout, _Mapping]] = ..., layer: _Optional[_Union[OffloadLayer, _Mapping]] = ...) -> None: ...
 
 class OffloadResponse(_message.Message):
-    __slots__ = ("id", "code", "message", "out", "ipc", "ipc_links", "local_socket")
+    __slots__ = ("id", "code", "message", "out", "ipc", "ipc_links", "local_socket", "adopted_from", "cached_blocks", "cached_hashes")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +113,9 @@ class OffloadResponse(_message.Message):
     IPC_FIELD_NUMBER: _ClassVar[int]
     IPC_LINKS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FROM_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_HASHES_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: int
     message: str
@@ -112,7 +123,10 @@ class OffloadResponse(_message.Message):
     ipc: bool
     ipc_links: _containers.RepeatedCompositeFieldContainer[_attention_pb2.IpcLink]
     local_socket: str
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., out: _Optional[_Union[_attention_pb2.Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ..., ipc_links: _Optional[_Iterable[_Union[_attention_pb2.IpcLink, _Mapping]]] = ..., local_socket: _Optional[str] = ...) -> None: ...
+    adopted_from: str
+    cached_blocks: bytes
+    cached_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., out: _Optional[_Union[_attention_pb2.Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ..., ipc_links: _Optional[_Iterable[_Union[_attention_pb2.IpcLink, _Mapping]]] = ..., local_socket: _Optional[str] = ..., adopted_from: _Optional[str] = ..., cached_blocks: _Optional[bytes] = ..., cached_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class OffloadStatsRequest(_message.Message):
     __slots__ = ()
