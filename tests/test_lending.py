@@ -194,7 +194,7 @@ def test_sigkilled_replica_process_is_recomputed_token_exact(
 
         def kill(outs):
             nonlocal killed
-            on_victim = any(s.holder_id != survivor.holder_id for s in peers._streams.values())
+            on_victim = any(s.name != survivor.holder_id for s in peers._streams.values())
             if not killed and on_victim and sum(map(len, outs.values())) >= 4:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=30)
