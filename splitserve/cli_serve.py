@@ -128,6 +128,7 @@ def _serve_engine_service(
     device_pool: str = "2GiB",
     borrow_kv: bool = False,
     lend_fraction: float = 0.0,
+    offload_workers: int = 0,
 ) -> None:
     from kvstore.config import Membership
     from services.config import DecodeConfig, PrefillConfig
@@ -158,7 +159,10 @@ def _serve_engine_service(
         fail(str(e))
     # A colocated server needs no Redis unless it borrows KV (the lending ledger is there); the
     # others register and hand KV off through it.
-    needs_redis = role != "colocated" or redis_url is not None or borrow_kv or lend_fraction > 0
+    needs_redis = (
+        role != "colocated" or redis_url is not None or borrow_kv or lend_fraction > 0
+        or offload_workers > 0
+    )  # fmt: skip
     with (
         _cluster_redis(config.cluster)
         if needs_redis
@@ -167,9 +171,11 @@ def _serve_engine_service(
         config = dataclasses.replace(config, cluster=cluster)
         if role != "prefill":  # a prefill replica neither borrows nor lends
             try:
+                engine = dataclasses.replace(config.engine, kv_offload=offload_workers > 0)
                 config = dataclasses.replace(
-                    config, borrow_kv=borrow_kv, lend_fraction=lend_fraction
-                )
+                    config, borrow_kv=borrow_kv, lend_fraction=lend_fraction,
+                    offload_workers=offload_workers, engine=engine,
+                )  # fmt: skip
             except ValueError as e:
                 fail(str(e))
         if role == "prefill":
@@ -239,19 +245,30 @@ def _service_command(role: str, doc: str):
                 help="Lend up to this share of the KV pool, while free, to decoders that borrow",
             ),
         ] = 0.0,
+        offload_workers: Annotated[
+            int,
+            typer.Option(
+                "--offload-workers",
+                help="Attention offload: a model worker with no KV; this many attention workers "
+                "(serve attention --offload) hold its --num-kv-blocks blocks by KV head",
+            ),
+        ] = 0,
     ) -> None:
         _serve_engine_service(
             role, model, dtype, host, port, redis_url, namespace, max_waiting, kv_memory,
             num_kv_blocks, metrics_port, device, device_pool, borrow_kv, lend_fraction,
+            offload_workers,
         )  # fmt: skip
 
     command.__doc__ = doc
-    if role == "prefill":  # a prefill replica's pool only hands KV off: it borrows none
+    # A prefill replica's pool only hands KV off: it borrows none. Only a colocated replica
+    # can be an offload model worker (it takes whole requests).
+    hidden = {"prefill": ("borrow_kv", "lend_fraction", "offload_workers"),
+              "decode": ("offload_workers",)}.get(role, ())  # fmt: skip
+    if hidden:
         sig = inspect.signature(command, eval_str=True)  # typer reads the options from these
         command.__signature__ = sig.replace(  # type: ignore[attr-defined]
-            parameters=[
-                p for p in sig.parameters.values() if p.name not in ("borrow_kv", "lend_fraction")
-            ]
+            parameters=[p for p in sig.parameters.values() if p.name not in hidden]
         )
     return command
 
@@ -302,9 +319,18 @@ def serve_attention(
         typer.Option("--metrics-port", help="Serve Prometheus /metrics here (0: any port)"),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
+    offload: Annotated[
+        bool,
+        typer.Option(
+            "--offload/--lend",
+            help="Hold KV heads of offload model workers' pools (serve colocated "
+            "--offload-workers) instead of lending blocks to decoders",
+        ),
+    ] = False,
 ) -> None:
     """Attention service: a KV pool (no weights) lent to decode replicas started with
-    --borrow-kv, attending over what they borrowed. Prints its address."""
+    --borrow-kv, attending over what they borrowed; or, with --offload, memory for the KV heads
+    of model workers that hold none. Prints its address."""
     from kvstore.config import Membership
     from services.attention import AttentionServer
     from services.config import AttentionConfig
@@ -329,6 +355,7 @@ def serve_attention(
             cluster=Membership(redis_url=redis_url, namespace=namespace),
             metrics_port=metrics_port,
             lend_fraction=lend_fraction,
+            offload=offload,
         )
     except ValueError as e:
         fail(str(e))
@@ -340,12 +367,13 @@ def serve_attention(
 
         def announce(address: str) -> None:
             print(address, flush=True)
-            h = server.holder
-            err.print(
-                f"attention replica {server.holder_id}: {h.capacity} KV blocks, "
-                f"{h.lend_cap} lendable",
-                highlight=False,
-            )
+            if server.offload is not None:
+                mib = server.offload.budget_bytes / 2**20
+                what = f"{mib:.0f} MiB for offload model workers' KV heads"
+            else:
+                h = server.holder
+                what = f"{h.capacity} KV blocks, {h.lend_cap} lendable"
+            err.print(f"attention replica {server.holder_id}: {what}", highlight=False)
             if server.metrics_address:
                 err.print(f"metrics at http://{server.metrics_address}/metrics", highlight=False)
 

@@ -154,3 +154,47 @@ def test_serve_attention_lends_to_a_borrowing_colocated_server(
         for p in (dec, att):
             if p is not None:
                 p.kill()
+
+
+def test_serve_offload_model_worker_over_an_attention_worker(tiny_model_dir, redis_url, namespace):
+    """`serve attention --offload` and `serve colocated --offload-workers 1`: the model worker
+    (no KV) finds the attention worker in the registry, answers with the colocated engine's
+    tokens, and records where its KV heads live."""
+    from router.pd_client import PDClient
+    from services.engine.sampling_params import SamplingParams
+    from services.offload_client import placements
+    from tests.engine_helpers import make_engine, random_prompts
+
+    assert "--offload-workers" in _help("serve", "colocated")
+    assert "--offload-workers" not in _help("serve", "decode")
+    assert "--offload" in _help("serve", "attention")
+    common = ["--model", str(tiny_model_dir), "--redis", redis_url, "--namespace", namespace]
+    att = _Proc("attention", *common, "--num-kv-blocks", "64", "--offload")
+    dec = None
+    try:
+        [rep] = list_replicas(redis_url, "attention-offload", tiny_model_dir.name, ns=namespace)
+        assert rep.address == att.address
+        dec = _Proc("colocated", *common, "--num-kv-blocks", "32", "--offload-workers", "1")
+        [prompt] = random_prompts(1, 256, 100, 100, seed=6)
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+        async def go() -> list[int]:
+            async with PDClient(dec.address) as c:
+                tokens: list[int] = []
+                async for piece in c.generate(prompt, params):
+                    tokens += piece.token_ids
+                return tokens
+
+        got = asyncio.run(asyncio.wait_for(go(), 120))
+        [want] = make_engine(tiny_model_dir).generate([prompt], params)
+        assert got == want.token_ids
+        [heads] = placements(redis_url, namespace).values()
+        assert heads == {"0-2": att.address}
+        assert dec.stop() == 0
+        dec = None
+        assert not placements(redis_url, namespace)  # forgotten on the way out
+        assert att.stop() == 0
+    finally:
+        for p in (dec, att):
+            if p is not None:
+                p.kill()
