@@ -258,6 +258,10 @@ class AttentionWorkers:
         attach.local = bool(mine) and self.local
         if self._adopting and (w.index == 0 or self._origin):
             attach.adopt, attach.adopt_from = True, self._origin
+        elif not self._adopting:
+            # Recovering: the region this model worker had there (if that worker is the same
+            # and kept it) is memory to reuse; its cached blocks were forgotten already.
+            attach.adopt, attach.adopt_from = True, self.worker_id
         try:
             resp = stream.send(attach=attach).result(timeout=self.timeout_s)
         except (WorkerLostError, FutureTimeout) as e:

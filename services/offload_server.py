@@ -10,6 +10,7 @@ on GPUs, /dev/shm files on CPUs), one pair per batch tag; elsewhere as raw bytes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -163,6 +164,11 @@ class OffloadHost:
                 break
             sess.ipc.append(pair)
         resp.ipc_links.extend(theirs.link for _, theirs in sess.ipc)
+        if sess.ipc:
+            sess.shard.enable_graphs(
+                [mine.regions for mine, _ in sess.ipc], [theirs.regions for _, theirs in sess.ipc],
+                min(p[0].rows for p in sess.ipc),
+            )  # fmt: skip
         if a.local and sess.ipc:
             resp.local_socket = self._serve_link(sess)
 
@@ -255,6 +261,14 @@ class OffloadHost:
             out = shard.attend_kv(
                 tag, li, self._tensor(pair, layer.k, 1, "k"), self._tensor(pair, layer.v, 2, "v")
             )
+        elif pair is not None and self._replayed(shard, pair, layer, tag, li):
+            # The graph read q, k, v from the shared buffer and wrote o into ours.
+            pair[1].ready()
+            resp.ipc = True
+            resp.out.layout.CopyFrom(layer.q.layout)
+            self.layer_batches += 1
+            self.layer_seconds += time.perf_counter() - t0
+            return [resp]
         else:
             out = shard.attend(
                 tag, li, self._tensor(pair, layer.q, 0, "q"), self._tensor(pair, layer.k, 1, "k"),
@@ -272,6 +286,13 @@ class OffloadHost:
         self.layer_batches += 1
         self.layer_seconds += time.perf_counter() - t0
         return [resp]
+
+    def _replayed(self, shard: KVShard, pair, layer: pb.OffloadLayer, tag: int, li: int) -> bool:
+        """Ran the layer as the shard's CUDA graph over the shared buffers (their shapes checked
+        as op by op); False if this batch has none."""
+        for i, (t, name) in enumerate(((layer.q, "q"), (layer.k, "k"), (layer.v, "v"))):
+            self._tensor(pair, t, i, name)
+        return shard.replay(tag, li, _rows(layer.q))
 
     @staticmethod
     def _tensor(pair, msg, region: int, name: str) -> torch.Tensor:
@@ -313,7 +334,8 @@ class _Servicer(pb_grpc.AttentionOffloadServicer):
                 for resp in self.h.handle(sess, req):
                     yield resp
         finally:
-            self.h.detach(sess)
+            # Off the event loop: it waits for the session's local-link thread to leave.
+            await asyncio.to_thread(self.h.detach, sess)
 
     async def Stats(self, request, context):
         h = self.h
@@ -365,6 +387,10 @@ def layout_from_pb(m: pb.StepLayout) -> StepLayout:
         ),
         bool(m.q_first), tuple(zip(cached_ids, m.cached_hashes, strict=True)),
     )  # fmt: skip
+
+
+def _rows(t: pb.Tensor) -> int:
+    return int(t.layout.shape[0]) if t.layout.shape else -1
 
 
 def _raw(a: np.ndarray) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from services.engine.kv_cache import KVCache
 from services.engine.kv_holder import SegmentError
 from services.engine.offload_plan import StepLayout
 from services.engine.partial_attention import SegmentBatch, partial_attention
+
+if TYPE_CHECKING:
+    from services.engine.shard_graphs import ShardGraphs
 
 
 @dataclass
@@ -59,9 +63,14 @@ class KVShard:
         self.block_size = block_size
         self.dtype = dtype
         self.device = device
-        self.kv_cache = KVCache.allocate(self.cfg, num_blocks, block_size, dtype, device)
+        on_gpu = torch.device(device).type == "cuda"
+        # On a GPU one more block: the scratch block graphs' padding rows write to.
+        self.kv_cache = KVCache.allocate(
+            self.cfg, num_blocks + on_gpu, block_size, dtype, device
+        )  # fmt: skip
         self.scale = cfg.head_dim**-0.5
-        if torch.device(device).type == "cuda":
+        self.graphs: ShardGraphs | None = None  # decode layers as CUDA graphs, once enabled
+        if on_gpu:
             from services.engine.attention_cuda import CudaAttentionBackend
 
             self.backend = CudaAttentionBackend()
@@ -157,10 +166,39 @@ class KVShard:
                 segs.append((seen - 1, 1, blocks, list(range(nblk))))
             prefix = SegmentBatch.build(segs, dev)
         self._steps[tag] = _Step(layout, meta, prefix)
+        if self.graphs is not None:
+            decodes_only = nd == n and not layout.q_first
+            self.graphs.begin(
+                tag, layout.slot_mapping, layout.decode_table, layout.decode_lens, decodes_only
+            )
 
     def forget_steps(self) -> None:
-        """Its model worker went away: no step of its is in flight any more."""
+        """Its model worker went away: no step of its is in flight any more, and its shared
+        buffers (which the graphs read and write) are gone."""
         self._steps.clear()
+        self.graphs = None
+
+    def enable_graphs(self, src: list, dst: list, max_rows: int) -> None:
+        """On a GPU: run decode batches' layers as CUDA graphs over these shared buffers (per
+        tag: the (q, k, v) and (o,) regions of max_rows rows)."""
+        if self.kv_cache.data.is_cuda:
+            from services.engine.fused_ops import HAS_TRITON
+            from services.engine.shard_graphs import ShardGraphs
+
+            if not HAS_TRITON:
+                return
+            self.graphs = ShardGraphs(
+                self.kv_cache, self.cfg.num_layers, self.block_size, self.scale,
+                self.num_blocks, max_rows, src, dst,
+            )  # fmt: skip
+
+    def replay(self, tag: int, layer: int, rows: int) -> bool:
+        """The layer of batch `tag` as a graph, if this step's batch runs as one: its rows
+        must be the layout's."""
+        step = self._step(tag, layer)
+        if self.graphs is None or rows != step.layout.num_rows:
+            return False
+        return self.graphs.replay(tag, layer)
 
     def attend(
         self, tag: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
