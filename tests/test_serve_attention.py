@@ -100,6 +100,20 @@ def _health(address: str, service: str) -> int:
         )
 
 
+def _generate(address: str, prompt: list[int], params) -> list[int]:
+    """A whole generation from a colocated server, through the router's client."""
+    from router.pd_client import PDClient
+
+    async def go() -> list[int]:
+        async with PDClient(address) as c:
+            tokens: list[int] = []
+            async for piece in c.generate(prompt, params):
+                tokens += piece.token_ids
+            return tokens
+
+    return asyncio.run(asyncio.wait_for(go(), 120))
+
+
 def test_serve_attention_lends_to_a_borrowing_colocated_server(
     tiny_model_dir, redis_url, namespace
 ):
@@ -108,7 +122,6 @@ def test_serve_attention_lends_to_a_borrowing_colocated_server(
     gives the tokens of one engine holding everything; on SIGTERM both leave cleanly."""
     from grpc_health.v1 import health_pb2
 
-    from router.pd_client import PDClient
     from services.engine.sampling_params import SamplingParams
     from tests.engine_helpers import make_engine, random_prompts
 
@@ -130,14 +143,7 @@ def test_serve_attention_lends_to_a_borrowing_colocated_server(
         [prompt] = random_prompts(1, 256, 300, 300, seed=5)
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
-        async def go() -> list[int]:
-            async with PDClient(dec.address) as c:
-                tokens: list[int] = []
-                async for piece in c.generate(prompt, params):
-                    tokens += piece.token_ids
-                return tokens
-
-        got = asyncio.run(asyncio.wait_for(go(), 120))
+        got = _generate(dec.address, prompt, params)
         [want] = make_engine(tiny_model_dir).generate([prompt], params)
         assert got == want.token_ids
         assert dec.stop() == 0
@@ -160,7 +166,6 @@ def test_serve_offload_model_worker_over_an_attention_worker(tiny_model_dir, red
     """`serve attention --offload` and `serve colocated --offload-workers 1`: the model worker
     (no KV) finds the attention worker in the registry, answers with the colocated engine's
     tokens, and records where its KV heads live."""
-    from router.pd_client import PDClient
     from services.engine.sampling_params import SamplingParams
     from services.offload_client import placements
     from tests.engine_helpers import make_engine, random_prompts
@@ -178,14 +183,7 @@ def test_serve_offload_model_worker_over_an_attention_worker(tiny_model_dir, red
         [prompt] = random_prompts(1, 256, 100, 100, seed=6)
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
-        async def go() -> list[int]:
-            async with PDClient(dec.address) as c:
-                tokens: list[int] = []
-                async for piece in c.generate(prompt, params):
-                    tokens += piece.token_ids
-                return tokens
-
-        got = asyncio.run(asyncio.wait_for(go(), 120))
+        got = _generate(dec.address, prompt, params)
         [want] = make_engine(tiny_model_dir).generate([prompt], params)
         assert got == want.token_ids
         [heads] = placements(redis_url, namespace).values()
