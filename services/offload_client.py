@@ -130,6 +130,8 @@ class _Out:
         if resp.ipc and self.buf is not None:
             self.buf.wait(host=True)
             return self.buf.regions[0][: self.n]
+        if not resp.HasField("out"):  # a request answered with no tensor (a load)
+            return torch.empty(0)
         return tensor_from_pb(resp.out, "out").to(self.device, non_blocking=True)
 
 
@@ -381,6 +383,25 @@ class AttentionWorkers:
             f.layout.CopyFrom(_spec(region[:n]).to_pb())
         mine.ready()
         return _Out(stream.send(layer=msg), w, self.timeout_s, theirs, n, self.device)
+
+    def load_blocks(self, loads: list[tuple[int, torch.Tensor]]) -> None:
+        """Handed-off KV, (block id, [L, 2, T, Hkv, D]): each worker gets its heads of every
+        block (blocks of one length in one message), before the step that reads them."""
+        by_len: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for bid, kv in loads:
+            by_len.setdefault(kv.shape[2], []).append((bid, kv))
+        waits = []
+        for group in by_len.values():
+            ids = np.array([b for b, _ in group], dtype=np.int64).tobytes()
+            kv = torch.stack([t for _, t in group])  # [n, L, 2, T, Hkv, D]
+            for w in self._workers:
+                a, b = w.heads
+                msg = pb.LoadBlocks(block_ids=ids)
+                tensor_to_pb(to_host(kv[..., a:b, :])[0], msg.kv)
+                waits.append(_Out(self._live(w).send(load=msg), w, self.timeout_s, None, 0,
+                                  self.device))  # fmt: skip
+        for out in waits:
+            out.result()  # in place, or WorkerLostError
 
     def send(self, worker, tag, layer, q, k, v) -> _Out:
         return self._send(worker, tag, layer, Part.ALL, q, k, v)

@@ -112,6 +112,9 @@ class OffloadHost:
                 sess.shard.begin_step(req.step.tag, layout_from_pb(req.step))
             elif kind == "layer":
                 return self._layer(sess, req.layer, resp)
+            elif kind == "load":
+                ids = _ints(req.load.block_ids, "block_ids").tolist()
+                sess.shard.load_blocks(ids, tensor_from_pb(req.load.kv, "kv"))
             else:
                 _fail(resp, grpc.StatusCode.INVALID_ARGUMENT, "empty request")
         except (SegmentError, InvalidRequestError) as e:

@@ -195,11 +195,24 @@ class ModelSpec(_Strict):
     @property
     def serving_roles(self) -> tuple[str, ...]:
         """The roles that run the model (an engine each)."""
-        return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
+        if self.mode == "disaggregated" or self.offload_prefill:
+            return ("prefill", "decode")
+        return ("colocated",)
 
     @property
     def offload(self) -> bool:
         return self.mode == "offload"
+
+    @property
+    def offload_prefill(self) -> bool:
+        """Mode offload with a prefill section: prefill replicas hand KV off to the model
+        workers (decode replicas), which write it to the attention workers."""
+        return self.offload and "prefill" in self.model_fields_set
+
+    @property
+    def model_worker_role(self) -> str:
+        """Mode offload: the role of the model workers."""
+        return "decode" if self.offload_prefill else "colocated"
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -256,9 +269,11 @@ class ModelSpec(_Strict):
     def _offload_rules(self) -> None:
         if self.attention is None:
             raise ValueError("mode offload needs an attention section: the workers holding KV")
-        if self.colocated.lend_fraction:
-            raise ValueError("colocated.lend_fraction: offload's model workers hold no KV to lend")
-        if self.colocated.autoscaling or self.attention.autoscaling:
+        role = self.model_worker_role
+        workers = getattr(self, role)
+        if workers.lend_fraction:
+            raise ValueError(f"{role}.lend_fraction: offload's model workers hold no KV to lend")
+        if workers.autoscaling or self.attention.autoscaling:
             raise ValueError(
                 "mode offload: set fixed replicas (every model worker holds a region on every "
                 "attention worker)"

@@ -64,7 +64,10 @@ def plan_deployment(
                 max_model_len=(
                     engine.max_model_len or ModelConfig.from_dir(d).max_position_embeddings
                 ),
-                mode="colocated" if m.offload else m.mode,  # the router sees model workers
+                # The router sees offload's model workers as colocated (or decode) replicas.
+                mode=(
+                    "disaggregated" if m.offload_prefill else "colocated" if m.offload else m.mode
+                ),
                 tokenizer_class=load_tokenizer(d).class_name,
                 defaults=m.sampling.over(d),
             )
@@ -103,11 +106,12 @@ def offload_blocks(m: ModelSpec, model_dir: Path) -> int:
         widest = max(b - a for a, b in head_ranges(mcfg.num_kv_heads, m.attention.replicas))
     except ValueError as e:
         raise ValueError(f"model {m.name!r}: attention.replicas: {e}") from None
-    blocks = budget // m.colocated.replicas * mcfg.num_kv_heads // (per_block * widest)
+    replicas = getattr(m, m.model_worker_role).replicas
+    blocks = budget // replicas * mcfg.num_kv_heads // (per_block * widest)
     if blocks < 2:
         raise ValueError(
             f"model {m.name!r}: the attention replicas' memory gives each of the "
-            f"{m.colocated.replicas} model workers {blocks} blocks; raise attention.kv_memory"
+            f"{replicas} model workers {blocks} blocks; raise attention.kv_memory"
         )
     return blocks
 
@@ -135,13 +139,15 @@ def replica_config(
         return AttentionConfig(**common, lend_fraction=m.attention.lend_fraction, offload=m.offload)
     assert isinstance(side, ReplicaSpec)
     common["max_waiting"] = side.max_waiting
-    if m.offload:
+    if m.offload and role == m.model_worker_role:
         blocks = offload_blocks(m, model_dir)
         common["engine"] = dataclasses.replace(
             common["engine"], kv_offload=True, num_kv_blocks=blocks
         )
         assert m.attention is not None
-        return DecodeConfig(**common, colocated=True, offload_workers=m.attention.replicas)
+        return DecodeConfig(
+            **common, colocated=role == "colocated", offload_workers=m.attention.replicas
+        )
     if role == "prefill":
         return PrefillConfig(
             **common,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from services.engine.offload_plan import PrefillChunk, StepLayout, head_ranges, split_step
+from services.engine.sampling_params import SamplingParams
 from tests.dist_helpers import GREEDY, drive, traces
 from tests.engine_helpers import make_engine, random_prompts
 from tests.offload_helpers import BS, model_worker, worker_process
@@ -366,3 +367,32 @@ def test_killed_model_worker_is_replaced_and_goes_on_from_the_workers_kv(tiny_mo
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prefill_hands_kv_to_the_attention_workers(
+    workers, tiny_model_dir, cluster, offload_workers, reference
+):
+    """A prefill engine's exported KV, imported by an offload model worker: each attention
+    worker gets its heads of the blocks, nothing is recomputed, and decoding goes on with the
+    colocated engine's tokens."""
+    for _ in range(workers):
+        offload_workers(num_blocks=64)
+    prompts = random_prompts(3, 256, 40, 100, seed=41)
+    prefill = make_engine(tiny_model_dir, block_size=BS)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=0)
+    firsts = prefill.generate(prompts, one, export_kv=True)
+    engine, w = model_worker(tiny_model_dir, cluster, num_workers=workers, num_kv_blocks=40)
+    try:
+        rest_params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+        for p, first, want in zip(prompts, firsts, reference(prompts), strict=True):
+            [rest] = engine.generate(
+                [p], rest_params, output_token_ids=first.token_ids, kv_blocks=first.kv_blocks
+            )
+            assert first.token_ids + rest.token_ids == [t for t, _ in want]
+        # Only decode rows ran: each request's 23 tokens after the handed-off one.
+        layers = engine.model_config.num_layers
+        assert engine.runner.counters.token_layers == len(prompts) * 23 * layers
+        engine.check_integrity()
+    finally:
+        w.close()

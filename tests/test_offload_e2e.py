@@ -88,3 +88,44 @@ def _metrics_address(redis_url: str, replica_id: str) -> str:
         return r.hget(f"splitserve:svc:colocated:{replica_id}", "metrics_address")
     finally:
         r.close()
+
+
+def test_offload_with_a_prefill_pool_hands_kv_to_the_attention_workers(tmp_path, smollm2_dir):
+    """`mode: offload` with a prefill section: a prefill replica computes the prompt, the model
+    worker (a decode replica with no KV) pulls its KV and writes each attention worker its heads,
+    then decodes; the tokens are the colocated engine's."""
+    import yaml
+    from openai import OpenAI
+
+    from services.engine.config import EngineConfig
+    from services.engine.engine import LLMEngine
+    from services.engine.sampling_params import SamplingParams
+
+    cfg = {
+        "auth": {"enabled": False},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+        "grpc": {"host": "127.0.0.1", "port": free_port()},
+        "models": [{
+            "name": "smol", "path": "smollm2-135m-instruct", "dtype": "float32",
+            "mode": "offload", "prefill": {"replicas": 1}, "decode": {"replicas": 1},
+            "attention": {"replicas": 2, "kv_memory": "256MiB"},
+        }],
+    }  # fmt: skip
+    path = tmp_path / "app.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    up = start_up(["--config", str(path)])
+    try:
+        local = LLMEngine(smollm2_dir, EngineConfig(num_kv_blocks=256))
+        client = OpenAI(base_url=up["url"] + "/v1", api_key="auth-off", max_retries=0)
+        for prompt in ("The capital of France is", "Count to five: one, two,"):
+            params = SamplingParams(max_tokens=12, temperature=0.0)
+            want = local.generate([local.encode(prompt)], params)[0].text
+            got = client.completions.create(
+                model="smol", prompt=prompt, max_tokens=12, temperature=0.0, timeout=600
+            )
+            assert got.choices[0].text == want
+        redis = up["redis"]
+        assert len(list_replicas(redis, "prefill")) == len(list_replicas(redis, "decode")) == 1
+        assert len(placements(redis, "splitserve")) == 1  # the model worker's heads
+    finally:
+        stop_up(up["proc"])

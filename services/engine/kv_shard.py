@@ -172,6 +172,23 @@ class KVShard:
                 tag, layout.slot_mapping, layout.decode_table, layout.decode_lens, decodes_only
             )
 
+    def load_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Write handed-off KV: kv [n, L, 2, T, heads, D], this shard's heads of the first T
+        tokens of each block."""
+        c = self.cfg
+        if kv.dim() != 6 or len(block_ids) != kv.shape[0] or kv.shape[1:3] != (c.num_layers, 2):
+            raise SegmentError(f"kv of shape {tuple(kv.shape)} for {len(block_ids)} blocks")
+        if kv.shape[3] > self.block_size or kv.shape[4:] != (c.num_kv_heads, c.head_dim):
+            raise SegmentError(f"kv of shape {tuple(kv.shape)} does not fit this pool's blocks")
+        if kv.dtype != self.dtype:
+            raise SegmentError(f"kv is {kv.dtype}, this pool holds {self.dtype}")
+        if any(not 0 <= b < self.num_blocks for b in block_ids):
+            raise SegmentError(f"a block id is outside this pool's {self.num_blocks} blocks")
+        kv = kv.to(self.device)
+        for i, b in enumerate(block_ids):
+            self.kv_cache.data[:, :, b, : kv.shape[3]].copy_(kv[i])
+            self.hashes.pop(b, None)
+
     def forget_steps(self) -> None:
         """Its model worker went away: no step of its is in flight any more, and its shared
         buffers (which the graphs read and write) are gone."""

@@ -132,6 +132,11 @@ class AttentionShards(Protocol):
         """Announce batch `tag`'s layout to every worker; its layer batches follow."""
         ...
 
+    def load_blocks(self, loads: list[tuple[int, torch.Tensor]]) -> None:
+        """Write handed-off KV (block id, [L, 2, T, Hkv, D]) where it lives, each worker its
+        heads; returns once every worker has it."""
+        ...
+
     def send(
         self, worker: int, tag: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> PendingOut:

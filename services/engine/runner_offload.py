@@ -56,8 +56,8 @@ class OffloadRunner:
         if self._forward is None:
             raise RuntimeError("an offload engine steps only once its attention workers attach")
         self.requests.update(so)
-        if so.kv_loads:
-            raise RuntimeError("offload mode takes no KV hand-offs (its model workers prefill)")
+        if so.kv_loads:  # a prefill's KV, handed off: it goes where the KV lives
+            self.shards.load_blocks(so.kv_loads)
         ids, pos, layout, logits_rows = self.prepare(so)
         batches = split_step(layout, logits_rows, self.pingpong)
         dev = self.device

@@ -92,17 +92,27 @@ class OffloadLayer(_message.Message):
     ipc: bool
     def __init__(self, tag: _Optional[int] = ..., layer: _Optional[int] = ..., part: _Optional[_Union[OffloadLayer.Part, str]] = ..., q: _Optional[_Union[_attention_pb2.Tensor, _Mapping]] = ..., k: _Optional[_Union[_attention_pb2.Tensor, _Mapping]] = ..., v: _Optional[_Union[_attention_pb2.Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ...) -> None: ...
 
+class LoadBlocks(_message.Message):
+    __slots__ = ("block_ids", "kv")
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    block_ids: bytes
+    kv: _attention_pb2.Tensor
+    def __init__(self, block_ids: _Optional[bytes] = ..., kv: _Optional[_Union[_attention_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
 class OffloadRequest(_message.Message):
-    __slots__ = ("id", "attach", "step", "layer")
+    __slots__ = ("id", "attach", "step", "layer", "load")
     ID_FIELD_NUMBER: _ClassVar[int]
     ATTACH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     id: int
     attach: Attach
     step: StepLayout
     layer: OffloadLayer
-    def __init__(self, id: _Optional[int] = ..., attach: _Optional[_Union[Attach, _Mapping]] = ..., step: _Optional[_Union[StepLayout, _Mapping]] = ..., layer: _Optional[_Union[OffloadLayer, _Mapping]] = ...) -> None: ...
+    load: LoadBlocks
+    def __init__(self, id: _Optional[int] = ..., attach: _Optional[_Union[Attach, _Mapping]] = ..., step: _Optional[_Union[StepLayout, _Mapping]] = ..., layer: _Optional[_Union[OffloadLayer, _Mapping]] = ..., load: _Optional[_Union[LoadBlocks, _Mapping]] = ...) -> None: ...
 
 class OffloadResponse(_message.Message):
     __slots__ = ("id", "code", "message", "out", "ipc", "ipc_links", "local_socket", "adopted_from", "cached_blocks", "cached_hashes")
