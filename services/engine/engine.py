@@ -17,9 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-import torch
-
-from services.engine.attention_cpu import TorchAttentionBackend
+from services.engine.assembly import build_model, build_runner, pool_blocks
 from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block, model_fingerprint
 from services.engine.block_pool import BlockPool, PoolUsage
 from services.engine.completion import Completion
@@ -27,22 +25,18 @@ from services.engine.config import EngineConfig, ModelConfig
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.errors import InvalidRequestError
 from services.engine.fused_ops import triton_available
-from services.engine.gpu_memory import gpu_kv_blocks
 from services.engine.integrity import check_engine
 from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
-from services.engine.model import LlamaModel
 from services.engine.offload_plan import AttentionShards, WorkerLostError
 from services.engine.remote_kv import HolderLostError, RemoteKV
 from services.engine.request import FinishReason, Request, RequestOutput, Status
-from services.engine.runner import ModelRunner
-from services.engine.sampler import SampledToken, Sampler, _has_penalty
+from services.engine.sampler import SampledToken, _has_penalty
 from services.engine.sampling_params import SamplingParams
 from services.engine.sched_output import SchedulerOutput
 from services.engine.sched_policy import make_policy
 from services.engine.scheduler import Scheduler, blocks_for
 from services.engine.tokenizer import Tokenizer, load_tokenizer
-from services.engine.weights import load_weights, random_weights
 
 log = logging.getLogger(__name__)
 
@@ -66,31 +60,10 @@ class LLMEngine:
         )
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
         self.block_size = bs = config.block_size
-        on_gpu = torch.device(self.device).type == "cuda"
         # The fused CUDA path: Triton kernels, CUDA graphs, async scheduling.
         self.fused = config.kernels == "auto" and triton_available(self.device)
-        if config.load_format == "dummy":
-            weights = random_weights(mcfg, self.dtype, self.device, seed or 0)
-        else:
-            weights = load_weights(model_dir, mcfg, self.dtype, self.device)
-        if self.fused:
-            from services.engine.attention_cuda import CudaAttentionBackend
-
-            backend = CudaAttentionBackend()
-        else:
-            backend = TorchAttentionBackend()
-        self.model = LlamaModel(
-            mcfg, weights, backend, self.max_model_len, self.dtype, self.device, fused=self.fused
-        )
-        per_block = KVCache.bytes_per_block(mcfg, bs, self.dtype)
-        if config.num_kv_blocks:
-            num_blocks = config.num_kv_blocks
-        elif on_gpu:
-            num_blocks = gpu_kv_blocks(
-                self.model, mcfg, config, self.max_model_len, self.dtype, per_block
-            )
-        else:
-            num_blocks = max(2, config.kv_cache_memory_bytes // per_block)
+        self.model = build_model(model_dir, mcfg, config, self.max_model_len, self.fused, seed)
+        num_blocks = pool_blocks(self.model, config, self.max_model_len)
         # Offload: the blocks live on attention workers; none here.
         local = 0 if config.kv_offload else num_blocks
         self.kv_cache = KVCache.allocate(mcfg, local, bs, self.dtype, self.device)
@@ -105,30 +78,9 @@ class LLMEngine:
             self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
             make_policy(config.scheduling_policy),
         )  # fmt: skip
-        if config.kv_offload:
-            from services.engine.runner_cuda import graph_batch_sizes
-            from services.engine.runner_offload import OffloadRunner
-
-            graphs = self.fused and not config.enforce_eager
-            limit = min(config.max_graph_batch_size, config.max_num_seqs)
-            self.runner = OffloadRunner(
-                self.model, bs, Sampler(seed), self.device, pingpong=config.offload_pingpong,
-                q_first=config.offload_q_first,
-                graph_sizes=graph_batch_sizes(limit) if graphs else None,
-            )  # fmt: skip
-        elif self.fused:
-            from services.engine.runner_cuda import CudaModelRunner
-
-            self.runner = CudaModelRunner(
-                self.model, self.kv_cache, Sampler(seed), self.device,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                max_graph_batch_size=config.max_graph_batch_size,
-                use_cuda_graphs=not config.enforce_eager,
-            )  # fmt: skip
-        else:
-            self.runner = ModelRunner(self.model, self.kv_cache, Sampler(seed), self.device)
+        self.runner = build_runner(
+            self.model, self.kv_cache, config, self.max_model_len, self.fused, seed
+        )
         self.async_scheduling = self.fused and config.async_scheduling and not config.kv_offload
         # The step launched and not yet read: (so, its requests in so.seqs order, StepHandle).
         self._inflight: tuple[SchedulerOutput, list[Request], object] | None = None
