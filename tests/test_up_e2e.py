@@ -193,5 +193,6 @@ def test_splitserve_bench_replays_a_trace_against_the_system(system, tmp_path):
         scale = 0.02 if "--length-scale" in trace else 1.0
         assert summary["output_tokens"] == sum(min(8, max(1, round(o * scale))) for o in outs)
         assert summary["prompt_token_mismatches"] == 0  # prompts were exactly the trace lengths
-        assert 0 < summary["ttft_s"]["p50"] < summary["e2e_s"]["p50"]
+        # <=: on a loaded machine all of a short answer can arrive in one chunk.
+        assert 0 < summary["ttft_s"]["p50"] <= summary["e2e_s"]["p50"]
     assert set(report["tenants"]) == {"ChatGPT", "GPT-4"}
