@@ -96,7 +96,8 @@ def remove_dead_holders(base: Path, prefix: str = PREFIX) -> list[Path]:
 
 def default_shm_root(holder_id: str, memory_bytes: int) -> Path | None:
     """/dev/shm when it exists and can hold the memory budget (containers often give 64 MiB).
-    Dead holders' directories there are removed first, so their arenas don't count against it."""
+    Dead holders' directories there are removed first, so their arenas don't count against it.
+    The process id is in the name: two holders of one id (two clusters on one host) never share."""
     base = Path("/dev/shm")
     for d in remove_dead_holders(base) if base.is_dir() else ():
         log.info("removed %s: its holder is gone", d)
@@ -106,4 +107,4 @@ def default_shm_root(holder_id: str, memory_bytes: int) -> Path | None:
         return None
     if not os.access(base, os.W_OK) or st.f_bavail * st.f_frsize < memory_bytes:
         return None
-    return base / f"{PREFIX}{holder_id}"
+    return base / f"{PREFIX}{holder_id}-{os.getpid()}"
