@@ -9,12 +9,18 @@ serialized message. The listening socket is a file only until its one peer conne
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import os
 import socket
 import struct
 import tempfile
+import threading
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<I")
 MAX_FRAME = 1 << 30
@@ -86,3 +92,91 @@ def _exactly(sock: socket.socket, n: int) -> bytes:
             raise LinkClosed("the peer closed the link")
         got += k
     return bytes(buf)
+
+
+class LinkClient:
+    """The requesting end of a link, used by one thread: requests written and answers read by
+    that thread itself, in order. Answers nobody waits for (a step's OK) are read and dropped."""
+
+    def __init__(self, sock: socket.socket, request_cls, parse_response, lost) -> None:
+        """lost(why) makes the exception a broken link raises."""
+        self.sock = sock
+        self.request_cls = request_cls
+        self.parse = parse_response
+        self.lost = lost
+        self.broken: str | None = None
+        self._ids = itertools.count(1 << 32)  # apart from the gRPC stream's ids
+        self._awaited: set[int] = set()
+        self._got: dict = {}
+
+    def send(self, want_answer: bool = True, **body) -> int:
+        if self.broken is not None:
+            raise self.lost(self.broken)
+        rid = next(self._ids)
+        if want_answer:
+            self._awaited.add(rid)
+        try:
+            send(self.sock, self.request_cls(id=rid, **body))
+        except LinkClosed as e:
+            self.broken = str(e)
+            raise self.lost(self.broken) from None
+        return rid
+
+    def wait(self, rid: int):
+        """The answer to request rid; raises lost(...) if the link breaks or times out."""
+        try:
+            while rid not in self._got:
+                if self.broken is not None:
+                    raise self.lost(self.broken)
+                resp = recv(self.sock, self.parse)
+                if resp.id in self._awaited:
+                    self._got[resp.id] = resp
+        except (LinkClosed, TimeoutError) as e:
+            self.broken = str(e) or "no answer in time"
+            raise self.lost(self.broken) from None
+        self._awaited.discard(rid)
+        return self._got.pop(rid)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class LinkServer:
+    """The serving end of a link, on a thread of its own: waits up to accept_s for its one
+    peer, then handles each request in order (handle returns the responses to send) until the
+    peer goes or close() is called. setup runs first on that thread (e.g. the CUDA device)."""
+
+    def __init__(
+        self, name: str, parse, handle: Callable[[object], Iterable], accept_s: float,
+        setup: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.accept_s = accept_s
+        self._srv, self.path = listen()
+        self._conn: socket.socket | None = None
+        self._parse, self._handle, self._setup = parse, handle, setup
+        self._thread = threading.Thread(target=self._serve, name=f"link-{name}", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            if self._setup is not None:
+                self._setup()
+            self._conn = accept(self._srv, self.path, self.accept_s)
+            while True:
+                for resp in self._handle(recv(self._conn, self._parse)):
+                    send(self._conn, resp)
+        except (LinkClosed, TimeoutError, OSError) as e:
+            log.debug("local link %s ended: %s", self.path, e)
+        except Exception:  # a bug here must not pass silently: the peer sees EOF
+            log.exception("local link %s failed", self.path)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+
+    def close(self) -> None:
+        """End the link and wait for its thread to leave the handler."""
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=self.accept_s + 5)

@@ -11,10 +11,7 @@ for the lost range before steps go on.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -47,57 +44,13 @@ class OffloadRefused(RuntimeError):
     """No attention worker would hold a head range (full, wrong layout, unreachable)."""
 
 
-class _Link:
-    """The local socket of a session on this host: requests written and answers read by the
-    engine thread itself, in order."""
-
-    def __init__(self, sock: socket.socket, lost) -> None:
-        self.sock = sock
-        self.lost = lost
-        self.broken: str | None = None
-        self._ids = itertools.count(1 << 32)  # apart from the gRPC stream's ids
-        self._awaited: set[int] = set()
-        self._got: dict[int, pb.OffloadResponse] = {}
-
-    def send(self, want_answer: bool = True, **body) -> int:
-        if self.broken is not None:
-            raise self.lost(self.broken)
-        rid = next(self._ids)
-        if want_answer:
-            self._awaited.add(rid)
-        try:
-            local_link.send(self.sock, pb.OffloadRequest(id=rid, **body))
-        except local_link.LinkClosed as e:
-            self.broken = str(e)
-            raise self.lost(self.broken) from None
-        return rid
-
-    def wait(self, rid: int) -> pb.OffloadResponse:
-        try:
-            while rid not in self._got:
-                if self.broken is not None:
-                    raise self.lost(self.broken)
-                resp = local_link.recv(self.sock, pb.OffloadResponse.FromString)
-                if resp.id in self._awaited:  # others (a step's OK) need no answer
-                    self._got[resp.id] = resp
-        except (local_link.LinkClosed, TimeoutError) as e:
-            self.broken = str(e) or "no answer in time"
-            raise self.lost(self.broken) from None
-        self._awaited.discard(rid)
-        return self._got.pop(rid)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
 @dataclass
 class _Worker:
     index: int
     heads: tuple[int, int]
     address: str = ""
     stream: SessionStream | None = None
-    link: _Link | None = None
+    link: local_link.LinkClient | None = None
 
     @property
     def live(self) -> bool:
@@ -290,7 +243,12 @@ class AttentionWorkers:
         if stream.ipc is not None and resp.local_socket:
             try:
                 sock = local_link.connect(resp.local_socket, self.timeout_s)
-                w.link = _Link(sock, lambda why, i=w.index: WorkerLostError(i, why))
+                w.link = local_link.LinkClient(
+                    sock,
+                    pb.OffloadRequest,
+                    pb.OffloadResponse.FromString,
+                    lambda why, i=w.index: WorkerLostError(i, why),
+                )
             except OSError as e:
                 log.info("no local link to %s (%s): layer batches over gRPC", address, e)
         w.stream, w.address = stream, address
@@ -436,7 +394,7 @@ class AttentionWorkers:
         fut = stream.send(want_answer=part != Part.KV, layer=msg)
         return _Out(fut, w, self.timeout_s, theirs, n, self.device)
 
-    def _live(self, w: _Worker) -> SessionStream | _Link:
+    def _live(self, w: _Worker) -> SessionStream | local_link.LinkClient:
         """Where this worker's requests go: its local link if it has one, else its stream."""
         if w.stream is None or w.stream.broken is not None:
             raise WorkerLostError(w.index, w.stream.broken if w.stream else "not attached")

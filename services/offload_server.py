@@ -11,10 +11,7 @@ on GPUs, /dev/shm files on CPUs), one pair per batch tag; elsewhere as raw bytes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -56,9 +53,7 @@ class _Session:
     shard: KVShard | None = None
     ipc: list[tuple[IpcBuffer, IpcBuffer]] = field(default_factory=list)  # per tag
     q_ids: dict[tuple[int, int], int] = field(default_factory=dict)  # (tag, layer) -> Q's id
-    # The local socket's connection and the thread serving it, once asked for.
-    link: socket.socket | None = None
-    link_thread: threading.Thread | None = None
+    link: local_link.LinkServer | None = None  # the local socket, once asked for
 
 
 class OffloadHost:
@@ -177,29 +172,16 @@ class OffloadHost:
 
     def _serve_link(self, sess: _Session) -> str:
         """A local socket for this session's per-layer traffic, served by its own thread."""
-        srv, path = local_link.listen()
 
-        def serve() -> None:
-            try:
-                if torch.device(self.device).type == "cuda":
-                    torch.cuda.set_device(torch.device(self.device))  # events record here
-                sess.link = local_link.accept(srv, path, LINK_ACCEPT_S)
-                while True:
-                    req = local_link.recv(sess.link, pb.OffloadRequest.FromString)
-                    for resp in self.handle(sess, req):
-                        local_link.send(sess.link, resp)
-            except (local_link.LinkClosed, TimeoutError, OSError) as e:
-                log.debug("local link of %s ended: %s", sess.worker_id, e)
-            except Exception:  # a bug here must not pass silently: the model worker sees EOF
-                log.exception("local link of %s failed", sess.worker_id)
-            finally:
-                if sess.link is not None:
-                    sess.link.close()
+        def setup() -> None:
+            if torch.device(self.device).type == "cuda":
+                torch.cuda.set_device(torch.device(self.device))  # events record here
 
-        sess.link_thread = threading.Thread(target=serve, name=f"link-{sess.worker_id}",
-                                            daemon=True)  # fmt: skip
-        sess.link_thread.start()
-        return path
+        sess.link = local_link.LinkServer(
+            sess.worker_id, pb.OffloadRequest.FromString, lambda req: self.handle(sess, req),
+            LINK_ACCEPT_S, setup,
+        )  # fmt: skip
+        return sess.link.path
 
     def _adopt(self, a: pb.Attach, resp: pb.OffloadResponse) -> KVShard | None:
         """The oldest kept region of these heads and size (of adopt_from, if named)."""
@@ -310,10 +292,7 @@ class OffloadHost:
     def detach(self, sess: _Session) -> None:
         """Its stream ended: free the region (once its local link's thread is out of it)."""
         if sess.link is not None:
-            with contextlib.suppress(OSError):
-                sess.link.shutdown(socket.SHUT_RDWR)
-        if sess.link_thread is not None:
-            sess.link_thread.join(timeout=LINK_ACCEPT_S + 5)
+            sess.link.close()
         if sess.worker_id and self.sessions.get(sess.worker_id) is sess:
             del self.sessions[sess.worker_id]
         for _, theirs in sess.ipc:

@@ -9,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("borrower_id", "layout", "ipc")
+    __slots__ = ("borrower_id", "layout", "ipc", "local")
     BORROWER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     borrower_id: str
     layout: str
     ipc: IpcLink
-    def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ...) -> None: ...
+    local: bool
+    def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ..., local: _Optional[bool] = ...) -> None: ...
 
 class IpcLink(_message.Message):
     __slots__ = ("buffer", "event", "rows", "shm_path")
@@ -115,7 +117,7 @@ class LayerResult(_message.Message):
     def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ...) -> None: ...
 
 class AttentionResponse(_message.Message):
-    __slots__ = ("id", "code", "message", "layer", "granted", "reclaim", "ipc")
+    __slots__ = ("id", "code", "message", "layer", "granted", "reclaim", "ipc", "local_socket")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +125,7 @@ class AttentionResponse(_message.Message):
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     RECLAIM_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: int
     message: str
@@ -130,7 +133,8 @@ class AttentionResponse(_message.Message):
     granted: int
     reclaim: _containers.RepeatedScalarFieldContainer[str]
     ipc: IpcLink
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., layer: _Optional[_Union[LayerResult, _Mapping]] = ..., granted: _Optional[int] = ..., reclaim: _Optional[_Iterable[str]] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ...) -> None: ...
+    local_socket: str
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., layer: _Optional[_Union[LayerResult, _Mapping]] = ..., granted: _Optional[int] = ..., reclaim: _Optional[_Iterable[str]] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ..., local_socket: _Optional[str] = ...) -> None: ...
 
 class AttentionStatsRequest(_message.Message):
     __slots__ = ()
