@@ -22,6 +22,7 @@ from kvstore.lending import Ledger
 from protos.splitserve.v1 import attention_pb2 as pb
 from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
 from rpc.tensor import TensorSpec
+from services import local_link
 from services.engine.kv_transfer import KVLayout
 from services.engine.remote_kv import HolderLostError, RemoteSegment, SeqSlice
 from services.ipc_link import IpcBuffer, decoder_layout, replica_layout
@@ -42,8 +43,8 @@ def layout_key(model_id: str, layout: KVLayout) -> str:
     )
 
 
-def _spec(t: torch.Tensor) -> TensorSpec:
-    return TensorSpec(str(t.dtype).removeprefix("torch."), tuple(t.shape))
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _stream_to(holder_id: str, address: str, on_reclaim) -> SessionStream:
@@ -61,26 +62,33 @@ def _stream_to(holder_id: str, address: str, on_reclaim) -> SessionStream:
 
 class _Partial:
     def __init__(
-        self, fut: Future, holder_id: str, timeout_s: float, ipc: IpcBuffer | None = None,
-        num_q: int = 0,
+        self, fut: Future | int, holder_id: str, timeout_s: float, ipc: IpcBuffer | None = None,
+        num_q: int = 0, link: local_link.LinkClient | None = None,
     ) -> None:  # fmt: skip
-        self.fut = fut
+        self.fut = fut  # a future of the gRPC stream, or a request id on the local link
         self.holder_id = holder_id
         self.timeout_s = timeout_s
         self.ipc = ipc  # the replica's buffer, where an IPC answer is
         self.num_q = num_q
+        self.link = link
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            resp = self.fut.result(timeout=self.timeout_s)
+            if isinstance(self.fut, int):
+                assert self.link is not None
+                resp = self.link.wait(self.fut)
+            else:
+                resp = self.fut.result(timeout=self.timeout_s)
         except FutureTimeout:
             raise HolderLostError(self.holder_id, f"no answer in {self.timeout_s:.0f} s") from None
         if resp.code != OK:
             # NOT_FOUND: it no longer holds the sequence (restarted): as good as lost.
             raise HolderLostError(self.holder_id, resp.message)
         if resp.layer.ipc and self.ipc is not None:
-            # In the replica's buffer: this stream waits for its GPU, the host does not.
-            self.ipc.wait()
+            # In the replica's buffer. This thread waits for the replica's event rather than
+            # queueing work behind it (two processes share one GPU by time slices: see
+            # IpcBuffer.wait).
+            self.ipc.wait(host=True)
             n = self.num_q
             return self.ipc.regions[0][:n], self.ipc.regions[1][:n]
         return tensor_from_pb(resp.layer.out, "out"), tensor_from_pb(resp.layer.lse, "lse")
@@ -120,6 +128,7 @@ class AttentionPeers:
         self.layout = layout
         self.timeout_s = timeout_s
         self._streams: dict[str, SessionStream] = {}
+        self._links: dict[str, local_link.LinkClient] = {}  # holder -> its local link
         self._held: dict[str, dict[str, int]] = {}  # seq id -> {holder -> blocks}
         self._reclaimed: list[str] = []
         self._lock = threading.Lock()
@@ -176,7 +185,8 @@ class AttentionPeers:
                 stream.send(release=pb.Release(seq_ids=[seq_id]))  # answered in order; unread
 
     def begin_step(self, holder_id: str, slices: list[SeqSlice]) -> None:
-        self._live(holder_id).send(
+        self._control(holder_id).send(
+            want_answer=False,
             step=pb.StepBegin(
                 seqs=[
                     pb.SeqSlice(
@@ -188,7 +198,7 @@ class AttentionPeers:
                     )
                     for s in slices
                 ]
-            )
+            ),
         )
 
     def send_layer(self, holder_id, layer, q, k, v) -> _Partial:
@@ -196,23 +206,55 @@ class AttentionPeers:
         link = stream.ipc
         shared = link is not None and (q.is_cuda or link[0].event is None)
         if shared and max(len(q), len(k)) <= link[0].rows:
-            mine, theirs = link
-            qb, kb, vb = mine.regions
+            qb, kb, vb = link[0].regions
             qb[: len(q)].copy_(q)
             kb[: len(k)].copy_(k)
             vb[: len(v)].copy_(v)
-            mine.ready()
-            msg = pb.LayerBatch(layer=layer, ipc=True)
-            for t, field_ in ((q, msg.q), (k, msg.k), (v, msg.v)):
-                field_.layout.CopyFrom(_spec(t).to_pb())
-            fut = stream.send(layer=msg)
-            return _Partial(fut, holder_id, self.timeout_s, theirs, len(q))
+            return self.send_ready(holder_id, layer, len(q), len(k))
         msg = pb.LayerBatch(layer=layer)
         q, k, v = to_host(q, k, v)
         tensor_to_pb(q, msg.q)
         tensor_to_pb(k, msg.k)
         tensor_to_pb(v, msg.v)
-        return _Partial(stream.send(layer=msg), holder_id, self.timeout_s)
+        return self._send(holder_id, msg)
+
+    def buffers(self, holder_id: str) -> tuple[list, list, int] | None:
+        """The shared buffers of a holder on this host with a local link: ((q, k, v) regions
+        this side writes, (out, lse) regions it answers in, and an id that changes when the
+        buffers do), or None."""
+        stream = self._streams.get(holder_id)
+        if stream is None or stream.ipc is None or holder_id not in self._links:
+            return None
+        mine, theirs = stream.ipc
+        return mine.regions, theirs.regions, id(theirs)
+
+    def send_ready(self, holder_id: str, layer: int, num_q: int, num_kv: int) -> _Partial:
+        """A layer batch already written to the holder's shared buffer (buffers()): announce
+        it; the partial comes back in the holder's buffer."""
+        mine, theirs = self._live(holder_id).ipc
+        mine.ready()
+        msg = pb.LayerBatch(layer=layer, ipc=True)
+        spec = self.ipc
+        for rows, heads, field_ in (
+            (num_q, spec.num_heads, msg.q), (num_kv, spec.num_kv_heads, msg.k),
+            (num_kv, spec.num_kv_heads, msg.v),
+        ):  # fmt: skip
+            field_.layout.CopyFrom(
+                TensorSpec(_dtype_name(spec.dtype), (rows, heads, spec.head_dim)).to_pb()
+            )
+        return self._send(holder_id, msg, theirs, num_q)
+
+    def _send(self, holder_id: str, msg: pb.LayerBatch, ipc=None, num_q: int = 0) -> _Partial:
+        link = self._links.get(holder_id)
+        if link is not None:
+            return _Partial(link.send(layer=msg), holder_id, self.timeout_s, ipc, num_q, link)
+        return _Partial(self._live(holder_id).send(layer=msg), holder_id, self.timeout_s, ipc,
+                        num_q)  # fmt: skip
+
+    def _control(self, holder_id: str):
+        """Where a holder's steps and layer batches go: its local link, or its stream."""
+        stream = self._live(holder_id)
+        return self._links.get(holder_id, stream)
 
     def lendable(self) -> int | None:
         creditors = self._creditors()
@@ -263,6 +305,9 @@ class AttentionPeers:
         for s in self._streams.values():
             s.close()
         self._streams.clear()
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
 
     # -- streams ------------------------------------------------------------------------------
 
@@ -270,9 +315,11 @@ class AttentionPeers:
         stream = self._streams.get(holder_id)
         if stream is None:
             raise HolderLostError(holder_id, "no stream to it")
-        if stream.broken is not None:
+        link = self._links.get(holder_id)
+        broken = stream.broken or (link.broken if link is not None else None)
+        if broken is not None:
             self._forget(holder_id)
-            raise HolderLostError(holder_id, stream.broken)
+            raise HolderLostError(holder_id, broken)
         return stream
 
     def _stream(self, holder_id: str, address: str) -> SessionStream | None:
@@ -284,6 +331,7 @@ class AttentionPeers:
         stream = _stream_to(holder_id, address, self._on_reclaim)
         hello = pb.Hello(borrower_id=self.borrower_id, layout=self.layout)
         mine = self._offer_ipc(hello)
+        hello.local = mine is not None
         try:
             resp = stream.send(hello=hello).result(timeout=self.timeout_s)
         except (HolderLostError, FutureTimeout) as e:
@@ -311,6 +359,16 @@ class AttentionPeers:
                 log.info("no shared buffers with %s (%s): layer batches go as bytes", holder_id, e)
         if stream.ipc is None and mine is not None:
             mine.close()
+        if stream.ipc is not None and resp.local_socket:
+            try:
+                sock = local_link.connect(resp.local_socket, self.timeout_s)
+                self._links[holder_id] = local_link.LinkClient(
+                    sock, pb.AttentionRequest, pb.AttentionResponse.FromString,
+                    lambda why: HolderLostError(holder_id, why),
+                    lambda r: r.reclaim and self._on_reclaim(holder_id, list(r.reclaim)),
+                )  # fmt: skip
+            except OSError as e:
+                log.info("no local link to %s (%s): steps go over the stream", holder_id, e)
         self._streams[holder_id] = stream
         return stream
 
@@ -336,6 +394,9 @@ class AttentionPeers:
         stream = self._streams.pop(holder_id, None)
         if stream is not None:
             stream.close()
+        link = self._links.pop(holder_id, None)
+        if link is not None:
+            link.close()
         for held in self._held.values():
             held.pop(holder_id, None)
 

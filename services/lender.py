@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import torch
 
 from kvstore.lending import CreditorInfo, Ledger
 from kvstore.shm_layout import host_id
 from protos.splitserve.v1 import attention_pb2 as pb
 from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
 from rpc.server import ServiceApp
+from services import local_link
 from services.engine.errors import InvalidRequestError
 from services.engine.kv_holder import KVHolder, LendRefused, SegmentError, UnknownSequenceError
 from services.engine.remote_kv import SeqSlice
@@ -37,6 +39,7 @@ from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
+LINK_ACCEPT_S = 30.0  # how long a local socket waits for its decoder to connect
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
 
 
@@ -49,6 +52,14 @@ class _Session:
     borrower: str = ""
     reclaim: list[str] = field(default_factory=list)  # told on the next response
     ipc: tuple[IpcBuffer, IpcBuffer] | None = None  # (the decoder's buffer, ours)
+    link: local_link.LinkServer | None = None  # steps and layer batches, once asked for
+
+
+def _tell_reclaim(sess: _Session, resp: pb.AttentionResponse) -> pb.AttentionResponse:
+    if sess.reclaim:
+        asked, sess.reclaim[:] = list(sess.reclaim), []
+        resp.reclaim.extend(asked)
+    return resp
 
 
 class AttentionServicer(pb_grpc.AttentionServicer):
@@ -59,11 +70,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         sess = _Session()
         try:
             async for req in request_iterator:
-                resp = await self.s.handle(sess, req)
-                if sess.reclaim:
-                    resp.reclaim.extend(sess.reclaim)
-                    sess.reclaim.clear()
-                yield resp
+                yield _tell_reclaim(sess, await self.s.handle(sess, req))
         finally:
             if sess.borrower:
                 await self.s.drop_borrower(sess)
@@ -160,19 +167,33 @@ class Lender:
     # -- requests (on the event loop; pool changes through pool_op) ---------------------------
 
     async def handle(self, sess: _Session, req: pb.AttentionRequest) -> pb.AttentionResponse:
-        resp = pb.AttentionResponse(id=req.id)
         kind = req.WhichOneof("body")
-        try:
+        if kind in ("step", "layer"):
+            return self.handle_now(sess, req)
+        resp = pb.AttentionResponse(id=req.id)
+        with _errors_to(resp):
             if kind == "hello":
                 self._hello(sess, req.hello, resp)
             elif not sess.borrower:
-                _fail(resp, grpc.StatusCode.FAILED_PRECONDITION, "say hello first")
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "say hello first")
             elif kind == "borrow":
                 resp.granted = await self._borrow(sess, req.borrow)
             elif kind == "release":
                 for sid in req.release.seq_ids:
                     await self._release(sess.borrower, sid)
-            elif kind == "step":
+            else:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty request")
+        return resp
+
+    def handle_now(self, sess: _Session, req: pb.AttentionRequest) -> pb.AttentionResponse:
+        """A step or a layer batch, on the calling thread (the event loop's, or the session's
+        local link's)."""
+        resp = pb.AttentionResponse(id=req.id)
+        with _errors_to(resp):
+            kind = req.WhichOneof("body")
+            if not sess.borrower:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "say hello first")
+            if kind == "step":
                 slices = [
                     SeqSlice(s.seq_id, s.q_start, s.num_q, s.write_start, s.num_write)
                     for s in req.step.seqs
@@ -181,15 +202,10 @@ class Lender:
             elif kind == "layer":
                 self._layer(sess, req.layer, resp)
             else:
-                _fail(resp, grpc.StatusCode.INVALID_ARGUMENT, "empty request")
-        except UnknownSequenceError as e:
-            _fail(resp, grpc.StatusCode.NOT_FOUND, str(e))
-        except (SegmentError, InvalidRequestError) as e:
-            _fail(resp, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except LendRefused as e:
-            _fail(resp, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except _Refused as e:
-            _fail(resp, e.code, str(e))
+                raise _Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "only steps and layer batches go over the local link",
+                )
         return resp
 
     def _hello(self, sess: _Session, hello: pb.Hello, resp: pb.AttentionResponse) -> None:
@@ -212,6 +228,25 @@ class Lender:
             sess.ipc = self._ipc_link(hello.ipc)
             if sess.ipc is not None:
                 resp.ipc.CopyFrom(sess.ipc[1].link)
+                src, dst = sess.ipc
+                self.holder.enable_graphs(sess.borrower, src.regions, dst.regions, src.rows)
+                if hello.local:
+                    resp.local_socket = self._serve_link(sess)
+
+    def _serve_link(self, sess: _Session) -> str:
+        """A local socket for this session's steps and layer batches, served by its own thread
+        (the holder's pool changes stay on the event loop)."""
+        device = torch.device(self.holder.device)
+
+        def setup() -> None:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # events record here
+
+        sess.link = local_link.LinkServer(
+            sess.borrower, pb.AttentionRequest.FromString,
+            lambda req: [_tell_reclaim(sess, self.handle_now(sess, req))], LINK_ACCEPT_S, setup,
+        )  # fmt: skip
+        return sess.link.path
 
     def _ipc_link(self, theirs: pb.IpcLink) -> tuple[IpcBuffer, IpcBuffer] | None:
         """Map the decoder's buffer and make ours (CUDA IPC for a GPU pool, shared memory for
@@ -279,8 +314,11 @@ class Lender:
         self.layer_seconds += time.perf_counter() - t0
 
     def _layer_ipc(self, sess: _Session, layer: pb.LayerBatch, resp) -> None:
-        """The batch is in the decoder's buffer: our stream waits for it, computes, writes the
-        partials to our buffer and announces them; the host never waits for the GPU."""
+        """The batch is in the decoder's buffer: once it is there, compute (one CUDA graph
+        replay for a decode step that has them), write the partials to our buffer and announce
+        them. This thread waits for the decoder's event rather than queueing work behind it:
+        two processes share one GPU by time slices, and work queued behind another context's
+        event can hold the slice while it waits."""
         if sess.ipc is None:
             raise SegmentError("an IPC layer batch on a stream without an IPC link")
         src, dst = sess.ipc
@@ -289,11 +327,12 @@ class Lender:
         kv_rows = _rows(layer.k, "k")
         if q_rows > src.rows or kv_rows > src.rows or _rows(layer.v, "v") != kv_rows:
             raise SegmentError(f"an IPC batch of {q_rows} q and {kv_rows} k/v rows does not fit")
-        src.wait()
-        q, k, v = src.regions[0][:q_rows], src.regions[1][:kv_rows], src.regions[2][:kv_rows]
-        out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
-        dst.regions[0][:q_rows].copy_(out)
-        dst.regions[1][:q_rows].copy_(lse)
+        src.wait(host=True)
+        if not self.holder.replay(sess.borrower, int(layer.layer), q_rows, kv_rows):
+            q, k, v = src.regions[0][:q_rows], src.regions[1][:kv_rows], src.regions[2][:kv_rows]
+            out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)
+            dst.regions[0][:q_rows].copy_(out)
+            dst.regions[1][:q_rows].copy_(lse)
         dst.ready()
         resp.layer.ipc = True
         resp.layer.out.layout.CopyFrom(layer.q.layout)
@@ -304,6 +343,12 @@ class Lender:
     async def drop_borrower(self, sess: _Session) -> None:
         """Its stream ended: free what it borrowed."""
         self._sessions.pop(sess.borrower, None)
+        if sess.link is not None:
+            # Before anything is freed its thread must be out of the holder. That takes a
+            # moment (a layer batch at most), and done here, before the first await, it also
+            # runs when the server is stopping and cancels this stream.
+            sess.link.close()
+        self.holder.disable_graphs(sess.borrower)
         for buf in sess.ipc or ():
             buf.close()
         n = await self.pool_op(lambda: self.holder.release_owner(sess.borrower))
@@ -349,6 +394,21 @@ def _rows(t: pb.Tensor, name: str) -> int:
     if not shape or shape[0] < 0:
         raise SegmentError(f"{name}: no rows in shape {list(shape)}")
     return int(shape[0])
+
+
+@contextlib.contextmanager
+def _errors_to(resp: pb.AttentionResponse):
+    """A request's failure becomes its response's code; nothing else is harmed."""
+    try:
+        yield
+    except UnknownSequenceError as e:
+        _fail(resp, grpc.StatusCode.NOT_FOUND, str(e))
+    except (SegmentError, InvalidRequestError) as e:
+        _fail(resp, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except LendRefused as e:
+        _fail(resp, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    except _Refused as e:
+        _fail(resp, e.code, str(e))
 
 
 class _Refused(Exception):

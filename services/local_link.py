@@ -98,12 +98,14 @@ class LinkClient:
     """The requesting end of a link, used by one thread: requests written and answers read by
     that thread itself, in order. Answers nobody waits for (a step's OK) are read and dropped."""
 
-    def __init__(self, sock: socket.socket, request_cls, parse_response, lost) -> None:
-        """lost(why) makes the exception a broken link raises."""
+    def __init__(self, sock: socket.socket, request_cls, parse_response, lost, seen=None) -> None:
+        """lost(why) makes the exception a broken link raises; seen(response) is called for
+        every response read, awaited or not."""
         self.sock = sock
         self.request_cls = request_cls
         self.parse = parse_response
         self.lost = lost
+        self.seen = seen
         self.broken: str | None = None
         self._ids = itertools.count(1 << 32)  # apart from the gRPC stream's ids
         self._awaited: set[int] = set()
@@ -129,6 +131,8 @@ class LinkClient:
                 if self.broken is not None:
                     raise self.lost(self.broken)
                 resp = recv(self.sock, self.parse)
+                if self.seen is not None:
+                    self.seen(resp)
                 if resp.id in self._awaited:
                     self._got[resp.id] = resp
         except (LinkClosed, TimeoutError) as e:
@@ -175,8 +179,10 @@ class LinkServer:
                 self._conn.close()
 
     def close(self) -> None:
-        """End the link and wait for its thread to leave the handler."""
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.shutdown(socket.SHUT_RDWR)
+        """End the link and wait for its thread to leave the handler (a peer that never
+        connected: the waiting accept ends too)."""
+        for sock in (self._conn, self._srv):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=self.accept_s + 5)

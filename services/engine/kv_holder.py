@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from services.engine.block_pool import BlockPool
@@ -70,7 +71,12 @@ class KVHolder:
         self.block_size = block_size
         self.dtype = dtype
         self.device = device
-        self.kv_cache = kv_cache or KVCache.allocate(cfg, num_blocks, block_size, dtype, device)
+        # Its own cache on a GPU has one block more than it lends: the scratch block that a
+        # CUDA graph's padding rows write to (graphs only run over a cache of its own).
+        self._graphable = kv_cache is None and torch.device(device).type == "cuda"
+        self.kv_cache = kv_cache or KVCache.allocate(
+            cfg, num_blocks + self._graphable, block_size, dtype, device
+        )
         self.pool = pool or BlockPool(num_blocks, enable_caching=False)
         self.reserve = reserve
         self.lend_cap = self.pool.num_blocks if lend_cap is None else lend_cap
@@ -78,6 +84,7 @@ class KVHolder:
         self._lent = 0
         self._seqs: dict[tuple[str, str], HeldSeq] = {}
         self._steps: dict[str, _Step] = {}  # borrower -> its current step
+        self._graphs: dict[str, object] = {}  # borrower -> ShardGraphs over its shared buffers
 
     # -- lending ------------------------------------------------------------------------------
 
@@ -139,6 +146,7 @@ class KVHolder:
     def release_owner(self, owner: str) -> int:
         """Everything lent to one borrower (its stream ended: it left or died)."""
         self._steps.pop(owner, None)
+        self._graphs.pop(owner, None)
         return sum(self.release(o, s) for o, s in list(self._seqs) if o == owner)
 
     def seqs_of(self, owner: str) -> list[str]:
@@ -152,6 +160,7 @@ class KVHolder:
 
     def begin_step(self, owner: str, slices: list[SeqSlice]) -> None:
         """Check a step's slices against what is held and prepare its segment tables."""
+        self._steps.pop(owner, None)  # a step that fails leaves none: its layers fail too
         bs = self.block_size
         segments, slots = [], []
         for s in slices:
@@ -174,6 +183,43 @@ class KVHolder:
         write_slots = torch.tensor(slots, dtype=torch.long, device=self.device)
         num_q = sum(s.num_q for s in slices)
         self._steps[owner] = _Step(list(slices), seg, write_slots, num_q, len(slots))
+        graphs = self._graphs.get(owner)
+        if graphs is not None:
+            graphs.begin(0, *_decode_inputs(segments, slots, bs))
+
+    # -- CUDA graphs (a decoder on this GPU, through shared buffers) -------------------------
+
+    def enable_graphs(self, owner: str, src, dst, rows: int) -> None:
+        """Run the owner's decode steps as one CUDA graph replay per layer, reading q, k, v from
+        src and writing out and lse to dst (its shared buffers, fixed for the session)."""
+        from services.engine.fused_ops import HAS_TRITON
+
+        if not self._graphable or not HAS_TRITON:
+            return
+        from services.engine.shard_graphs import ShardGraphs
+
+        self._graphs[owner] = ShardGraphs(
+            self.kv_cache, self.cfg.num_layers, self.block_size, self.scale,
+            self.pool.num_blocks, rows, [src], [dst],
+        )  # fmt: skip
+
+    def disable_graphs(self, owner: str) -> None:
+        self._graphs.pop(owner, None)
+
+    def replay(self, owner: str, layer: int, num_q: int, num_write: int) -> bool:
+        """The layer of the owner's step as its graph, over the shared buffers, if the step
+        has one (its rows checked as attend() would); False: run attend() instead."""
+        step, graphs = self._steps.get(owner), self._graphs.get(owner)
+        if step is None or graphs is None:
+            return False
+        if not 0 <= layer < self.cfg.num_layers:
+            raise SegmentError(f"layer {layer} is outside [0, {self.cfg.num_layers})")
+        if (num_q, num_write) != (step.num_q, step.num_write):
+            raise SegmentError(
+                f"a batch of {num_q} q and {num_write} k/v rows; the step has {step.num_q} "
+                f"and {step.num_write}"
+            )
+        return graphs.replay(0, layer)
 
     def attend(
         self, owner: str, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -204,3 +250,22 @@ class KVHolder:
         return partial_attention(
             q.to(self.device), k_cache, v_cache, step.seg, self.block_size, self.scale
         )
+
+
+def _decode_inputs(segments, slots: list[int], bs: int):
+    """A step's graph inputs (write slots, block table, context lengths, eligible): decode
+    rows only, each sequence's blocks here one run of consecutive logical blocks (the decode
+    kernel counts keys from the run's first)."""
+    eligible = all(
+        nq == 1 and (not order or order[-1] - order[0] == len(order) - 1)
+        for _, nq, _, order in segments
+    )
+    width = max([1, *(len(phys) for _, _, phys, _ in segments)])
+    table = np.zeros((len(segments), width), dtype=np.int64)
+    lens = np.zeros(len(segments), dtype=np.int64)
+    if eligible:
+        for r, (q0, _, phys, order) in enumerate(segments):
+            table[r, : len(phys)] = phys
+            if order:
+                lens[r] = min(q0 - order[0] * bs + 1, len(order) * bs)
+    return np.asarray(slots, dtype=np.int64), table, np.maximum(lens, 0), eligible

@@ -34,7 +34,8 @@ class ShardGraphs:
     def __init__(self, kv_cache, num_layers: int, block_size: int, scale: float,
                  num_blocks: int, max_rows: int, src, dst) -> None:  # fmt: skip
         """kv_cache: the shard's cache, whose block num_blocks is the scratch block; src, dst:
-        per tag, the shared (q, k, v) and (o,) regions."""
+        per tag, the shared (q, k, v) regions and the answer's (o,) or (o, lse) regions (the
+        log-sum-exp for a partial that is merged elsewhere)."""
         self.kv = kv_cache
         self.num_layers = num_layers
         self.bs = block_size
@@ -53,11 +54,12 @@ class ShardGraphs:
     ) -> bool:
         """A batch's step on this tag: for a decode-only one (eligible), fill its graphs'
         buffers (capturing them on first use); False when no graph takes it (the caller then
-        runs it op by op)."""
+        runs it op by op). table, lens: per query row; slots: per new k, v row (as many or
+        fewer)."""
         self._current.pop(tag, None)
         if not eligible:
             return False
-        n = len(slots)
+        n = len(lens)
         size = next((s for s in self.sizes if s >= n), None)
         if size is None or tag >= len(self.src) or table.shape[1] > self.width:
             return False
@@ -66,8 +68,9 @@ class ShardGraphs:
         if gs is None:
             gs = self._sets[key] = self._capture(tag, size)
         dev = gs.slots.device
-        gs.slots[:n].copy_(torch.from_numpy(slots).to(dev))
-        gs.slots[n:].fill_(gs.scratch_slot)
+        w = len(slots)
+        gs.slots[:w].copy_(torch.from_numpy(slots).to(dev))
+        gs.slots[w:].fill_(gs.scratch_slot)
         gs.table[:n, : table.shape[1]].copy_(torch.from_numpy(table.astype(np.int32)).to(dev))
         gs.lens[:n].copy_(torch.from_numpy(lens.astype(np.int32)).to(dev))
         gs.lens[n:].zero_()
@@ -84,11 +87,14 @@ class ShardGraphs:
 
     def _layer(self, gs: _Set, tag: int, layer: int) -> None:
         q, k, v = (r[: gs.size] for r in self.src[tag])
-        (o,) = (r[: gs.size] for r in self.dst[tag])
+        o, *lse = (r[: gs.size] for r in self.dst[tag])
         k_cache, v_cache = self.kv.layer(layer)
         k_cache.index_copy_(0, gs.slots, k)
         v_cache.index_copy_(0, gs.slots, v)
-        paged_decode_attention(q, k_cache, v_cache, gs.table, gs.lens, self.bs, self.scale, out=o)
+        paged_decode_attention(
+            q, k_cache, v_cache, gs.table, gs.lens, self.bs, self.scale, out=o,
+            lse=lse[0] if lse else None,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def _capture(self, tag: int, size: int) -> _Set:
