@@ -157,8 +157,14 @@ class _Timed:
         self.send_s += time.perf_counter() - t0
 
     def send_layer(self, holder_id, layer, q, k, v):
+        return self._timed(self.inner.send_layer, holder_id, layer, q, k, v)
+
+    def send_ready(self, holder_id, layer, num_q, num_kv):
+        return self._timed(self.inner.send_ready, holder_id, layer, num_q, num_kv)
+
+    def _timed(self, send, *args):
         t0 = time.perf_counter()
-        pending = self.inner.send_layer(holder_id, layer, q, k, v)
+        pending = send(*args)
         self.send_s += time.perf_counter() - t0
         self.batches += 1
         timed = self
@@ -227,12 +233,13 @@ def split_decode(
         rng = np.random.default_rng(0)
         results = {}
         graphs = getattr(runner, "_graphs", None)
-        modes = ("local", "local_eager", "split_process", "split_thread")
+        modes = ("local", "local_eager", "split_process", "split_process_eager", "split_thread")
         for mode in modes if graphs else ("local", "split_process", "split_thread"):
             peers = None
-            # local_eager: the same local step without CUDA graphs, as every split step runs.
+            # *_eager: the same step without CUDA graphs (op by op).
             if graphs:
                 runner._graphs = {} if mode == "local_eager" else graphs
+                runner.use_cuda_graphs = mode != "split_process_eager"
             if mode == "split_thread":
                 proc.terminate()  # its pool's memory goes back before the next one's is taken
                 proc.wait(timeout=60)
@@ -240,7 +247,7 @@ def split_decode(
                                           device=device, dtype=dtype)  # fmt: skip
             torch.set_num_threads(threads if mode.startswith("local") else split_threads)
             if not mode.startswith("local"):
-                ns = ns_proc if mode == "split_process" else ns_thread
+                ns = ns_thread if mode == "split_thread" else ns_proc
                 peers = AttentionPeers.for_engine(engine, Ledger(redis_url, ns), f"bench-{mode}")
                 timed = _Timed(peers)
                 engine.attach_remote_kv(timed)
@@ -263,6 +270,7 @@ def split_decode(
                 so.decodes.append(ScheduledSeq(rid, context - 1, 1, [], True))
                 rids.append(rid)
             times, sends, waits = [], [], []
+            graph_steps0 = getattr(runner, "dist_graph_steps", 0)
             for step in range(steps):
                 if step:
                     so = SchedulerOutput(
@@ -288,6 +296,7 @@ def split_decode(
                 "steps_ms": [_ms(t) for t in times],
             }
             if peers is not None:
+                r["graph_steps"] = getattr(runner, "dist_graph_steps", 0) - graph_steps0
                 r["send_ms"] = _ms(np.median(sends[warm]))  # D2H copies + encoding, per step
                 r["wait_ms"] = _ms(np.median(waits[warm]))  # past the local partial, per step
                 r["round_trips_per_step"] = timed.batches // steps
@@ -315,7 +324,9 @@ def split_decode(
            "local_tpot_ms": local, "threads": threads, "split_threads": split_threads}  # fmt: skip
     if "local_eager" in results:
         out["local_eager_tpot_ms"] = results["local_eager"]["tpot_ms"]
-    for mode in ("split_process", "split_thread"):
+    for mode in ("split_process", "split_process_eager", "split_thread"):
+        if mode not in results:
+            continue
         r = results[mode]
         out[f"{mode}_tpot_ms"] = r["tpot_ms"]
         out[f"{mode}_throughput_ratio"] = round(local / r["tpot_ms"], 3)
@@ -372,6 +383,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "gpu_split_throughput_ratio": r["split_process_throughput_ratio"],
                 "gpu_split_one_context_throughput_ratio": r["split_thread_throughput_ratio"],
             }
+            if "split_process_eager_throughput_ratio" in r:
+                summary["gpu_split_eager_throughput_ratio"] = r[
+                    "split_process_eager_throughput_ratio"
+                ]
         else:
             model = args.model or make_model("tiny", tmp / "tiny", seed=0)
             ref = _Reference(model, ModelConfig.from_dir(model).vocab_size)

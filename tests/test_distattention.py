@@ -105,6 +105,8 @@ def test_gpu_replica_process_over_cuda_ipc_is_token_exact(tiny_model_dir, cluste
         )
         assert traces(engine.generate(prompts, GREEDY)) == want
         assert any(s.ipc is not None for s in peers._streams.values())  # it went through IPC
+        assert peers._links  # steps and layer batches over the local link
+        assert engine.runner.dist_graph_steps > 0  # split decode steps ran as CUDA graphs
         assert settled_debts(peers.ledger) == {}
         peers.close()
     finally:

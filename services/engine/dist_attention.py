@@ -87,11 +87,17 @@ def placements(so: SchedulerOutput, states: RequestStates) -> list[SeqPlacement]
     return out
 
 
-def plan_step(
-    seqs: list[SeqPlacement], kv: RemoteKV, block_size: int, scale: float, device: str
-) -> tuple[np.ndarray, DistStep]:
-    """The step's local cache slots (-1 for a token whose K/V goes to a holder) and its
-    DistStep; tells each holder its slices (RemoteKV.begin_step)."""
+@dataclass
+class HostPlan:
+    """A step's plan on the host: local cache slot per row (-1: the K/V goes to a holder), each
+    sequence's local segment, and per holder its slices, q rows and k/v rows."""
+
+    slots: np.ndarray
+    local_segments: list[tuple[int, int, list[int], list[int]]]
+    by_holder: dict[str, tuple[list[SeqSlice], list[int], list[int]]]
+
+
+def plan_host(seqs: list[SeqPlacement], block_size: int) -> HostPlan:
     bs = block_size
     n = seqs[-1].row_start + (seqs[-1].end - seqs[-1].start) if seqs else 0
     slots = np.full(n, -1, dtype=np.int64)
@@ -119,19 +125,29 @@ def plan_step(
             slices.append(SeqSlice(s.seq_id, s.start, num, w0, len(written)))
             qrows.extend(range(s.row_start, s.row_start + num))
             wrows.extend(int(s.row_start + (p - s.start)) for p in written)
+    return HostPlan(slots, local_segments, by_holder)
+
+
+def plan_step(
+    seqs: list[SeqPlacement], kv: RemoteKV, block_size: int, scale: float, device: str
+) -> tuple[np.ndarray, DistStep]:
+    """The step's local cache slots (-1 for a token whose K/V goes to a holder) and its
+    DistStep; tells each holder its slices (RemoteKV.begin_step)."""
+    plan = plan_host(seqs, block_size)
     dev = torch.device(device)
 
     def tensor(a) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(dev, non_blocking=True)
 
+    slots = plan.slots
     local_rows = np.flatnonzero(slots >= 0)
     parts = []
-    for holder, (slices, qrows, wrows) in by_holder.items():
+    for holder, (slices, qrows, wrows) in plan.by_holder.items():
         kv.begin_step(holder, slices)
         parts.append(HolderPart(holder, tensor(qrows), tensor(wrows)))
-    local = SegmentBatch.build(local_segments, dev)
+    local = SegmentBatch.build(plan.local_segments, dev)
     step = DistStep(
-        local, tensor(local_rows), tensor(slots[local_rows]), parts, kv, bs, scale
+        local, tensor(local_rows), tensor(slots[local_rows]), parts, kv, block_size, scale
     )  # fmt: skip
     return slots, step
 

@@ -22,61 +22,73 @@ from services.engine.model import LlamaModel
 
 
 class GraphSet:
-    """The L + 1 graphs of one (tag, batch size) over fixed buffers."""
+    """The L + 1 segment graphs of one batch size over fixed buffers: graph i is layer i-1's
+    tail (attention output in, o projection, FFN) and layer i's head (norms, q/k/v, RoPE, the
+    sends). Subclasses say where attention comes from and where q, k, v go; `after(i)` is
+    optional work captured as a graph of its own that runs once layer i's batch is sent."""
 
-    def __init__(self, model: LlamaModel, sends, recvs, heads, rows: int, pool) -> None:
-        """sends[w]: worker w's (q, k, v) regions; recvs[w]: its o region; heads[w]: its KV
-        head range."""
+    def __init__(self, model: LlamaModel, rows: int) -> None:
         self.m = model
         self.rows = rows
         cfg = model.cfg
         dev = model.w.embed.device
         self.ids = torch.zeros(rows, dtype=torch.long, device=dev)
         self.pos = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.skip = torch.full((rows,), -1, dtype=torch.long, device=dev)
-        self.dummy = torch.zeros((1, cfg.num_kv_heads, cfg.head_dim), dtype=model.w.embed.dtype,
-                                 device=dev)  # fmt: skip
-        self.sends, self.recvs, self.heads = sends, recvs, heads
         self.group = cfg.num_heads // cfg.num_kv_heads
         self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.after_graphs: list[torch.cuda.CUDAGraph] = []
         self.logits: torch.Tensor | None = None
-        self._capture(pool)
 
     def replay(self, i: int) -> None:
         self.graphs[i].replay()
 
+    def replay_after(self, i: int) -> None:
+        self.after_graphs[i].replay()
+
+    # -- what subclasses provide --------------------------------------------------------------
+
+    def input_ids(self) -> torch.Tensor:
+        return self.ids
+
+    def cache(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where layer i's RoPE kernel writes k, v: (k cache, v cache, slot per row, -1: none)."""
+        raise NotImplementedError
+
+    def send(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Layer i's rotated q [rows, H, D] and k, v [rows, Hkv, D] into the send buffers."""
+        raise NotImplementedError
+
+    def attention(self, i: int) -> torch.Tensor:
+        """Layer i's attention output [rows, H * D] in the model's dtype, from the answers."""
+        raise NotImplementedError
+
+    def after(self, i: int) -> bool:
+        """Work after layer i's send (captured as its own graph); False: none."""
+        return False
+
     # -- the segments -------------------------------------------------------------------------
 
     def _head(self, i: int, x: torch.Tensor) -> None:
-        """Layer i's q, k, v of the normed x, rotated, into the workers' send buffers."""
         from services.engine import fused_ops
 
         m, cfg = self.m, self.m.cfg
         lw = m.w.layers[i]
         qkv = F.linear(x, lw.qkv, lw.qkv_bias)
+        k_cache, v_cache, slots = self.cache(i)
         fused_ops.rope_and_cache(
-            qkv, self.pos, m.cos_sin, self.dummy, self.dummy, self.skip,
+            qkv, self.pos, m.cos_sin, k_cache, v_cache, slots,
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
         )  # fmt: skip
         n, d = self.rows, cfg.head_dim
         q, k, v = qkv.split((m.q_size, m.kv_size, m.kv_size), dim=-1)
-        q, k, v = q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d)
-        g = self.group
-        for (sq, sk, sv), (a, b) in zip(self.sends, self.heads, strict=True):
-            sq[:n].copy_(q[:, a * g : b * g])
-            sk[:n].copy_(k[:, a:b])
-            sv[:n].copy_(v[:, a:b])
+        self.send(i, q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d))
 
     def _tail(self, i: int, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's o projection and FFN over the workers' answers: (h, residual)."""
         from services.engine import fused_ops
 
         m, cfg = self.m, self.m.cfg
         lw = m.w.layers[i]
-        n = self.rows
-        parts = [o[:n] for o in self.recvs]
-        attn = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        o = F.linear(attn.reshape(n, m.q_size), lw.o_proj)
+        o = F.linear(self.attention(i), lw.o_proj)
         x, residual = fused_ops.rms_norm(o, lw.post_norm, cfg.rms_norm_eps, residual)
         return F.linear(fused_ops.silu_mul(F.linear(x, lw.gate_up)), lw.down), residual
 
@@ -87,7 +99,7 @@ class GraphSet:
         m, cfg = self.m, self.m.cfg
         eps, num_layers = cfg.rms_norm_eps, len(m.w.layers)
         if i == 0:
-            h = F.embedding(self.ids, m.w.embed)
+            h = F.embedding(self.input_ids(), m.w.embed)
         else:
             h, residual = self._tail(i - 1, residual)
         if i == num_layers:
@@ -98,7 +110,7 @@ class GraphSet:
         return residual, None
 
     @torch.inference_mode()
-    def _capture(self, pool) -> None:
+    def capture(self, pool) -> None:
         num_layers = len(self.m.w.layers)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -106,15 +118,55 @@ class GraphSet:
             residual = None
             for i in range(num_layers + 1):  # warm up: Triton compiles, cuBLAS picks kernels
                 residual, _ = self._segment(i, residual)
+                if i < num_layers:
+                    self.after(i)
             residual = None
             for i in range(num_layers + 1):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     residual, logits = self._segment(i, residual)
                 self.graphs.append(graph)
+                if i < num_layers:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        has = self.after(i)
+                    if has:
+                        self.after_graphs.append(graph)
             self.logits = logits
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
+
+
+class OffloadGraphSet(GraphSet):
+    """Attention on attention workers: each gets its KV heads' q, k, v and answers o."""
+
+    def __init__(self, model: LlamaModel, sends, recvs, heads, rows: int, pool) -> None:
+        """sends[w]: worker w's (q, k, v) regions; recvs[w]: its o region; heads[w]: its KV
+        head range."""
+        super().__init__(model, rows)
+        cfg = model.cfg
+        dev = model.w.embed.device
+        self.skip = torch.full((rows,), -1, dtype=torch.long, device=dev)
+        self.dummy = torch.zeros((1, cfg.num_kv_heads, cfg.head_dim), dtype=model.w.embed.dtype,
+                                 device=dev)  # fmt: skip
+        self.sends, self.recvs, self.heads = sends, recvs, heads
+        self.capture(pool)
+
+    def cache(self, i: int):
+        return self.dummy, self.dummy, self.skip  # the workers hold the KV
+
+    def send(self, i: int, q, k, v) -> None:
+        n, g = self.rows, self.group
+        for (sq, sk, sv), (a, b) in zip(self.sends, self.heads, strict=True):
+            sq[:n].copy_(q[:, a * g : b * g])
+            sk[:n].copy_(k[:, a:b])
+            sv[:n].copy_(v[:, a:b])
+
+    def attention(self, i: int) -> torch.Tensor:
+        n = self.rows
+        parts = [o[:n] for o in self.recvs]
+        attn = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return attn.reshape(n, self.m.q_size)
 
 
 class OffloadGraphs:
@@ -144,7 +196,7 @@ class OffloadGraphs:
         if gs is None:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            gs = self._sets[key] = GraphSet(
+            gs = self._sets[key] = OffloadGraphSet(
                 self.m, [b[:3] for b in bufs], [b[3] for b in bufs], shards.heads, size,
                 self._pool,
             )  # fmt: skip

@@ -181,9 +181,15 @@ def merge_into(
     """Fold a partial over rows `rows` into the running (out, lse), both float32, in place:
     the log-sum-exp identity, so the order of folding does not change the result beyond
     rounding. A side with lse = -inf weighs 0."""
-    cur, cur_lse = out[rows], lse[rows]
-    total = torch.logaddexp(cur_lse, part_lse)
-    w_cur = torch.exp(cur_lse - total).nan_to_num(0.0).unsqueeze(-1)
+    out[rows], lse[rows] = merge_full(out[rows], lse[rows], part, part_lse)
+
+
+def merge_full(
+    out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partials over the same rows, merged: (out, lse), float32. A side with lse = -inf
+    weighs 0 (both: out 0)."""
+    total = torch.logaddexp(lse, part_lse)
+    w_cur = torch.exp(lse - total).nan_to_num(0.0).unsqueeze(-1)
     w_part = torch.exp(part_lse - total).nan_to_num(0.0).unsqueeze(-1)
-    out[rows] = cur * w_cur + part.float() * w_part
-    lse[rows] = total
+    return out * w_cur + part.float() * w_part, total

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
-from services.engine.dist_attention import placements, plan_step
+from services.engine.dist_attention import placements, plan_host, plan_step
+from services.engine.dist_graphs import DistGraphs, HolderRows
 from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
 from services.engine.runner_state import RequestState, RequestStates
@@ -145,6 +146,9 @@ class CudaModelRunner:
         self.remote = None  # a RemoteKV once the engine borrows memory (DistAttention)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self._dist_graphs = None  # DistGraphs, made at the first split decode step
+        self.dist_graph_steps = 0  # split decode steps run as graphs
+        self.use_cuda_graphs = use_cuda_graphs
         if use_cuda_graphs and self.graph_sizes:
             self.capture()
 
@@ -162,8 +166,16 @@ class CudaModelRunner:
         states = [self.requests[seqs[i].request_id] for i in sampling]
         rows = [st.sampling_row() for st in states]
         plain = Sampler.is_plain_greedy(rows)
-        graph_bs = 0 if self._has_remote(so) else self._graph_size(so)
-        if graph_bs:
+        remote = self._has_remote(so)
+        dist_logits = self._dist_replay(so) if remote else None
+        graph_bs = 0 if remote else self._graph_size(so)
+        if dist_logits is not None:  # [padded batch, V], a row per sequence
+            logits = dist_logits
+            if plain:
+                self.tokens[: len(logits)] = logits.argmax(dim=-1)
+            else:
+                logits = logits[: len(seqs)][_index(sampling, self.device)]
+        elif graph_bs:
             logits = self._replay(so, graph_bs)  # [graph_bs, V]; argmax already in self.tokens
             if not plain:
                 logits = logits[: len(seqs)][_index(sampling, self.device)]
@@ -245,6 +257,55 @@ class CudaModelRunner:
 
     def _has_remote(self, so: SchedulerOutput) -> bool:
         return self.remote is not None and any(self.requests[s.request_id].remote for s in so.seqs)
+
+    def _dist_replay(self, so: SchedulerOutput) -> torch.Tensor | None:
+        """A decode step with remote KV as CUDA graphs (dist_graphs.py): logits of the padded
+        batch, or None where it can't (prefill rows, holders without shared buffers): then
+        the step runs op by op."""
+        from services.engine.fused_ops import HAS_TRITON
+
+        if so.prefills or not (self.use_cuda_graphs and self.model.fused and HAS_TRITON):
+            return None
+        if not hasattr(self.remote, "send_ready"):
+            return None
+        plan = plan_host(placements(so, self.requests), self.bs)
+        holders = list(plan.by_holder)
+        if self._dist_graphs is None:
+            self._dist_graphs = DistGraphs(self.model, self.kv_cache, self._resolve,
+                                           self.graph_sizes, self.inputs.max_blocks)  # fmt: skip
+        n = len(so.decodes)
+        gs = self._dist_graphs.get(self.remote, holders, n)
+        if gs is None:
+            return None
+        inp = self.inputs
+        ids = inp.host_np("ids", n)
+        pos = np.empty(n, dtype=np.int64)
+        lens = np.empty(n, dtype=np.int64)
+        width = max(len(seg[2]) for seg in plan.local_segments)
+        table = np.zeros((n, max(width, 1)), dtype=np.int64)
+        for r, s in enumerate(so.decodes):
+            self._fill_tokens(s, self.requests[s.request_id], ids[r : r + 1])
+            pos[r] = s.start
+            seen = plan.local_segments[r][2]
+            table[r, : len(seen)] = seen
+            lens[r] = min(s.start + 1, len(seen) * self.bs)
+        inp.upload(0)
+        parts = []
+        for h, (slices, qrows, wrows) in plan.by_holder.items():
+            self.remote.begin_step(h, slices)
+            parts.append(HolderRows(h, np.asarray(qrows), np.asarray(wrows)))
+        gs.fill(inp.view("ids", n), pos, plan.slots, table, lens, parts)
+        for i in range(len(self.model.w.layers)):
+            gs.replay(i)
+            pending = [
+                self.remote.send_ready(p.holder_id, i, len(p.q_rows), len(p.kv_rows)) for p in parts
+            ]
+            gs.replay_after(i)  # the local partial, while the holders attend theirs
+            for p in pending:
+                p.result()
+        gs.replay(len(self.model.w.layers))
+        self.dist_graph_steps += 1
+        return gs.logits
 
     def _prepare_dist(self, so: SchedulerOutput, sampling: list[int], ids, pos, slots):
         """An eager step with remote KV: DistAttention for every sequence (no CUDA graph: the

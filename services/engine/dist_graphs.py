@@ -1,0 +1,165 @@
+"""CUDA graphs of a DistAttention decode step (a decoder whose sequences' KV is split between
+its own pool and holders on its GPU's host, with shared buffers).
+
+Per layer the decoder's host work is three launches and a message: graph i (layer i-1's merge
+of the local and remote partials, its o projection and FFN; layer i's q, k, v with RoPE, the
+local rows' k, v written to the local cache, each holder's rows copied into its shared
+buffer), the send, then the local partial's graph (the paged decode kernel over the local
+blocks, with its log-sum-exp) while the holders attend theirs. Op by op the same layer is
+~40 launches, and the host, waiting on a round trip every layer, can never run ahead of the
+GPU to hide them.
+
+Decode batches only, padded to a captured size. A graph set belongs to one list of holders and
+their current buffers. Which rows go to which holder and which rows a holder's answer fills
+are index buffers refilled every step: padding answer rows land in a trash row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.engine.model import LlamaModel
+from services.engine.offload_graphs import GraphSet
+from services.engine.partial_attention import merge_full
+
+
+@dataclass(frozen=True)
+class HolderRows:
+    """One holder's share of a decode step: the batch rows of its queries, in its slice order,
+    and the rows of the k, v it stores (a subset, in the same order)."""
+
+    holder_id: str
+    q_rows: np.ndarray
+    kv_rows: np.ndarray
+
+
+class DistGraphSet(GraphSet):
+    def __init__(
+        self, model: LlamaModel, kv_cache, resolve, holders: list[tuple[list, list]],
+        rows: int, max_blocks: int, pool,
+    ) -> None:  # fmt: skip
+        """holders: per holder, its shared (q, k, v) send regions and (out, lse) answer
+        regions; resolve(ids): input ids with pending tokens filled in; max_blocks: the widest
+        local block table."""
+        super().__init__(model, rows)
+        cfg = model.cfg
+        dev = model.w.embed.device
+        self.kv = kv_cache
+        self.resolve = resolve
+        self.bs = kv_cache.block_size
+        self.scale = cfg.head_dim**-0.5
+        self.raw_ids = torch.zeros(rows, dtype=torch.int32, device=dev)
+        self.slots = torch.full((rows,), -1, dtype=torch.long, device=dev)
+        self.table = torch.zeros((rows, max_blocks), dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(rows, dtype=torch.int32, device=dev)
+        self.q = torch.zeros((rows, cfg.num_heads, cfg.head_dim), dtype=model.w.embed.dtype,
+                             device=dev)  # fmt: skip
+        self.out = torch.zeros((rows, cfg.num_heads, cfg.head_dim), dtype=torch.float32,
+                               device=dev)  # fmt: skip
+        self.lse = torch.full((rows, cfg.num_heads), float("-inf"), device=dev)
+        self.holders = holders
+        # Per holder: batch rows of its q rows and its k, v rows (padding: row 0), and where its
+        # answer rows go (padding: the trash row `rows`).
+        self.q_idx = [torch.zeros(rows, dtype=torch.long, device=dev) for _ in holders]
+        self.kv_idx = [torch.zeros(rows, dtype=torch.long, device=dev) for _ in holders]
+        self.ans_idx = [torch.full((rows,), rows, dtype=torch.long, device=dev) for _ in holders]
+        self.capture(pool)
+
+    def fill(self, ids: torch.Tensor, pos: np.ndarray, slots: np.ndarray, table: np.ndarray,
+             lens: np.ndarray, parts: list[HolderRows]) -> None:  # fmt: skip
+        """A step's inputs (n <= rows decode rows, holders in the set's order)."""
+        n, dev = len(pos), self.pos.device
+
+        def put(dst: torch.Tensor, a: np.ndarray, pad) -> None:
+            dst[: len(a)].copy_(torch.from_numpy(a).to(dev, non_blocking=True))
+            dst[len(a) :].fill_(pad)
+
+        self.raw_ids[:n].copy_(ids)
+        self.raw_ids[n:].zero_()
+        put(self.pos, pos.astype(np.int64), 0)
+        put(self.slots, slots.astype(np.int64), -1)
+        put(self.lens, lens.astype(np.int32), 0)
+        width = table.shape[1]
+        self.table[:n, :width].copy_(torch.from_numpy(table.astype(np.int32)).to(dev))
+        for i, p in enumerate(parts):
+            put(self.q_idx[i], p.q_rows.astype(np.int64), 0)
+            put(self.kv_idx[i], p.kv_rows.astype(np.int64), 0)
+            put(self.ans_idx[i], p.q_rows.astype(np.int64), self.rows)
+
+    # -- GraphSet -------------------------------------------------------------------------------
+
+    def input_ids(self) -> torch.Tensor:
+        return self.resolve(self.raw_ids)
+
+    def cache(self, i: int):
+        k_cache, v_cache = self.kv.layer(i)
+        return k_cache, v_cache, self.slots
+
+    def send(self, i: int, q, k, v) -> None:
+        self.q.copy_(q)
+        n = self.rows
+        for ((sq, sk, sv), _), qi, ki in zip(self.holders, self.q_idx, self.kv_idx, strict=True):
+            torch.index_select(q, 0, qi, out=sq[:n])
+            torch.index_select(k, 0, ki, out=sk[:n])
+            torch.index_select(v, 0, ki, out=sv[:n])
+
+    def after(self, i: int) -> bool:
+        from services.engine.attention_cuda import paged_decode_attention
+
+        k_cache, v_cache = self.kv.layer(i)
+        paged_decode_attention(
+            self.q, k_cache, v_cache, self.table, self.lens, self.bs, self.scale, out=self.out,
+            lse=self.lse,
+        )  # fmt: skip
+        return True
+
+    def attention(self, i: int) -> torch.Tensor:
+        n = self.rows
+        out, lse = self.out, self.lse
+        for (_, (o_ans, lse_ans)), ai in zip(self.holders, self.ans_idx, strict=True):
+            part = torch.zeros((n + 1, *out.shape[1:]), dtype=torch.float32, device=out.device)
+            part_lse = torch.full((n + 1, lse.shape[1]), float("-inf"), device=out.device)
+            part.index_copy_(0, ai, o_ans[:n])
+            part_lse.index_copy_(0, ai, lse_ans[:n])
+            out, lse = merge_full(out, lse, part[:n], part_lse[:n])
+        return out.to(self.q.dtype).reshape(n, self.m.q_size)
+
+
+class DistGraphs:
+    """Graph sets by (holders and their buffers, padded batch size), captured on first use."""
+
+    def __init__(self, model: LlamaModel, kv_cache, resolve, sizes: list[int],
+                 max_blocks: int) -> None:  # fmt: skip
+        self.m = model
+        self.kv = kv_cache
+        self.resolve = resolve
+        self.sizes = sizes
+        self.max_blocks = max_blocks
+        self._sets: dict[tuple, DistGraphSet] = {}
+        self._pool = None
+
+    def get(self, remote, holders: list[str], n: int) -> DistGraphSet | None:
+        """The set for n decode rows over these holders (each must offer shared buffers and a
+        local link: remote.buffers), or None."""
+        size = next((s for s in self.sizes if s >= n), None)
+        if size is None:
+            return None
+        bufs = [remote.buffers(h) for h in holders]
+        if any(b is None or len(b[0][0]) < size for b in bufs):
+            return None
+        key = (tuple(holders), tuple(b[2] for b in bufs), size)
+        gs = self._sets.get(key)
+        if gs is None:
+            # The same holders with new buffers (one came back): the old graphs read stale ones.
+            for k in [k for k in self._sets if k[0] == key[0] and k[1] != key[1]]:
+                del self._sets[k]
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            gs = self._sets[key] = DistGraphSet(
+                self.m, self.kv, self.resolve, [(b[0], b[1]) for b in bufs], size,
+                self.max_blocks, self._pool,
+            )  # fmt: skip
+        return gs
