@@ -259,6 +259,10 @@ def split_decode(
                 remote = []
                 if peers is not None:
                     seg = peers.borrow(rid, half, blocks_per_seq - half)
+                    deadline = time.monotonic() + 60
+                    while seg is None and time.monotonic() < deadline:
+                        time.sleep(0.2)  # the last mode's borrower is still being let go
+                        seg = peers.borrow(rid, half, blocks_per_seq - half)
                     assert seg is not None, "the replica did not lend"
                     engine.pool.release(blocks[half:])
                     blocks, remote = blocks[:half], [seg]
