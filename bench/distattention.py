@@ -233,7 +233,8 @@ def split_decode(
         rng = np.random.default_rng(0)
         results = {}
         graphs = getattr(runner, "_graphs", None)
-        modes = ("local", "local_eager", "split_process", "split_process_eager", "split_thread")
+        modes = ("local", "local_eager", "split_process", "split_process_gpu_wait",
+                 "split_process_eager", "split_thread")  # fmt: skip
         for mode in modes if graphs else ("local", "split_process", "split_thread"):
             peers = None
             # *_eager: the same step without CUDA graphs (op by op).
@@ -249,6 +250,7 @@ def split_decode(
             if not mode.startswith("local"):
                 ns = ns_thread if mode == "split_thread" else ns_proc
                 peers = AttentionPeers.for_engine(engine, Ledger(redis_url, ns), f"bench-{mode}")
+                peers.host_wait = mode != "split_process_gpu_wait"
                 timed = _Timed(peers)
                 engine.attach_remote_kv(timed)
             so = SchedulerOutput()
@@ -328,7 +330,7 @@ def split_decode(
            "local_tpot_ms": local, "threads": threads, "split_threads": split_threads}  # fmt: skip
     if "local_eager" in results:
         out["local_eager_tpot_ms"] = results["local_eager"]["tpot_ms"]
-    for mode in ("split_process", "split_process_eager", "split_thread"):
+    for mode in ("split_process", "split_process_gpu_wait", "split_process_eager", "split_thread"):
         if mode not in results:
             continue
         r = results[mode]
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "gpu_split_throughput_ratio": r["split_process_throughput_ratio"],
                 "gpu_split_one_context_throughput_ratio": r["split_thread_throughput_ratio"],
             }
+            if "split_process_gpu_wait_throughput_ratio" in r:
+                summary["gpu_split_gpu_wait_throughput_ratio"] = r[
+                    "split_process_gpu_wait_throughput_ratio"
+                ]
             if "split_process_eager_throughput_ratio" in r:
                 summary["gpu_split_eager_throughput_ratio"] = r[
                     "split_process_eager_throughput_ratio"

@@ -63,7 +63,7 @@ def _stream_to(holder_id: str, address: str, on_reclaim) -> SessionStream:
 class _Partial:
     def __init__(
         self, fut: Future | int, holder_id: str, timeout_s: float, ipc: IpcBuffer | None = None,
-        num_q: int = 0, link: local_link.LinkClient | None = None,
+        num_q: int = 0, link: local_link.LinkClient | None = None, host_wait: bool = True,
     ) -> None:  # fmt: skip
         self.fut = fut  # a future of the gRPC stream, or a request id on the local link
         self.holder_id = holder_id
@@ -71,6 +71,7 @@ class _Partial:
         self.ipc = ipc  # the replica's buffer, where an IPC answer is
         self.num_q = num_q
         self.link = link
+        self.host_wait = host_wait
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -88,7 +89,7 @@ class _Partial:
             # In the replica's buffer. This thread waits for the replica's event rather than
             # queueing work behind it (two processes share one GPU by time slices: see
             # IpcBuffer.wait).
-            self.ipc.wait(host=True)
+            self.ipc.wait(host=self.host_wait)
             n = self.num_q
             return self.ipc.regions[0][:n], self.ipc.regions[1][:n]
         return tensor_from_pb(resp.layer.out, "out"), tensor_from_pb(resp.layer.lse, "lse")
@@ -123,6 +124,9 @@ class AttentionPeers:
         lost (it scales with nothing: one layer batch or one borrow). ipc: offer replicas on
         this host a CUDA IPC link for layer batches (those that can't map it keep to bytes)."""
         self.ipc = ipc
+        # Wait for a holder's answer on this thread (True) or queue the GPU's wait for it
+        # (False): see IpcBuffer.wait.
+        self.host_wait = True
         self.ledger = ledger
         self.borrower_id = borrower_id
         self.layout = layout
@@ -247,9 +251,10 @@ class AttentionPeers:
     def _send(self, holder_id: str, msg: pb.LayerBatch, ipc=None, num_q: int = 0) -> _Partial:
         link = self._links.get(holder_id)
         if link is not None:
-            return _Partial(link.send(layer=msg), holder_id, self.timeout_s, ipc, num_q, link)
+            return _Partial(link.send(layer=msg), holder_id, self.timeout_s, ipc, num_q, link,
+                            self.host_wait)  # fmt: skip
         return _Partial(self._live(holder_id).send(layer=msg), holder_id, self.timeout_s, ipc,
-                        num_q)  # fmt: skip
+                        num_q, host_wait=self.host_wait)  # fmt: skip
 
     def _control(self, holder_id: str):
         """Where a holder's steps and layer batches go: its local link, or its stream."""

@@ -239,7 +239,7 @@ class Lender:
         device = torch.device(self.holder.device)
 
         def setup() -> None:
-            if device.type == "cuda":
+            if device.type == "cuda" and device.index is not None:  # "cuda": the current one
                 torch.cuda.set_device(device)  # events record here
 
         sess.link = local_link.LinkServer(

@@ -177,12 +177,18 @@ class LinkServer:
         finally:
             if self._conn is not None:
                 self._conn.close()
+            else:  # it failed before its peer came in: the peer sees the link refused
+                self._srv.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
 
     def close(self) -> None:
         """End the link and wait for its thread to leave the handler (a peer that never
         connected: the waiting accept ends too)."""
-        for sock in (self._conn, self._srv):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        if self._conn is None:  # still waiting in accept: a connection that closes ends it
+            with contextlib.suppress(OSError):
+                connect(self.path, 1.0).close()
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=self.accept_s + 5)

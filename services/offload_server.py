@@ -174,8 +174,9 @@ class OffloadHost:
         """A local socket for this session's per-layer traffic, served by its own thread."""
 
         def setup() -> None:
-            if torch.device(self.device).type == "cuda":
-                torch.cuda.set_device(torch.device(self.device))  # events record here
+            device = torch.device(self.device)
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # events record here
 
         sess.link = local_link.LinkServer(
             sess.worker_id, pb.OffloadRequest.FromString, lambda req: self.handle(sess, req),
