@@ -181,7 +181,14 @@ class _Timed:
 
 
 def split_decode(
-    model_dir: Path, redis_url: str, seqs: int, context: int, steps: int, device: str, dtype: str
+    model_dir: Path,
+    redis_url: str,
+    seqs: int,
+    context: int,
+    steps: int,
+    device: str,
+    dtype: str,
+    only: list[str] | None = None,
 ) -> dict:
     """Decode steps of `seqs` sequences of `context` tokens: all local; then each split in
     half between the local pool and one attention replica, in its own process (the deployed
@@ -235,13 +242,15 @@ def split_decode(
         graphs = getattr(runner, "_graphs", None)
         modes = ("local", "local_eager", "split_process", "split_process_gpu_wait",
                  "split_process_eager", "split_thread")  # fmt: skip
-        for mode in modes if graphs else ("local", "split_process", "split_thread"):
+        if not graphs:
+            modes = ("local", "split_process", "split_thread")
+        for mode in [m for m in modes if not only or m in only or m == "local"]:
             peers = None
             # *_eager: the same step without CUDA graphs (op by op).
             if graphs:
                 runner._graphs = {} if mode == "local_eager" else graphs
                 runner.use_cuda_graphs = mode != "split_process_eager"
-            if mode == "split_thread":
+            if mode == "split_thread" and proc.poll() is None:
                 proc.terminate()  # its pool's memory goes back before the next one's is taken
                 proc.wait(timeout=60)
                 thread_replica = _replica(lt, model_dir, redis_url, ns_thread, lent,
@@ -331,9 +340,9 @@ def split_decode(
     if "local_eager" in results:
         out["local_eager_tpot_ms"] = results["local_eager"]["tpot_ms"]
     for mode in ("split_process", "split_process_gpu_wait", "split_process_eager", "split_thread"):
-        if mode not in results:
+        r = results.get(mode)
+        if r is None:
             continue
-        r = results[mode]
         out[f"{mode}_tpot_ms"] = r["tpot_ms"]
         out[f"{mode}_throughput_ratio"] = round(local / r["tpot_ms"], 3)
     out["modes"] = results
@@ -367,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--modes", nargs="*", help="split-decode modes to run (default: all)")
     args = ap.parse_args(argv)
 
     from kvstore.redis_server import EmbeddedRedis
@@ -381,14 +391,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "llama-8b", tmp / "llama-8b", dtype="bfloat16", write_weights=False
             )  # random weights drawn on the GPU (load_format dummy)
             r = split_decode(model, redis.url, args.seqs or 16, args.context or 32768,
-                             args.steps, "cuda:0", "bfloat16")  # fmt: skip
+                             args.steps, "cuda:0", "bfloat16", args.modes)  # fmt: skip
             results.append({"part": "split_decode", **r})
             summary = {
                 "gpu_local_tpot_ms": r["local_tpot_ms"],
                 "gpu_split_tpot_ms": r["split_process_tpot_ms"],
                 "gpu_split_throughput_ratio": r["split_process_throughput_ratio"],
-                "gpu_split_one_context_throughput_ratio": r["split_thread_throughput_ratio"],
             }
+            if "split_thread_throughput_ratio" in r:
+                summary["gpu_split_one_context_throughput_ratio"] = r[
+                    "split_thread_throughput_ratio"
+                ]
             if "split_process_gpu_wait_throughput_ratio" in r:
                 summary["gpu_split_gpu_wait_throughput_ratio"] = r[
                     "split_process_gpu_wait_throughput_ratio"

@@ -37,6 +37,8 @@ class HolderRows:
 
 
 class DistGraphSet(GraphSet):
+    has_after = True  # the local partial
+
     def __init__(
         self, model: LlamaModel, kv_cache, resolve, holders: list[tuple[list, list]],
         rows: int, max_blocks: int, pool,
@@ -106,7 +108,7 @@ class DistGraphSet(GraphSet):
             torch.index_select(k, 0, ki, out=sk[:n])
             torch.index_select(v, 0, ki, out=sv[:n])
 
-    def after(self, i: int) -> bool:
+    def after(self, i: int) -> None:
         from services.engine.attention_cuda import paged_decode_attention
 
         k_cache, v_cache = self.kv.layer(i)
@@ -114,7 +116,6 @@ class DistGraphSet(GraphSet):
             self.q, k_cache, v_cache, self.table, self.lens, self.bs, self.scale, out=self.out,
             lse=self.lse,
         )  # fmt: skip
-        return True
 
     def attention(self, i: int) -> torch.Tensor:
         n = self.rows

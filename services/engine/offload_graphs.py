@@ -62,9 +62,10 @@ class GraphSet:
         """Layer i's attention output [rows, H * D] in the model's dtype, from the answers."""
         raise NotImplementedError
 
-    def after(self, i: int) -> bool:
-        """Work after layer i's send (captured as its own graph); False: none."""
-        return False
+    has_after = False  # a subclass with work after each layer's send sets it
+
+    def after(self, i: int) -> None:
+        """Work after layer i's send, captured as a graph of its own (has_after)."""
 
     # -- the segments -------------------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class GraphSet:
             residual = None
             for i in range(num_layers + 1):  # warm up: Triton compiles, cuBLAS picks kernels
                 residual, _ = self._segment(i, residual)
-                if i < num_layers:
+                if i < num_layers and self.has_after:
                     self.after(i)
             residual = None
             for i in range(num_layers + 1):
@@ -126,12 +127,11 @@ class GraphSet:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     residual, logits = self._segment(i, residual)
                 self.graphs.append(graph)
-                if i < num_layers:
+                if i < num_layers and self.has_after:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        has = self.after(i)
-                    if has:
-                        self.after_graphs.append(graph)
+                        self.after(i)
+                    self.after_graphs.append(graph)
             self.logits = logits
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
