@@ -240,7 +240,7 @@ def split_decode(
         rng = np.random.default_rng(0)
         results = {}
         graphs = getattr(runner, "_graphs", None)
-        modes = ("local", "local_eager", "split_process", "split_process_gpu_wait",
+        modes = ("local", "local_eager", "split_process", "split_process_host_wait",
                  "split_process_eager", "split_thread")  # fmt: skip
         if not graphs:
             modes = ("local", "split_process", "split_thread")
@@ -259,7 +259,7 @@ def split_decode(
             if not mode.startswith("local"):
                 ns = ns_thread if mode == "split_thread" else ns_proc
                 peers = AttentionPeers.for_engine(engine, Ledger(redis_url, ns), f"bench-{mode}")
-                peers.host_wait = mode != "split_process_gpu_wait"
+                peers.host_wait = mode == "split_process_host_wait"
                 timed = _Timed(peers)
                 engine.attach_remote_kv(timed)
             so = SchedulerOutput()
@@ -339,7 +339,7 @@ def split_decode(
            "local_tpot_ms": local, "threads": threads, "split_threads": split_threads}  # fmt: skip
     if "local_eager" in results:
         out["local_eager_tpot_ms"] = results["local_eager"]["tpot_ms"]
-    for mode in ("split_process", "split_process_gpu_wait", "split_process_eager", "split_thread"):
+    for mode in ("split_process", "split_process_host_wait", "split_process_eager", "split_thread"):
         r = results.get(mode)
         if r is None:
             continue
@@ -402,9 +402,9 @@ def main(argv: list[str] | None = None) -> dict:
                 summary["gpu_split_one_context_throughput_ratio"] = r[
                     "split_thread_throughput_ratio"
                 ]
-            if "split_process_gpu_wait_throughput_ratio" in r:
-                summary["gpu_split_gpu_wait_throughput_ratio"] = r[
-                    "split_process_gpu_wait_throughput_ratio"
+            if "split_process_host_wait_throughput_ratio" in r:
+                summary["gpu_split_host_wait_throughput_ratio"] = r[
+                    "split_process_host_wait_throughput_ratio"
                 ]
             if "split_process_eager_throughput_ratio" in r:
                 summary["gpu_split_eager_throughput_ratio"] = r[

@@ -151,10 +151,12 @@ def test_gpu_offload_over_cuda_ipc_is_token_exact(tiny_model_dir, cluster):
         prompts = random_prompts(4, 256, 20, 120, seed=2)
         ref = make_engine(tiny_model_dir, block_size=BS, device="cuda:0", dtype="float32")
         want = traces(ref.generate(prompts, GREEDY))
-        for pingpong, q_first in MODES.values():
+        for i, (pingpong, q_first) in enumerate(MODES.values()):
+            # A model worker per mode, each of its own id: on the GPU the worker was seen to
+            # keep a closed model worker's session for over 10 s, refusing the same id.
             engine, w = model_worker(
                 tiny_model_dir, cluster, num_kv_blocks=48, device="cuda:0", dtype="float32",
-                offload_pingpong=pingpong, offload_q_first=q_first,
+                offload_pingpong=pingpong, offload_q_first=q_first, worker_id=f"model-{i}",
             )  # fmt: skip
             same_tokens(traces(engine.generate(prompts, GREEDY)), want)
             assert w._workers[0].stream.ipc is not None
