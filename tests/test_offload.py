@@ -146,14 +146,16 @@ def test_killed_attention_worker_is_replaced_and_recomputed_token_exact(
 @pytest.mark.gpu
 def test_gpu_offload_over_cuda_ipc_is_token_exact(tiny_model_dir, cluster):
     """A worker process on the GPU, its layer batches through CUDA IPC buffers."""
-    proc = worker_process(tiny_model_dir, cluster, 64, device="cuda:0")
+    # Room for every mode's region: a closed model worker's region is kept for a while, for
+    # a successor to adopt.
+    proc = worker_process(tiny_model_dir, cluster, 48 * len(MODES), device="cuda:0")
     try:
         prompts = random_prompts(4, 256, 20, 120, seed=2)
         ref = make_engine(tiny_model_dir, block_size=BS, device="cuda:0", dtype="float32")
         want = traces(ref.generate(prompts, GREEDY))
         for i, (pingpong, q_first) in enumerate(MODES.values()):
-            # A model worker per mode, each of its own id: on the GPU the worker was seen to
-            # keep a closed model worker's session for over 10 s, refusing the same id.
+            # A model worker per mode, each of its own id (a new one is not the last's
+            # successor).
             engine, w = model_worker(
                 tiny_model_dir, cluster, num_kv_blocks=48, device="cuda:0", dtype="float32",
                 offload_pingpong=pingpong, offload_q_first=q_first, worker_id=f"model-{i}",
