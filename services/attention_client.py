@@ -123,9 +123,10 @@ class AttentionPeers:
         lost (it scales with nothing: one layer batch or one borrow). ipc: offer replicas on
         this host a CUDA IPC link for layer batches (those that can't map it keep to bytes)."""
         self.ipc = ipc
-        # Wait for a holder's answer on this thread (True) or queue the GPU's wait for it
-        # (False, the default: on an H200 with the holder in another process, split decode
-        # steps were 3-7% faster so, with and without MPS; docs/benchmarks.md).
+        # Wait for the other side's shared-buffer event on the thread (True) or on the GPU
+        # stream (False, the default: on an H200 with the holder in another process, split
+        # decode steps were faster so, with and without MPS; docs/benchmarks.md). Both sides
+        # of a session do as the decoder says at Hello.
         self.host_wait = False
         self.ledger = ledger
         self.borrower_id = borrower_id
@@ -337,6 +338,7 @@ class AttentionPeers:
         hello = pb.Hello(borrower_id=self.borrower_id, layout=self.layout)
         mine = self._offer_ipc(hello)
         hello.local = mine is not None
+        hello.host_wait = self.host_wait
         try:
             resp = stream.send(hello=hello).result(timeout=self.timeout_s)
         except (HolderLostError, FutureTimeout) as e:

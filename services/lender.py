@@ -53,6 +53,7 @@ class _Session:
     reclaim: list[str] = field(default_factory=list)  # told on the next response
     ipc: tuple[IpcBuffer, IpcBuffer] | None = None  # (the decoder's buffer, ours)
     link: local_link.LinkServer | None = None  # steps and layer batches, once asked for
+    host_wait: bool = False  # as the decoder said at Hello
 
 
 def _tell_reclaim(sess: _Session, resp: pb.AttentionResponse) -> pb.AttentionResponse:
@@ -223,6 +224,7 @@ class Lender:
                 grpc.StatusCode.ALREADY_EXISTS, f"{hello.borrower_id} already has a stream here"
             )
         sess.borrower = hello.borrower_id
+        sess.host_wait = hello.host_wait
         self._sessions[sess.borrower] = sess
         if hello.HasField("ipc"):
             sess.ipc = self._ipc_link(hello.ipc)
@@ -314,11 +316,10 @@ class Lender:
         self.layer_seconds += time.perf_counter() - t0
 
     def _layer_ipc(self, sess: _Session, layer: pb.LayerBatch, resp) -> None:
-        """The batch is in the decoder's buffer: once it is there, compute (one CUDA graph
+        """The batch is in the decoder's buffer: once it is there (this thread or our GPU
+        stream waits for the decoder's event, as its Hello said), compute (one CUDA graph
         replay for a decode step that has them), write the partials to our buffer and announce
-        them. This thread waits for the decoder's event rather than queueing work behind it:
-        two processes share one GPU by time slices, and work queued behind another context's
-        event can hold the slice while it waits."""
+        them."""
         if sess.ipc is None:
             raise SegmentError("an IPC layer batch on a stream without an IPC link")
         src, dst = sess.ipc
@@ -327,7 +328,7 @@ class Lender:
         kv_rows = _rows(layer.k, "k")
         if q_rows > src.rows or kv_rows > src.rows or _rows(layer.v, "v") != kv_rows:
             raise SegmentError(f"an IPC batch of {q_rows} q and {kv_rows} k/v rows does not fit")
-        src.wait(host=True)
+        src.wait(host=sess.host_wait)
         if not self.holder.replay(sess.borrower, int(layer.layer), q_rows, kv_rows):
             q, k, v = src.regions[0][:q_rows], src.regions[1][:kv_rows], src.regions[2][:kv_rows]
             out, lse = self.holder.attend(sess.borrower, int(layer.layer), q, k, v)

@@ -9,16 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("borrower_id", "layout", "ipc", "local")
+    __slots__ = ("borrower_id", "layout", "ipc", "local", "host_wait")
     BORROWER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_WAIT_FIELD_NUMBER: _ClassVar[int]
     borrower_id: str
     layout: str
     ipc: IpcLink
     local: bool
-    def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ..., local: _Optional[bool] = ...) -> None: ...
+    host_wait: bool
+    def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ..., local: _Optional[bool] = ..., host_wait: _Optional[bool] = ...) -> None: ...
 
 class IpcLink(_message.Message):
     __slots__ = ("buffer", "event", "rows", "shm_path")
