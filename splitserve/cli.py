@@ -177,6 +177,16 @@ def up(
         str | None,
         typer.Option("--redis", help="Use this Redis (default: a private local server)"),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="One /metrics for every replica here (default 9321, or the config's "
+            "metrics.port); 0: off",
+        ),
+    ] = None,
 ) -> None:
     """Bring the whole system up here: Redis, Ray, prefill/decode replicas and the router. The
     first stdout line is the URL; Ctrl-C stops everything."""
@@ -193,6 +203,9 @@ def up(
         fail(str(e))
     if redis_url:
         cfg = cfg.model_copy(update={"redis": redis_url})
+    if metrics_port is not None:
+        metrics = cfg.metrics.model_copy(update={"port": metrics_port})
+        cfg = cfg.model_copy(update={"metrics": metrics})
     try:
         run_up(cfg, announce=lambda url: print(url, flush=True))
     except (FileNotFoundError, OSError) as e:
