@@ -21,13 +21,15 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import urllib.request
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 RETRY_S = 2.0  # how often a member tries to take the port over
 FETCH_TIMEOUT_S = 2.0
 REPLICA_LABEL = "replica"
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus parses
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class NodeMetrics:
         reg = CollectorRegistry(auto_describe=False)
         reg.register(_GroupCollector(self))
         try:
-            self._hub = start_http_server(self.config.port, addr=self.config.host, registry=reg)
+            self._hub = _serve_text_format(reg, self.config.host, self.config.port)
         except OSError:
             return False
         log.info("node /metrics on %s:%d", self.config.host, self.config.port)
@@ -186,6 +189,37 @@ class NodeMetrics:
             self._thread.join(timeout=RETRY_S + 1)
 
 
+def _serve_text_format(registry: CollectorRegistry, host: str, port: int):
+    """/metrics in the Prometheus text format (0.0.4) whatever the scraper accepts:
+    prometheus_client's OpenMetrics writer turns the `:` of `splitserve:*` sample names into
+    `_` (while its HELP and TYPE lines keep them), so the names a scraper stores would not be
+    the ones docs/metrics.md and the dashboards use."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                self.send_error(404, "only /metrics here")
+                return
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", TEXT_FORMAT)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args) -> None:
+            pass  # one line per scrape would flood the replica's log
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_cls = type(
+        "Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
+    )
+    httpd = server_cls((host, port), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    return httpd, thread
+
+
 def serve_registry(registry: CollectorRegistry, host: str = "127.0.0.1") -> tuple[str, object]:
     """Serve a registry on a free port of `host` (a process whose registry has no endpoint
     yet, e.g. the router's); returns (host:port, the server to shut down)."""
@@ -196,8 +230,6 @@ def serve_registry(registry: CollectorRegistry, host: str = "127.0.0.1") -> tupl
 def port_free(host: str, port: int) -> bool:
     """Whether `port` can be bound on `host` now (what `splitserve up` checks before it says
     where the node's /metrics will be)."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

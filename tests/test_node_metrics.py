@@ -93,3 +93,25 @@ def test_router_tenant_admission_metrics():
     assert fams[("splitserve:router_tenant_rejected_total", "acme")] == 1
     assert fams[("splitserve:router_tenant_rejected_total", "beta")] == 0
     assert fams[("splitserve:router_tenant_queued", "beta")] == 0
+
+
+def test_node_port_keeps_colons_whatever_the_scraper_accepts(tmp_path):
+    """Prometheus asks for OpenMetrics first; the names it stores must stay `splitserve:*`."""
+    cfg = NodeMetricsConfig(free_port(), scope=f"test {tmp_path}")
+    reg = _registry("decode", 1)
+    address, (httpd, _) = serve_registry(reg)
+    node = NodeMetrics.join(cfg, "decode-c", reg, address)
+    try:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{cfg.port}/metrics",
+            headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert 'splitserve:requests_total{replica="decode-c",role="decode",status="stop"}' in text
+        assert "splitserve_requests" not in text
+    finally:
+        node.close()
+        httpd.shutdown()
+        httpd.server_close()
