@@ -181,6 +181,15 @@ def _load(system) -> set[str]:
 @pytest.mark.slow
 def test_every_dashboard_query_returns_data_from_prometheus(system):
     prom = system["prom"]
+    # Prometheus scrapes a few seconds after it is ready: the load starts once it has twice.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = query(prom, "query", query="count_over_time(up[1m])")
+        if r["result"] and float(r["result"][0]["value"][1]) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("prometheus did not scrape splitserve up")
     t0 = time.time()
     exported = _load(system)
     t_end = time.time()
