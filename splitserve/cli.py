@@ -12,6 +12,7 @@ import typer
 
 from loadgen.cli import app as loadgen_app
 from splitserve.cli_common import DtypeOpt, ModelOpt, fail, resolve_model
+from splitserve.cli_k8s import k8s_app
 from splitserve.cli_kv import kv_app
 from splitserve.cli_serve import serve_app
 
@@ -26,6 +27,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
 app.add_typer(loadgen_app, name="bench")
 app.add_typer(kv_app, name="kv")
+app.add_typer(k8s_app, name="k8s")
 
 
 def _engine(model: str, dtype: str, device: str = "cpu"):
