@@ -8,13 +8,12 @@ import json
 import subprocess
 import sys
 
+import helm_python
 import pytest
 import yaml
 
 from splitserve.app_config import parse_config
 from tests.helm_helpers import CHART, EXAMPLES, ROOT, notes, render, validate
-
-helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk (the test extra)")
 
 
 def _examples():
@@ -157,3 +156,23 @@ def test_values_schema_is_current():
     assert r.returncode == 0, r.stderr
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert "ModelSpec" in schema["$defs"]
+
+
+def _value_paths(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        path = prefix + k
+        # app is the app config (docs/architecture.md); free-form maps are documented whole.
+        if isinstance(v, dict) and v and path != "app" and k not in ("requests", "limits"):
+            if k == "rayStartParams":
+                yield path
+                continue
+            yield from _value_paths(v, path + ".")
+        else:
+            yield path
+
+
+def test_every_values_field_is_documented_in_deploy_md():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    docs = (ROOT / "docs/deploy.md").read_text()
+    missing = [p for p in _value_paths(values) if f"`{p}`" not in docs]
+    assert not missing, f"values fields missing from docs/deploy.md: {missing}"

@@ -18,7 +18,6 @@ from splitserve.k8s import fullname
 from tests.helm_helpers import ROOT, render
 from tests.k8s_mock import mock_kube
 
-pytest.importorskip("helm_python", reason="helm-python-sdk (the test extra)")
 NS, REL = "llm", "rel"
 NAME = fullname(REL)
 
