@@ -126,8 +126,22 @@ def _scrape_names(address: str, names: set[str]) -> None:
                 names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
 
 
+def _wait_scraped(prom: str, after: float, metric: str) -> None:
+    """Until (bounded) Prometheus holds a sample of `metric` scraped after `after` + 1 s."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = query(prom, "query", query=f"max(timestamp({metric}))")
+        if r["result"] and float(r["result"][0]["value"][1]) > after + 1:
+            return
+        time.sleep(0.3)
+    targets = query(prom, "targets")["activeTargets"]
+    pytest.fail(f"prometheus has no {metric} scraped after {after}: {targets}")
+
+
 def _load(system) -> set[str]:
-    """A short, bounded load through the HTTP API; returns the metric names scraped meanwhile."""
+    """A short, bounded load through the HTTP API; returns the metric names scraped meanwhile.
+    A first request of each kind makes every series, and Prometheus scrapes them, before the
+    load: rate() then sees the load's increases whatever the scrapes' timing."""
     import httpx
 
     url, keys = system["url"], system["keys"]
@@ -151,6 +165,11 @@ def _load(system) -> set[str]:
 
     base = {"model": "tiny", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
     long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
+    warm = [call(keys["acme"], {**base, "prompt": "warm"}, s) for s in (False, True)]
+    warm.append(call(keys["acme"], {**base, "model": "tiny-long", "prompt": "warm"}))
+    warm.append(call(keys["beta"], {**base, "prompt": "warm"}))
+    assert warm == [200] * 4 and call("not-a-key", {**base, "prompt": "warm"}) == 401
+    _wait_scraped(system["prom"], time.time(), "splitserve:router_requests_total")
     t = threading.Thread(target=scraper, daemon=True)
     t.start()
     try:
@@ -192,17 +211,7 @@ def test_every_dashboard_query_returns_data_from_prometheus(system):
         pytest.fail("prometheus did not scrape splitserve up")
     t0 = time.time()
     exported = _load(system)
-    t_end = time.time()
-    # Wait (bounded) until Prometheus has scraped past the load's end.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        r = query(prom, "query", query="max(timestamp(splitserve:engine_steps_total))")
-        if r["result"] and float(r["result"][0]["value"][1]) > t_end + 2:
-            break
-        time.sleep(0.5)
-    else:
-        targets = query(prom, "targets")["activeTargets"]
-        pytest.fail(f"prometheus did not scrape after the load: {targets}")
+    _wait_scraped(prom, time.time(), "splitserve:engine_steps_total")
 
     queries = _queries()
     assert len(queries) >= 30
