@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -151,29 +152,30 @@ class NodeMetrics:
                 return
 
     def members(self):
-        """(name, metric families) of every live member, this process's own read directly."""
+        """(name, metric families) of every live member, this process's own read directly,
+        the others fetched at once (a scrape waits for the slowest, not for their sum)."""
+        others = []
+        own = None
         for f in sorted(self.dir.glob("*.json")):
             try:
                 info = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue  # written or removed under us
-            name = f.stem
-            if name == self.name:
-                yield name, list(self.registry.collect())
-                continue
-            if not _alive(int(info.get("pid", 0))):
+            if f.stem == self.name:
+                own = list(self.registry.collect())
+            elif _alive(int(info.get("pid", 0))):
+                others.append((f.stem, info["address"]))
+            else:
                 with contextlib.suppress(OSError):
                     f.unlink()
-                continue
-            try:
-                with urllib.request.urlopen(
-                    f"http://{info['address']}/metrics", timeout=FETCH_TIMEOUT_S
-                ) as r:
-                    text = r.read().decode()
-            except (OSError, ValueError) as e:
-                log.debug("node metrics: %s not read: %s", name, e)
-                continue  # starting or stopping: its samples are missing from this scrape
-            yield name, list(text_string_to_metric_families(text))
+        if own is not None:
+            yield self.name, own
+        if not others:
+            return
+        with ThreadPoolExecutor(min(len(others), 16)) as pool:
+            for name, families in pool.map(_fetch, others):
+                if families is not None:
+                    yield name, families
 
     def close(self) -> None:
         self._closed.set()
@@ -187,6 +189,17 @@ class NodeMetrics:
             thread.join(timeout=5)
         if self._thread is not None:
             self._thread.join(timeout=RETRY_S + 1)
+
+
+def _fetch(member: tuple[str, str]) -> tuple[str, list | None]:
+    name, address = member
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=FETCH_TIMEOUT_S) as r:
+            text = r.read().decode()
+    except (OSError, ValueError) as e:
+        log.debug("node metrics: %s not read: %s", name, e)
+        return name, None  # starting or stopping: its samples are missing from this scrape
+    return name, list(text_string_to_metric_families(text))
 
 
 def _serve_text_format(registry: CollectorRegistry, host: str, port: int):
