@@ -81,7 +81,7 @@ def build_app(
     request gets for what it leaves unset (the built-in SamplingDefaults otherwise)."""
     defaults = defaults or {}
     texts = {name: TokenTexts(tok) for name, tok in tokenizers.items()}
-    metrics = metrics or RouterMetrics()
+    metrics = metrics or RouterMetrics(tenants)
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
 

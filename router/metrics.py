@@ -4,19 +4,24 @@ One `RouterMetrics` per app, with its own `CollectorRegistry` (several apps in o
 collide). A request is counted once, when its response starts, by the HTTP status it gets (499:
 the client left first); an error inside a started stream is counted by the replica that failed
 (services/metrics.py), not here. Only served model names and configured tenant names become
-label values, so clients cannot grow the series count.
+label values, so clients cannot grow the series count. With tenants, their admission state
+(running, queued, refused) is read at scrape time.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from router.tenants import Tenants
 
 # Router time to the response start: the first token for streams, the whole answer otherwise.
 RESPONSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, tenants: Tenants | None = None) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             "splitserve:router_requests",
@@ -31,6 +36,8 @@ class RouterMetrics:
             buckets=RESPONSE_BUCKETS,
             registry=self.registry,
         )
+        if tenants is not None:
+            self.registry.register(TenantCollector(tenants))
 
     def record(self, endpoint: str, model: str, tenant: str, status: int, seconds: float) -> None:
         """model and tenant: "" unless served / configured (label values stay bounded)."""
@@ -40,3 +47,37 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class TenantCollector(Collector):
+    """Each configured tenant's admission, read on the scrape thread (plain ints: a scrape may
+    see one request's change a step late, never a torn value)."""
+
+    def __init__(self, tenants: Tenants) -> None:
+        self.tenants = tenants
+
+    def collect(self):
+        running = GaugeMetricFamily(
+            "splitserve:router_tenant_running",
+            "The tenant's requests running (at most its max_concurrent).",
+            labels=("tenant",),
+        )
+        queued = GaugeMetricFamily(
+            "splitserve:router_tenant_queued",
+            "The tenant's requests waiting for a slot (at most its max_queued).",
+            labels=("tenant",),
+        )
+        rejected = CounterMetricFamily(
+            "splitserve:router_tenant_rejected",
+            "The tenant's requests refused with HTTP 429 / RESOURCE_EXHAUSTED: running and "
+            "queued were at the tenant's limits.",
+            labels=("tenant",),
+        )
+        for name in self.tenants.names:
+            t = self.tenants.tenant(name)
+            running.add_metric([name], t.running)
+            queued.add_metric([name], t.queued)
+            rejected.add_metric([name], t.rejected)
+        yield running
+        yield queued
+        yield rejected

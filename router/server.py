@@ -19,6 +19,7 @@ from router.app import build_app
 from router.backend import PoolBackend
 from router.config import RouterConfig
 from router.grpc_api import SERVICE_NAME, GenerateServicer
+from router.metrics import RouterMetrics
 from router.tenants import Tenants
 from rpc.server import ServiceApp
 from services.engine.tokenizer import load_tokenizer
@@ -34,6 +35,7 @@ class RouterServer:
             for m in config.models
         }
         self.tenants = Tenants.load(config.tenants_file) if config.auth else None
+        self.metrics = RouterMetrics(self.tenants)
         self.backend: PoolBackend | None = None
         self.grpc: ServiceApp | None = None
         self.grpc_address: str | None = None
@@ -43,7 +45,12 @@ class RouterServer:
         self.backend = PoolBackend(cfg)
         defaults = {m.name: m.defaults for m in cfg.models}
         self.asgi = build_app(
-            self.backend, self.tokenizers, self.tenants, cfg.max_body_bytes, defaults=defaults
+            self.backend,
+            self.tokenizers,
+            self.tenants,
+            cfg.max_body_bytes,
+            self.metrics,
+            defaults=defaults,
         )
         if cfg.grpc_port is None:
             return

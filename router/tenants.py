@@ -89,6 +89,7 @@ class Tenant:
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.running = 0
+        self.rejected = 0  # requests refused for its limits (splitserve:router_tenant_rejected)
         self._waiters: deque[asyncio.Future] = deque()
 
     @property
@@ -100,6 +101,7 @@ class Tenant:
             self.running += 1
             return
         if len(self._waiters) >= self.max_queued:
+            self.rejected += 1
             raise TenantBusyError(
                 f"tenant {self.name!r} has {self.running} requests running and "
                 f"{len(self._waiters)} queued, its limit; retry later"

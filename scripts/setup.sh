@@ -25,6 +25,12 @@ if [[ ",$extras," == *",bench,"* ]] && command -v apt-get >/dev/null \
   && ! dpkg -s libibverbs1 librdmacm1 >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq libibverbs1 librdmacm1 >/dev/null
 fi
+# The test extra: the dashboard tests scrape `splitserve up` with a real Prometheus.
+if [[ ",$extras," == *",test,"* ]] && command -v apt-get >/dev/null \
+  && ! command -v prometheus >/dev/null && [ ! -x /usr/bin/prometheus ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends prometheus >/dev/null
+fi
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 # torch first and pinned: here 2.13.0 resolves to a CPU build; an unpinned torch would pull a

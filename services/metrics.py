@@ -299,6 +299,12 @@ class ServiceMetrics:
         borrower, and blocks it has borrowed, by creditor (each a callable read per scrape)."""
         self.registry.register(_LendingCollector(self.role, self.model, lent, borrowed))
 
+    def watch_store(self, stats: Callable[[], Any]) -> None:
+        """Publish a KV shard's tiers (prefill): `stats` returns its StoreStats, per scrape."""
+        from services.kv_metrics import StoreCollector
+
+        self.registry.register(StoreCollector(self.role, self.model, stats))
+
     # -- /metrics over HTTP --------------------------------------------------------------
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:

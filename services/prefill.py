@@ -181,6 +181,7 @@ class PrefillServer(ReplicaServer):
             config.shard(self.replica_id),
             device_pool=make_device_pool(self.engine, config.device_pool_bytes),
         )
+        self.metrics.watch_store(self.kv.store.stats)
 
     async def start(self) -> str:
         app = self._bind()

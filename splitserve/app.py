@@ -22,6 +22,7 @@ from router.config import RouterConfig
 from services.config import AttentionConfig, DecodeConfig, PrefillConfig, ReplicaConfig
 from splitserve.app_config import AppConfig
 from splitserve.deployment import plan_deployment
+from splitserve.node_metrics import NodeMetrics, NodeMetricsConfig, serve_registry
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,15 @@ class _ServedReplica:
     server: Any
     address: str
     drain_s: float = 10
+    node: NodeMetrics | None = None
+
+    def _join_node(self, node_metrics: NodeMetricsConfig | None) -> None:
+        """Put this replica's /metrics (served on a free port) on its node's known port."""
+        if node_metrics is not None and node_metrics.port and self.server.metrics_address:
+            self.node = NodeMetrics.join(
+                node_metrics, self.server.replica_id, self.server.metrics.registry,
+                self.server.metrics_address,
+            )  # fmt: skip
 
     async def check_health(self) -> None:
         if self.server.app.draining:
@@ -49,6 +59,8 @@ class _ServedReplica:
 
     async def __del__(self) -> None:
         await self.server.stop(drain_s=self.drain_s)
+        if self.node is not None:
+            await asyncio.to_thread(self.node.close)
 
 
 def _on_assigned_gpu(config: ReplicaConfig) -> ReplicaConfig:
@@ -63,7 +75,9 @@ def _on_assigned_gpu(config: ReplicaConfig) -> ReplicaConfig:
 class EngineReplica(_ServedReplica):
     """One prefill, decode or colocated server (engine + gRPC port) inside a Serve replica."""
 
-    async def __init__(self, config: ReplicaConfig) -> None:
+    async def __init__(
+        self, config: ReplicaConfig, node_metrics: NodeMetricsConfig | None = None
+    ) -> None:
         from services.config import build_engine
 
         config = _on_assigned_gpu(config)
@@ -78,6 +92,7 @@ class EngineReplica(_ServedReplica):
             assert isinstance(config, DecodeConfig)
             self.server = DecodeServer(config, engine)
         self.address = await self.server.start()
+        self._join_node(node_metrics)
         log.info("%s replica of %s serving on %s", config.role, config.name, self.address)
 
 
@@ -89,13 +104,16 @@ class AttentionReplica(_ServedReplica):
 
     drain_s = 5
 
-    async def __init__(self, config: AttentionConfig) -> None:
+    async def __init__(
+        self, config: AttentionConfig, node_metrics: NodeMetricsConfig | None = None
+    ) -> None:
         from services.attention import AttentionServer
 
         config = _on_assigned_gpu(config)
         assert isinstance(config, AttentionConfig)
         self.server = AttentionServer(config)  # allocates the pool: quick, no weights
         self.address = await self.server.start()
+        self._join_node(node_metrics)
         log.info("attention replica of %s serving on %s", config.name, self.address)
 
 
@@ -123,24 +141,44 @@ def gpu_device(gpu_ids: list, visible: str | None) -> str:
 class RouterReplica:
     """The HTTP ingress (the ASGI app router.app builds) plus the gRPC Generate service."""
 
-    async def __init__(self, config: RouterConfig, *workers: Any) -> None:
+    async def __init__(
+        self, config: RouterConfig, *workers: Any, node_metrics: NodeMetricsConfig | None = None
+    ) -> None:
+        import uuid
+
         from router.server import RouterServer
 
         self.workers = workers  # held so Serve deploys them with the router
         # gRPC channels and Redis clients belong to this replica's event loop: made here.
         self.router = RouterServer(config)
         await self.router.start()
+        self.node: NodeMetrics | None = None
+        self._endpoint: Any = None
+        if node_metrics is not None and node_metrics.port:
+            registry = self.router.metrics.registry
+            address, self._endpoint = serve_registry(registry)
+            name = f"router-{uuid.uuid4().hex[:8]}"
+            self.node = NodeMetrics.join(node_metrics, name, registry, address)
 
     def __serve_build_asgi_app__(self):
         return self.router.asgi
 
     async def __del__(self) -> None:
         await self.router.stop()
+        if self.node is not None:
+            await asyncio.to_thread(self.node.close)
+        if self._endpoint is not None:
+            httpd, _ = self._endpoint
+            httpd.shutdown()
+            httpd.server_close()
 
 
 def build_application(cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path]):
     """The Serve application for `cfg`; model_dirs maps model names to resolved directories."""
     plan = plan_deployment(cfg, redis_url, model_dirs, _bind_host())
+    node_metrics = NodeMetricsConfig(
+        cfg.metrics.port, scope=f"{cfg.namespace} {redis_url}", host=_bind_host()
+    )
     workers = []
     for r in plan.replicas:
         side = r.spec
@@ -157,10 +195,13 @@ def build_application(cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path
         else:
             opts["num_replicas"] = side.replicas
         replica = AttentionReplica if r.role == "attention" else EngineReplica
-        workers.append(replica.options(**opts).bind(r.config))
+        workers.append(replica.options(**opts).bind(r.config, node_metrics))
+    router_actor: dict[str, Any] = {"num_cpus": cfg.router.num_cpus}
+    if cfg.router.resources:
+        router_actor["resources"] = dict(cfg.router.resources)
     return RouterReplica.options(
         name="router",
         num_replicas=cfg.router.replicas,
         max_ongoing_requests=cfg.router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.router.num_cpus},
-    ).bind(plan.router, *workers)
+        ray_actor_options=router_actor,
+    ).bind(plan.router, *workers, node_metrics=node_metrics)

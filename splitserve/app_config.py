@@ -5,6 +5,7 @@
     http: {host: 127.0.0.1, port: 8000}
     grpc: {host: 127.0.0.1, port: 50051}   # the Generate service; port 0 picks one
     auth: {enabled: true, tenants_file: tenants.yaml}
+    metrics: {port: 9321}                  # every replica of a node on one /metrics; 0: off
     router: {replicas: 1}
     models:
       - name: smollm2-135m-instruct
@@ -38,6 +39,8 @@ from pydantic import (
 )
 
 from kvstore.sizes import parse_size
+
+DEFAULT_METRICS_PORT = 9321
 
 
 class _Strict(BaseModel):
@@ -302,6 +305,17 @@ class RouterSpec(_Strict):
     # Serve's per-replica cap on requests in flight (its default, 5, would queue streams in the
     # proxy); tenant limits are the real admission control.
     max_ongoing_requests: int = Field(4096, ge=1)
+    # Ray custom resources each router replica needs: in Kubernetes the head pod alone offers
+    # one, so the router (and its gRPC port) lands where the gRPC Service points.
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class MetricsSpec(_Strict):
+    """Each node serves the /metrics of all its replicas on this port (splitserve.node_metrics;
+    the Helm chart's PodMonitor scrapes it). 0: no node endpoint (each replica's own, on a free
+    port, stays listed in Redis)."""
+
+    port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535)
 
 
 class AppConfig(_Strict):
@@ -311,6 +325,7 @@ class AppConfig(_Strict):
     grpc: Endpoint = Endpoint(port=50051)
     auth: AuthSpec = AuthSpec()
     router: RouterSpec = RouterSpec()
+    metrics: MetricsSpec = MetricsSpec()
     models: list[ModelSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ import typer
 
 from loadgen.cli import app as loadgen_app
 from splitserve.cli_common import DtypeOpt, ModelOpt, fail, resolve_model
+from splitserve.cli_k8s import k8s_app
 from splitserve.cli_kv import kv_app
 from splitserve.cli_serve import serve_app
 
@@ -26,6 +27,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
 app.add_typer(loadgen_app, name="bench")
 app.add_typer(kv_app, name="kv")
+app.add_typer(k8s_app, name="k8s")
 
 
 def _engine(model: str, dtype: str, device: str = "cpu"):
@@ -177,6 +179,16 @@ def up(
         str | None,
         typer.Option("--redis", help="Use this Redis (default: a private local server)"),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="One /metrics for every replica here (default 9321, or the config's "
+            "metrics.port); 0: off",
+        ),
+    ] = None,
 ) -> None:
     """Bring the whole system up here: Redis, Ray, prefill/decode replicas and the router. The
     first stdout line is the URL; Ctrl-C stops everything."""
@@ -193,6 +205,9 @@ def up(
         fail(str(e))
     if redis_url:
         cfg = cfg.model_copy(update={"redis": redis_url})
+    if metrics_port is not None:
+        metrics = cfg.metrics.model_copy(update={"port": metrics_port})
+        cfg = cfg.model_copy(update={"metrics": metrics})
     try:
         run_up(cfg, announce=lambda url: print(url, flush=True))
     except (FileNotFoundError, OSError) as e:

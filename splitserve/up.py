@@ -61,6 +61,30 @@ def resolve_model_path(spec: ModelSpec) -> Path:
     )
 
 
+def _metrics_host() -> str:
+    from splitserve.app import _bind_host
+
+    host = _bind_host()
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def _check_metrics_port(cfg: AppConfig) -> AppConfig:
+    """The node's metrics port, or 0 (off, said so) when something else holds it."""
+    from splitserve.app import _bind_host
+    from splitserve.node_metrics import port_free
+
+    port = cfg.metrics.port
+    if port and not port_free(_bind_host(), port):
+        err.print(
+            f"[yellow]metrics port {port} is in use: no node /metrics (pick another with "
+            "--metrics-port or metrics.port; each replica's own endpoint is still listed in "
+            "Redis)[/]",
+            highlight=False,
+        )
+        return cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"port": 0})})
+    return cfg
+
+
 def run_up(cfg: AppConfig, announce=print) -> None:
     import ray
     from ray import serve
@@ -69,6 +93,7 @@ def run_up(cfg: AppConfig, announce=print) -> None:
     from splitserve.app import build_application
 
     model_dirs = {m.name: resolve_model_path(m) for m in cfg.models}
+    cfg = _check_metrics_port(cfg)
     embedded = None
     redis_url = cfg.redis
     stop = threading.Event()
@@ -105,6 +130,12 @@ def run_up(cfg: AppConfig, announce=print) -> None:
             f'"What is the capital of France?"}}], "stream": true}}\'',
             highlight=False,
         )
+        if cfg.metrics.port:
+            err.print(
+                "Prometheus metrics of every replica (router, prefill, decode, attention): "
+                f"http://{_metrics_host()}:{cfg.metrics.port}/metrics",
+                highlight=False,
+            )
         while not stop.wait(0.5):
             pass
     finally:
