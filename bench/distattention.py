@@ -240,8 +240,8 @@ def split_decode(
         rng = np.random.default_rng(0)
         results = {}
         graphs = getattr(runner, "_graphs", None)
-        modes = ("local", "local_eager", "split_process", "split_process_host_wait",
-                 "split_process_eager", "split_thread")  # fmt: skip
+        modes = ("local", "local_eager", "split_process", "split_process_layer_batches",
+                 "split_process_host_wait", "split_process_eager", "split_thread")  # fmt: skip
         if not graphs:
             modes = ("local", "split_process", "split_thread")
         for mode in [m for m in modes if not only or m in only or m == "local"]:
@@ -260,6 +260,9 @@ def split_decode(
                 ns = ns_thread if mode == "split_thread" else ns_proc
                 peers = AttentionPeers.for_engine(engine, Ledger(redis_url, ns), f"bench-{mode}")
                 peers.host_wait = mode == "split_process_host_wait"
+                # The default reads a lender on this GPU in place; the others attend through
+                # layer batches, as across devices.
+                peers.in_place_ok = mode == "split_process"
                 timed = _Timed(peers)
                 engine.attach_remote_kv(timed)
             so = SchedulerOutput()
@@ -339,7 +342,8 @@ def split_decode(
            "local_tpot_ms": local, "threads": threads, "split_threads": split_threads}  # fmt: skip
     if "local_eager" in results:
         out["local_eager_tpot_ms"] = results["local_eager"]["tpot_ms"]
-    for mode in ("split_process", "split_process_host_wait", "split_process_eager", "split_thread"):
+    for mode in ("split_process", "split_process_layer_batches", "split_process_host_wait",
+                 "split_process_eager", "split_thread"):  # fmt: skip
         r = results.get(mode)
         if r is None:
             continue
@@ -401,6 +405,10 @@ def main(argv: list[str] | None = None) -> dict:
             if "split_thread_throughput_ratio" in r:
                 summary["gpu_split_one_context_throughput_ratio"] = r[
                     "split_thread_throughput_ratio"
+                ]
+            if "split_process_layer_batches_throughput_ratio" in r:
+                summary["gpu_split_layer_batches_throughput_ratio"] = r[
+                    "split_process_layer_batches_throughput_ratio"
                 ]
             if "split_process_host_wait_throughput_ratio" in r:
                 summary["gpu_split_host_wait_throughput_ratio"] = r[

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from kvstore.cuda_ipc import open_pool
 from kvstore.lending import Ledger
 from protos.splitserve.v1 import attention_pb2 as pb
 from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
 from rpc.tensor import TensorSpec
 from services import local_link
+from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVLayout
 from services.engine.remote_kv import HolderLostError, RemoteSegment, SeqSlice
 from services.ipc_link import IpcBuffer, decoder_layout, replica_layout
@@ -106,6 +108,8 @@ class IpcSpec:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    num_layers: int = 0  # with block_size: the shape of a lender's pool read in place
+    block_size: int = 0
 
 
 class AttentionPeers:
@@ -128,6 +132,10 @@ class AttentionPeers:
         # decode steps were faster so, with and without MPS; docs/benchmarks.md). Both sides
         # of a session do as the decoder says at Hello.
         self.host_wait = False
+        # Read and write the blocks a lender on this GPU lent in place (its pool mapped here),
+        # rather than send it layer batches.
+        self.in_place_ok = True
+        self._pools: dict[str, KVCache] = {}  # holder -> its pool, mapped here
         self.ledger = ledger
         self.borrower_id = borrower_id
         self.layout = layout
@@ -149,7 +157,7 @@ class AttentionPeers:
         mc = engine.model_config
         ipc = IpcSpec(
             engine.device, engine.config.max_num_batched_tokens, mc.num_heads, mc.num_kv_heads,
-            mc.head_dim, engine.dtype,
+            mc.head_dim, engine.dtype, mc.num_layers, engine.config.block_size,
         ) if shared else None  # fmt: skip
         layout = layout_key(engine.model_id, engine.kv_block_layout())
         return cls(ledger, borrower_id, layout, ipc=ipc, **kw)
@@ -180,7 +188,7 @@ class AttentionPeers:
             held = self._held.setdefault(seq_id, {})
             held[c.creditor_id] = held.get(c.creditor_id, 0) + num_blocks
             self._caps[c.creditor_id] = min(c.lend_cap, c.capacity)
-            return RemoteSegment(c.creditor_id, first_block, num_blocks)
+            return RemoteSegment(c.creditor_id, first_block, num_blocks, tuple(resp.blocks))
         return None
 
     def release(self, seq_id: str) -> None:
@@ -339,6 +347,7 @@ class AttentionPeers:
         mine = self._offer_ipc(hello)
         hello.local = mine is not None
         hello.host_wait = self.host_wait
+        hello.in_place = self.in_place_ok and mine is not None and mine.event is not None
         try:
             resp = stream.send(hello=hello).result(timeout=self.timeout_s)
         except (HolderLostError, FutureTimeout) as e:
@@ -366,6 +375,11 @@ class AttentionPeers:
                 log.info("no shared buffers with %s (%s): layer batches go as bytes", holder_id, e)
         if stream.ipc is None and mine is not None:
             mine.close()
+        if stream.ipc is not None and resp.HasField("kv_pool"):
+            try:
+                self._pools[holder_id] = self._map_pool(resp.kv_pool)
+            except (OSError, RuntimeError, LookupError, ValueError) as e:
+                log.info("cannot map the pool of %s (%s): layer batches then", holder_id, e)
         if stream.ipc is not None and resp.local_socket:
             try:
                 sock = local_link.connect(resp.local_socket, self.timeout_s)
@@ -378,6 +392,22 @@ class AttentionPeers:
                 log.info("no local link to %s (%s): steps go over the stream", holder_id, e)
         self._streams[holder_id] = stream
         return stream
+
+    def _map_pool(self, handle) -> KVCache:
+        spec = self.ipc
+        raw = open_pool(handle)
+        per_block = spec.num_layers * 2 * spec.block_size * spec.num_kv_heads * spec.head_dim
+        data = raw.view(spec.dtype)
+        if not per_block or data.numel() % per_block:
+            raise ValueError(f"a pool of {data.numel()} elements is not whole blocks")
+        return KVCache(data.view(spec.num_layers, 2, data.numel() // per_block, spec.block_size,
+                                 spec.num_kv_heads, spec.head_dim))  # fmt: skip
+
+    def in_place(self, holder_id: str) -> KVCache | None:
+        pool = self._pools.get(holder_id)
+        if pool is not None:
+            self._live(holder_id)  # a lost holder raises: its blocks are recomputed
+        return pool
 
     def _offer_ipc(self, hello: pb.Hello) -> IpcBuffer | None:
         spec = self.ipc
@@ -404,6 +434,7 @@ class AttentionPeers:
         link = self._links.pop(holder_id, None)
         if link is not None:
             link.close()
+        self._pools.pop(holder_id, None)
         for held in self._held.values():
             held.pop(holder_id, None)
 

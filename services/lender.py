@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import torch
 
+from kvstore.cuda_ipc import share_buffer
 from kvstore.lending import CreditorInfo, Ledger
 from kvstore.shm_layout import host_id
 from protos.splitserve.v1 import attention_pb2 as pb
@@ -178,7 +179,8 @@ class Lender:
             elif not sess.borrower:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "say hello first")
             elif kind == "borrow":
-                resp.granted = await self._borrow(sess, req.borrow)
+                resp.blocks.extend(await self._borrow(sess, req.borrow))
+                resp.granted = len(resp.blocks)
             elif kind == "release":
                 for sid in req.release.seq_ids:
                     await self._release(sess.borrower, sid)
@@ -234,6 +236,12 @@ class Lender:
                 self.holder.enable_graphs(sess.borrower, src.regions, dst.regions, src.rows)
                 if hello.local:
                     resp.local_socket = self._serve_link(sess)
+                if hello.in_place and self.holder.shareable:
+                    data = self.holder.kv_cache.data
+                    resp.kv_pool.CopyFrom(share_buffer(
+                        data.view(-1).view(torch.uint8), f"kv-{self.holder_id}",
+                        data.numel() * data.element_size(),
+                    ))  # fmt: skip
 
     def _serve_link(self, sess: _Session) -> str:
         """A local socket for this session's steps and layer batches, served by its own thread
@@ -269,7 +277,8 @@ class Lender:
             log.info("no shared buffers with this decoder (%s): layer batches go as bytes", e)
         return None
 
-    async def _borrow(self, sess: _Session, b: pb.Borrow) -> int:
+    async def _borrow(self, sess: _Session, b: pb.Borrow) -> list[int]:
+        """Lend the blocks; returns the pool blocks lent, in logical order."""
         h = self.holder
         if self.borrowing is not None and self.borrowing():
             raise LendRefused("this replica is borrowing itself: it lends nothing meanwhile")
@@ -288,7 +297,7 @@ class Lender:
         except Exception:
             self._repay(sess.borrower, b.num_blocks)
             raise
-        return b.num_blocks
+        return h.physical(sess.borrower, b.seq_id, b.first_block, b.num_blocks)
 
     async def _release(self, borrower: str, seq_id: str) -> None:
         self._repay(borrower, await self.pool_op(lambda: self.holder.release(borrower, seq_id)))

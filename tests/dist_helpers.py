@@ -65,12 +65,12 @@ def replicas(loop_thread, cluster, tiny_model_dir):
             loop_thread.run(s.lender.stop_ledger())
 
 
-def decoder(model_dir, cluster, num_kv_blocks=8, shared=True, **cfg):
+def decoder(model_dir, cluster, num_kv_blocks=8, shared=True, borrower_id="decoder-0", **cfg):
     """An engine with a small pool that borrows through the ledger (as a decode replica);
     shared: layer batches through shared memory (else as bytes in the messages)."""
     e = make_engine(model_dir, num_kv_blocks=num_kv_blocks, block_size=BS, **cfg)
     ledger = Ledger(cluster.redis_url, cluster.namespace, cluster.ttl_s)
-    peers = AttentionPeers.for_engine(e, ledger, "decoder-0", shared=shared)
+    peers = AttentionPeers.for_engine(e, ledger, borrower_id, shared=shared)
     e.attach_remote_kv(peers)
     return e, peers
 

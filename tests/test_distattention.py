@@ -93,22 +93,27 @@ def test_gpu_decoder_and_replica_are_token_exact(tiny_model_dir, cluster, replic
 
 @pytest.mark.gpu
 def test_gpu_replica_process_over_cuda_ipc_is_token_exact(tiny_model_dir, cluster):
-    """A replica in its own process on the same GPU: layer batches travel through CUDA IPC
-    buffers and events (gRPC carries only control), and tokens do not change."""
+    """A replica in its own process on the same GPU, its lent blocks read and written in place
+    (its pool mapped by the decoder), and again through layer batches in CUDA IPC buffers
+    (gRPC and a local socket carry only control): tokens do not change either way."""
     proc = replica_process(tiny_model_dir, cluster, 64, device="cuda", dtype="float32")
     try:
         prompts = random_prompts(4, 256, 150, 220, seed=14)
         local = make_engine(tiny_model_dir, block_size=BS, device="cuda", dtype="float32")
         want = traces(local.generate(prompts, GREEDY))
-        engine, peers = decoder(
-            tiny_model_dir, cluster, device="cuda", dtype="float32", max_num_batched_tokens=64
-        )
-        assert traces(engine.generate(prompts, GREEDY)) == want
-        assert any(s.ipc is not None for s in peers._streams.values())  # it went through IPC
-        assert peers._links  # steps and layer batches over the local link
-        assert engine.runner.dist_graph_steps > 0  # split decode steps ran as CUDA graphs
-        assert settled_debts(peers.ledger) == {}
-        peers.close()
+        for in_place in (True, False):
+            engine, peers = decoder(
+                tiny_model_dir, cluster, device="cuda", dtype="float32",
+                max_num_batched_tokens=64, borrower_id=f"decoder-{in_place}",
+            )  # fmt: skip
+            peers.in_place_ok = in_place
+            assert traces(engine.generate(prompts, GREEDY)) == want
+            assert any(s.ipc is not None for s in peers._streams.values())  # through IPC
+            assert peers._links  # steps and layer batches over the local link
+            assert bool(peers._pools) == in_place  # its pool mapped here, or not
+            assert engine.runner.dist_graph_steps > 0  # split decode steps as CUDA graphs
+            assert settled_debts(peers.ledger) == {}
+            peers.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

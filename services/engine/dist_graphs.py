@@ -16,6 +16,7 @@ are index buffers refilled every step: padding answer rows land in a trash row.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,18 @@ import torch
 from services.engine.model import LlamaModel
 from services.engine.offload_graphs import GraphSet
 from services.engine.partial_attention import merge_full
+
+
+@dataclass(frozen=True)
+class PoolRows:
+    """A holder read in place (its pool mapped here), for a decode step: the batch rows whose
+    new k, v go there and their slots in its pool, and per batch row its block table there and
+    how many of those keys it sees (0: none)."""
+
+    write_rows: np.ndarray
+    write_slots: np.ndarray
+    table: np.ndarray  # [n, W]
+    lens: np.ndarray  # [n]
 
 
 @dataclass(frozen=True)
@@ -41,11 +54,11 @@ class DistGraphSet(GraphSet):
 
     def __init__(
         self, model: LlamaModel, kv_cache, resolve, holders: list[tuple[list, list]],
-        rows: int, max_blocks: int, pool,
+        rows: int, max_blocks: int, pool, pools: list | None = None,
     ) -> None:  # fmt: skip
         """holders: per holder, its shared (q, k, v) send regions and (out, lse) answer
-        regions; resolve(ids): input ids with pending tokens filled in; max_blocks: the widest
-        local block table."""
+        regions; pools: the KV caches of holders read in place (same device); resolve(ids):
+        input ids with pending tokens filled in; max_blocks: the widest block table."""
         super().__init__(model, rows)
         cfg = model.cfg
         dev = model.w.embed.device
@@ -68,11 +81,24 @@ class DistGraphSet(GraphSet):
         self.q_idx = [torch.zeros(rows, dtype=torch.long, device=dev) for _ in holders]
         self.kv_idx = [torch.zeros(rows, dtype=torch.long, device=dev) for _ in holders]
         self.ans_idx = [torch.full((rows,), rows, dtype=torch.long, device=dev) for _ in holders]
+        # Per pool read in place: its writes (batch row, slot; padding: row 0 to the scratch
+        # block, its last), its table and lengths per batch row, and its partial.
+        self.pools = pools or []
+        self.p_rows = [torch.zeros(rows, dtype=torch.long, device=dev) for _ in self.pools]
+        self.p_scratch = [(p.num_blocks - 1) * p.block_size for p in self.pools]
+        self.p_slots = [torch.full((rows,), sc, dtype=torch.long, device=dev)
+                        for sc in self.p_scratch]  # fmt: skip
+        self.p_table = [torch.zeros((rows, max_blocks), dtype=torch.int32, device=dev)
+                        for _ in self.pools]  # fmt: skip
+        self.p_lens = [torch.zeros(rows, dtype=torch.int32, device=dev) for _ in self.pools]
+        self.p_out = [torch.zeros_like(self.out) for _ in self.pools]
+        self.p_lse = [torch.full_like(self.lse, float("-inf")) for _ in self.pools]
         self.capture(pool)
 
     def fill(self, ids: torch.Tensor, pos: np.ndarray, slots: np.ndarray, table: np.ndarray,
-             lens: np.ndarray, parts: list[HolderRows]) -> None:  # fmt: skip
-        """A step's inputs (n <= rows decode rows, holders in the set's order)."""
+             lens: np.ndarray, parts: list[HolderRows],
+             pool_rows: list[PoolRows] = ()) -> None:  # fmt: skip
+        """A step's inputs (n <= rows decode rows, holders and pools in the set's order)."""
         n, dev = len(pos), self.pos.device
 
         def put(dst: torch.Tensor, a: np.ndarray, pad) -> None:
@@ -90,6 +116,13 @@ class DistGraphSet(GraphSet):
             put(self.q_idx[i], p.q_rows.astype(np.int64), 0)
             put(self.kv_idx[i], p.kv_rows.astype(np.int64), 0)
             put(self.ans_idx[i], p.q_rows.astype(np.int64), self.rows)
+        for i, p in enumerate(pool_rows):
+            put(self.p_rows[i], p.write_rows.astype(np.int64), 0)
+            put(self.p_slots[i], p.write_slots.astype(np.int64), self.p_scratch[i])
+            put(self.p_lens[i], p.lens.astype(np.int32), 0)
+            self.p_table[i][:n, : p.table.shape[1]].copy_(
+                torch.from_numpy(p.table.astype(np.int32)).to(dev)
+            )
 
     # -- GraphSet -------------------------------------------------------------------------------
 
@@ -107,6 +140,10 @@ class DistGraphSet(GraphSet):
             torch.index_select(q, 0, qi, out=sq[:n])
             torch.index_select(k, 0, ki, out=sk[:n])
             torch.index_select(v, 0, ki, out=sv[:n])
+        for pool, rows, slots in zip(self.pools, self.p_rows, self.p_slots, strict=True):
+            k_cache, v_cache = pool.layer(i)
+            k_cache.index_copy_(0, slots, k.index_select(0, rows))
+            v_cache.index_copy_(0, slots, v.index_select(0, rows))
 
     def after(self, i: int) -> None:
         from services.engine.attention_cuda import paged_decode_attention
@@ -116,6 +153,12 @@ class DistGraphSet(GraphSet):
             self.q, k_cache, v_cache, self.table, self.lens, self.bs, self.scale, out=self.out,
             lse=self.lse,
         )  # fmt: skip
+        for j, pool in enumerate(self.pools):
+            k_cache, v_cache = pool.layer(i)
+            paged_decode_attention(
+                self.q, k_cache, v_cache, self.p_table[j], self.p_lens[j], self.bs, self.scale,
+                out=self.p_out[j], lse=self.p_lse[j],
+            )  # fmt: skip
 
     def attention(self, i: int) -> torch.Tensor:
         n = self.rows
@@ -126,6 +169,8 @@ class DistGraphSet(GraphSet):
             part.index_copy_(0, ai, o_ans[:n])
             part_lse.index_copy_(0, ai, lse_ans[:n])
             out, lse = merge_full(out, lse, part[:n], part_lse[:n])
+        for p_out, p_lse in zip(self.p_out, self.p_lse, strict=True):
+            out, lse = merge_full(out, lse, p_out, p_lse)
         return out.to(self.q.dtype).reshape(n, self.m.q_size)
 
 
@@ -142,25 +187,64 @@ class DistGraphs:
         self._sets: dict[tuple, DistGraphSet] = {}
         self._pool = None
 
-    def get(self, remote, holders: list[str], n: int) -> DistGraphSet | None:
+    def get(self, remote, holders: list[str], n: int, in_place: dict | None = None
+            ) -> DistGraphSet | None:  # fmt: skip
         """The set for n decode rows over these holders (each must offer shared buffers and a
-        local link: remote.buffers), or None."""
+        local link: remote.buffers) and the holders read in place (holder -> its KVCache), or
+        None."""
         size = next((s for s in self.sizes if s >= n), None)
         if size is None:
             return None
         bufs = [remote.buffers(h) for h in holders]
         if any(b is None or len(b[0][0]) < size for b in bufs):
             return None
-        key = (tuple(holders), tuple(b[2] for b in bufs), size)
+        in_place = in_place or {}
+        key = (tuple(holders), tuple(b[2] for b in bufs), size, tuple(in_place),
+               tuple(id(p) for p in in_place.values()))  # fmt: skip
         gs = self._sets.get(key)
         if gs is None:
-            # The same holders with new buffers (one came back): the old graphs read stale ones.
-            for k in [k for k in self._sets if k[0] == key[0] and k[1] != key[1]]:
+            # The same holders with new buffers or pools (one came back): the old graphs read
+            # stale ones.
+            stale = [k for k in self._sets if (k[0], k[3]) == (key[0], key[3])
+                     and (k[1], k[4]) != (key[1], key[4])]  # fmt: skip
+            for k in stale:
                 del self._sets[k]
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             gs = self._sets[key] = DistGraphSet(
                 self.m, self.kv, self.resolve, [(b[0], b[1]) for b in bufs], size,
-                self.max_blocks, self._pool,
+                self.max_blocks, self._pool, list(in_place.values()),
             )  # fmt: skip
         return gs
+
+
+def pool_inputs(seqs, holder_id: str, bs: int, max_blocks: int) -> PoolRows | None:
+    """A decode step's inputs for one holder read in place, from each sequence's placement
+    (its segments there with their pool blocks); None where the step can't be read in place
+    (pool blocks not told, or a sequence's blocks there not one logical run)."""
+    n = len(seqs)
+    table = np.zeros((n, max_blocks), dtype=np.int64)
+    lens = np.zeros(n, dtype=np.int64)
+    rows, slots = [], []
+    for r, s in enumerate(seqs):
+        segs = sorted((g for g in s.remote if g.holder_id == holder_id),
+                      key=lambda g: g.first_block)  # fmt: skip
+        if not segs:
+            continue
+        if any(len(g.phys) != g.num_blocks for g in segs) or any(
+            a.end_block != b.first_block for a, b in itertools.pairwise(segs)
+        ):
+            return None
+        first = segs[0].first_block
+        phys = [b for g in segs for b in g.phys]
+        p = s.start
+        seen = min(len(phys), p // bs - first + 1) if p >= first * bs else 0
+        if seen > max_blocks:
+            return None
+        table[r, :seen] = phys[:seen]
+        lens[r] = min(p - first * bs + 1, seen * bs) if seen else 0
+        if first <= p // bs < first + len(phys):
+            rows.append(r)
+            slots.append(phys[p // bs - first] * bs + p % bs)
+    return PoolRows(np.asarray(rows, dtype=np.int64), np.asarray(slots, dtype=np.int64),
+                    table, lens)  # fmt: skip

@@ -135,6 +135,17 @@ class KVHolder:
             held.order += wanted
             held.phys += [held.blocks[b] for b in wanted]
 
+    def physical(self, owner: str, seq_id: str, first_block: int, num_blocks: int) -> list[int]:
+        """The pool blocks lent for logical blocks [first_block, +num_blocks) of a sequence."""
+        held = self._seqs[(owner, seq_id)]
+        return [held.blocks[b] for b in range(first_block, first_block + num_blocks)]
+
+    @property
+    def shareable(self) -> bool:
+        """Its pool is its own, on a GPU, with a scratch block: a decoder on the same device
+        may map it and use its lent blocks in place."""
+        return self._graphable
+
     def release(self, owner: str, seq_id: str) -> int:
         held = self._seqs.pop((owner, seq_id), None)
         if held is None:

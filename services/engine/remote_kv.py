@@ -24,6 +24,9 @@ class RemoteSegment:
     holder_id: str
     first_block: int
     num_blocks: int
+    # The holder's pool blocks, in logical order, where the holder told them (a holder whose
+    # pool this engine can read in place: RemoteKV.in_place).
+    phys: tuple[int, ...] = ()
 
     @property
     def end_block(self) -> int:
@@ -77,6 +80,11 @@ class RemoteKV(Protocol):
     ) -> PendingPartial:
         """One layer batch of the current step: q [sum num_q, H, D] and the new k, v
         [sum num_write, Hkv, D], rows in the step's slice order. Returns at once."""
+        ...
+
+    def in_place(self, holder_id: str):
+        """The holder's KV pool as a KVCache this engine reads and writes in place (same
+        device), or None: attention over its blocks then goes through layer batches."""
         ...
 
     def reclaimed(self) -> list[str]:

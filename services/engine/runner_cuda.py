@@ -27,7 +27,7 @@ import torch
 
 from services.engine.attention import AttentionMetadata, PrefillSeq
 from services.engine.dist_attention import placements, plan_host, plan_step
-from services.engine.dist_graphs import DistGraphs, HolderRows
+from services.engine.dist_graphs import DistGraphs, HolderRows, pool_inputs
 from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
 from services.engine.runner_state import RequestState, RequestStates
@@ -268,13 +268,23 @@ class CudaModelRunner:
             return None
         if not hasattr(self.remote, "send_ready"):
             return None
-        plan = plan_host(placements(so, self.requests), self.bs)
-        holders = list(plan.by_holder)
+        seqs = placements(so, self.requests)
+        plan = plan_host(seqs, self.bs)
+        in_place = {}
+        if getattr(self.remote, "in_place", None) is not None:
+            for h in plan.by_holder:
+                pool = self.remote.in_place(h)
+                if pool is not None:
+                    in_place[h] = pool
+        pool_rows = [pool_inputs(seqs, h, self.bs, self.inputs.max_blocks) for h in in_place]
+        if any(p is None for p in pool_rows):
+            return None
+        holders = [h for h in plan.by_holder if h not in in_place]
         if self._dist_graphs is None:
             self._dist_graphs = DistGraphs(self.model, self.kv_cache, self._resolve,
                                            self.graph_sizes, self.inputs.max_blocks)  # fmt: skip
         n = len(so.decodes)
-        gs = self._dist_graphs.get(self.remote, holders, n)
+        gs = self._dist_graphs.get(self.remote, holders, n, in_place)
         if gs is None:
             return None
         inp = self.inputs
@@ -291,16 +301,17 @@ class CudaModelRunner:
             lens[r] = min(s.start + 1, len(seen) * self.bs)
         inp.upload(0)
         parts = []
-        for h, (slices, qrows, wrows) in plan.by_holder.items():
+        for h in holders:
+            slices, qrows, wrows = plan.by_holder[h]
             self.remote.begin_step(h, slices)
             parts.append(HolderRows(h, np.asarray(qrows), np.asarray(wrows)))
-        gs.fill(inp.view("ids", n), pos, plan.slots, table, lens, parts)
+        gs.fill(inp.view("ids", n), pos, plan.slots, table, lens, parts, pool_rows)
         for i in range(len(self.model.w.layers)):
             gs.replay(i)
             pending = [
                 self.remote.send_ready(p.holder_id, i, len(p.q_rows), len(p.kv_rows)) for p in parts
             ]
-            gs.replay_after(i)  # the local partial, while the holders attend theirs
+            gs.replay_after(i)  # the local (and in-place) partials, while holders attend
             for p in pending:
                 p.result()
         gs.replay(len(self.model.w.layers))

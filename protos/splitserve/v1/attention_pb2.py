@@ -26,7 +26,7 @@ from protos.splitserve.v1 import common_pb2 as protos_dot_splitserve_dot_v1_dot_
 from protos.splitserve.v1 import kvstore_pb2 as protos_dot_splitserve_dot_v1_dot_kvstore__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/splitserve/v1/attention.proto\x12\rsplitserve.v1\x1a!protos/splitserve/v1/common.proto\x1a\"protos/splitserve/v1/kvstore.proto\"s\n\x05Hello\x12\x13\n\x0b\x62orrower_id\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12#\n\x03ipc\x18\x03 \x01(\x0b\x32\x16.splitserve.v1.IpcLink\x12\r\n\x05local\x18\x04 \x01(\x08\x12\x11\n\thost_wait\x18\x05 \x01(\x08\"f\n\x07IpcLink\x12,\n\x06\x62uffer\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.CudaIpcHandle\x12\r\n\x05\x65vent\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x10\n\x08shm_path\x18\x04 \x01(\t\"A\n\x06\x42orrow\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\"\x1a\n\x07Release\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\"b\n\x08SeqSlice\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0f\n\x07q_start\x18\x02 \x01(\r\x12\r\n\x05num_q\x18\x03 \x01(\r\x12\x13\n\x0bwrite_start\x18\x04 \x01(\r\x12\x11\n\tnum_write\x18\x05 \x01(\r\"2\n\tStepBegin\x12%\n\x04seqs\x18\x01 \x03(\x0b\x32\x17.splitserve.v1.SeqSlice\"C\n\x06Tensor\x12+\n\x06layout\x18\x01 \x01(\x0b\x32\x1b.splitserve.v1.TensorLayout\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8e\x01\n\nLayerBatch\x12\r\n\x05layer\x18\x01 \x01(\r\x12 \n\x01q\x18\x02 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12 \n\x01k\x18\x03 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12 \n\x01v\x18\x04 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\x0b\n\x03ipc\x18\x05 \x01(\x08\"\xf7\x01\n\x10\x41ttentionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x05hello\x18\x02 \x01(\x0b\x32\x14.splitserve.v1.HelloH\x00\x12\'\n\x06\x62orrow\x18\x03 \x01(\x0b\x32\x15.splitserve.v1.BorrowH\x00\x12)\n\x07release\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.ReleaseH\x00\x12(\n\x04step\x18\x05 \x01(\x0b\x32\x18.splitserve.v1.StepBeginH\x00\x12*\n\x05layer\x18\x06 \x01(\x0b\x32\x19.splitserve.v1.LayerBatchH\x00\x42\x06\n\x04\x62ody\"b\n\x0bLayerResult\x12\"\n\x03out\x18\x01 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\"\n\x03lse\x18\x02 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\x0b\n\x03ipc\x18\x03 \x01(\x08\"\xc6\x01\n\x11\x41ttentionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12)\n\x05layer\x18\x04 \x01(\x0b\x32\x1a.splitserve.v1.LayerResult\x12\x0f\n\x07granted\x18\x05 \x01(\r\x12\x0f\n\x07reclaim\x18\x06 \x03(\t\x12#\n\x03ipc\x18\x07 \x01(\x0b\x32\x16.splitserve.v1.IpcLink\x12\x14\n\x0clocal_socket\x18\x08 \x01(\t\"\x17\n\x15\x41ttentionStatsRequest\"\xf0\x01\n\x0e\x41ttentionStats\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x10\n\x08lend_cap\x18\x03 \x01(\r\x12\x0c\n\x04lent\x18\x04 \x01(\r\x12:\n\x07lent_to\x18\x05 \x03(\x0b\x32).splitserve.v1.AttentionStats.LentToEntry\x12\x15\n\rlayer_batches\x18\x06 \x01(\x04\x12\x15\n\rlayer_seconds\x18\x07 \x01(\x01\x1a-\n\x0bLentToEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"#\n\x0eReclaimRequest\x12\x11\n\tkeep_lent\x18\x01 \x01(\r\" \n\x0fReclaimResponse\x12\r\n\x05\x61sked\x18\x01 \x01(\r2\xf5\x01\n\tAttention\x12P\n\x07Session\x12\x1f.splitserve.v1.AttentionRequest\x1a .splitserve.v1.AttentionResponse(\x01\x30\x01\x12L\n\x05Stats\x12$.splitserve.v1.AttentionStatsRequest\x1a\x1d.splitserve.v1.AttentionStats\x12H\n\x07Reclaim\x12\x1d.splitserve.v1.ReclaimRequest\x1a\x1e.splitserve.v1.ReclaimResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/splitserve/v1/attention.proto\x12\rsplitserve.v1\x1a!protos/splitserve/v1/common.proto\x1a\"protos/splitserve/v1/kvstore.proto\"\x85\x01\n\x05Hello\x12\x13\n\x0b\x62orrower_id\x18\x01 \x01(\t\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12#\n\x03ipc\x18\x03 \x01(\x0b\x32\x16.splitserve.v1.IpcLink\x12\r\n\x05local\x18\x04 \x01(\x08\x12\x11\n\thost_wait\x18\x05 \x01(\x08\x12\x10\n\x08in_place\x18\x06 \x01(\x08\"f\n\x07IpcLink\x12,\n\x06\x62uffer\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.CudaIpcHandle\x12\r\n\x05\x65vent\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x10\n\x08shm_path\x18\x04 \x01(\t\"A\n\x06\x42orrow\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\"\x1a\n\x07Release\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\"b\n\x08SeqSlice\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0f\n\x07q_start\x18\x02 \x01(\r\x12\r\n\x05num_q\x18\x03 \x01(\r\x12\x13\n\x0bwrite_start\x18\x04 \x01(\r\x12\x11\n\tnum_write\x18\x05 \x01(\r\"2\n\tStepBegin\x12%\n\x04seqs\x18\x01 \x03(\x0b\x32\x17.splitserve.v1.SeqSlice\"C\n\x06Tensor\x12+\n\x06layout\x18\x01 \x01(\x0b\x32\x1b.splitserve.v1.TensorLayout\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8e\x01\n\nLayerBatch\x12\r\n\x05layer\x18\x01 \x01(\r\x12 \n\x01q\x18\x02 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12 \n\x01k\x18\x03 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12 \n\x01v\x18\x04 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\x0b\n\x03ipc\x18\x05 \x01(\x08\"\xf7\x01\n\x10\x41ttentionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x05hello\x18\x02 \x01(\x0b\x32\x14.splitserve.v1.HelloH\x00\x12\'\n\x06\x62orrow\x18\x03 \x01(\x0b\x32\x15.splitserve.v1.BorrowH\x00\x12)\n\x07release\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.ReleaseH\x00\x12(\n\x04step\x18\x05 \x01(\x0b\x32\x18.splitserve.v1.StepBeginH\x00\x12*\n\x05layer\x18\x06 \x01(\x0b\x32\x19.splitserve.v1.LayerBatchH\x00\x42\x06\n\x04\x62ody\"b\n\x0bLayerResult\x12\"\n\x03out\x18\x01 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\"\n\x03lse\x18\x02 \x01(\x0b\x32\x15.splitserve.v1.Tensor\x12\x0b\n\x03ipc\x18\x03 \x01(\x08\"\x85\x02\n\x11\x41ttentionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12)\n\x05layer\x18\x04 \x01(\x0b\x32\x1a.splitserve.v1.LayerResult\x12\x0f\n\x07granted\x18\x05 \x01(\r\x12\x0f\n\x07reclaim\x18\x06 \x03(\t\x12#\n\x03ipc\x18\x07 \x01(\x0b\x32\x16.splitserve.v1.IpcLink\x12\x14\n\x0clocal_socket\x18\x08 \x01(\t\x12-\n\x07kv_pool\x18\t \x01(\x0b\x32\x1c.splitserve.v1.CudaIpcHandle\x12\x0e\n\x06\x62locks\x18\n \x03(\r\"\x17\n\x15\x41ttentionStatsRequest\"\xf0\x01\n\x0e\x41ttentionStats\x12\x11\n\tholder_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x10\n\x08lend_cap\x18\x03 \x01(\r\x12\x0c\n\x04lent\x18\x04 \x01(\r\x12:\n\x07lent_to\x18\x05 \x03(\x0b\x32).splitserve.v1.AttentionStats.LentToEntry\x12\x15\n\rlayer_batches\x18\x06 \x01(\x04\x12\x15\n\rlayer_seconds\x18\x07 \x01(\x01\x1a-\n\x0bLentToEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"#\n\x0eReclaimRequest\x12\x11\n\tkeep_lent\x18\x01 \x01(\r\" \n\x0fReclaimResponse\x12\r\n\x05\x61sked\x18\x01 \x01(\r2\xf5\x01\n\tAttention\x12P\n\x07Session\x12\x1f.splitserve.v1.AttentionRequest\x1a .splitserve.v1.AttentionResponse(\x01\x30\x01\x12L\n\x05Stats\x12$.splitserve.v1.AttentionStatsRequest\x1a\x1d.splitserve.v1.AttentionStats\x12H\n\x07Reclaim\x12\x1d.splitserve.v1.ReclaimRequest\x1a\x1e.splitserve.v1.ReclaimResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,38 +35,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ATTENTIONSTATS_LENTTOENTRY']._loaded_options = None
   _globals['_ATTENTIONSTATS_LENTTOENTRY']._serialized_options = b'8\001'
-  _globals['_HELLO']._serialized_start=126
-  _globals['_HELLO']._serialized_end=241
-  _globals['_IPCLINK']._serialized_start=243
-  _globals['_IPCLINK']._serialized_end=345
-  _globals['_BORROW']._serialized_start=347
-  _globals['_BORROW']._serialized_end=412
-  _globals['_RELEASE']._serialized_start=414
-  _globals['_RELEASE']._serialized_end=440
-  _globals['_SEQSLICE']._serialized_start=442
-  _globals['_SEQSLICE']._serialized_end=540
-  _globals['_STEPBEGIN']._serialized_start=542
-  _globals['_STEPBEGIN']._serialized_end=592
-  _globals['_TENSOR']._serialized_start=594
-  _globals['_TENSOR']._serialized_end=661
-  _globals['_LAYERBATCH']._serialized_start=664
-  _globals['_LAYERBATCH']._serialized_end=806
-  _globals['_ATTENTIONREQUEST']._serialized_start=809
-  _globals['_ATTENTIONREQUEST']._serialized_end=1056
-  _globals['_LAYERRESULT']._serialized_start=1058
-  _globals['_LAYERRESULT']._serialized_end=1156
-  _globals['_ATTENTIONRESPONSE']._serialized_start=1159
-  _globals['_ATTENTIONRESPONSE']._serialized_end=1357
-  _globals['_ATTENTIONSTATSREQUEST']._serialized_start=1359
-  _globals['_ATTENTIONSTATSREQUEST']._serialized_end=1382
-  _globals['_ATTENTIONSTATS']._serialized_start=1385
-  _globals['_ATTENTIONSTATS']._serialized_end=1625
-  _globals['_ATTENTIONSTATS_LENTTOENTRY']._serialized_start=1580
-  _globals['_ATTENTIONSTATS_LENTTOENTRY']._serialized_end=1625
-  _globals['_RECLAIMREQUEST']._serialized_start=1627
-  _globals['_RECLAIMREQUEST']._serialized_end=1662
-  _globals['_RECLAIMRESPONSE']._serialized_start=1664
-  _globals['_RECLAIMRESPONSE']._serialized_end=1696
-  _globals['_ATTENTION']._serialized_start=1699
-  _globals['_ATTENTION']._serialized_end=1944
+  _globals['_HELLO']._serialized_start=127
+  _globals['_HELLO']._serialized_end=260
+  _globals['_IPCLINK']._serialized_start=262
+  _globals['_IPCLINK']._serialized_end=364
+  _globals['_BORROW']._serialized_start=366
+  _globals['_BORROW']._serialized_end=431
+  _globals['_RELEASE']._serialized_start=433
+  _globals['_RELEASE']._serialized_end=459
+  _globals['_SEQSLICE']._serialized_start=461
+  _globals['_SEQSLICE']._serialized_end=559
+  _globals['_STEPBEGIN']._serialized_start=561
+  _globals['_STEPBEGIN']._serialized_end=611
+  _globals['_TENSOR']._serialized_start=613
+  _globals['_TENSOR']._serialized_end=680
+  _globals['_LAYERBATCH']._serialized_start=683
+  _globals['_LAYERBATCH']._serialized_end=825
+  _globals['_ATTENTIONREQUEST']._serialized_start=828
+  _globals['_ATTENTIONREQUEST']._serialized_end=1075
+  _globals['_LAYERRESULT']._serialized_start=1077
+  _globals['_LAYERRESULT']._serialized_end=1175
+  _globals['_ATTENTIONRESPONSE']._serialized_start=1178
+  _globals['_ATTENTIONRESPONSE']._serialized_end=1439
+  _globals['_ATTENTIONSTATSREQUEST']._serialized_start=1441
+  _globals['_ATTENTIONSTATSREQUEST']._serialized_end=1464
+  _globals['_ATTENTIONSTATS']._serialized_start=1467
+  _globals['_ATTENTIONSTATS']._serialized_end=1707
+  _globals['_ATTENTIONSTATS_LENTTOENTRY']._serialized_start=1662
+  _globals['_ATTENTIONSTATS_LENTTOENTRY']._serialized_end=1707
+  _globals['_RECLAIMREQUEST']._serialized_start=1709
+  _globals['_RECLAIMREQUEST']._serialized_end=1744
+  _globals['_RECLAIMRESPONSE']._serialized_start=1746
+  _globals['_RECLAIMRESPONSE']._serialized_end=1778
+  _globals['_ATTENTION']._serialized_start=1781
+  _globals['_ATTENTION']._serialized_end=2026
 # @@protoc_insertion_point(module_scope)

@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("borrower_id", "layout", "ipc", "local", "host_wait")
+    __slots__ = ("borrower_id", "layout", "ipc", "local", "host_wait", "in_place")
     BORROWER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     HOST_WAIT_FIELD_NUMBER: _ClassVar[int]
+    IN_PLACE_FIELD_NUMBER: _ClassVar[int]
     borrower_id: str
     layout: str
     ipc: IpcLink
     local: bool
     host_wait: bool
-    def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ..., local: _Optional[bool] = ..., host_wait: _Optional[bool] = ...) -> None: ...
+    in_place: bool
+    def __init__(self, borrower_id: _Optional[str] = ..., layout: _Optional[str] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ..., local: _Optional[bool] = ..., host_wait: _Optional[bool] = ..., in_place: _Optional[bool] = ...) -> None: ...
 
 class IpcLink(_message.Message):
     __slots__ = ("buffer", "event", "rows", "shm_path")
@@ -119,7 +121,7 @@ class LayerResult(_message.Message):
     def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ..., ipc: _Optional[bool] = ...) -> None: ...
 
 class AttentionResponse(_message.Message):
-    __slots__ = ("id", "code", "message", "layer", "granted", "reclaim", "ipc", "local_socket")
+    __slots__ = ("id", "code", "message", "layer", "granted", "reclaim", "ipc", "local_socket", "kv_pool", "blocks")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +130,8 @@ class AttentionResponse(_message.Message):
     RECLAIM_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: int
     message: str
@@ -136,7 +140,9 @@ class AttentionResponse(_message.Message):
     reclaim: _containers.RepeatedScalarFieldContainer[str]
     ipc: IpcLink
     local_socket: str
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., layer: _Optional[_Union[LayerResult, _Mapping]] = ..., granted: _Optional[int] = ..., reclaim: _Optional[_Iterable[str]] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ..., local_socket: _Optional[str] = ...) -> None: ...
+    kv_pool: _kvstore_pb2.CudaIpcHandle
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., layer: _Optional[_Union[LayerResult, _Mapping]] = ..., granted: _Optional[int] = ..., reclaim: _Optional[_Iterable[str]] = ..., ipc: _Optional[_Union[IpcLink, _Mapping]] = ..., local_socket: _Optional[str] = ..., kv_pool: _Optional[_Union[_kvstore_pb2.CudaIpcHandle, _Mapping]] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AttentionStatsRequest(_message.Message):
     __slots__ = ()
