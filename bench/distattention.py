@@ -402,22 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "gpu_split_tpot_ms": r["split_process_tpot_ms"],
                 "gpu_split_throughput_ratio": r["split_process_throughput_ratio"],
             }
-            if "split_thread_throughput_ratio" in r:
-                summary["gpu_split_one_context_throughput_ratio"] = r[
-                    "split_thread_throughput_ratio"
-                ]
-            if "split_process_layer_batches_throughput_ratio" in r:
-                summary["gpu_split_layer_batches_throughput_ratio"] = r[
-                    "split_process_layer_batches_throughput_ratio"
-                ]
-            if "split_process_host_wait_throughput_ratio" in r:
-                summary["gpu_split_host_wait_throughput_ratio"] = r[
-                    "split_process_host_wait_throughput_ratio"
-                ]
-            if "split_process_eager_throughput_ratio" in r:
-                summary["gpu_split_eager_throughput_ratio"] = r[
-                    "split_process_eager_throughput_ratio"
-                ]
+            optional = {
+                "split_thread": "one_context", "split_process_layer_batches": "layer_batches",
+                "split_process_host_wait": "host_wait", "split_process_eager": "eager",
+            }  # fmt: skip
+            for mode, key in optional.items():
+                if f"{mode}_throughput_ratio" in r:
+                    summary[f"gpu_split_{key}_throughput_ratio"] = r[f"{mode}_throughput_ratio"]
         else:
             model = args.model or make_model("tiny", tmp / "tiny", seed=0)
             ref = _Reference(model, ModelConfig.from_dir(model).vocab_size)
