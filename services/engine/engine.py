@@ -30,7 +30,7 @@ from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
 from services.engine.offload_plan import AttentionShards, WorkerLostError
 from services.engine.remote_kv import HolderLostError, RemoteKV
-from services.engine.request import FinishReason, Request, RequestOutput, Status
+from services.engine.request import MAX_PRIORITY, FinishReason, Request, RequestOutput, Status
 from services.engine.sampler import SampledToken, _has_penalty
 from services.engine.sampling_params import SamplingParams
 from services.engine.sched_output import SchedulerOutput
@@ -146,6 +146,10 @@ class LLMEngine:
         self._validate(request_id, prompt, params, len(output_token_ids))
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidRequestError(
+                f"priority must be within [0, {MAX_PRIORITY}], got {priority}"
+            )
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
         req = Request(
             request_id=request_id,

@@ -11,6 +11,8 @@ from services.engine.remote_kv import RemoteSegment
 from services.engine.sampler import SampledToken
 from services.engine.sampling_params import SamplingParams
 
+MAX_PRIORITY = 255  # priorities are within [0, MAX_PRIORITY]; 0 runs first
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
