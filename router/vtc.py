@@ -165,7 +165,10 @@ class VTC:
     ) -> None:
         self.cfg = cfg
         self.router_id = router_id or uuid.uuid4().hex[:12]
-        self.r = aredis.Redis.from_url(redis_url)
+        # Requests past the pool's connections wait for one rather than fail (a burst of
+        # arrivals enqueues at once).
+        pool = aredis.BlockingConnectionPool.from_url(redis_url, max_connections=32, timeout=30)
+        self.r = aredis.Redis(connection_pool=pool)
         p = f"{namespace}:vtc:"
         self._qprefix = p + "q:"
         self._keys = [p + "c", p + "routers", self._qprefix + self.router_id, p + "last"]
