@@ -312,6 +312,9 @@ class LLMEngine:
             ops = self.scheduler.swap.take_ops()
             if ops:
                 self.swapper.submit(ops)
+            if so.is_empty and self.scheduler.swapping_in and self._inflight is None:
+                # Nothing runs until a swap-in lands: wait for it a little rather than spin.
+                self.swapper.wait(self.scheduler.swapping_in[0][1], 0.002)
         return so
 
     def _shards_ready(self) -> bool:

@@ -83,6 +83,15 @@ class Swapper:
         del self._pending[op_id]
         return True
 
+    def wait(self, op_id: int, timeout_s: float) -> bool:
+        """Wait up to timeout_s for an op (sleeping, so the copy thread has the GIL)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.done(op_id):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
     def wait_all(self) -> None:
         for op_id in list(self._pending):
             fut = self._pending[op_id]
