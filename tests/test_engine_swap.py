@@ -90,11 +90,11 @@ def test_fastswitch_groups_and_reuse(tiny_model_dir, prompts, reference):
     engine.swapper.submit = lambda o: (ops.extend(o), submit(o))
     tokens = _run(engine, prompts, churn=0.3, seed=3)
     assert list(tokens.values()) == reference
-    swap = engine.scheduler.swap
     blocks = sum(op.num_blocks for op in ops)
     runs = sum(len(op.runs) for op in ops)
-    assert blocks > 0 and runs < blocks / 2, (runs, blocks)
-    assert swap.blocks_reused > 0  # later swap-outs skipped blocks already on the host
+    # Per-block swap makes one run per block; groups merge them (a 20-block pool under churn
+    # fragments, so about half here).
+    assert blocks > 0 and runs < 0.75 * blocks, (runs, blocks)
     assert engine.swapper.blocks_copied == blocks
 
 
@@ -205,3 +205,41 @@ def test_host_blocks_and_runs():
         (4, 0, 3), (9, 3, 1), (10, 5, 1),
     )  # fmt: skip
     assert len(runs_of([(4, 0), (5, 1)], group=False)) == 2
+
+
+def test_fastswitch_second_swap_out_sends_only_new_blocks(tiny_model_dir):
+    """Multi-turn reuse: the host copy stays valid after swap-in, so a request preempted a
+    second time sends only the blocks written since; its tokens do not change."""
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    a_prompt = list(range(1, 61))
+    ref = make_engine(tiny_model_dir).generate([a_prompt], params)[0].token_ids
+    engine = make_engine(
+        tiny_model_dir, num_kv_blocks=10, max_num_batched_tokens=64,
+        scheduling_policy="priority", preemption_mode="fastswitch",
+    )  # fmt: skip
+    swap = engine.scheduler.swap
+    engine.add_request("a", a_prompt, params, priority=3)
+    tokens: list[int] = []
+
+    def run_until(cond) -> None:
+        for _ in range(2000):
+            if cond():
+                return
+            for out in engine.step():
+                if out.request_id == "a":
+                    tokens.extend(out.new_token_ids)
+            engine.check_integrity()
+        raise AssertionError("condition not reached")
+
+    run_until(lambda: len(tokens) >= 5)
+    short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.add_request("b", list(range(200, 290)), short, priority=0)
+    run_until(lambda: swap.num_swapped_out == 1)
+    first_sent = swap.blocks_out
+    run_until(lambda: engine.request_status("b") is None and len(tokens) >= 20)
+    engine.add_request("c", list(range(300, 390)), short, priority=0)
+    run_until(lambda: swap.num_swapped_out == 2)
+    assert swap.blocks_reused >= first_sent - 1  # all but the partial block stayed valid
+    assert swap.blocks_out - first_sent < first_sent + 3
+    run_until(lambda: not engine.has_unfinished())
+    assert tokens == ref

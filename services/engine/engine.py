@@ -312,9 +312,11 @@ class LLMEngine:
             ops = self.scheduler.swap.take_ops()
             if ops:
                 self.swapper.submit(ops)
-            if so.is_empty and self.scheduler.swapping_in and self._inflight is None:
-                # Nothing runs until a swap-in lands: wait for it a little rather than spin.
-                self.swapper.wait(self.scheduler.swapping_in[0][1], 0.002)
+            sched = self.scheduler
+            if so.is_empty and self._inflight is None and (sched.swapping_in or sched.swapping_out):
+                # Nothing runs until a swap lands: wait for one a little rather than spin.
+                first = sched.swapping_in[0][1] if sched.swapping_in else sched.swapping_out[0][0]
+                self.swapper.wait(first, 0.002)
         return so
 
     def _shards_ready(self) -> bool:

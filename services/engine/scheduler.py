@@ -108,6 +108,13 @@ class Scheduler:
             return self.pool.allocate_group(n, after)
         return self.pool.allocate(n)
 
+    def _landing(self, need: int) -> bool:
+        """The free blocks plus those of swap-outs in flight cover `need`: wait for them
+        rather than preempt more (an asynchronous swap-out frees nothing at once)."""
+        if not self.swapping_out:
+            return False
+        return self.pool.num_free + sum(len(b) for _, b in self.swapping_out) >= need
+
     def _reap_swaps(self) -> None:
         """Blocks whose swap-out copy is done go back to the pool."""
         keep = []
@@ -150,7 +157,7 @@ class Scheduler:
             num_new = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
             need = blocks_for(req.num_computed_tokens + num_new, self.block_size) - req.num_blocks
             grown = self._grow(req, need)
-            while grown is None:
+            while grown is None and not self._landing(need):
                 victim = self.policy.victim(self.running)
                 j = self.running.index(victim)
                 del self.running[j]
@@ -165,6 +172,9 @@ class Scheduler:
             if req.status != Status.RUNNING:
                 self._fail_if_too_long(req)
                 continue  # preempted itself; running[i] is the next one now
+            if grown is None:  # blocks come free as swap-outs land: it skips this step
+                i += 1
+                continue
             new_blocks, new_remote = grown
             scheduled.append(_seq(req, req.num_computed_tokens, num_new, new_blocks, new_remote))
             budget -= num_new
@@ -180,10 +190,7 @@ class Scheduler:
             if req is None or req.num_pending_tokens:
                 break  # preempted with a token in flight: admit once it lands
             admitted = self._admit(req, budget, out)
-            if admitted is _SWAPPING_IN:  # its copy runs; it joins a later step
-                self.policy.pop()
-                continue
-            while admitted is None:  # its blocks lack: does a worse priority give way?
+            while admitted is None and not self._landing(1):  # a worse priority gives way?
                 victim = self.policy.preempt_for(
                     req, [r for r in self.running if r.request_id not in admitted_now]
                 )
@@ -198,6 +205,9 @@ class Scheduler:
                 if self.on_short is not None:
                     self.on_short(blocks_for(req.num_tokens, self.block_size))
                 break
+            if admitted is _SWAPPING_IN:  # its copy runs; it joins a later step
+                self.policy.pop()
+                continue
             admitted_now.add(req.request_id)
             self.policy.pop()
             req.status = Status.RUNNING
