@@ -34,7 +34,7 @@ from router.errors import APIError, from_exception
 from router.metrics import RouterMetrics
 from router.openai_api import Kind, Plan, Shaper, TokenTexts, parse, plan, prompts_of, text_length
 from router.schemas import ChatCompletionRequest, CompletionRequest
-from router.tenants import Tenant, TenantBusyError, Tenants
+from router.tenants import Tenant, TenantBusyError, Tenants, priority_levels_of
 from rpc.piece import Piece
 from services.engine.sampling_params import SamplingDefaults, SamplingParams
 from services.engine.tokenizer import Tokenizer
@@ -80,6 +80,7 @@ def build_app(
     `metrics` (a fresh RouterMetrics when not given). defaults: per model, the sampling a
     request gets for what it leaves unset (the built-in SamplingDefaults otherwise)."""
     defaults = defaults or {}
+    priority_levels = priority_levels_of(tenants)
     texts = {name: TokenTexts(tok) for name, tok in tokenizers.items()}
     metrics = metrics or RouterMetrics(tenants)
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -146,6 +147,11 @@ def build_app(
                 f"cannot tokenize the input: {e}", code="invalid_value"
             ) from None
         p = plan(kind, req, prompts, max_model_len, defaults.get(req.model))
+        if p.priority is not None and p.priority >= priority_levels:
+            raise errors.bad_request(
+                f"priority must be within [0, {priority_levels}), got {p.priority}",
+                param="priority", code="invalid_value",
+            )  # fmt: skip
         shaper = Shaper(p, texts[req.model])
         return await _until_disconnect(request, run(p, shaper, tenant))
 
@@ -286,7 +292,11 @@ class Streams:
         name = self._tenant.name if self._tenant is not None else ""
         for k, s in enumerate(p.subs):
             rid = f"{p.request_id}-{k}"
-            self.its.append(backend.generate(p.model, s.prompt_ids, s.params, rid, tenant=name))
+            self.its.append(
+                backend.generate(
+                    p.model, s.prompt_ids, s.params, rid, tenant=name, priority=p.priority
+                )
+            )
 
     async def prime(self) -> None:
         """Wait for every stream's first piece, so that a refusal arrives before the response

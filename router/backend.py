@@ -109,6 +109,7 @@ class PoolBackend:
         params: Sampling,
         request_id: str,
         tenant: str = "",
+        priority: int | None = None,
         **_: object,
     ) -> AsyncIterator[Piece]:
         info = self.models_info[model]
@@ -119,7 +120,7 @@ class PoolBackend:
             cands = [_cand(r) for r in reps]
             d = pick_decode(cands, None)
             async for piece in self._client(d.address, None, model).generate(
-                prompt_ids, params, request_id, tenant
+                prompt_ids, params, request_id, tenant, priority or 0
             ):
                 yield piece
             return
@@ -142,7 +143,7 @@ class PoolBackend:
         counted = True
         try:
             async for piece in self._client(d.address, p.address, model).generate(
-                prompt_ids, params, request_id, tenant
+                prompt_ids, params, request_id, tenant, priority or 0
             ):
                 if counted:
                     self._outstanding[p.replica_id] -= len(prompt_ids)

@@ -15,7 +15,7 @@ import grpc
 
 from protos.splitserve.v1 import generate_pb2 as pb
 from protos.splitserve.v1 import generate_pb2_grpc as pb_grpc
-from router.tenants import Tenant, TenantBusyError, Tenants
+from router.tenants import Tenant, TenantBusyError, Tenants, priority_levels_of
 from rpc.sampling import sampling_fields
 from services.engine.sampling_params import SamplingDefaults, SamplingParams
 
@@ -78,7 +78,8 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 tenant.release()
 
     async def _validate(self, request, context):
-        """(model, prompt ids, params, request id), or the call aborted with the reason."""
+        """(model, prompt ids, params, request id, priority or None), or the call aborted with
+        the reason."""
         models = dict(self.backend.models())
         model = request.model or (next(iter(models)) if len(models) == 1 else "")
         if model not in models:
@@ -103,11 +104,18 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context length {models[model]}",
             )
-        return model, prompt, params, request.request_id or uuid.uuid4().hex
+        priority = request.priority if request.HasField("priority") else None
+        levels = priority_levels_of(self.tenants)
+        if priority is not None and priority >= levels:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"priority must be within [0, {levels}), got {priority}",
+            )
+        return model, prompt, params, request.request_id or uuid.uuid4().hex, priority
 
-    async def _stream(self, model, prompt, params, rid, tenant: Tenant | None, context):
+    async def _stream(self, model, prompt, params, rid, priority, tenant: Tenant | None, context):
         name = tenant.name if tenant is not None else ""
-        gen = self.backend.generate(model, prompt, params, rid, tenant=name)
+        gen = self.backend.generate(model, prompt, params, rid, tenant=name, priority=priority)
         try:
             async for piece in gen:
                 msg = pb.GenerateResponse(

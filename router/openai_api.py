@@ -59,6 +59,7 @@ class Plan:
     stream: bool
     include_usage: bool
     logprobs: int | None  # API-level: how many top alternatives to show; None: no logprobs
+    priority: int | None = None  # the request's own; None: fair admission picks
 
     @property
     def prompt_tokens(self) -> int:
@@ -185,6 +186,7 @@ def plan(
         stream=req.stream,
         include_usage=req.include_usage,
         logprobs=logprobs,
+        priority=req.priority,
     )
 
 

@@ -52,6 +52,7 @@ class PDClient:
         params: Sampling,
         request_id: str | None = None,
         tenant: str = "",
+        priority: int = 0,
     ) -> AsyncIterator[Piece]:
         """Stream a request. gRPC errors (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE)
         propagate as grpc.aio.AioRpcError. Closing the iterator early cancels the decode stream,
@@ -61,14 +62,15 @@ class PDClient:
         # The tenant rides as metadata so every service can label its metrics with it.
         md = (("x-splitserve-tenant", tenant),) if tenant else None
         dreq = decode_pb2.DecodeRequest(
-            request_id=rid, model=self.model, prompt_token_ids=prompt_ids, sampling=sampling
-        )
+            request_id=rid, model=self.model, prompt_token_ids=prompt_ids, sampling=sampling,
+            priority=priority,
+        )  # fmt: skip
         prefill_timings = None
         if self.prefill is not None:
             pre = await self.prefill.Prefill(
                 prefill_pb2.PrefillRequest(
                     request_id=rid, model=self.model, prompt_token_ids=prompt_ids,
-                    sampling=sampling,
+                    sampling=sampling, priority=priority,
                 ),
                 timeout=self.timeout_s,
                 metadata=md,

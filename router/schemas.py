@@ -60,6 +60,8 @@ class _Common(_Strict):
     min_tokens: int = Field(0, ge=0, le=U31)
     stop_token_ids: list[TokenId] | None = Field(None, max_length=256)
     skip_special_tokens: bool = True
+    # Engine priority, 0 first, within the router's priority_levels (router.tenants).
+    priority: int | None = Field(None, ge=0, le=255)
 
     @property
     def stop_list(self) -> tuple[str, ...]:

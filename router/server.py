@@ -7,7 +7,8 @@ the tenants, the OpenAI-compatible ASGI app and the gRPC Generate service.
     ...
     await router.stop()
 
-HTTP and gRPC share one Tenants object, so a tenant's limits count both.
+HTTP and gRPC share one Tenants object, so a tenant's limits count both. With a fairness
+section in the tenants file, the backend admits through fair admission (router.fair_backend).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from protos.splitserve.v1 import generate_pb2_grpc
 from router.app import build_app
 from router.backend import PoolBackend
 from router.config import RouterConfig
+from router.fair_backend import FairBackend
 from router.grpc_api import SERVICE_NAME, GenerateServicer
 from router.metrics import RouterMetrics
 from router.tenants import Tenants
+from router.vtc import VTC
 from rpc.server import ServiceApp
 from services.engine.tokenizer import load_tokenizer
 
@@ -43,6 +46,12 @@ class RouterServer:
     async def start(self) -> None:
         cfg = self.config
         self.backend = PoolBackend(cfg)
+        fair = self.tenants.fairness if self.tenants is not None else None
+        if fair is not None:
+            # Counters in the cluster's Redis: every router replica admits by the same standing.
+            assert cfg.cluster.redis_url is not None  # RouterConfig checks it
+            vtc = VTC(cfg.cluster.redis_url, cfg.cluster.namespace, fair)
+            self.backend = FairBackend(self.backend, vtc)  # type: ignore[assignment]
         defaults = {m.name: m.defaults for m in cfg.models}
         self.asgi = build_app(
             self.backend,

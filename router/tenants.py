@@ -13,6 +13,19 @@ reads the environment: SPLITSERVE_TENANTS holds a path to such a file or the doc
 SPLITSERVE_API_KEY holds one plain key for a single tenant "default" (hashed on load).
 
 Limits count HTTP requests (a request with n=4 holds one slot) and are per router replica.
+
+An optional `fairness` section turns on fair admission across tenants (router.vtc): every
+router replica admits at most max_inflight sequences at once, in the order of the tenants'
+virtual token counters (shared through Redis), or in arrival order with `order: fcfs`:
+
+    fairness:
+      order: vtc            # vtc | fcfs
+      input_weight: 1       # per prompt token computed
+      output_weight: 2      # per output token
+      max_inflight: 64      # sequences this router keeps in the pools at once
+      weights: {team-a: 2}  # shares (default 1): team-a is owed twice the service
+      priorities: {team-a: 0}  # a tenant's best engine priority (0 = first)
+      priority_levels: 8    # a request's `priority` is within [0, priority_levels)
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from router.vtc import FairnessConfig
+
 ENV_TENANTS = "SPLITSERVE_TENANTS"
 ENV_API_KEY = "SPLITSERVE_API_KEY"
 
@@ -39,6 +54,13 @@ class TenantsConfigError(ValueError):
 
 class TenantBusyError(Exception):
     """The tenant already has max_concurrent requests running and max_queued waiting."""
+
+
+def priority_levels_of(tenants: Tenants | None) -> int:
+    """How many engine priorities a request may ask for: [0, levels)."""
+    if tenants is None or tenants.fairness is None:
+        return FairnessConfig().priority_levels
+    return tenants.fairness.priority_levels
 
 
 def hash_key(key: str) -> str:
@@ -69,10 +91,58 @@ class _TenantSpec(BaseModel):
         return [k.lower() for k in keys]
 
 
+class _FairnessSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    order: str = "vtc"
+    input_weight: float = Field(1.0, gt=0)
+    output_weight: float = Field(2.0, gt=0)
+    max_inflight: int = Field(64, ge=1)
+    weights: dict[str, float] = Field(default_factory=dict)
+    priorities: dict[str, int] = Field(default_factory=dict)
+    priority_levels: int = Field(8, ge=1, le=256)
+
+    @field_validator("order")
+    @classmethod
+    def _order(cls, v: str) -> str:
+        if v not in ("vtc", "fcfs"):
+            raise ValueError(f"order must be vtc or fcfs, got {v!r}")
+        return v
+
+
 class _TenantsFile(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     tenants: list[_TenantSpec] = Field(min_length=1)
+    fairness: _FairnessSpec | None = None
+
+
+def _fairness(spec: _FairnessSpec, names: set[str], source: str) -> FairnessConfig:
+    """The section's cross-checks: tenants it names exist, weights are positive, priorities
+    are within the levels."""
+    for field_name, table in (("weights", spec.weights), ("priorities", spec.priorities)):
+        for name in table:
+            if name not in names:
+                raise TenantsConfigError(
+                    f"{source}: fairness.{field_name}.{name}: unknown tenant {name!r} "
+                    f"(tenants: {', '.join(sorted(names))})"
+                )
+    for name, w in spec.weights.items():
+        if not w > 0 or w != w or w == float("inf"):
+            raise TenantsConfigError(
+                f"{source}: fairness.weights.{name}: a share must be a positive number, got {w}"
+            )
+    for name, p in spec.priorities.items():
+        if not 0 <= p < spec.priority_levels:
+            raise TenantsConfigError(
+                f"{source}: fairness.priorities.{name}: must be within "
+                f"[0, {spec.priority_levels}), got {p}"
+            )
+    return FairnessConfig(
+        order=spec.order, input_weight=spec.input_weight, output_weight=spec.output_weight,
+        max_inflight=spec.max_inflight, weights=dict(spec.weights),
+        priorities=dict(spec.priorities), priority_levels=spec.priority_levels,
+    )  # fmt: skip
 
 
 # -- admission ---------------------------------------------------------------------------------
@@ -133,8 +203,14 @@ class _Key:
 
 
 class Tenants:
-    def __init__(self, tenants: Iterable[tuple[str, Iterable[str], int, int]]) -> None:
-        """tenants: (name, key digests as hex, max_concurrent, max_queued)."""
+    def __init__(
+        self,
+        tenants: Iterable[tuple[str, Iterable[str], int, int]],
+        fairness: FairnessConfig | None = None,
+    ) -> None:
+        """tenants: (name, key digests as hex, max_concurrent, max_queued). fairness: fair
+        admission across tenants (None: each tenant's limits only)."""
+        self.fairness = fairness
         self._by_name: dict[str, Tenant] = {}
         self._keys: list[_Key] = []
         for name, digests, max_concurrent, max_queued in tenants:
@@ -158,7 +234,10 @@ class Tenants:
                 for err in e.errors()
             ]
             raise TenantsConfigError(f"{source}: " + "; ".join(lines)) from None
-        return cls((t.name, t.keys, t.max_concurrent, t.max_queued) for t in f.tenants)
+        fair = None
+        if f.fairness is not None:
+            fair = _fairness(f.fairness, {t.name for t in f.tenants}, source)
+        return cls(((t.name, t.keys, t.max_concurrent, t.max_queued) for t in f.tenants), fair)
 
     @classmethod
     def from_text(cls, text: str, source: str = "tenants") -> Tenants:

@@ -105,6 +105,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 "this decode server continues prefilled requests: send first_token_id and the "
                 "prefill's block references (or use a colocated server)"
             )
+        kwargs["priority"] = int(request.priority)
         t_submit = time.monotonic()
         sent_first = False
         async for out in self.loop.generate(rid, prompt, params, **kwargs):

@@ -76,7 +76,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         first = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
         t0 = time.monotonic()
         final = None
-        async for out in self.loop.generate(rid, prompt, first, export_kv=True):
+        prio = int(request.priority)
+        async for out in self.loop.generate(rid, prompt, first, export_kv=True, priority=prio):
             final = out
             rec.output(out)
         assert final is not None and final.finished

@@ -126,6 +126,10 @@ class EngineSpec(_Strict):
     enforce_eager: bool | None = None
     max_graph_batch_size: int | None = None
     async_scheduling: bool | None = None
+    # Fairness (issue 17): admission/preemption order, and what a preempted request's KV becomes.
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
+    preemption_mode: Literal["recompute", "swap", "fastswitch"] | None = None
+    swap_space_blocks: int | None = None
     # mode offload: two batches taking turns, and q sent before k, v (docs/offload.md: both
     # pay off with the model and attention workers on separate devices; off by default)
     offload_pingpong: bool | None = None

@@ -205,3 +205,39 @@ def _grpc_ok(stack, key) -> bool:
         if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise
         return False
+
+
+def test_priority_out_of_range_is_refused(stack):
+    h = {"Authorization": f"Bearer {KEY}"}
+    for bad in (8, 256, -1):
+        r = httpx2.post(
+            f"{stack.url}/v1/completions", headers=h,
+            json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "priority": bad},
+        )  # fmt: skip
+        assert r.status_code == 400, (bad, r.text)
+        assert assert_error_shape(r)["param"] == "priority"
+    r = httpx2.post(
+        f"{stack.url}/v1/completions", headers=h,
+        json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "priority": 7},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    with grpc.insecure_channel(stack.grpc) as ch:
+        stub = gpb_grpc.GenerateStub(ch)
+        req = gpb.GenerateRequest(model="tiny", prompt="hi", priority=8)
+        req.sampling.max_tokens = 2
+        with pytest.raises(grpc.RpcError) as ei:
+            list(stub.Generate(req, metadata=[("authorization", f"Bearer {KEY}")], timeout=30))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "priority must be within [0, 8)" in ei.value.details()
+        req.priority = 3
+        assert list(stub.Generate(req, metadata=[("authorization", f"Bearer {KEY}")], timeout=30))
+    # The decode service checks what reaches it too.
+    from protos.splitserve.v1 import decode_pb2, decode_pb2_grpc
+
+    with grpc.insecure_channel(stack.server.address) as ch:
+        dreq = decode_pb2.DecodeRequest(model="tiny", prompt_token_ids=[1, 2], priority=300)
+        dreq.sampling.max_tokens = 2
+        with pytest.raises(grpc.RpcError) as ei:
+            list(decode_pb2_grpc.DecodeStub(ch).Decode(dreq, timeout=30))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "priority must be within [0, 255]" in ei.value.details()

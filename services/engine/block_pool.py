@@ -14,7 +14,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from services.engine.block_hash import BlockHash
+from services.engine.swap_space import find_run
 
 
 @dataclass
@@ -40,6 +43,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.enable_caching = enable_caching
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._free_mask = np.ones(num_blocks, dtype=bool)  # for finding contiguous groups
         self._cached: dict[BlockHash, int] = {}
         # Attention offload: blocks cached since take_cached_log() last ran (None: not logged).
         self._cached_log: list[tuple[int, BlockHash]] | None = None
@@ -63,12 +67,45 @@ class BlockPool:
         out = []
         for _ in range(n):
             bid, _ = self._free.popitem(last=False)
-            blk = self.blocks[bid]
-            if blk.block_hash is not None:
-                del self._cached[blk.block_hash]
-                blk.block_hash = None
-            blk.ref_cnt = 1
+            self._take(bid)
             out.append(bid)
+        return out
+
+    def _take(self, bid: int) -> None:
+        """A block just out of the free queue is in use (its cached hash evicted)."""
+        blk = self.blocks[bid]
+        if blk.block_hash is not None:
+            del self._cached[blk.block_hash]
+            blk.block_hash = None
+        blk.ref_cnt = 1
+        self._free_mask[bid] = False
+
+    def allocate_group(self, n: int, after: int | None = None) -> list[int]:
+        """Take n blocks as contiguous ids (FastSwitch's block groups): extending the group
+        that ends at `after` while the next ids are free, else from the best-fitting free run,
+        split across runs only when none is long enough. Contiguity comes before the LRU order
+        of cached blocks."""
+        if n > len(self._free):
+            raise RuntimeError(f"allocate_group({n}) with only {len(self._free)} free blocks")
+        out: list[int] = []
+        nxt = None if after is None else after + 1
+        while len(out) < n and nxt is not None and nxt < len(self.blocks) and nxt in self._free:
+            del self._free[nxt]
+            self._take(nxt)
+            out.append(nxt)
+            nxt += 1
+        while len(out) < n:
+            need = n - len(out)
+            start = find_run(self._free_mask, need)
+            if start is None:
+                start = find_run(self._free_mask, 1)
+                assert start is not None
+            bid = start
+            while len(out) < n and bid < len(self.blocks) and self._free_mask[bid]:
+                del self._free[bid]
+                self._take(bid)
+                out.append(bid)
+                bid += 1
         return out
 
     def release(self, block_ids: Sequence[int]) -> None:
@@ -81,6 +118,7 @@ class BlockPool:
             blk.ref_cnt -= 1
             if blk.ref_cnt == 0:
                 self._free[bid] = None
+                self._free_mask[bid] = True
 
     def lookup(self, hashes: Sequence[BlockHash]) -> list[int]:
         """The longest cached prefix of `hashes`, as block ids. Does not take references."""
@@ -100,6 +138,7 @@ class BlockPool:
             blk = self.blocks[bid]
             if blk.ref_cnt == 0:
                 del self._free[bid]
+                self._free_mask[bid] = False
             blk.ref_cnt += 1
 
     def cache(self, block_id: int, block_hash: BlockHash) -> None:
@@ -173,6 +212,8 @@ class BlockPool:
                 raise AssertionError(f"block {b.block_id} has ref_cnt {b.ref_cnt}")
             if (b.ref_cnt == 0) != (b.block_id in self._free):
                 raise AssertionError(f"block {b.block_id}: ref_cnt {b.ref_cnt} vs free queue")
+            if bool(self._free_mask[b.block_id]) != (b.ref_cnt == 0):
+                raise AssertionError(f"block {b.block_id}: ref_cnt {b.ref_cnt} vs free mask")
             if b.block_hash is not None and self._cached.get(b.block_hash) != b.block_id:
                 raise AssertionError(f"block {b.block_id}: hash not mapped back to it")
         if len(self._cached) != sum(b.block_hash is not None for b in self.blocks):

@@ -11,6 +11,7 @@ import torch
 
 from services.engine.errors import ModelLoadError
 from services.engine.sched_policy import POLICIES
+from services.engine.swap_space import MODES as PREEMPTION_MODES
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -196,7 +197,12 @@ class EngineConfig:
     scheduling_policy orders admission and preemption (services/engine/sched_policy.py): "fcfs"
     admits in arrival order and preempts the newest running request; "priority" admits by
     add_request's priority (lower first, ties in arrival order) and preempts the running request
-    with the highest value, newest first.
+    with the highest value, newest first (and a waiting request preempts running ones of a
+    worse priority when blocks lack).
+    preemption_mode: what a preempted request's KV becomes (services/engine/swap_space.py):
+    "recompute" drops it, "swap" copies it to swap_space_blocks host blocks block by block and
+    synchronously (vLLM's former swap), "fastswitch" in contiguous block groups, asynchronously,
+    keeping the host copy for the next swap-out (FastSwitch).
     kv_offload: attention offload's model worker: no KV here; the engine's num_kv_blocks blocks
     live on attention workers (attach_shards), each holding a range of KV heads. offload_pingpong
     splits decode steps in two batches that take turns; offload_q_first sends q before k, v.
@@ -221,6 +227,8 @@ class EngineConfig:
     async_scheduling: bool = True
     load_format: str = "auto"  # auto | dummy
     scheduling_policy: str = "fcfs"  # fcfs | priority
+    preemption_mode: str = "recompute"  # recompute | swap | fastswitch
+    swap_space_blocks: int | None = None  # host blocks for swapping; None: the pool's size
     kv_offload: bool = False
     offload_pingpong: bool = False
     offload_q_first: bool = False
@@ -251,6 +259,15 @@ class EngineConfig:
                 f"scheduling_policy must be one of {', '.join(POLICIES)}, "
                 f"got {self.scheduling_policy!r}"
             )
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                f"got {self.preemption_mode!r}"
+            )
+        if self.swap_space_blocks is not None and self.swap_space_blocks < 1:
+            raise ValueError(f"swap_space_blocks must be >= 1, got {self.swap_space_blocks}")
+        if self.kv_offload and self.preemption_mode != "recompute":
+            raise ValueError("kv_offload keeps no KV here to swap: preemption_mode recompute")
         if self.max_graph_batch_size < 0:
             raise ValueError("max_graph_batch_size must be >= 0")
         if self.dtype != "auto" and self.dtype not in DTYPES:

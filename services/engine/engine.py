@@ -30,12 +30,14 @@ from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
 from services.engine.offload_plan import AttentionShards, WorkerLostError
 from services.engine.remote_kv import HolderLostError, RemoteKV
-from services.engine.request import FinishReason, Request, RequestOutput, Status
+from services.engine.request import MAX_PRIORITY, FinishReason, Request, RequestOutput, Status
 from services.engine.sampler import SampledToken, _has_penalty
 from services.engine.sampling_params import SamplingParams
 from services.engine.sched_output import SchedulerOutput
 from services.engine.sched_policy import make_policy
 from services.engine.scheduler import Scheduler, blocks_for
+from services.engine.swap_space import SwapSpace
+from services.engine.swapper import Swapper
 from services.engine.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,18 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         if config.kv_offload:
             self.pool.log_cached()  # the attention workers keep them beside the KV
+        swap = None
+        self.swapper: Swapper | None = None
+        if config.preemption_mode != "recompute":
+            host_blocks = config.swap_space_blocks or num_blocks
+            swap = SwapSpace(config.preemption_mode, host_blocks, bs)
+            self.swapper = Swapper(self.kv_cache, host_blocks, asynchronous=swap.group)
         self.scheduler = Scheduler(
             self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
-            make_policy(config.scheduling_policy),
+            make_policy(config.scheduling_policy), swap=swap,
         )  # fmt: skip
+        if self.swapper is not None:
+            self.scheduler.swap_done = self.swapper.done
         self.runner = build_runner(
             self.model, self.kv_cache, config, self.max_model_len, self.fused, seed
         )
@@ -146,6 +156,10 @@ class LLMEngine:
         self._validate(request_id, prompt, params, len(output_token_ids))
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidRequestError(
+                f"priority must be within [0, {MAX_PRIORITY}], got {priority}"
+            )
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
         req = Request(
             request_id=request_id,
@@ -201,6 +215,22 @@ class LLMEngine:
                 f"{self.pool.num_blocks}"
             )
 
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a live request's priority (scheduling_policy "priority"): a waiting request
+        moves in the queue; a running one is preempted when a better one waits and blocks lack.
+        False if the request is unknown or finished."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidRequestError(
+                f"priority must be within [0, {MAX_PRIORITY}], got {priority}"
+            )
+        req = self._requests.get(request_id)
+        if req is None or req.status == Status.FINISHED:
+            return False
+        self.scheduler.set_priority(req, priority)
+        return True
+
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks; False if it is unknown/finished."""
         req = self._requests.pop(request_id, None)
@@ -248,7 +278,7 @@ class LLMEngine:
             return self._step_async()
         if self.config.kv_offload and not self._shards_ready():
             return self._failed_outputs()
-        so = self.scheduler.schedule()
+        so = self._schedule()
         failed = self._failed_outputs()
         if so.is_empty:
             return failed
@@ -272,6 +302,22 @@ class LLMEngine:
                 continue
             outputs.append(self._append_token(req, tok, now))
         return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        """Schedule a step and start the swaps it decided (before the step is launched: a
+        synchronous swap-out reads blocks this step may write)."""
+        so = self.scheduler.schedule()
+        if self.swapper is not None:
+            assert self.scheduler.swap is not None
+            ops = self.scheduler.swap.take_ops()
+            if ops:
+                self.swapper.submit(ops)
+            sched = self.scheduler
+            if so.is_empty and self._inflight is None and (sched.swapping_in or sched.swapping_out):
+                # Nothing runs until a swap lands: wait for one a little rather than spin.
+                first = sched.swapping_in[0][1] if sched.swapping_in else sched.swapping_out[0][0]
+                self.swapper.wait(first, 0.002)
+        return so
 
     def _shards_ready(self) -> bool:
         """Offload: every head range has a live attention worker (or one was found now); while
@@ -337,7 +383,7 @@ class LLMEngine:
         if prev is not None and self._needs_values(prev[0], prev[1]):
             outputs += self._finish_step(*prev)
             prev = None
-        so = self.scheduler.schedule()
+        so = self._schedule()
         outputs += self._failed_outputs()
         if not so.is_empty:
             reqs = self._requests_of(so)

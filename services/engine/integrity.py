@@ -17,8 +17,12 @@ def check_engine(engine: LLMEngine) -> PoolUsage:
     pool, scheduler = engine.pool, engine.scheduler
     usage = pool.check_integrity()
     held: dict[int, int] = {}
-    for r in scheduler.running:
+    swapping_in = [r for r, _ in scheduler.swapping_in]
+    for r in [*scheduler.running, *swapping_in]:
         for b in r.block_ids:
+            held[b] = held.get(b, 0) + 1
+    for _, blocks in scheduler.swapping_out:  # their copy to the host is in flight
+        for b in blocks:
             held[b] = held.get(b, 0) + 1
     for b in engine.lent_blocks() if engine.lent_blocks is not None else ():
         held[b] = held.get(b, 0) + 1
@@ -29,6 +33,8 @@ def check_engine(engine: LLMEngine) -> PoolUsage:
             )
     if any(r.block_ids for r in scheduler.policy):
         raise AssertionError("a waiting request holds blocks")
+    if scheduler.swap is not None:
+        _check_swap(scheduler)
     _check_runner_states(engine)
     return usage
 
@@ -57,3 +63,17 @@ def _check_runner_states(engine: LLMEngine) -> None:
         )
         if not same:
             raise AssertionError(f"the runner's copy of request {r.request_id} differs")
+
+
+def _check_swap(scheduler) -> None:
+    """Host blocks are held by exactly the live requests' host copies, once each, and every
+    swapped-out request has its copy."""
+    swap = scheduler.swap
+    used: list[int] = [b for hc in swap.copies.values() for b in hc.blocks]
+    if len(used) != len(set(used)):
+        raise AssertionError("a host block belongs to two host copies")
+    if sorted(used) != sorted(int(i) for i in (~swap.host.free).nonzero()[0]):
+        raise AssertionError("host blocks in use differ from those of the host copies")
+    for r in scheduler.policy:
+        if r.swapped_tokens and swap.host_tokens(r.request_id) < r.swapped_tokens:
+            raise AssertionError(f"swapped-out request {r.request_id} has no host copy")

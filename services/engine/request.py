@@ -11,6 +11,8 @@ from services.engine.remote_kv import RemoteSegment
 from services.engine.sampler import SampledToken
 from services.engine.sampling_params import SamplingParams
 
+MAX_PRIORITY = 255  # priorities are within [0, MAX_PRIORITY]; 0 runs first
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -53,6 +55,8 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_imported_tokens: int = 0  # prompt tokens whose KV arrived from outside
     num_preemptions: int = 0
+    # Preempted by swapping: the KV of tokens [0, swapped_tokens) waits in host blocks.
+    swapped_tokens: int = 0
     # Tokens sampled by a step still running on the device (async scheduling): counted by the
     # scheduler as if known, appended when the step's results are read.
     num_pending_tokens: int = 0

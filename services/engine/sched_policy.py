@@ -35,6 +35,8 @@ class SchedulingPolicy(Protocol):
       empty; any of them may be named, also one already scheduled in this step (it gives its
       slice back) or the one asking for blocks. The scheduler asks again, without the victim,
       until the blocks suffice or the one asking is named.
+    - preempt_for(req, running): a running request that should give way so that the waiting
+      `req` (the head, whose blocks lack) can be admitted, or None: nobody is preempted for it.
     - len() and iteration: the waiting requests, in no promised order.
     """
 
@@ -49,6 +51,8 @@ class SchedulingPolicy(Protocol):
     def remove(self, req: Request) -> None: ...
 
     def victim(self, running: Sequence[Request]) -> Request: ...
+
+    def preempt_for(self, req: Request, running: Sequence[Request]) -> Request | None: ...
 
     def __len__(self) -> int: ...
 
@@ -80,6 +84,9 @@ class FCFSPolicy:
     def victim(self, running: Sequence[Request]) -> Request:
         return running[-1]
 
+    def preempt_for(self, req: Request, running: Sequence[Request]) -> Request | None:
+        return None  # the head waits for blocks to come free
+
     def __len__(self) -> int:
         return len(self._queue)
 
@@ -90,7 +97,9 @@ class FCFSPolicy:
 class PriorityPolicy:
     """Request.priority orders the queue, lower values first, ties first come first served; a
     preempted request goes back to its place in that order. The victim is the running request
-    with the highest priority value, the newest admitted among equals."""
+    with the highest priority value, the newest admitted among equals; a waiting request whose
+    blocks lack preempts running ones of a worse priority (a priority change is a context
+    switch, as FastSwitch has it)."""
 
     def __init__(self) -> None:
         # (priority, arrival time, push number, request): a preempted request is pushed again
@@ -117,6 +126,19 @@ class PriorityPolicy:
 
     def victim(self, running: Sequence[Request]) -> Request:
         return max(enumerate(running), key=lambda ir: (ir[1].priority, ir[0]))[1]
+
+    def preempt_for(self, req: Request, running: Sequence[Request]) -> Request | None:
+        """A waiting request preempts running ones of a strictly worse priority (the worst,
+        newest first); never one of its own priority or better, so nothing thrashes."""
+        if not running:
+            return None
+        v = self.victim(running)
+        return v if v.priority > req.priority else None
+
+    def reorder(self, req: Request) -> None:
+        """req's priority changed while it waits: its place in the queue follows."""
+        self.remove(req)
+        self.add(req)
 
     def __len__(self) -> int:
         return len(self._heap)

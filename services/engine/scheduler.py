@@ -8,6 +8,11 @@ last known token samples a new one. When a running request cannot get a block, t
 a running request to preempt by recompute (its blocks are released; full ones stay in the prefix
 cache, so it usually resumes from there) and puts it back in the waiting queue.
 
+With a SwapSpace (preemption_mode swap or fastswitch), a preempted request's KV goes to host
+blocks instead, and comes back when it is admitted again (services/engine/swap_space.py); when
+the host has no room it is recomputed. Asynchronous swaps (fastswitch) hold the swapped-out
+blocks until their copy is done, and a swapped-in request joins the batch only once its copy is.
+
 With a RemoteKV (memory lending, DistAttention), a request that cannot get local blocks first
 borrows them from a creditor; only when no creditor can lend does the policy preempt. A
 request's local blocks stay a prefix of its sequence: once it has borrowed, its later blocks
@@ -25,6 +30,7 @@ from services.engine.remote_kv import RemoteKV, RemoteSegment
 from services.engine.request import FinishReason, Request, Status
 from services.engine.sched_output import NewRequestData, ScheduledSeq, SchedulerOutput
 from services.engine.sched_policy import FCFSPolicy, SchedulingPolicy
+from services.engine.swap_space import SwapSpace
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -58,9 +64,17 @@ class Scheduler:
         max_num_batched_tokens: int,
         policy: SchedulingPolicy | None = None,
         remote: RemoteKV | None = None,
+        swap: SwapSpace | None = None,
     ) -> None:
         self.pool = pool
         self.remote = remote
+        self.swap = swap
+        # Whether a swap op's copies are complete (the engine's Swapper answers).
+        self.swap_done: Callable[[int], bool] = lambda op_id: True
+        # Swapped in, copy in flight: they hold their blocks and join the batch once done.
+        self.swapping_in: list[tuple[Request, int]] = []
+        # Blocks of swapped-out requests whose copy to the host is in flight, by op.
+        self.swapping_out: list[tuple[int, list[int]]] = []
         # Told how many blocks are lacking when a running request must preempt or a waiting one
         # can't be admitted: a pool that lends (services.lender) asks its borrowers for blocks
         # back.
@@ -86,7 +100,38 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.policy) + len(self.running)
+        return len(self.policy) + len(self.running) + len(self.swapping_in)
+
+    def _allocate(self, n: int, after: int | None) -> list[int]:
+        """n blocks; as a contiguous group continuing `after` under fastswitch."""
+        if self.swap is not None and self.swap.group:
+            return self.pool.allocate_group(n, after)
+        return self.pool.allocate(n)
+
+    def _landing(self, need: int) -> bool:
+        """The free blocks plus those of swap-outs in flight cover `need`: wait for them
+        rather than preempt more (an asynchronous swap-out frees nothing at once)."""
+        if not self.swapping_out:
+            return False
+        return self.pool.num_free + sum(len(b) for _, b in self.swapping_out) >= need
+
+    def _reap_swaps(self) -> None:
+        """Blocks whose swap-out copy is done go back to the pool."""
+        keep = []
+        for op_id, blocks in self.swapping_out:
+            if self.swap_done(op_id):
+                self.pool.release(blocks)
+            else:
+                keep.append((op_id, blocks))
+        self.swapping_out = keep
+
+    def set_priority(self, req: Request, priority: int) -> None:
+        """Change a request's priority; a waiting one moves to its new place in the queue."""
+        reorder = getattr(self.policy, "reorder", None)
+        waiting = req.status == Status.WAITING and all(r is not req for r, _ in self.swapping_in)
+        req.priority = priority
+        if waiting and reorder is not None:
+            reorder(req)
 
     def add(self, req: Request) -> None:
         self.policy.add(req)
@@ -97,6 +142,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.swap is not None:
+            self._reap_swaps()
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
@@ -110,7 +157,7 @@ class Scheduler:
             num_new = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
             need = blocks_for(req.num_computed_tokens + num_new, self.block_size) - req.num_blocks
             grown = self._grow(req, need)
-            while grown is None:
+            while grown is None and not self._landing(need):
                 victim = self.policy.victim(self.running)
                 j = self.running.index(victim)
                 del self.running[j]
@@ -125,21 +172,43 @@ class Scheduler:
             if req.status != Status.RUNNING:
                 self._fail_if_too_long(req)
                 continue  # preempted itself; running[i] is the next one now
+            if grown is None:  # blocks come free as swap-outs land: it skips this step
+                i += 1
+                continue
             new_blocks, new_remote = grown
             scheduled.append(_seq(req, req.num_computed_tokens, num_new, new_blocks, new_remote))
             budget -= num_new
             i += 1
 
         # No admissions in a step that had to preempt: memory is short already.
-        while not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        admitted_now: set[str] = set()
+        admitting = not preempted
+        if admitting and self.swapping_in:
+            budget = self._resume_swapped(budget, out, scheduled, admitted_now)
+        while admitting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.policy.peek()
             if req is None or req.num_pending_tokens:
                 break  # preempted with a token in flight: admit once it lands
             admitted = self._admit(req, budget, out)
-            if admitted is None:  # its blocks lack
+            while admitted is None and not self._landing(1):  # a worse priority gives way?
+                victim = self.policy.preempt_for(
+                    req, [r for r in self.running if r.request_id not in admitted_now]
+                )
+                if victim is None:
+                    break
+                self.running.remove(victim)
+                budget += _unschedule(scheduled, victim.request_id)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                admitted = self._admit(req, budget, out)
+            if admitted is None:
                 if self.on_short is not None:
                     self.on_short(blocks_for(req.num_tokens, self.block_size))
                 break
+            if admitted is _SWAPPING_IN:  # its copy runs; it joins a later step
+                self.policy.pop()
+                continue
+            admitted_now.add(req.request_id)
             self.policy.pop()
             req.status = Status.RUNNING
             self.running.append(req)
@@ -158,6 +227,8 @@ class Scheduler:
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> ScheduledSeq | None:
         """Find the KV the request need not compute (prefix cache, then imported blocks) and
         allocate blocks for its first chunk. Returns None, changing nothing, if blocks lack."""
+        if req.swapped_tokens:
+            return self._admit_swapped(req, budget, out)
         bs = self.block_size
         limit = req.num_tokens - 1  # at least one token must be computed to get logits
         hits = self.pool.lookup(req.block_hashes[: limit // bs])
@@ -198,7 +269,7 @@ class Scheduler:
             else:
                 borrowed, need = [seg], local
         self.pool.acquire(hits)
-        req.block_ids = hits + self.pool.allocate(need)
+        req.block_ids = hits + self._allocate(need, hits[-1] if hits else None)
         req.remote = borrowed
         out.kv_loads.extend((req.block_ids[pos], blk.kv) for pos, blk in loads)
         for pos, blk in loads:  # imported full blocks join the prefix cache like computed ones
@@ -211,21 +282,90 @@ class Scheduler:
         req.num_computed_tokens = computed
         if req.scheduled_time is None:
             req.scheduled_time = time.monotonic()
-        out.new_requests.append(
-            NewRequestData(
-                req.request_id, list(req.prompt_token_ids), list(req.output_token_ids),
-                req.params, list(req.block_ids), computed, list(req.remote),
-            )
-        )  # fmt: skip
+        _announce(req, out)
         return _seq(req, computed, num_new, [])  # its blocks are in NewRequestData
 
+    def _admit_swapped(self, req: Request, budget: int, out: SchedulerOutput):
+        """A swapped-out request comes back: its full blocks the prefix cache still holds are
+        taken as they are, the rest is copied back from the host. Synchronous swap: it runs in
+        this step (the copy runs first). Asynchronous: _SWAPPING_IN, it joins once copied."""
+        assert self.swap is not None
+        bs = self.block_size
+        n = req.swapped_tokens
+        nblk = blocks_for(n, bs)
+        hits = self.pool.lookup(req.block_hashes[: n // bs])
+        num_new = min(req.num_tokens - n, budget)
+        need = blocks_for(n + num_new, bs) - len(hits)
+        reclaimed = sum(1 for b in hits if self.pool.blocks[b].ref_cnt == 0)
+        if need > self.pool.num_free - reclaimed:
+            return None
+        self.pool.acquire(hits)
+        req.block_ids = hits + self._allocate(need, hits[-1] if hits else None)
+        op = self.swap.swap_in(req.request_id, len(hits), req.block_ids[len(hits) : nblk])
+        req.swapped_tokens = 0
+        req.num_computed_tokens = n
+        if self.swap.group and op is not None:
+            self.swapping_in.append((req, op.op_id))
+            return _SWAPPING_IN
+        _announce(req, out)
+        return _seq(req, n, num_new, [])
+
+    def _resume_swapped(
+        self, budget: int, out: SchedulerOutput, scheduled: list[ScheduledSeq], now: set[str]
+    ) -> int:
+        """Swapped-in requests whose copy is done join the batch (in the order they came
+        back); the others skip this step. Returns the budget left."""
+        keep = []
+        for req, op_id in self.swapping_in:
+            ready = budget > 0 and len(self.running) < self.max_num_seqs and self.swap_done(op_id)
+            if ready:
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                need = blocks_for(req.num_computed_tokens + num_new, self.block_size)
+                need -= len(req.block_ids)
+                ready = self.pool.can_allocate(max(need, 0))
+            if not ready:
+                keep.append((req, op_id))
+                continue
+            if need > 0:
+                req.block_ids += self._allocate(need, req.block_ids[-1] if req.block_ids else None)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            now.add(req.request_id)
+            _announce(req, out)
+            seq = _seq(req, req.num_computed_tokens, num_new, [])
+            scheduled.append(seq)
+            budget -= num_new
+        self.swapping_in = keep
+        return budget
+
     def _preempt(self, req: Request) -> None:
-        self._release(req)
+        if not self._swap_out(req):
+            self._release(req)
         req.num_computed_tokens = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.policy.requeue(req)
+
+    def _swap_out(self, req: Request) -> bool:
+        """Preempt by swapping: its computed KV goes to the host. False: recompute instead
+        (recompute mode, borrowed blocks, nothing computed, or no host room)."""
+        n = req.num_computed_tokens
+        if self.swap is None or req.remote or n == 0:
+            return False
+        nblk = blocks_for(n, self.block_size)
+        evictable = [r.request_id for r in self.running if r is not req]
+        op = self.swap.swap_out(req.request_id, req.block_ids[:nblk], n, evictable)
+        if op is False:
+            return False
+        req.swapped_tokens = n
+        blocks = list(reversed(req.block_ids))  # tail first: prefix evicted last
+        req.block_ids = []
+        if op is not None and self.swap.group:  # held until the copy from them is done
+            self.swapping_out.append((op.op_id, blocks))
+        else:  # synchronous: the copy runs before anything else reuses them
+            self.pool.release(blocks)
+        return True
 
     def _grow(self, req: Request, need: int) -> tuple[list[int], tuple[RemoteSegment, ...]] | None:
         """Give a running request `need` more blocks: local ones while it has borrowed none
@@ -234,7 +374,7 @@ class Scheduler:
         if need <= 0:
             return [], ()
         if not req.remote and self.pool.can_allocate(need):
-            blocks = self.pool.allocate(need)
+            blocks = self._allocate(need, req.block_ids[-1] if req.block_ids else None)
             req.block_ids += blocks
             return blocks, ()
         if self.on_short is not None:  # this pool lends: its own work comes first
@@ -336,11 +476,19 @@ class Scheduler:
         before calling this."""
         if req.status == Status.FINISHED:
             return
+        swapping = [op for r, op in self.swapping_in if r is req]
         if req.status == Status.RUNNING:
             self.running.remove(req)
             self._finished_ids.append(req.request_id)
+        elif swapping:  # its blocks are being written: they return once the copy is done
+            self.swapping_in = [(r, op) for r, op in self.swapping_in if r is not req]
+            self.swapping_out.append((swapping[0], list(reversed(req.block_ids))))
+            req.block_ids = []
         else:
             self.policy.remove(req)
+        if self.swap is not None:
+            self.swap.drop(req.request_id)
+        req.swapped_tokens = 0
         self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
@@ -354,3 +502,17 @@ def _unschedule(scheduled: list[ScheduledSeq], request_id: str) -> int:
             del scheduled[k]
             return s.num_new
     return 0
+
+
+# _admit's answer for a request whose swap-in copy was started: it joins a later step.
+_SWAPPING_IN = object()
+
+
+def _announce(req: Request, out: SchedulerOutput) -> None:
+    """The runner learns the request in full (blocks, tokens, what is computed already)."""
+    out.new_requests.append(
+        NewRequestData(
+            req.request_id, list(req.prompt_token_ids), list(req.output_token_ids), req.params,
+            list(req.block_ids), req.num_computed_tokens, list(req.remote),
+        )
+    )  # fmt: skip
