@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from router.errors import APIError, bad_request, from_validation, model_not_found
 from router.iccache.cache import Decision, ICCache, UnknownResponseError
 from router.iccache.embed_client import EmbedUnavailableError
-from router.schemas import ChatCompletionRequest, CompletionRequest
+from router.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 MODEL_HEADER = "x-splitserve-model"
 EXAMPLES_HEADER = "x-splitserve-examples"
@@ -49,7 +49,8 @@ async def decide(
         raise APIError(503, str(e), type="server_error", headers={"Retry-After": "1"}) from None
     except ValueError as e:
         raise bad_request(str(e), "messages") from None
-    new = req.model_copy(update={"model": d.model, "messages": d.messages(messages)})
+    sent = [ChatMessage(role=m["role"], content=m["content"]) for m in d.messages(messages)]
+    new = req.model_copy(update={"model": d.model, "messages": sent})
     return new, d
 
 
