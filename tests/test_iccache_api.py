@@ -169,9 +169,11 @@ def test_only_complete_large_answers_are_admitted(stack) -> None:
     q = "Who wrote Hamlet?"
     tok = stack.toks["large"]
     ids = tok.apply_chat_template([{"role": "user", "content": q}])
-    out = engine(stack.large_dir).generate(
-        [ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    )[0].token_ids
+    out = (
+        engine(stack.large_dir)
+        .generate([ids], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+        .token_ids
+    )
     stop = next(t for k, t in enumerate(out) if k >= 2 and t not in out[:k])
     r = chat(stack, "bob", q, max_tokens=12, stop_token_ids=[stop])
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop"

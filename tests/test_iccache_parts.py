@@ -58,10 +58,10 @@ def test_scopes_never_cross_tenants(redis_url: str, namespace: str) -> None:
         assert [
             h.example.scope
             for h in await store.search(scopes_for("dave", ("carol", "dave")), e, 10)
-        ] == [SHARED_SCOPE]  # noqa: E501
+        ] == [SHARED_SCOPE]
         assert [h.example.request for h in await store.search(scopes_for("bob", ()), e, 10)] == [
             "bob asks"
-        ]  # noqa: E501
+        ]
         await store.close()
 
     run(body())
