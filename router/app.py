@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +38,9 @@ from router.tenants import Tenant, TenantBusyError, Tenants, priority_levels_of
 from rpc.piece import Piece
 from services.engine.sampling_params import SamplingDefaults, SamplingParams
 from services.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from router.iccache.cache import Decision, ICCache
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +78,12 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: RouterMetrics | None = None,
     defaults: dict[str, SamplingDefaults] | None = None,
+    iccache: ICCache | None = None,
 ) -> FastAPI:
     """tenants=None turns authentication off (the local demo only). GET /metrics serves
     `metrics` (a fresh RouterMetrics when not given). defaults: per model, the sampling a
-    request gets for what it leaves unset (the built-in SamplingDefaults otherwise)."""
+    request gets for what it leaves unset (the built-in SamplingDefaults otherwise).
+    iccache: IC-Cache's routes (router.iccache) and POST /v1/feedback."""
     defaults = defaults or {}
     priority_levels = priority_levels_of(tenants)
     texts = {name: TokenTexts(tok) for name, tok in tokenizers.items()}
@@ -113,10 +118,16 @@ def build_app(
             body = await _read_body(request, max_body_bytes)
             req = parse(kind, body)
             models = served()
+            decision = None
+            if iccache is not None and iccache.route(req.model) is not None:
+                from router.iccache import http as ic_http
+
+                name = tenant.name if tenant is not None else ""
+                req, decision = await ic_http.decide(iccache, kind, req, name)
             if req.model not in models:
                 raise errors.model_not_found(req.model)
             model = req.model
-            response = await answer(request, kind, req, models[model], tenant)
+            response = await answer(request, kind, req, models[model], tenant, decision)
             status = response.status_code
             return response
         except APIError as e:
@@ -135,6 +146,7 @@ def build_app(
         req: CompletionRequest | ChatCompletionRequest,
         max_model_len: int,
         tenant: Tenant | None,
+        decision: Decision | None = None,
     ) -> Response:
         tok = tokenizers[req.model]
         try:
@@ -153,9 +165,11 @@ def build_app(
                 param="priority", code="invalid_value",
             )  # fmt: skip
         shaper = Shaper(p, texts[req.model])
-        return await _until_disconnect(request, run(p, shaper, tenant))
+        return await _until_disconnect(request, run(p, shaper, tenant, decision))
 
-    async def run(p: Plan, shaper: Shaper, tenant: Tenant | None) -> Response:
+    async def run(
+        p: Plan, shaper: Shaper, tenant: Tenant | None, decision: Decision | None = None
+    ) -> Response:
         if tenant is not None:
             try:
                 await tenant.acquire()
@@ -163,14 +177,29 @@ def build_app(
                 raise errors.too_many_requests(str(e)) from None
         streams = Streams(tenant)
         handed_over = False
+        ic_headers: dict[str, str] = {}
+        if decision is not None:
+            from router.iccache import http as ic_http
+
+            assert iccache is not None
+            ic_headers = ic_http.headers(decision)
+            iccache.load.start(p.model)
+            streams.on_close = lambda: iccache.load.end(p.model)
         try:
             streams.open(backend, p)
             if p.stream:
                 await streams.prime()
                 handed_over = True  # the SSE response closes them now
-                return SSEResponse(_sse(shaper, streams), streams.close)
+                sse = SSEResponse(_sse(shaper, streams), streams.close)
+                sse.headers.update(ic_headers)
+                if decision is not None:  # kept for feedback; a stream is never admitted
+                    await iccache.finish(decision, p.request_id, "", None, 0)
+                return sse
             await streams.collect(shaper)
-            return _json(shaper.response())
+            body = shaper.response()
+            if decision is not None:
+                body = await ic_http.finish(iccache, decision, body)
+            return _json(body, headers=ic_headers)
         except Exception as e:
             raise from_exception(_unwrap(e)) from None
         finally:
@@ -202,6 +231,17 @@ def build_app(
         ]
         return _json({"object": "list", "data": data})
 
+    if iccache is not None:
+
+        @app.post("/v1/feedback")
+        async def feedback(request: Request) -> Response:
+            from router.iccache import http as ic_http
+
+            tenant = authenticate(request)
+            body = await _read_body(request, max_body_bytes)
+            name = tenant.name if tenant is not None else ""
+            return _json(await ic_http.feedback(iccache, body, name))
+
     @app.get("/health")
     async def health() -> Response:
         return _json({"status": "ok"})
@@ -213,9 +253,12 @@ def build_app(
     return app
 
 
-def _json(obj: dict, status: int = 200) -> Response:
+def _json(obj: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        json.dumps(obj, separators=(",", ":")).encode(), status, media_type="application/json"
+        json.dumps(obj, separators=(",", ":")).encode(),
+        status,
+        headers,
+        media_type="application/json",
     )
 
 
@@ -287,6 +330,7 @@ class Streams:
         self.firsts: list[Piece] = []
         self._tenant = tenant
         self._closed = False
+        self.on_close: Callable[[], None] | None = None  # runs once, when the streams close
 
     def open(self, backend: Backend, p: Plan) -> None:
         name = self._tenant.name if self._tenant is not None else ""
@@ -367,6 +411,8 @@ class Streams:
         finally:
             if self._tenant is not None:
                 self._tenant.release()
+            if self.on_close is not None:
+                self.on_close()
 
 
 async def _next(it: AsyncIterator[Piece]) -> Piece:

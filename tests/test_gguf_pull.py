@@ -206,8 +206,17 @@ def test_convert_errors(tmp_path: Path, qwen2_model_dir: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ModelLoadError, match="only 'llama'"):
+    # qwen2 converts (tests/test_qwen_pull.py); this one lacks its metadata, named per arch.
+    with pytest.raises(ModelLoadError, match=r"lacks 'qwen2\.embedding_length'"):
         convert_gguf(tmp_path / "qwen.gguf", tmp_path / "out")
+    w = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), "gemma2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="convertible: llama, qwen2"):
+        convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
 
 
 def make_wheel(gguf_file: Path, whl: Path, member: str) -> str:

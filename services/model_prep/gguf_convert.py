@@ -1,4 +1,4 @@
-"""Convert a llama-architecture GGUF file into a float32 Hugging Face model directory.
+"""Convert a llama- or qwen2-architecture GGUF file into a float32 Hugging Face model directory.
 
 Every tensor is dequantized with gguf's own reference code, so the safetensors hold exactly
 the values llama.cpp (and transformers' GGUF loader) compute from the file.
@@ -40,6 +40,11 @@ _GLOBAL_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 ROPE_FREQS = "rope_freqs.weight"
+# GGUF architecture -> Hugging Face architecture and model_type.
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+}
 
 
 @dataclass(frozen=True)
@@ -98,15 +103,16 @@ def convert_gguf(
         reader = GGUFReader(str(src))
     except Exception as e:
         raise ModelLoadError(f"{src} is not a readable GGUF file: {e}") from None
-    meta = _Metadata(reader)
+    meta = _Metadata(reader, "")
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise ModelLoadError(
-            f"{src.name} has GGUF architecture {arch!r}; only 'llama' GGUF files can be converted"
+            f"{src.name} has GGUF architecture {arch!r}; convertible: {', '.join(ARCHITECTURES)}"
         )
+    meta = _Metadata(reader, arch)
 
     by_name = {t.name: t for t in reader.tensors}
-    config = _hf_config(meta, by_name)
+    config = _hf_config(meta, by_name, arch)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     tensors = [
         GGUFTensor(t.name, hf_tensor_name(t.name), tuple(int(d) for d in reversed(t.shape)))
@@ -118,12 +124,16 @@ def convert_gguf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_hf = {t.hf_name: t for t in tensors}
+    # llama.cpp permutes q/k rows for its llama converter only; qwen2's keeps HF's layout.
+    permuted = arch == "llama"
 
     def make(hf_name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = by_hf[hf_name]
         raw = by_name[t.gguf_name]
         values = np.asarray(dequantize(raw.data, raw.tensor_type), dtype=np.float32)
         w = torch.from_numpy(values.reshape(shape).copy())
+        if not permuted:
+            return w
         if ".attn_q." in t.gguf_name:
             w = unpermute_rotary(w, heads)
         elif ".attn_k." in t.gguf_name:
@@ -143,11 +153,17 @@ def convert_gguf(
 
 
 class _Metadata:
-    def __init__(self, reader: Any) -> None:
+    """GGUF metadata; a key written "arch.x" reads "<architecture>.x" (llama.x, qwen2.x)."""
+
+    def __init__(self, reader: Any, arch: str) -> None:
         self._fields = reader.fields
+        self._arch = arch
+
+    def key(self, key: str) -> str:
+        return self._arch + key[4:] if key.startswith("arch.") else key
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
+        field = self._fields.get(self.key(key))
         if field is None:
             return default
         value = field.contents()
@@ -156,43 +172,43 @@ class _Metadata:
     def require(self, key: str) -> Any:
         value = self.get(key)
         if value is None:
-            raise ModelLoadError(f"GGUF metadata lacks {key!r}; cannot build config.json")
+            raise ModelLoadError(f"GGUF metadata lacks {self.key(key)!r}; cannot build config.json")
         return value
 
 
-def _hf_config(meta: _Metadata, tensors: dict[str, Any]) -> dict[str, Any]:
-    hidden = int(meta.require("llama.embedding_length"))
-    heads = meta.require("llama.attention.head_count")
-    kv_heads = meta.get("llama.attention.head_count_kv", heads)
+def _hf_config(meta: _Metadata, tensors: dict[str, Any], arch: str) -> dict[str, Any]:
+    hidden = int(meta.require("arch.embedding_length"))
+    heads = meta.require("arch.attention.head_count")
+    kv_heads = meta.get("arch.attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv_heads, list):
         raise ModelLoadError("GGUF files with per-layer head counts are not supported")
     heads, kv_heads = int(heads), int(kv_heads)
     head_dim = (
-        int(meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count") or 0)
+        int(meta.get("arch.attention.key_length") or meta.get("arch.rope.dimension_count") or 0)
         or hidden // heads
     )
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise ModelLoadError("GGUF file has no token_embd.weight tensor")
     vocab = int(embd.shape[1])  # GGUF dims are reversed: [hidden, vocab]
-    declared = meta.get("llama.vocab_size")
+    declared = meta.get("arch.vocab_size")
     if declared is not None and int(declared) != vocab:
         raise ModelLoadError(f"GGUF vocab_size {declared} != token_embd rows {vocab}")
-    theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    theta = float(meta.get("arch.rope.freq_base", 10000.0))
     has_bias = any(n.startswith("blk.") and n.endswith(".bias") for n in tensors)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[arch][0]],
+        "model_type": ARCHITECTURES[arch][1],
         "hidden_size": hidden,
-        "intermediate_size": int(meta.require("llama.feed_forward_length")),
-        "num_hidden_layers": int(meta.require("llama.block_count")),
+        "intermediate_size": int(meta.require("arch.feed_forward_length")),
+        "num_hidden_layers": int(meta.require("arch.block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
         "vocab_size": vocab,
-        "max_position_embeddings": int(meta.get("llama.context_length", 2048)),
-        "rms_norm_eps": float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": int(meta.get("arch.context_length", 2048)),
+        "rms_norm_eps": float(meta.get("arch.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": theta,
         "rope_scaling": _rope_scaling(meta, tensors, theta, head_dim),
         # llama.cpp drops output.weight when the model ties it to the embeddings.
@@ -209,7 +225,7 @@ def _hf_config(meta: _Metadata, tensors: dict[str, Any]) -> dict[str, Any]:
 def _rope_scaling(
     meta: _Metadata, tensors: dict[str, Any], theta: float, head_dim: int
 ) -> dict[str, Any] | None:
-    kind = meta.get("llama.rope.scaling.type")
+    kind = meta.get("arch.rope.scaling.type")
     if ROPE_FREQS in tensors:
         from gguf.quants import dequantize
 
@@ -219,7 +235,7 @@ def _rope_scaling(
     if kind in (None, "none"):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(meta.require("llama.rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": float(meta.require("arch.rope.scaling.factor"))}
     raise ModelLoadError(f"GGUF rope scaling type {kind!r} is not supported; supported: linear")
 
 

@@ -1,0 +1,208 @@
+"""IC-Cache on real models and real questions: BIG-bench qa_wikidata (an excerpt shipped in
+bench/data), Qwen2.5-Coder-0.5B-Instruct as the small model and Qwen2.5-Coder-1.5B-Instruct as
+the large one (both from `splitserve models pull`), all-MiniLM-L6-v2 embeddings.
+
+The first `--warm` questions are answered by the large model and admitted as examples (the
+manager's rules: complete answers only). The next `--test` questions are then served four
+ways on the same hardware, one after the other:
+  all-large, all-small, IC-Cache (selector + LinUCB bandit with feedback = exact match against
+  the reference, load penalty off: one request stream), and a semantic *answer* cache (the
+  nearest past answer returned verbatim when cosine >= 0.8, else the large model).
+Each way runs its requests as engine batches (small and large batches separately); throughput
+is questions per second of wall time including embedding and selection.
+
+    python bench/iccache.py [--quick] [--json PATH]
+
+Summary keys: throughput_gain (IC-Cache / all-large questions per s), quality_ratio
+(IC-Cache / all-large accuracy), small_share, answer_cache_quality_ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_report
+from kvstore.redis_server import EmbeddedRedis
+from router.iccache.cache import ICCache
+from router.iccache.config import ICCacheConfig, ICRoute
+from services.embedder import Embedder
+from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
+from services.engine.sampling_params import SamplingParams
+from services.engine.tokenizer import load_tokenizer
+from splitserve.embed_pull import pull_embedder
+from splitserve.models_pull import pull_model
+
+DATA = Path(__file__).parent / "data" / "qa_wikidata_600.json"
+SYSTEM = "Complete the sentence with the short fact only, no explanation."
+ANSWER_CACHE_SIM = 0.8
+MAX_TOKENS = 8
+
+
+def norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", " ", s.lower()).split("\n")[0].strip()
+
+
+def correct(answer: str, targets: list[str]) -> bool:
+    a = " " + " ".join(norm(answer).split()) + " "
+    return any(" " + " ".join(norm(t).split()) + " " in a for t in targets if norm(t))
+
+
+class LocalEmbed:
+    """The embedding model in this process (the router asks the embed service instead)."""
+
+    def __init__(self, model: Embedder) -> None:
+        self.model = model
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        return self.model.embed(texts)
+
+    async def close(self) -> None:
+        pass
+
+
+def messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def run_batch(engine: LLMEngine, tok, convs: list[list[dict]]) -> list:
+    if not convs:
+        return []
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    return engine.generate([tok.apply_chat_template(c) for c in convs], [params] * len(convs))
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    data = json.loads(DATA.read_text())["examples"]
+    warm, test = data[: args.warm], data[args.warm : args.warm + args.test]
+    small_dir = pull_model(args.small, progress=False)
+    large_dir = pull_model(args.large, progress=False)
+    cfg = EngineConfig(num_kv_blocks=args.kv_blocks, max_num_seqs=args.batch)
+    small, large = LLMEngine(small_dir, cfg), LLMEngine(large_dir, cfg)
+    tok_s, tok_l = load_tokenizer(small_dir), load_tokenizer(large_dir)
+    embedder = LocalEmbed(Embedder(pull_embedder()))
+    results: list[dict] = []
+
+    with EmbeddedRedis() as redis:
+        route = ICRoute(name="auto", small="small", large="large")
+        ic = ICCache(
+            ICCacheConfig(routes=(route,), max_examples=4, min_similarity=0.5),
+            redis.url, "bench", embed=embedder,  # type: ignore[arg-type]
+            count_tokens=lambda s: len(tok_s.encode(s)),
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        outs = run_batch(large, tok_l, [messages(q["input"]) for q in warm])
+        embs = embedder.model.embed([q["input"] for q in warm])
+        admitted = 0
+        for q, out, e in zip(warm, outs, embs, strict=True):
+            got = await ic.manager.admit(
+                tenant="bench", request=q["input"], response=out.text, emb=e, model="large",
+                large="large", finish_reason=out.finish_reason, tokens=len(out.token_ids) + 12,
+            )  # fmt: skip
+            admitted += got.admitted
+        print(f"warm: {len(warm)} large answers, {admitted} admitted "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+
+        def record(way: str, answers: list[str], seconds: float, small_n: int) -> dict:
+            hits = [correct(a, q["target"]) for a, q in zip(answers, test, strict=True)]
+            r = {
+                "way": way, "questions": len(test), "accuracy": float(np.mean(hits)),
+                "seconds": seconds, "questions_per_s": len(test) / seconds,
+                "small_share": small_n / len(test),
+            }  # fmt: skip
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            return r
+
+        # Fresh engines for every way: a prefix cache warmed by one way must not speed up the next.
+        def fresh() -> tuple[LLMEngine, LLMEngine]:
+            return LLMEngine(small_dir, cfg), LLMEngine(large_dir, cfg)
+
+        small, large = fresh()
+        t = time.perf_counter()
+        large_ans = [o.text for o in run_batch(large, tok_l, [messages(q["input"]) for q in test])]
+        r_large = record("all-large", large_ans, time.perf_counter() - t, 0)
+        t = time.perf_counter()
+        small_ans = [o.text for o in run_batch(small, tok_s, [messages(q["input"]) for q in test])]
+        record("all-small", small_ans, time.perf_counter() - t, len(test))
+
+        # The answer cache: the nearest past answer verbatim at cosine >= 0.8.
+        small, large = fresh()
+        t = time.perf_counter()
+        q_embs = embedder.model.embed([q["input"] for q in test])
+        ans: list[str | None] = []
+        for e in q_embs:
+            hits = await ic.store.search(["bench"], e, 1)
+            ok = hits and hits[0].similarity >= ANSWER_CACHE_SIM
+            ans.append(hits[0].example.response if ok else None)
+        miss = [k for k, a in enumerate(ans) if a is None]
+        for k, o in zip(miss, run_batch(large, tok_l, [messages(test[k]["input"]) for k in miss]),
+                        strict=True):  # fmt: skip
+            ans[k] = o.text
+        r_ac = record("answer-cache", [a or "" for a in ans], time.perf_counter() - t,
+                      len(test) - len(miss))  # fmt: skip
+
+        # IC-Cache, in rounds of --batch: decide, run each model's share, then feedback.
+        small, large = fresh()
+        t = time.perf_counter()
+        ic_ans: list[str] = [""] * len(test)
+        n_small = 0
+        for start in range(0, len(test), args.batch):
+            idx = list(range(start, min(start + args.batch, len(test))))
+            ds = {k: await ic.decide(route, "bench", messages(test[k]["input"])) for k in idx}
+            to_small = [k for k in idx if ds[k].model == "small"]
+            to_large = [k for k in idx if ds[k].model == "large"]
+            n_small += len(to_small)
+            outs_s = run_batch(small, tok_s, [ds[k].messages(messages(test[k]["input"]))
+                                              for k in to_small])  # fmt: skip
+            outs_l = run_batch(large, tok_l, [messages(test[k]["input"]) for k in to_large])
+            for k, o in [*zip(to_small, outs_s, strict=True), *zip(to_large, outs_l, strict=True)]:
+                ic_ans[k] = o.text
+                rid = f"q{k}"
+                await ic.finish(ds[k], rid, o.text, o.finish_reason, len(o.token_ids))
+                await ic.feedback("bench", rid, float(correct(o.text, test[k]["target"])))
+        r_ic = record("iccache", ic_ans, time.perf_counter() - t, n_small)
+        await ic.close()
+
+    return {
+        "results": results,
+        "summary": {
+            "throughput_gain": r_ic["questions_per_s"] / r_large["questions_per_s"],
+            "quality_ratio": r_ic["accuracy"] / max(r_large["accuracy"], 1e-9),
+            "small_share": r_ic["small_share"],
+            "answer_cache_quality_ratio": r_ac["accuracy"] / max(r_large["accuracy"], 1e-9),
+            "large_accuracy": r_large["accuracy"],
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="16 warm + 16 test questions")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--warm", type=int, default=200)
+    ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--kv-blocks", type=int, default=512)
+    ap.add_argument("--small", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--large", default="qwen2.5-coder-1.5b-instruct")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.warm, args.test = 16, 16
+    out = asyncio.run(main_async(args))
+    print(json.dumps(out["summary"], indent=2))
+    write_report(args.json, "iccache", argv, out["results"], out["summary"])
+
+
+if __name__ == "__main__":
+    main()
