@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from services.engine.assembly import build_model, build_runner, pool_blocks
-from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block, model_fingerprint
+from services.engine.block_hash import BlockHash, model_fingerprint
 from services.engine.block_pool import BlockPool, PoolUsage
 from services.engine.completion import Completion
 from services.engine.config import EngineConfig, ModelConfig
@@ -27,15 +27,16 @@ from services.engine.errors import InvalidRequestError
 from services.engine.fused_ops import triton_available
 from services.engine.integrity import check_engine
 from services.engine.kv_cache import KVCache
-from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name
+from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name, export_blocks
 from services.engine.offload_plan import AttentionShards, WorkerLostError
 from services.engine.remote_kv import HolderLostError, RemoteKV
-from services.engine.request import MAX_PRIORITY, FinishReason, Request, RequestOutput, Status
+from services.engine.request import FinishReason, Request, RequestOutput, Status
+from services.engine.request_checks import check_priority, check_request
 from services.engine.sampler import SampledToken, _has_penalty
 from services.engine.sampling_params import SamplingParams
 from services.engine.sched_output import SchedulerOutput
 from services.engine.sched_policy import make_policy
-from services.engine.scheduler import Scheduler, blocks_for
+from services.engine.scheduler import Scheduler
 from services.engine.swap_space import SwapSpace
 from services.engine.swapper import Swapper
 from services.engine.tokenizer import Tokenizer, load_tokenizer
@@ -154,12 +155,7 @@ class LLMEngine:
         """
         prompt = [int(t) for t in prompt_token_ids]
         self._validate(request_id, prompt, params, len(output_token_ids))
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        if not 0 <= priority <= MAX_PRIORITY:
-            raise InvalidRequestError(
-                f"priority must be within [0, {MAX_PRIORITY}], got {priority}"
-            )
+        check_priority(priority)
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
         req = Request(
             request_id=request_id,
@@ -189,42 +185,17 @@ class LLMEngine:
     ) -> None:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if not prompt:
-            raise InvalidRequestError("prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(prompt) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt)} tokens; the context holds {self.max_model_len} "
-                "including at least one generated token"
-            )
-        total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the context length {self.max_model_len}"
-            )
-        if num_done >= params.max_tokens:
-            raise InvalidRequestError("the request has already generated max_tokens tokens")
-        need = blocks_for(total, self.block_size)
-        if need > self.pool.num_blocks and self.remote_kv is None:
-            raise InvalidRequestError(
-                f"the request needs {need} KV blocks at most; this engine has "
-                f"{self.pool.num_blocks}"
-            )
+        check_request(
+            prompt, params, num_done, vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len, block_size=self.block_size,
+            pool_blocks=self.pool.num_blocks, can_borrow=self.remote_kv is not None,
+        )  # fmt: skip
 
     def set_priority(self, request_id: str, priority: int) -> bool:
         """Change a live request's priority (scheduling_policy "priority"): a waiting request
         moves in the queue; a running one is preempted when a better one waits and blocks lack.
         False if the request is unknown or finished."""
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        if not 0 <= priority <= MAX_PRIORITY:
-            raise InvalidRequestError(
-                f"priority must be within [0, {MAX_PRIORITY}], got {priority}"
-            )
+        check_priority(priority)
         req = self._requests.get(request_id)
         if req is None or req.status == Status.FINISHED:
             return False
@@ -469,23 +440,7 @@ class LLMEngine:
         return None
 
     def export_kv(self, req: Request) -> list[KVBlock]:
-        """The request's computed KV as content-named blocks; the last may be partial."""
-        n = req.num_computed_tokens
-        bs = self.block_size
-        tokens = req.all_token_ids
-        out = []
-        parent = ROOT_HASH
-        for j in range(min(blocks_for(n, bs), len(req.block_ids))):  # local blocks only
-            end = min((j + 1) * bs, n)
-            ids = tuple(tokens[j * bs : end])
-            h = (
-                req.block_hashes[j]
-                if end - j * bs == bs
-                else hash_block(parent, ids, self.model_id)
-            )
-            out.append(KVBlock(h, ids, self.kv_cache.read_block(req.block_ids[j], len(ids))))
-            parent = h
-        return out
+        return export_blocks(req, self.kv_cache, self.block_size, self.model_id)
 
     # -- what the services ask ------------------------------------------------------------
 

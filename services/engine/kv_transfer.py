@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.engine.block_hash import BlockHash
+from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
@@ -98,3 +98,20 @@ class KVBlock:
             bytearray(payload) if isinstance(payload, bytes) else payload, dtype=torch.uint8
         )
         return cls(block_hash, token_ids, raw.view(torch_dtype).view(shape))
+
+
+def export_blocks(req, kv_cache, block_size: int, model_id: str) -> list[KVBlock]:
+    """A request's computed KV in an engine's cache as content-named blocks (its local blocks;
+    the last may be partial)."""
+    n = req.num_computed_tokens
+    bs = block_size
+    tokens = req.all_token_ids
+    out = []
+    parent = ROOT_HASH
+    for j in range(min(-(-n // bs), len(req.block_ids))):
+        end = min((j + 1) * bs, n)
+        ids = tuple(tokens[j * bs : end])
+        h = req.block_hashes[j] if end - j * bs == bs else hash_block(parent, ids, model_id)
+        out.append(KVBlock(h, ids, kv_cache.read_block(req.block_ids[j], len(ids))))
+        parent = h
+    return out
