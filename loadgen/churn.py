@@ -101,13 +101,13 @@ class ChurnClock:
         self._walks: dict[int, tuple[int, int]] = {}  # stream -> (updates applied, level)
 
     def updates_before(self, t: float) -> int:
-        """How many updates happened at steps that began before time t."""
+        """How many updates happened by time t (an update happens as its step begins)."""
         step = int(np.floor(max(t, 0.0) / self.c.step_s))
         while self._steps_drawn <= step:
             hits = np.flatnonzero(self._rng.random(self._CHUNK) < self.c.freq)
             self._updates = np.concatenate((self._updates, hits + self._steps_drawn))
             self._steps_drawn += self._CHUNK
-        return int(np.searchsorted(self._updates, step, side="left"))
+        return int(np.searchsorted(self._updates, step, side="right"))
 
     def _draw(self, stream: int, k: int) -> int:
         return int(np.random.default_rng([self.c.seed, 12, stream, k]).integers(self.c.levels))
