@@ -14,8 +14,10 @@ VTC's gap (`service_gap`): for two tenants f and g, the largest |W_f(t1, t2) - W
 over every interval [t1, t2] in which both were backlogged, W being service over the tenant's
 weight (its share); over all pairs. VTC bounds it by 2U, U = max(w_in * L_input, w_out * M),
 L_input the longest prompt and M the tokens the serving pool holds at once (the client cannot
-know M: the report takes it, `pool_tokens`). Backlogged here is the client's view: a request
-in flight; a request that failed without an end does not count.
+know M: the report takes it, `pool_tokens`). Backlogged, as VTC means it, is having requests
+waiting in the queue; the client's nearest view of that is a request sent whose first token
+has not come (queued, or in its prefill): so here a tenant is backlogged while it has one. (A
+tenant whose requests are all generating is served as much as it asks: it is not owed more.)
 
 Jain's index of x_1..x_n is (sum x)^2 / (n sum x^2): 1 when all are equal, 1/n when one tenant
 gets everything. It is taken over each tenant's service over its weight, over the whole run
@@ -46,11 +48,25 @@ def _service_events(o: Outcome, w_in: float, w_out: float) -> list[tuple[float, 
 
 def _busy_intervals(outs: Sequence[Outcome]) -> list[tuple[float, float]]:
     """Union of [sent, end] of a tenant's requests, merged."""
-    spans = sorted(
-        (o.sent, o.end) for o in outs if not math.isnan(o.sent) and not math.isnan(o.end)
+    return _merge(
+        [(o.sent, o.end) for o in outs if not math.isnan(o.sent) and not math.isnan(o.end)]
     )
+
+
+def _waiting_intervals(outs: Sequence[Outcome]) -> list[tuple[float, float]]:
+    """Union of [sent, first token] of a tenant's requests (a request that failed before its
+    first token: [sent, end] when it has an end), merged."""
+    spans = []
+    for o in outs:
+        stop = o.first_token if not math.isnan(o.first_token) else o.end
+        if not math.isnan(o.sent) and not math.isnan(stop):
+            spans.append((o.sent, stop))
+    return _merge(spans)
+
+
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
-    for a, b in spans:
+    for a, b in sorted(spans):
         if merged and a <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], b))
         else:
@@ -206,7 +222,7 @@ def service_gap(outcomes: Sequence[Outcome], t0: float, spec: FairSpec) -> dict:
     and Jain's index of the service over the weights."""
     measured = [o for o in outcomes if not o.warmup]
     tenants = sorted({o.tenant for o in measured})
-    busy = {n: _busy_intervals([o for o in measured if o.tenant == n]) for n in tenants}
+    busy = {n: _waiting_intervals([o for o in measured if o.tenant == n]) for n in tenants}
     ev = {n: _events([o for o in measured if o.tenant == n], spec, n) for n in tenants}
     worst, where = None, None
     for i, f in enumerate(tenants):

@@ -197,26 +197,27 @@ def _out(i, tenant, sent, end, first, chunks, prompt, tokens, priority=None):
 
 
 def test_vtc_gap_over_any_interval_by_hand():
-    # a: busy [0, 10]; prompt 10 at t=1, then 1 output token (service 2) at t = 1..8.
-    # b: busy [2, 10]; prompt 4 at t=9, one token at t=9.5.
-    a = _out(0, "a", 0.0, 10.0, 1.0, [1, 2, 3, 4, 5, 6, 7, 8], 10, 8)
-    b = _out(1, "b", 2.0, 10.0, 9.0, [9.5], 4, 1)
-    g = service_gap([a, b], 0.0, FairSpec(pool_tokens=5))
-    # Both backlogged over [2, 10]: a gets 2 at each of t=2..8 (14) while b gets nothing until
-    # t=9 (4 + 2): the largest difference is 14, over [2, 8].
-    assert g["max_gap"] == pytest.approx(14.0)
-    assert g["max_gap_between"] == {"tenants": ["a", "b"], "from_s": 2.0, "to_s": 10.0}
-    # U = max(1 * longest prompt 10, 2 * 5 pool tokens) = 10: the gap is 1.4 U, within 2U.
-    assert (g["u"], g["max_gap_over_u"], g["within_2u"]) == (10.0, 1.4, True)
-    assert g["service_over_weight"] == {"a": 26.0, "b": 6.0}
-    assert g["jain"] == pytest.approx(32**2 / (2 * (26**2 + 6**2)))
-    # Weighted: b is owed twice a's service, so its counted service halves (and a's gap grows
-    # the same, since b got nothing in [2, 8]); a pool of 3 tokens gives U = 10, and 2U = 20.
-    w = service_gap([a, b], 0.0, FairSpec(weights={"a": 0.5}, pool_tokens=3))
-    assert w["max_gap"] == pytest.approx(28.0) and w["within_2u"] is False
-    assert w["u"] == 10.0
+    # a: two requests sent at 0; the first starts at 1 (prompt 10, then 1 output token, service
+    # 2, at t = 1..4), the second waits until 5 (prompt 10; tokens at 5..8). a waits [0, 5].
+    # b: one request sent at 2 that waits until 9 (prompt 4; tokens at 9 and 9.5).
+    a1 = _out(0, "a", 0.0, 4.0, 1.0, [1, 2, 3, 4], 10, 4)
+    a2 = _out(1, "a", 0.0, 8.0, 5.0, [5, 6, 7, 8], 10, 4)
+    b = _out(2, "b", 2.0, 10.0, 9.0, [9, 9.5], 4, 2)
+    g = service_gap([a1, a2, b], 0.0, FairSpec(pool_tokens=5))
+    # Both wait over [2, 5]: a gets 2 at t = 2, 3, 4 and 10 + 2 at 5, b nothing: gap 18. (After
+    # 5, a has nothing waiting: it is not backlogged, and b's wait owes it nothing more.)
+    assert g["max_gap"] == pytest.approx(18.0)
+    assert g["max_gap_between"] == {"tenants": ["a", "b"], "from_s": 2.0, "to_s": 5.0}
+    # U = max(1 * longest prompt 10, 2 * 5 pool tokens) = 10: the gap is 1.8 U, within 2U.
+    assert (g["u"], g["max_gap_over_u"], g["within_2u"]) == (10.0, 1.8, True)
+    assert g["service_over_weight"] == {"a": 36.0, "b": 8.0}
+    assert g["jain"] == pytest.approx(44**2 / (2 * (36**2 + 8**2)))
+    assert g["all_backlogged_s"] == 3.0
+    # Weighted: a's share is half, so its service counts double: 36 over [2, 5], past 2U = 20.
+    w = service_gap([a1, a2, b], 0.0, FairSpec(weights={"a": 0.5}, pool_tokens=5))
+    assert w["max_gap"] == pytest.approx(36.0) and w["within_2u"] is False
     # Without a pool size there is no U.
-    assert service_gap([a, b], 0.0, FairSpec())["u"] is None
+    assert service_gap([a1, a2, b], 0.0, FairSpec())["u"] is None
 
 
 def test_idle_tenant_and_jain():
