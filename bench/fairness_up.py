@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import redis
 import yaml
 
 from bench.report import write_report
@@ -46,6 +47,7 @@ from loadgen.workload import Planned, ReplayConfig, Tenant, plan
 
 ROUTERS = 2
 KEYS = {"heavy": "heavy-key", "light": "light-key"}
+NAMESPACE = "fair"
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Scenario:
         return ROUTERS * self.max_inflight * (self.prompt_tokens + self.output_tokens)
 
 
-def write_config(directory: Path, order: str, sc: Scenario, port: int) -> Path:
+def write_config(directory: Path, order: str, sc: Scenario, port: int, redis_url: str) -> Path:
     """The tenants file (API keys by digest, limits far above the load, the fairness section)
     and the application config with two router replicas; returns the config's path."""
     tenants = {
@@ -80,6 +82,8 @@ def write_config(directory: Path, order: str, sc: Scenario, port: int) -> Path:
     tf = directory / f"tenants-{order}.yaml"
     tf.write_text(yaml.safe_dump(tenants))
     app = {
+        "redis": redis_url,
+        "namespace": NAMESPACE,
         "http": {"host": "127.0.0.1", "port": port},
         "grpc": {"host": "127.0.0.1", "port": 0},
         "auth": {"enabled": True, "tenants_file": str(tf)},
@@ -107,16 +111,22 @@ def workload(sc: Scenario, prompts: PromptFactory) -> list[Planned]:
 
 def run_order(order: str, sc: Scenario, work_dir: Path, timeout_s: float = 300.0) -> dict:
     """One fresh system of this order; the plan replayed; the report's figures."""
-    port = free_port()
-    cfg = write_config(work_dir, order, sc, port)
-    with splitserve_up("--config", str(cfg)) as url:
-        from services.engine.tokenizer import load_tokenizer
-        from splitserve.models_pull import splitserve_home
+    from kvstore.redis_server import EmbeddedRedis
+    from services.engine.tokenizer import load_tokenizer
+    from splitserve.models_pull import splitserve_home
 
-        tok = load_tokenizer(splitserve_home() / "models" / "preset-tiny")
-        planned = workload(sc, PromptFactory(tok, "ids", sc.seed))
-        client = HttpClient(url + "/v1", "tiny", timeout_s=timeout_s)
-        res = asyncio.run(replay(planned, client, 16, drain_timeout_s=timeout_s))
+    # Our own Redis (not up's private one): afterwards it shows which routers shared counters.
+    with EmbeddedRedis() as r:
+        cfg = write_config(work_dir, order, sc, free_port(), r.url)
+        with splitserve_up("--config", str(cfg)) as url:
+            tok = load_tokenizer(splitserve_home() / "models" / "preset-tiny")
+            planned = workload(sc, PromptFactory(tok, "ids", sc.seed))
+            client = HttpClient(url + "/v1", "tiny", timeout_s=timeout_s)
+            res = asyncio.run(replay(planned, client, 16, drain_timeout_s=timeout_s))
+            with redis.Redis.from_url(r.url) as db:
+                routers = len(db.zrange(f"{NAMESPACE}:vtc:routers", 0, -1))
+                c = db.hgetall(f"{NAMESPACE}:vtc:c")
+                counters = {k.decode(): float(v) for k, v in c.items()}
     outs = res.outcomes
     fair = fairness_report(
         outs, res.t0, max(res.wall_s / 40, 0.05), FairSpec(pool_tokens=sc.pool_tokens)
@@ -126,6 +136,8 @@ def run_order(order: str, sc: Scenario, work_dir: Path, timeout_s: float = 300.0
     v = fair["vtc"]
     return {
         "order": order,
+        "routers_sharing_counters": routers,
+        "counters": counters,
         "requests": len(outs),
         "failed": len(outs) - len(ok),
         "errors": sorted({o.error for o in outs if o.error})[:5],
