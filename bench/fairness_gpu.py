@@ -2,9 +2,10 @@
 
 The llama-8b preset (random bf16 weights: load_format dummy), a KV pool sized so that
 preemption happens, multi-turn sessions (each turn's prompt is the conversation so far plus a
-new message), Poisson arrivals of sessions, and priorities that change: with probability
---churn per step (FastSwitch's update frequency 0.04), every live request gets a new priority
-(pattern random) or moves one level (pattern markov). Scheduling policy "priority": a waiting
+new message), Poisson arrivals of sessions, and priorities that change (loadgen.churn, one
+stream per session, a step being one engine step): with probability --churn per step
+(FastSwitch's update frequency 0.04), every session gets a new priority (pattern random) or
+moves one level (pattern markov), running requests included. Scheduling policy "priority": a waiting
 request of a better priority preempts running ones when blocks are short.
 
 The same workload runs under each preemption mode; reported: P99 TTFT, P99.9 TBT, throughput,
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from bench.report import write_report
+from loadgen.churn import PriorityChurn
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
@@ -82,7 +84,9 @@ def run_mode(model_dir: Path, mode: str, sessions: list[dict], args) -> dict:
         scheduling_policy="priority", preemption_mode=mode, swap_space_blocks=args.swap_blocks,
     )  # fmt: skip
     engine = LLMEngine(model_dir, cfg, load_tokenizer_files=False, seed=0)
-    rng = random.Random(args.seed + 1)
+    # The same updates at the same steps in every mode: a function of the seed and the step.
+    clock = PriorityChurn(args.pattern, args.churn, args.levels, 1.0, seed=args.seed).clock()
+    applied = 0  # updates already applied to the running requests
     # Per session: the conversation so far, the turn it is on, when its next turn arrives.
     state = [{"ctx": [], "turn": 0, "due": s["arrival"]} for s in sessions]
     live: dict[str, dict] = {}  # request id -> {session, t0, times, tokens}
@@ -100,7 +104,7 @@ def run_mode(model_dir: Path, mode: str, sessions: list[dict], args) -> dict:
                 msg, max_out = s["turns"][st["turn"]]
                 prompt = (st["ctx"] + msg)[-(args.max_len - max_out - 1) :]
                 rid = f"s{i}t{st['turn']}"
-                p = rng.randrange(args.levels)
+                p = clock.at(i, steps)
                 params = SamplingParams(max_tokens=max_out, temperature=0.0, ignore_eos=True)
                 engine.add_request(rid, prompt, params, priority=p)
                 prio[rid] = p
@@ -112,13 +116,11 @@ def run_mode(model_dir: Path, mode: str, sessions: list[dict], args) -> dict:
                 break
             time.sleep(0.001)
             continue
-        if rng.random() < args.churn:  # a priority update (FastSwitch's churn)
-            for rid in list(live):
-                if args.pattern == "random":
-                    p = rng.randrange(args.levels)
-                else:
-                    p = min(args.levels - 1, max(0, prio[rid] + rng.choice((-1, 1))))
-                if engine.set_priority(rid, p):
+        if clock.updates_before(steps) != applied:  # a priority update (FastSwitch's churn)
+            applied = clock.updates_before(steps)
+            for rid, r in live.items():
+                p = clock.at(r["session"], steps)
+                if p != prio[rid] and engine.set_priority(rid, p):
                     prio[rid] = p
         outs = engine.step()
         steps += 1

@@ -104,6 +104,11 @@ def run(
     length_scale: o.LengthScale = 1.0,
     tenant: o.Tenants = None,
     tenant_by: o.TenantBy = None,
+    sessions: o.SessionsOpt = None,
+    priorities: o.PrioritiesOpt = None,
+    pool_tokens: o.PoolTokens = None,
+    fair_weight: o.FairWeights = None,
+    service_weights: o.ServiceWeights = "1:2",
     api_key: o.ApiKey = None,
     slo_ttft: o.SloTtft = None,
     slo_tpot: o.SloTpot = None,
@@ -126,6 +131,7 @@ def run(
     from loadgen.runner import execute
 
     work, prompts, target = o.build(locals())
+    fair = o.fair_spec(locals())
     slo = o.slo(slo_ttft, slo_tpot, attainment, required=False)
     try:
         planned = work.planned(prompts)
@@ -137,12 +143,15 @@ def run(
     try:
         result = run_loop(
             _with_progress(
-                execute(target, planned, connections, prog), prog, f"{len(planned)} requests", quiet
+                execute(target, planned, connections, prog, work.cfg.priorities),
+                prog,
+                f"{len(planned)} requests",
+                quiet,
             )
         )
     except OSError as e:
         o.fail(f"cannot reach {url}: {e}", 1)
-    report = run_report(result, _config(work, target, prompts, connections), slo, window)
+    report = run_report(result, _config(work, target, prompts, connections), slo, window, fair)
     print_summary(report, out)
     _save(report, out_dir, plots, "run")
     if report["summary"]["completed"] == 0:
@@ -170,6 +179,11 @@ def goodput(
     length_scale: o.LengthScale = 1.0,
     tenant: o.Tenants = None,
     tenant_by: o.TenantBy = None,
+    sessions: o.SessionsOpt = None,
+    priorities: o.PrioritiesOpt = None,
+    pool_tokens: o.PoolTokens = None,
+    fair_weight: o.FairWeights = None,
+    service_weights: o.ServiceWeights = "1:2",
     api_key: o.ApiKey = None,
     slo_ttft: o.SloTtft = None,
     slo_tpot: o.SloTpot = None,
@@ -200,6 +214,7 @@ def goodput(
     from loadgen.runner import execute
 
     work, prompts, target = o.build(locals())
+    fair = o.fair_spec(locals())
     slo = o.slo(slo_ttft, slo_tpot, attainment, required=True)
     config = _config(work, target, prompts, connections)
     reports: dict[tuple[float, int], dict] = {}
@@ -210,9 +225,12 @@ def goodput(
             raise ValueError(f"no requests at rate {rate:g} within the caps")
         prog = Progress(len(planned))
         res = await _with_progress(
-            execute(target, planned, connections, prog), prog, f"{rate:.3g} req/s #{k + 1}", quiet
+            execute(target, planned, connections, prog, work.cfg.priorities),
+            prog,
+            f"{rate:.3g} req/s #{k + 1}",
+            quiet,
         )
-        rep = run_report(res, config | {"rate": rate, "repeat": k}, slo, window)
+        rep = run_report(res, config | {"rate": rate, "repeat": k}, slo, window, fair)
         reports[(rate, k)] = rep
         return rep["summary"]
 

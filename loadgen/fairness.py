@@ -5,16 +5,31 @@ token arrives (the prefill is done), plus `output_weight` per output token, cred
 pieces arrive (a request's output tokens spread evenly over its pieces). VTC's defaults are 1
 and 2: an output token costs about twice a prompt token.
 
-The gap: time is cut into windows; in each window, among the tenants that were backlogged the
-whole window (at least one request in flight at every instant), the gap is the largest minus
-the smallest service received in that window. VTC bounds exactly this for backlogged tenants;
-a tenant that sends little is not owed more than it asks for, so only backlogged ones count.
+The windowed gap: time is cut into windows; in each window, among the tenants that were
+backlogged the whole window (at least one request in flight at every instant), the gap is the
+largest minus the smallest service received in that window. A tenant that sends little is not
+owed more than it asks for, so only backlogged ones count.
+
+VTC's gap (`service_gap`): for two tenants f and g, the largest |W_f(t1, t2) - W_g(t1, t2)|
+over every interval [t1, t2] in which both were backlogged, W being service over the tenant's
+weight (its share); over all pairs. VTC bounds it by 2U, U = max(w_in * L_input, w_out * M),
+L_input the longest prompt and M the tokens the serving pool holds at once (the client cannot
+know M: the report takes it, `pool_tokens`). Backlogged, as VTC means it, is having requests
+waiting in the queue; the client's nearest view of that is a request sent whose first token
+has not come (queued, or in its prefill): so here a tenant is backlogged while it has one. (A
+tenant whose requests are all generating is served as much as it asks: it is not owed more.)
+
+Jain's index of x_1..x_n is (sum x)^2 / (n sum x^2): 1 when all are equal, 1/n when one tenant
+gets everything. It is taken over each tenant's service over its weight, over the whole run
+and over the time when every tenant was backlogged.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,13 +48,25 @@ def _service_events(o: Outcome, w_in: float, w_out: float) -> list[tuple[float, 
 
 def _busy_intervals(outs: Sequence[Outcome]) -> list[tuple[float, float]]:
     """Union of [sent, end] of a tenant's requests, merged."""
-    spans = sorted(
-        (o.sent, o.end if not math.isnan(o.end) else math.inf)
-        for o in outs
-        if not math.isnan(o.sent)
+    return _merge(
+        [(o.sent, o.end) for o in outs if not math.isnan(o.sent) and not math.isnan(o.end)]
     )
+
+
+def _waiting_intervals(outs: Sequence[Outcome]) -> list[tuple[float, float]]:
+    """Union of [sent, first token] of a tenant's requests (a request that failed before its
+    first token: [sent, end] when it has an end), merged."""
+    spans = []
+    for o in outs:
+        stop = o.first_token if not math.isnan(o.first_token) else o.end
+        if not math.isnan(o.sent) and not math.isnan(stop):
+            spans.append((o.sent, stop))
+    return _merge(spans)
+
+
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
-    for a, b in spans:
+    for a, b in sorted(spans):
         if merged and a <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], b))
         else:
@@ -121,3 +148,156 @@ def timeline(outcomes: Sequence[Outcome], t0: float, window_s: float) -> dict:
         "requests_per_s": (done / window_s).tolist(),
         "output_tokens_per_s": (toks / window_s).tolist(),
     }
+
+
+# -- VTC's gap, Jain's index, latency tails ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FairSpec:
+    """How service is counted (the router's fairness section: input_weight, output_weight,
+    weights) and the pool size that gives U."""
+
+    input_weight: float = 1.0
+    output_weight: float = 2.0
+    weights: Mapping[str, float] = field(default_factory=dict)
+    pool_tokens: int | None = None  # M: tokens the serving pool holds at once
+
+    def __post_init__(self) -> None:
+        if not (self.input_weight > 0 and self.output_weight > 0):
+            raise ValueError("service weights must be > 0")
+        for name, w in self.weights.items():
+            if not w > 0:
+                raise ValueError(f"tenant {name}: a weight must be > 0, got {w}")
+        if self.pool_tokens is not None and self.pool_tokens < 1:
+            raise ValueError(f"pool tokens must be >= 1, got {self.pool_tokens}")
+
+    def weight(self, tenant: str) -> float:
+        return self.weights.get(tenant, 1.0)
+
+
+def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]):
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if hi > lo:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _events(outs: Sequence[Outcome], spec: FairSpec, tenant: str) -> tuple[np.ndarray, np.ndarray]:
+    ev = [e for o in outs for e in _service_events(o, spec.input_weight, spec.output_weight)]
+    ev.sort()
+    w = spec.weight(tenant)
+    return np.array([t for t, _ in ev]), np.array([a / w for _, a in ev])
+
+
+def _interval_gap(ta, aa, tb, ab, lo: float, hi: float) -> float:
+    """max over [t1, t2] within [lo, hi] of |W_a - W_b|: the range of the running difference
+    (events at one instant are taken together)."""
+    ia = slice(np.searchsorted(ta, lo, "left"), np.searchsorted(ta, hi, "right"))
+    ib = slice(np.searchsorted(tb, lo, "left"), np.searchsorted(tb, hi, "right"))
+    t = np.concatenate((ta[ia], tb[ib]))
+    if t.size == 0:
+        return 0.0
+    d = np.concatenate((aa[ia], -ab[ib]))
+    uniq, inv = np.unique(t, return_inverse=True)
+    run = np.concatenate(([0.0], np.cumsum(np.bincount(inv, weights=d, minlength=uniq.size))))
+    return float(run.max() - run.min())
+
+
+def jain(xs: Sequence[float]) -> float | None:
+    x = np.asarray(xs, dtype=float)
+    if x.size == 0 or not np.any(x):
+        return None
+    return float(x.sum() ** 2 / (x.size * np.square(x).sum()))
+
+
+def service_gap(outcomes: Sequence[Outcome], t0: float, spec: FairSpec) -> dict:
+    """VTC's gap over every pair of tenants, U and the gap over U (when pool_tokens is given),
+    and Jain's index of the service over the weights."""
+    measured = [o for o in outcomes if not o.warmup]
+    tenants = sorted({o.tenant for o in measured})
+    busy = {n: _waiting_intervals([o for o in measured if o.tenant == n]) for n in tenants}
+    ev = {n: _events([o for o in measured if o.tenant == n], spec, n) for n in tenants}
+    worst, where = None, None
+    for i, f in enumerate(tenants):
+        for g in tenants[i + 1 :]:
+            for lo, hi in _intersect(busy[f], busy[g]):
+                gap = _interval_gap(*ev[f], *ev[g], lo, hi)
+                if worst is None or gap > worst:
+                    worst, where = gap, {"tenants": [f, g], "from_s": lo - t0, "to_s": hi - t0}
+    # Every tenant backlogged at once: the intervals all of them share.
+    common = busy[tenants[0]] if tenants else []
+    for n in tenants[1:]:
+        common = _intersect(common, busy[n])
+    during = {}
+    for n in tenants:
+        t, a = ev[n]
+        during[n] = sum(
+            float(a[np.searchsorted(t, lo, "left") : np.searchsorted(t, hi, "right")].sum())
+            for lo, hi in common
+        )
+    longest = max((o.prompt_tokens for o in measured if o.ok), default=0)
+    u = None
+    if spec.pool_tokens is not None:
+        u = max(spec.input_weight * longest, spec.output_weight * spec.pool_tokens)
+    total = {n: float(ev[n][1].sum()) for n in tenants}
+    return {
+        "weights": {n: spec.weight(n) for n in tenants},
+        "service_over_weight": total,
+        "max_gap": worst,
+        "max_gap_between": where,
+        "longest_prompt": longest,
+        "pool_tokens": spec.pool_tokens,
+        "u": u,
+        "max_gap_over_u": worst / u if (u and worst is not None) else None,
+        "within_2u": (worst <= 2 * u) if (u and worst is not None) else None,
+        "jain": jain(list(total.values())) if len(tenants) > 1 else None,
+        "all_backlogged_s": sum(hi - lo for lo, hi in common) if len(tenants) > 1 else 0.0,
+        "jain_all_backlogged": jain(list(during.values())) if len(tenants) > 1 else None,
+    }
+
+
+TAILS = (50, 99, 99.9)
+
+
+def _tails(xs: Sequence[float]) -> dict:
+    a = np.asarray([x for x in xs if not math.isnan(x)], dtype=float)
+    keys = [f"p{q:g}".replace(".", "") for q in TAILS]  # p50, p99, p999
+    if a.size == 0:
+        return {"count": 0, **dict.fromkeys(keys)}
+    return {"count": int(a.size), **dict(zip(keys, np.percentile(a, TAILS).tolist(), strict=True))}
+
+
+def latency_tails(outcomes: Sequence[Outcome]) -> dict:
+    """TTFT and TBT (the gaps between a request's token pieces) at p50, p99 and p99.9: over
+    all measured requests, per tenant, and per priority when requests carried one."""
+    ok = [o for o in outcomes if not o.warmup and o.ok]
+
+    def of(group: Sequence[Outcome]) -> dict:
+        tbt = [b - a for o in group for a, b in itertools.pairwise(o.chunk_times)]
+        return {"ttft_s": _tails([o.ttft for o in group]), "tbt_s": _tails(tbt)}
+
+    names = sorted({o.tenant for o in ok})
+    out = {"all": of(ok), "tenants": {n: of([o for o in ok if o.tenant == n]) for n in names}}
+    prios = sorted({o.priority for o in ok if o.priority is not None})
+    if prios:
+        out["priorities"] = {str(p): of([o for o in ok if o.priority == p]) for p in prios}
+    return out
+
+
+def fairness_report(
+    outcomes: Sequence[Outcome], t0: float, window_s: float, spec: FairSpec | None = None
+) -> dict:
+    """The report's fairness section: service over time (windowed, with the windowed gap),
+    VTC's gap against 2U, Jain's index, and latency tails."""
+    spec = spec or FairSpec()
+    out = tenant_service(outcomes, t0, window_s, spec.input_weight, spec.output_weight)
+    out["vtc"] = service_gap(outcomes, t0, spec)
+    out["tails"] = latency_tails(outcomes)
+    return out

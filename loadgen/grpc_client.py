@@ -44,6 +44,8 @@ class GrpcClient:
         if self.temperature is not None:
             sp.temperature = self.temperature
         req = pb.GenerateRequest(model=self.model, sampling=sp, request_id=f"loadgen-{p.index}")
+        if p.priority is not None:
+            req.priority = p.priority
         if self.chat:
             req.chat.messages.add(role="user", content=p.prompt.text)
         elif p.prompt.ids is not None:

@@ -68,6 +68,8 @@ class HttpClient:
         }
         if self.ignore_eos:
             b["ignore_eos"] = True  # an extension (vLLM, splitserve): output length as planned
+        if p.priority is not None:
+            b["priority"] = p.priority  # an extension (vLLM, splitserve): engine priority
         if self.chat:
             b["messages"] = [{"role": "user", "content": p.prompt.text}]
         elif p.prompt.ids is not None:

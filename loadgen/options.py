@@ -63,7 +63,36 @@ LengthScale = Annotated[
 ]
 Tenants = Annotated[
     list[str] | None,
-    typer.Option("--tenant", help="NAME=KEY[:SHARE], repeatable; requests split by share"),
+    typer.Option(
+        "--tenant",
+        help="NAME=KEY[:SHARE][@ON_S:OFF_S], repeatable; requests split by share; @: on/off",
+    ),
+]
+SessionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sessions",
+        help="TURNS[:THINK_S]: each request starts a conversation of TURNS turns on average",
+    ),
+]
+PrioritiesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--priorities",
+        help="Priority churn: random:FREQ[:LEVELS[:STEP_MS]], markov:... (FREQ per step) or "
+        "fixed:P",
+    ),
+]
+PoolTokens = Annotated[
+    int | None,
+    typer.Option("--pool-tokens", help="Tokens the serving pool holds at once (M): gives VTC's U"),
+]
+FairWeights = Annotated[
+    list[str] | None,
+    typer.Option("--fair-weight", help="NAME=W, repeatable: a tenant's share, as the router's"),
+]
+ServiceWeights = Annotated[
+    str, typer.Option("--service-weights", help="IN:OUT service per prompt and output token")
 ]
 TenantBy = Annotated[
     str | None, typer.Option("--tenant-by", help="Assign by trace label (model, log_type)")
@@ -93,9 +122,11 @@ def build(opts: dict):
     """(workload, prompt factory, target) from a command's parameters, by their names (the
     command's locals() on entry); fails with exit code 2 and one line on a bad value."""
     from loadgen.arrivals import Arrivals
+    from loadgen.churn import PriorityChurn
     from loadgen.prompts import PromptFactory
     from loadgen.readers import read_trace
     from loadgen.runner import Target, Workload, load_tokenizer
+    from loadgen.sessions import Sessions
     from loadgen.trace import TraceError
     from loadgen.workload import ReplayConfig, Tenant
 
@@ -131,6 +162,12 @@ def build(opts: dict):
             tenants=tenants,
             tenant_by=opts["tenant_by"],
             seed=opts["seed"],
+            sessions=Sessions.parse(opts["sessions"]) if opts.get("sessions") else None,
+            priorities=(
+                PriorityChurn.parse(opts["priorities"], opts["seed"])
+                if opts.get("priorities")
+                else None
+            ),
         )
         if trace is not None:
             kw = {"include_failures": True} if opts["include_failures"] else {}
@@ -173,5 +210,26 @@ def slo(ttft_ms, tpot_ms, attainment, required: bool):
         fail("give both --slo-ttft and --slo-tpot")
     try:
         return SLO(ttft_ms / 1e3, tpot_ms / 1e3, attainment)
+    except ValueError as e:
+        fail(str(e))
+
+
+def fair_spec(opts: dict):
+    """How the report counts service (the router's fairness section) and the pool size."""
+    from loadgen.fairness import FairSpec
+
+    try:
+        w_in, w_out = (float(x) for x in opts["service_weights"].split(":"))
+    except ValueError:
+        fail(f"--service-weights must be IN:OUT, got {opts['service_weights']!r}")
+    weights = {}
+    for spec in opts["fair_weight"] or ():
+        name, _, w = spec.partition("=")
+        try:
+            weights[name] = float(w)
+        except ValueError:
+            fail(f"--fair-weight must be NAME=W, got {spec!r}")
+    try:
+        return FairSpec(w_in, w_out, weights, opts["pool_tokens"])
     except ValueError as e:
         fail(str(e))

@@ -34,6 +34,7 @@ class Outcome:
     prompt_tokens: int = 0  # the server's usage when it reports it, else the planned count
     output_tokens: int = 0  # the server's usage when it reports it, else pieces received
     error: str | None = None
+    priority: int | None = None  # the engine priority the request asked for, if any
 
     @property
     def ok(self) -> bool:
@@ -69,6 +70,7 @@ class Outcome:
             p.prompt.num_tokens,
             p.max_tokens,
             prompt_tokens=p.prompt.num_tokens,
+            priority=p.priority,
         )
 
 

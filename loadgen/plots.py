@@ -82,8 +82,11 @@ def tenant_service(report: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     gap = fair.get("gap") or {}
+    vtc = fair.get("vtc") or {}
     extra = ""
-    if gap.get("max") is not None:
+    if vtc.get("max_gap_over_u") is not None:
+        extra = f" (VTC gap {vtc['max_gap_over_u']:.2f} U)"
+    elif gap.get("max") is not None:
         extra = f" (largest gap {gap['max']:,.0f} in a {fair['window_s']:g} s window)"
     ax.set_title(f"per-tenant service, cumulative{extra}")
     return _save(fig, path)

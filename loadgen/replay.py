@@ -6,18 +6,26 @@ loop (which keeps reading responses) until the time comes: asyncio's timers are 
 about a millisecond. `spin_s=0` sleeps all the way: less CPU, up to a millisecond more lag.
 Each request's send lag (sent - scheduled) is recorded, so a run that could not keep its
 schedule says so instead of silently measuring a lighter load.
+
+A later turn of a conversation (`Planned.follows`) is scheduled when its previous turn ends,
+`think_s` later; if that turn failed, the conversation stops there and its remaining turns
+fail with "previous turn failed" (they are not sent). With a priority churn, each request's
+priority is its stream's at its scheduled time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import math
 import resource
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loadgen.churn import PriorityChurn
 from loadgen.outcome import Client, Outcome
 from loadgen.workload import Planned
 
@@ -66,6 +74,7 @@ async def replay(
     progress: Progress | None = None,
     drain_timeout_s: float = 600.0,
     spin_s: float = SPIN_S,
+    priorities: PriorityChurn | None = None,
 ) -> RunResult:
     """Sends `planned` on schedule through `client` and waits for every answer (each bounded
     by the client's own timeout, the whole drain by `drain_timeout_s`)."""
@@ -75,11 +84,39 @@ async def replay(
     finished = loop.create_future()
     prog = progress or Progress(len(planned))
     outcomes: list[Outcome] = []
+    clock = priorities.clock() if priorities is not None else None
+    followers: dict[int, Planned] = {p.follows: p for p in planned if p.follows is not None}
+    timers: set[asyncio.TimerHandle] = set()
+
+    def send(p: Planned, target: float) -> None:
+        if clock is not None:
+            p = dataclasses.replace(p, priority=clock.at(p.stream, target - t0))
+        out = Outcome.of(p, target)
+        outcomes.append(out)
+        prog.sent += 1
+        client.submit(p, out, done)
+
+    def send_at(p: Planned, target: float) -> None:
+        def fire() -> None:
+            timers.discard(handle)
+            send(p, target)
+
+        handle = loop.call_at(_loop_time(loop, target), fire)
+        timers.add(handle)
 
     def done(out: Outcome) -> None:
         prog.done += 1
         if out.error is not None:
             prog.errors += 1
+        nxt = followers.pop(out.index, None)
+        if nxt is not None:
+            if out.ok:
+                send_at(nxt, perf() + nxt.think_s)
+            else:  # the conversation stops: its next turn fails unsent (and so on down)
+                lost = Outcome.of(nxt, perf())
+                lost.error = "previous turn failed"
+                outcomes.append(lost)
+                done(lost)
         if prog.done == len(planned) and not finished.done():
             finished.set_result(None)
 
@@ -87,25 +124,37 @@ async def replay(
     started_at = time.time() + LEAD_S
     try:
         for p in planned:
+            if p.follows is not None:
+                continue
             target = t0 + p.at_s
             while True:
                 wait = target - perf()
                 if wait <= 0:
                     break
                 await asyncio.sleep(wait - spin_s if wait > 2 * spin_s else 0)
-            out = Outcome.of(p, target)
-            outcomes.append(out)
-            prog.sent += 1
-            client.submit(p, out, done)
+            send(p, target)
         if planned:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(finished), drain_timeout_s)
     finally:
+        for h in timers:
+            h.cancel()
         for out in outcomes:
             if out.error is None and out.end != out.end:
                 out.error = "unfinished when the run ended"
+        sent = {o.index for o in outcomes}
+        for p in planned:  # later turns whose conversation had not got there
+            if p.index not in sent:
+                lost = Outcome.of(p, math.nan)
+                lost.error = "not sent when the run ended"
+                outcomes.append(lost)
         await client.close()
     ends = [o.end for o in outcomes if o.end == o.end]
     wall = (max(ends) if ends else perf()) - t0
     opened = getattr(client, "connections_opened", 0)
     return RunResult(outcomes, t0, started_at, wall, opened)
+
+
+def _loop_time(loop: asyncio.AbstractEventLoop, at_perf: float) -> float:
+    """The event loop's clock at the perf_counter instant `at_perf`."""
+    return loop.time() + (at_perf - perf())

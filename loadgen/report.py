@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from loadgen.fairness import tenant_service, timeline
+from loadgen.fairness import FairSpec, fairness_report, timeline
 from loadgen.metrics import SLO, summarize
 from loadgen.replay import RunResult
 
@@ -36,7 +36,13 @@ def _num(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(x, 6)
 
 
-def run_report(result: RunResult, config: dict, slo: SLO | None, window_s: float | None) -> dict:
+def run_report(
+    result: RunResult,
+    config: dict,
+    slo: SLO | None,
+    window_s: float | None,
+    fair: FairSpec | None = None,
+) -> dict:
     outs = result.outcomes
     w = window_s or auto_window(result.wall_s)
     tenants = {}
@@ -55,7 +61,7 @@ def run_report(result: RunResult, config: dict, slo: SLO | None, window_s: float
         "config": config,
         "summary": summarize(outs, slo),
         "tenants": tenants,
-        "fairness": tenant_service(outs, t0, w),
+        "fairness": fairness_report(outs, t0, w, fair),
         "timeline": timeline(outs, t0, w),
         "connections_opened": result.connections_opened,
         "requests": [
@@ -71,6 +77,7 @@ def run_report(result: RunResult, config: dict, slo: SLO | None, window_s: float
                 "prompt_tokens": o.prompt_tokens,
                 "output_tokens": o.output_tokens,
                 "pieces": len(o.chunk_times),
+                "priority": o.priority,
                 "error": o.error,
             }
             for o in outs
@@ -155,6 +162,8 @@ def print_summary(report: dict, console: Console | None = None) -> None:
                 f"({gap['windows_compared']} windows)",
                 highlight=False,
             )
+        _print_vtc(report["fairness"].get("vtc"), c)
+    _print_tails(report["fairness"].get("tails"), c)
     if s["errors"]:
         c.print(f"[red]errors:[/] {s['errors']}", highlight=False)
     if s["prompt_token_mismatches"]:
@@ -171,6 +180,36 @@ def print_summary(report: dict, console: Console | None = None) -> None:
             "behind its schedule; the load offered was lighter than planned",
             highlight=False,
         )
+
+
+def _print_vtc(v: dict | None, c: Console) -> None:
+    if not v or v["max_gap"] is None:
+        return
+    line = f"VTC gap (any interval both backlogged): max {v['max_gap']:,.0f}"
+    if v["u"]:
+        verdict = "within 2U" if v["within_2u"] else "over 2U"
+        line += f" = {v['max_gap_over_u']:.2f} U (U = {v['u']:,.0f}: {verdict})"
+    if v["jain"] is not None:
+        line += f"; Jain {v['jain']:.3f}"
+    if v["jain_all_backlogged"] is not None:
+        line += f" ({v['jain_all_backlogged']:.3f} while all backlogged)"
+    c.print(line, highlight=False)
+
+
+def _print_tails(tails: dict | None, c: Console) -> None:
+    groups = (tails or {}).get("priorities")
+    if not groups:
+        return
+    t = Table(title="by priority (ms)")
+    for col in ("priority", "done", "TTFT p99", "TTFT p99.9", "TBT p99", "TBT p99.9"):
+        t.add_column(col, justify="right")
+    for p, d in groups.items():
+        ttft, tbt = d["ttft_s"], d["tbt_s"]
+        t.add_row(
+            p, str(ttft["count"]), _ms(ttft["p99"]), _ms(ttft["p999"]), _ms(tbt["p99"]),
+            _ms(tbt["p999"]),
+        )  # fmt: skip
+    c.print(t)
 
 
 # -- compare ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loadgen.arrivals import Arrivals, length_sampler, synthetic
+from loadgen.churn import PriorityChurn
 from loadgen.http_client import HttpClient
 from loadgen.outcome import Client
 from loadgen.prompts import PromptFactory
@@ -122,7 +123,17 @@ class Workload:
             "length_scale": c.length_scale,
             "seed": c.seed,
             "tenant_by": c.tenant_by,
-            "tenants": [{"name": t.name, "share": t.share} for t in c.tenants],
+            "tenants": [
+                {"name": t.name, "share": t.share}
+                | ({"on_s": t.on_s, "off_s": t.off_s} if t.on_s is not None else {})
+                for t in c.tenants
+            ],
+            "sessions": (
+                {"mean_turns": c.sessions.turns, "think_s": c.sessions.think_s}
+                if c.sessions
+                else None
+            ),
+            "priorities": c.priorities.describe() if c.priorities else None,
         }
         if self.trace is not None:
             d["trace"] = {
@@ -175,6 +186,9 @@ async def execute(
     planned: list[Planned],
     connections: int = 32,
     progress: Progress | None = None,
+    priorities: PriorityChurn | None = None,
 ) -> RunResult:
     drain = target.timeout_s + 30.0
-    return await replay(planned, target.client(), connections, progress, drain)
+    return await replay(
+        planned, target.client(), connections, progress, drain, priorities=priorities
+    )
