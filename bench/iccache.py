@@ -1,6 +1,7 @@
 """IC-Cache on real models and real questions: BIG-bench qa_wikidata (an excerpt shipped in
-bench/data), Qwen2.5-Coder-0.5B-Instruct as the small model and Qwen2.5-Coder-1.5B-Instruct as
-the large one (both from `splitserve models pull`), all-MiniLM-L6-v2 embeddings.
+bench/data), SmolLM2-135M-Instruct as the small model and Qwen2.5-Coder-0.5B-Instruct as the
+large one by default (--small/--large: any `splitserve models pull` name or a preset such as
+llama-1b / llama-8b on a GPU with --device cuda), all-MiniLM-L6-v2 embeddings.
 
 The first `--warm` questions are answered by the large model and admitted as examples (the
 manager's rules: complete answers only). The next `--test` questions are then served four
@@ -8,13 +9,18 @@ ways on the same hardware, one after the other:
   all-large, all-small, IC-Cache (selector + LinUCB bandit with feedback = exact match against
   the reference, load penalty off: one request stream), and a semantic *answer* cache (the
   nearest past answer returned verbatim when cosine >= 0.8, else the large model).
-Each way runs its requests as engine batches (small and large batches separately); throughput
-is questions per second of wall time including embedding and selection.
+Each way runs its requests as engine batches (small and large batches separately) on engines
+whose prefix cache is emptied first (no way reuses another's prompts' KV); throughput is
+questions per second of wall time including embedding and selection. Quality: exact match
+against the references (accuracy), and the win rate against the large model's answer judged
+by the large model (both orders asked, so a position bias cancels; identical answers tie; 0.5
+is parity).
 
     python bench/iccache.py [--quick] [--json PATH]
 
 Summary keys: throughput_gain (IC-Cache / all-large questions per s), quality_ratio
-(IC-Cache / all-large accuracy), small_share, answer_cache_quality_ratio.
+(IC-Cache / all-large accuracy), small_share, answer_cache_quality_ratio, win_rate (IC-Cache's
+answers against all-large's, judged by the large model), answer_cache_win_rate.
 """
 
 from __future__ import annotations
@@ -40,13 +46,23 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import load_tokenizer
+from splitserve.app_config import ModelSpec
 from splitserve.embed_pull import pull_embedder
-from splitserve.models_pull import pull_model
+from splitserve.up import resolve_model_path
 
 DATA = Path(__file__).parent / "data" / "qa_wikidata_600.json"
 SYSTEM = "Complete the sentence with the short fact only, no explanation."
 ANSWER_CACHE_SIM = 0.8
 MAX_TOKENS = 8
+JUDGE = (
+    "You compare two answers to the same question. Reply with the letter of the better "
+    "answer only: A or B."
+)
+
+
+def resolve(model: str) -> Path:
+    """A pulled model's name (pulled once), a preset's (made once) or a directory."""
+    return resolve_model_path(ModelSpec(name="m", path=model))
 
 
 def norm(s: str) -> str:
@@ -75,20 +91,72 @@ def messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
 
 
-def run_batch(engine: LLMEngine, tok, convs: list[list[dict]]) -> list:
+def run_batch(engine: LLMEngine, tok, convs: list[list[dict]], max_tokens: int = MAX_TOKENS):
     if not convs:
         return []
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return engine.generate([tok.apply_chat_template(c) for c in convs], [params] * len(convs))
+
+
+def judge_prompt(question: str, a: str, b: str) -> list[dict]:
+    user = f"Question: {question}\nAnswer A: {a}\nAnswer B: {b}\nWhich answer is better, A or B?"
+    return [{"role": "system", "content": JUDGE}, {"role": "user", "content": user}]
+
+
+def letter_logprobs(out, ids: tuple[int, int]) -> np.ndarray:
+    """log P("A"), log P("B") as the judge's first token (a floor when out of its top 20)."""
+    top = dict(out.logprobs[0].top_logprobs) if out.logprobs else {}
+    return np.array([top.get(i, -50.0) for i in ids])
+
+
+def win_rates(engine: LLMEngine, tok, questions: list[str], ref: list[str],
+              ways: dict[str, list[str]]) -> dict[str, float]:  # fmt: skip
+    """Per way, how often the large model prefers its answer to the large model's own: each
+    pair is asked in both orders and the preference is the difference of the judge's log
+    odds of "A" over "B" between the orders (so a bias for a position cancels); 1 preferred,
+    0 not, 0.5 identical answers or no preference."""
+    ids = (tok.encode("A")[-1], tok.encode("B")[-1])
+    prompts, index = [], []
+    for way, answers in ways.items():
+        for k, (q, a, r) in enumerate(zip(questions, answers, ref, strict=True)):
+            if a.strip() != r.strip():
+                convs = [judge_prompt(q, a, r), judge_prompt(q, r, a)]
+                prompts += [tok.apply_chat_template(c) for c in convs]
+                index.append((way, k))
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+    outs = engine.generate(prompts, [params] * len(prompts)) if prompts else []
+    score = {way: [0.5] * len(questions) for way in ways}
+    for i, (way, k) in enumerate(index):
+        first, second = (letter_logprobs(o, ids) for o in outs[2 * i : 2 * i + 2])
+        pref = (first[0] - first[1]) - (second[0] - second[1])  # > 0: the way's answer
+        score[way][k] = 0.5 if pref == 0 else float(pref > 0)
+    return {way: float(np.mean(s)) for way, s in score.items()}
 
 
 async def main_async(args: argparse.Namespace) -> dict:
     data = json.loads(DATA.read_text())["examples"]
     warm, test = data[: args.warm], data[args.warm : args.warm + args.test]
-    small_dir = pull_model(args.small, progress=False)
-    large_dir = pull_model(args.large, progress=False)
-    cfg = EngineConfig(num_kv_blocks=args.kv_blocks, max_num_seqs=args.batch)
-    small, large = LLMEngine(small_dir, cfg), LLMEngine(large_dir, cfg)
+    small_dir, large_dir = resolve(args.small), resolve(args.large)
+    cfg = EngineConfig(
+        num_kv_blocks=args.kv_blocks, max_num_seqs=args.batch, device=args.device,
+        dtype=args.dtype,
+    )  # fmt: skip
+    mix = np.random.default_rng(0)  # --small-share: the fixed routing mix
+
+    def load(model_dir: Path) -> LLMEngine:
+        """Its first step's one-time costs paid on a prompt sharing no block with the
+        questions."""
+        engine = LLMEngine(model_dir, cfg)
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0))
+        return engine
+
+    def fresh(engine: LLMEngine) -> LLMEngine:
+        """The engine with an empty prefix cache, as if loaded anew: no way reuses the KV of
+        another way's prompts (or of the warm-up's)."""
+        engine.pool.forget_cached()
+        return engine
+
+    small, large = load(small_dir), load(large_dir)
     tok_s, tok_l = load_tokenizer(small_dir), load_tokenizer(large_dir)
     embedder = LocalEmbed(Embedder(pull_embedder()))
     results: list[dict] = []
@@ -124,20 +192,17 @@ async def main_async(args: argparse.Namespace) -> dict:
             results.append(r)
             return r
 
-        # Fresh engines for every way: a prefix cache warmed by one way must not speed up the next.
-        def fresh() -> tuple[LLMEngine, LLMEngine]:
-            return LLMEngine(small_dir, cfg), LLMEngine(large_dir, cfg)
-
-        small, large = fresh()
+        large = fresh(large)
         t = time.perf_counter()
         large_ans = [o.text for o in run_batch(large, tok_l, [messages(q["input"]) for q in test])]
         r_large = record("all-large", large_ans, time.perf_counter() - t, 0)
+        small = fresh(small)
         t = time.perf_counter()
         small_ans = [o.text for o in run_batch(small, tok_s, [messages(q["input"]) for q in test])]
-        record("all-small", small_ans, time.perf_counter() - t, len(test))
+        r_small = record("all-small", small_ans, time.perf_counter() - t, len(test))
 
         # The answer cache: the nearest past answer verbatim at cosine >= 0.8.
-        small, large = fresh()
+        large = fresh(large)
         t = time.perf_counter()
         q_embs = embedder.model.embed([q["input"] for q in test])
         ans: list[str | None] = []
@@ -149,17 +214,22 @@ async def main_async(args: argparse.Namespace) -> dict:
         for k, o in zip(miss, run_batch(large, tok_l, [messages(test[k]["input"]) for k in miss]),
                         strict=True):  # fmt: skip
             ans[k] = o.text
-        r_ac = record("answer-cache", [a or "" for a in ans], time.perf_counter() - t,
-                      len(test) - len(miss))  # fmt: skip
+        ac_ans = [a or "" for a in ans]
+        r_ac = record("answer-cache", ac_ans, time.perf_counter() - t, len(test) - len(miss))
 
         # IC-Cache, in rounds of --batch: decide, run each model's share, then feedback.
-        small, large = fresh()
+        small, large = fresh(small), fresh(large)
         t = time.perf_counter()
         ic_ans: list[str] = [""] * len(test)
         n_small = 0
         for start in range(0, len(test), args.batch):
             idx = list(range(start, min(start + args.batch, len(test))))
-            ds = {k: await ic.decide(route, "bench", messages(test[k]["input"])) for k in idx}
+            ds = {}
+            for k in idx:
+                force = None
+                if args.small_share is not None:
+                    force = "small+examples" if mix.random() < args.small_share else "large"
+                ds[k] = await ic.decide(route, "bench", messages(test[k]["input"]), force)
             to_small = [k for k in idx if ds[k].model == "small"]
             to_large = [k for k in idx if ds[k].model == "large"]
             n_small += len(to_small)
@@ -174,6 +244,12 @@ async def main_async(args: argparse.Namespace) -> dict:
         r_ic = record("iccache", ic_ans, time.perf_counter() - t, n_small)
         await ic.close()
 
+    others = {"all-small": small_ans, "answer-cache": ac_ans, "iccache": ic_ans}
+    wins = win_rates(large, tok_l, [q["input"] for q in test], large_ans, others)
+    for r in results:
+        r["win_rate"] = wins.get(r["way"], 0.5)  # all-large against itself: parity
+    print(json.dumps({"win_rate": wins}), flush=True)
+
     return {
         "results": results,
         "summary": {
@@ -181,24 +257,34 @@ async def main_async(args: argparse.Namespace) -> dict:
             "quality_ratio": r_ic["accuracy"] / max(r_large["accuracy"], 1e-9),
             "small_share": r_ic["small_share"],
             "answer_cache_quality_ratio": r_ac["accuracy"] / max(r_large["accuracy"], 1e-9),
+            "win_rate": wins["iccache"],
+            "answer_cache_win_rate": wins["answer-cache"],
             "large_accuracy": r_large["accuracy"],
+            "small_accuracy": r_small["accuracy"],
         },
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="16 warm + 16 test questions")
+    ap.add_argument("--quick", action="store_true", help="8 warm + 8 test questions")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--warm", type=int, default=200)
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--kv-blocks", type=int, default=512)
-    ap.add_argument("--small", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--large", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--small", default="smollm2-135m-instruct")
+    ap.add_argument("--large", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
+    ap.add_argument(
+        "--small-share", type=float, default=None,
+        help="route this share of IC-Cache's questions to small+examples and the rest to large "
+        "(a fixed mix, e.g. the one a CPU run measured) instead of the bandit's picks",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.quick:
-        args.warm, args.test = 16, 16
+        args.warm, args.test = 8, 8
     out = asyncio.run(main_async(args))
     print(json.dumps(out["summary"], indent=2))
     write_report(args.json, "iccache", argv, out["results"], out["summary"])

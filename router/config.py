@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kvstore.config import Membership
+from router.iccache.config import ICCacheConfig
 from services.engine.sampling_params import SamplingDefaults
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -58,6 +59,7 @@ class RouterConfig:
     grpc_port: int | None = 50051
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     refresh_s: float = 0.5
+    iccache: ICCacheConfig | None = None  # IC-Cache routes over these models
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -75,6 +77,12 @@ class RouterConfig:
             raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
         if self.refresh_s <= 0:
             raise ValueError(f"refresh_s must be positive, got {self.refresh_s}")
+        for r in self.iccache.routes if self.iccache is not None else ():
+            if r.small not in names or r.large not in names or r.name in names:
+                raise ValueError(
+                    f"IC-Cache route {r.name!r}: its small and large models must be served "
+                    f"({', '.join(names)}) and its name must not be one of them"
+                )
 
     def route(self, name: str) -> ModelRoute:
         return next(m for m in self.models if m.name == name)

@@ -42,6 +42,7 @@ class RouterServer:
         self.backend: PoolBackend | None = None
         self.grpc: ServiceApp | None = None
         self.grpc_address: str | None = None
+        self.iccache = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -53,6 +54,13 @@ class RouterServer:
             vtc = VTC(cfg.cluster.redis_url, cfg.cluster.namespace, fair)
             self.backend = FairBackend(self.backend, vtc)  # type: ignore[assignment]
         defaults = {m.name: m.defaults for m in cfg.models}
+        if cfg.iccache is not None:  # IC-Cache routes: examples in the cluster's Redis
+            from router.iccache.cache import ICCache
+
+            assert cfg.cluster.redis_url is not None
+            self.iccache = ICCache.for_router(
+                cfg.iccache, cfg.cluster.redis_url, cfg.cluster.namespace, self.tokenizers
+            )
         self.asgi = build_app(
             self.backend,
             self.tokenizers,
@@ -60,6 +68,7 @@ class RouterServer:
             cfg.max_body_bytes,
             self.metrics,
             defaults=defaults,
+            iccache=self.iccache,
         )
         if cfg.grpc_port is None:
             return
@@ -80,3 +89,5 @@ class RouterServer:
             await self.grpc.stop()
         if self.backend is not None:
             await self.backend.close()
+        if self.iccache is not None:
+            await self.iccache.close()

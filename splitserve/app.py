@@ -1,6 +1,6 @@
 """The Ray Serve application: the router as HTTP ingress, plus prefill, decode (or colocated)
-replicas per model, and the attention replicas that lend them KV, from the typed configs
-splitserve.deployment builds.
+replicas per model, the attention replicas that lend them KV, and IC-Cache's embedding
+replicas, from the typed configs splitserve.deployment builds.
 
 Ray Serve places, starts, health-checks and scales the replicas; the services still talk gRPC
 to each other (each replica serves its own port and registers it in Redis), so the same
@@ -21,7 +21,7 @@ from ray import serve
 from router.config import RouterConfig
 from services.config import AttentionConfig, DecodeConfig, PrefillConfig, ReplicaConfig
 from splitserve.app_config import AppConfig
-from splitserve.deployment import plan_deployment
+from splitserve.deployment import EmbedPlan, plan_deployment
 from splitserve.node_metrics import NodeMetrics, NodeMetricsConfig, serve_registry
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,23 @@ class AttentionReplica(_ServedReplica):
         log.info("attention replica of %s serving on %s", config.name, self.address)
 
 
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=30)
+class EmbedReplica(_ServedReplica):
+    """One embedding server (services.embed) inside a Serve replica: IC-Cache's router embeds
+    requests through it, finding it in the registry."""
+
+    drain_s = 5
+
+    async def __init__(self, plan: EmbedPlan) -> None:
+        from services.embed import EmbedServer
+
+        self.server = await asyncio.to_thread(
+            EmbedServer, plan.model_dir, plan.host, 0, plan.cluster, plan.name, plan.threads
+        )
+        self.address = await self.server.start()
+        log.info("embed replica of %s serving on %s", plan.name, self.address)
+
+
 def _assigned_gpu() -> str:
     import ray
 
@@ -173,9 +190,12 @@ class RouterReplica:
             httpd.server_close()
 
 
-def build_application(cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path]):
-    """The Serve application for `cfg`; model_dirs maps model names to resolved directories."""
-    plan = plan_deployment(cfg, redis_url, model_dirs, _bind_host())
+def build_application(
+    cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path], embed_dir: Path | None = None
+):
+    """The Serve application for `cfg`; model_dirs maps model names to resolved directories;
+    embed_dir: the embedding model's (a config with an iccache section)."""
+    plan = plan_deployment(cfg, redis_url, model_dirs, _bind_host(), embed_dir)
     node_metrics = NodeMetricsConfig(
         cfg.metrics.port, scope=f"{cfg.namespace} {redis_url}", host=_bind_host()
     )
@@ -196,6 +216,13 @@ def build_application(cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path
             opts["num_replicas"] = side.replicas
         replica = AttentionReplica if r.role == "attention" else EngineReplica
         workers.append(replica.options(**opts).bind(r.config, node_metrics))
+    if plan.embed is not None:
+        e = plan.embed.spec
+        workers.append(
+            EmbedReplica.options(
+                name="embed", num_replicas=e.replicas, ray_actor_options={"num_cpus": e.num_cpus}
+            ).bind(plan.embed)
+        )
     router_actor: dict[str, Any] = {"num_cpus": cfg.router.num_cpus}
     if cfg.router.resources:
         router_actor["resources"] = dict(cfg.router.resources)

@@ -17,6 +17,7 @@
         attention: {replicas: 2, num_kv_blocks: 4096, lend_fraction: 1.0}  # optional: KV lenders
         engine: {max_num_seqs: 64, max_num_batched_tokens: 512, block_size: 16}
         sampling: {temperature: 0.7, max_tokens: 1024}   # unset by a request; over the model's
+    iccache: {routes: [{name: auto, small: A, large: B}]}  # optional: splitserve.iccache_spec
 
 Errors name the field: `models.0.prefill.replicas: Input should be greater than or equal to 1`,
 `models.0.engine.block_size: block_size must be a positive power of two, got 24`.
@@ -39,6 +40,7 @@ from pydantic import (
 )
 
 from kvstore.sizes import parse_size
+from splitserve.iccache_spec import ICCacheSpec
 
 DEFAULT_METRICS_PORT = 9321
 
@@ -331,6 +333,8 @@ class AppConfig(_Strict):
     router: RouterSpec = RouterSpec()
     metrics: MetricsSpec = MetricsSpec()
     models: list[ModelSpec] = Field(min_length=1)
+    # IC-Cache routes over two of the models, and the embedding replica (splitserve.iccache_spec)
+    iccache: ICCacheSpec | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:
@@ -338,6 +342,12 @@ class AppConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"models: duplicate model names {sorted(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _iccache_models(self) -> AppConfig:
+        if self.iccache is not None:
+            self.iccache.check_models([m.name for m in self.models])
         return self
 
 

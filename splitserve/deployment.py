@@ -17,6 +17,7 @@ from kvstore.sizes import parse_size
 from router.config import ModelRoute, RouterConfig
 from services.config import AttentionConfig, DecodeConfig, PrefillConfig, ReplicaConfig
 from splitserve.app_config import AppConfig, ModelSpec, Placement, ReplicaSpec
+from splitserve.iccache_spec import EmbedSpec
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,32 @@ class ReplicaPlan:
 
 
 @dataclass(frozen=True)
+class EmbedPlan:
+    """The embedding replicas IC-Cache's router asks (services.embed): their placement and
+    what each runs. They register under `name` in the cluster's registry."""
+
+    spec: EmbedSpec
+    model_dir: Path
+    name: str
+    cluster: Membership
+    host: str
+    threads: int
+
+
+@dataclass(frozen=True)
 class Deployment:
     router: RouterConfig
     replicas: tuple[ReplicaPlan, ...]
+    embed: EmbedPlan | None = None
 
 
 def plan_deployment(
-    cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path], bind_host: str = "127.0.0.1"
-) -> Deployment:
+    cfg: AppConfig, redis_url: str, model_dirs: dict[str, Path], bind_host: str = "127.0.0.1",
+    embed_dir: Path | None = None,
+) -> Deployment:  # fmt: skip
     """model_dirs: each model's resolved directory. bind_host: where replicas listen (0.0.0.0
-    in a cluster, so replicas on other nodes reach them)."""
+    in a cluster, so replicas on other nodes reach them). embed_dir: the embedding model's
+    resolved directory (a config with an iccache section needs it)."""
     from services.engine.block_hash import model_fingerprint
     from services.engine.config import ModelConfig
     from services.engine.tokenizer import load_tokenizer
@@ -78,6 +95,15 @@ def plan_deployment(
                     role, m.name, m.side(role), replica_config(m, role, d, cluster, bind_host)
                 )
             )
+    embed, iccache = None, None
+    if cfg.iccache is not None:
+        if embed_dir is None:
+            raise ValueError("iccache: the embedding model's directory was not resolved")
+        es = cfg.iccache.embed
+        embed = EmbedPlan(
+            es, embed_dir, es.served_name, cluster, bind_host, es.threads or os.cpu_count() or 1
+        )
+        iccache = cfg.iccache.config(embed_dim=embed_width(embed_dir))
     router = RouterConfig(
         models=tuple(routes),
         cluster=cluster,
@@ -85,8 +111,16 @@ def plan_deployment(
         tenants_file=cfg.auth.tenants_file,
         grpc_host=cfg.grpc.host,
         grpc_port=cfg.grpc.port,
+        iccache=iccache,
     )
-    return Deployment(router, tuple(replicas))
+    return Deployment(router, tuple(replicas), embed)
+
+
+def embed_width(model_dir: Path) -> int:
+    """The width of a sentence-transformers model's vectors (its hidden size: mean pooling)."""
+    import json
+
+    return int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
 
 
 def offload_blocks(m: ModelSpec, model_dir: Path) -> int:

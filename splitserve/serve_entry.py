@@ -19,7 +19,7 @@ def build(args: dict[str, Any]):
     """Serve calls this with serveConfigV2's `args`; a bad config fails the deploy with a
     message naming the field (shown in the RayService's status)."""
     from splitserve.app import build_application
-    from splitserve.up import resolve_model_path
+    from splitserve.up import resolve_embed_path, resolve_model_path
 
     config = args.get("config")
     if not isinstance(config, dict):
@@ -28,4 +28,4 @@ def build(args: dict[str, Any]):
     if not cfg.redis:
         raise ConfigError("config.redis: a RayService needs the cluster's Redis URL")
     model_dirs = {m.name: resolve_model_path(m) for m in cfg.models}
-    return build_application(cfg, cfg.redis, model_dirs)
+    return build_application(cfg, cfg.redis, model_dirs, resolve_embed_path(cfg))

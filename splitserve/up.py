@@ -61,6 +61,25 @@ def resolve_model_path(spec: ModelSpec) -> Path:
     )
 
 
+def resolve_embed_path(cfg: AppConfig) -> Path | None:
+    """The embedding model's directory for an iccache section (a directory, or a known
+    embedding model pulled once); None without one."""
+    if cfg.iccache is None:
+        return None
+    from splitserve.embed_pull import EMBEDDERS, pull_embedder
+
+    model = cfg.iccache.embed.model
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if model in EMBEDDERS:
+        return pull_embedder(model)
+    raise FileNotFoundError(
+        f"iccache.embed.model {model!r}: not a directory or a known embedding model "
+        f"({', '.join(EMBEDDERS)})"
+    )
+
+
 def _metrics_host() -> str:
     from splitserve.app import _bind_host
 
@@ -93,6 +112,7 @@ def run_up(cfg: AppConfig, announce=print) -> None:
     from splitserve.app import build_application
 
     model_dirs = {m.name: resolve_model_path(m) for m in cfg.models}
+    embed_dir = resolve_embed_path(cfg)
     cfg = _check_metrics_port(cfg)
     embedded = None
     redis_url = cfg.redis
@@ -117,10 +137,10 @@ def run_up(cfg: AppConfig, announce=print) -> None:
             configure_logging=False,
         )
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-        app = build_application(cfg, redis_url, model_dirs)
+        app = build_application(cfg, redis_url, model_dirs, embed_dir)
         serve.run(app, name="splitserve", route_prefix="/")
         url = f"http://{cfg.http.host}:{cfg.http.port}"
-        first = cfg.models[0].name
+        first = cfg.iccache.routes[0].name if cfg.iccache else cfg.models[0].name
         announce(url)
         err.print(
             f"splitserve is up at {url} (OpenAI-compatible; gRPC Generate on "

@@ -82,7 +82,7 @@ class ICCache:
         config: ICCacheConfig,
         redis_url: str,
         namespace: str,
-        dim: int = 384,
+        dim: int | None = None,
         embed: EmbedClient | None = None,
         count_tokens: Callable[[str], int] | None = None,
     ) -> None:
@@ -90,6 +90,7 @@ class ICCache:
         self.embed = embed or EmbedClient(
             config.embed_address, redis_url, namespace, config.embed_model
         )
+        dim = dim or config.embed_dim
         self.store = ExampleStore(redis_url, namespace, dim, config.capacity_bytes)
         self.manager = ExampleManager(self.store, config.shared_tenants)
         self.selector = Selector(config.max_examples, config.min_similarity, config.token_cost)
@@ -100,6 +101,14 @@ class ICCache:
         self.count_tokens = count_tokens or (lambda s: max(1, len(s) // 4))
         self.r = aioredis.Redis.from_url(redis_url)
         self.prefix = f"{namespace}:icc"
+
+    @classmethod
+    def for_router(cls, config: ICCacheConfig, redis_url: str, namespace: str,
+                   tokenizers: dict) -> ICCache:  # fmt: skip
+        """The router's: examples' prompt cost counted in the tokens of the first route's
+        small model (the model that reads them)."""
+        tok = tokenizers[config.routes[0].small]
+        return cls(config, redis_url, namespace, count_tokens=lambda s: len(tok.encode(s)))
 
     async def close(self) -> None:
         await self.store.close()

@@ -40,6 +40,7 @@ class ICCacheConfig:
     routes: tuple[ICRoute, ...]
     embed_model: str = "all-minilm-l6-v2"
     embed_address: str | None = None  # fixed address; None: the service registry's replicas
+    embed_dim: int = 384  # the embedding model's width (all-MiniLM-L6-v2: 384)
     shared_tenants: tuple[str, ...] = ()
     capacity_bytes: int = 20 << 20  # per scope
     candidates: int = 16
@@ -65,8 +66,8 @@ class ICCacheConfig:
         names = [r.name for r in self.routes]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate IC-Cache route names {names}")
-        for name, v in (("capacity_bytes", self.capacity_bytes), ("candidates", self.candidates),
-                        ("max_examples", self.max_examples)):  # fmt: skip
+        for name in ("capacity_bytes", "candidates", "max_examples", "embed_dim"):
+            v = getattr(self, name)
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
         if not -1.0 <= self.min_similarity <= 1.0:
