@@ -37,13 +37,8 @@ import redis.asyncio as aredis
 
 log = logging.getLogger(__name__)
 
-# KEYS: counters, routers, this router's queue, last; ARGV: router id, tenant, now ms, ttl ms,
-# queue key prefix. Joins the tenant's backlog; lifts its counter if it was not backlogged.
-_ENQUEUE = """
-local c, routers, myq, last = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local rid, u, now, ttl, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-redis.call('ZREMRANGEBYSCORE', routers, '-inf', now)
-redis.call('ZADD', routers, now + ttl, rid)
+# The tenants backlogged now on any live router (each router's queue: tenant -> waiting).
+_BACKLOGGED = """
 local backlogged = {}
 for _, r in ipairs(redis.call('ZRANGE', routers, 0, -1)) do
   local q = redis.call('HGETALL', prefix .. r)
@@ -51,7 +46,19 @@ for _, r in ipairs(redis.call('ZRANGE', routers, 0, -1)) do
     if tonumber(q[i + 1]) > 0 then backlogged[q[i]] = true end
   end
 end
-redis.call('HINCRBY', myq, u, 1)
+"""
+
+# KEYS: counters, routers, this router's queue, last; ARGV: router id, tenant, now ms, ttl ms,
+# queue key prefix. Joins the tenant's backlog; lifts its counter if it was not backlogged.
+_ENQUEUE = (
+    """
+local c, routers, myq, last = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local rid, u, now, ttl, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+redis.call('ZREMRANGEBYSCORE', routers, '-inf', now)
+redis.call('ZADD', routers, now + ttl, rid)
+"""
+    + _BACKLOGGED
+    + """redis.call('HINCRBY', myq, u, 1)
 redis.call('PEXPIRE', myq, ttl)
 local cu = tonumber(redis.call('HGET', c, u) or '0')
 if not backlogged[u] then
@@ -72,11 +79,13 @@ if not backlogged[u] then
 end
 return string.format('%.17g', cu)
 """
+)
 
 # KEYS: counters, routers, this router's queue, last; ARGV: router id, tenant, charge, now ms,
 # ttl ms, queue key prefix. Leaves the backlog (admitted or gone) and charges the tenant;
 # returns how many backlogged tenants (any router) stand below it, and its counter.
-_DEQUEUE = """
+_DEQUEUE = (
+    """
 local c, routers, myq, last = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local rid, u, charge, now, ttl, prefix =
   ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
@@ -86,20 +95,16 @@ local left = redis.call('HINCRBY', myq, u, -1)
 if left <= 0 then redis.call('HDEL', myq, u) end
 redis.call('PEXPIRE', myq, ttl)
 local cu = tonumber(redis.call('HINCRBYFLOAT', c, u, charge))
-local backlogged = {}
-for _, r in ipairs(redis.call('ZRANGE', routers, 0, -1)) do
-  local q = redis.call('HGETALL', prefix .. r)
-  for i = 1, #q, 2 do
-    if tonumber(q[i + 1]) > 0 then backlogged[q[i]] = true end
-  end
-end
-if not backlogged[u] then redis.call('SET', last, u) end
+"""
+    + _BACKLOGGED
+    + """if not backlogged[u] then redis.call('SET', last, u) end
 local below = 0
 for t, _ in pairs(backlogged) do
   if t ~= u and tonumber(redis.call('HGET', c, t) or '0') < cu then below = below + 1 end
 end
 return {below, string.format('%.17g', cu)}
 """
+)
 
 ORDERS = ("vtc", "fcfs")
 
