@@ -82,9 +82,12 @@ class PoolBackend:
             c = self._clients[key] = PDClient(decode, prefill, model=model)
         return c
 
-    async def _prefix_blocks(self, info: ModelRoute, prompt: list[int], holders: list[str]):
-        """How many leading prompt blocks each holder has in its KV shard."""
-        ids = hash_blocks(prompt, info.block_size, info.model_id)
+    async def _prefix_blocks(
+        self, info: ModelRoute, prompt: list[int], holders: list[str], salt: str
+    ):
+        """How many leading prompt blocks each holder has in its KV shard (named under the
+        request's cache salt, so only its own scope's blocks count)."""
+        ids = hash_blocks(prompt, info.block_size, info.model_id, cache_salt=salt)
         if not ids or not holders:
             return ids, {}
         if self._index is None:
@@ -110,6 +113,7 @@ class PoolBackend:
         request_id: str,
         tenant: str = "",
         priority: int | None = None,
+        cache_salt: str = "",
         **_: object,
     ) -> AsyncIterator[Piece]:
         info = self.models_info[model]
@@ -120,7 +124,7 @@ class PoolBackend:
             cands = [_cand(r) for r in reps]
             d = pick_decode(cands, None)
             async for piece in self._client(d.address, None, model).generate(
-                prompt_ids, params, request_id, tenant, priority or 0
+                prompt_ids, params, request_id, tenant, priority or 0, cache_salt
             ):
                 yield piece
             return
@@ -129,7 +133,8 @@ class PoolBackend:
         )
         if not pre_reps or not dec_reps:
             raise NoReplicaError(f"{model!r} has no live prefill or decode replica yet")
-        ids, prefix = await self._prefix_blocks(info, prompt_ids, [r.holder_id for r in pre_reps])
+        holders = [r.holder_id for r in pre_reps]
+        ids, prefix = await self._prefix_blocks(info, prompt_ids, holders, cache_salt)
         p = pick_prefill(
             [
                 _cand(r, self._outstanding[r.replica_id], prefix.get(r.holder_id, 0))
@@ -143,7 +148,7 @@ class PoolBackend:
         counted = True
         try:
             async for piece in self._client(d.address, p.address, model).generate(
-                prompt_ids, params, request_id, tenant, priority or 0
+                prompt_ids, params, request_id, tenant, priority or 0, cache_salt
             ):
                 if counted:
                     self._outstanding[p.replica_id] -= len(prompt_ids)
