@@ -244,8 +244,20 @@ def build_app(
             name = tenant.name if tenant is not None else ""
             return _json(await ic_http.feedback(iccache, body, name))
 
+    readiness = getattr(backend, "readiness", None)
+
     @app.get("/health")
     async def health() -> Response:
+        """200 while requests can be served ("degraded" with the reason when some part is
+        down but requests still run); 503 with the reason otherwise (a model without live
+        replicas, the cluster's Redis unreachable with none known), so probes and operators
+        see the truth."""
+        ready, reason = await readiness() if readiness is not None else (True, None)
+        if not ready:
+            return _json({"status": "unavailable", "reason": reason}, 503,
+                         {"Retry-After": str(errors.RETRY_AFTER_S)})  # fmt: skip
+        if reason is not None:
+            return _json({"status": "degraded", "reason": reason})
         return _json({"status": "ok"})
 
     @app.get("/metrics")

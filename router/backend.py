@@ -10,6 +10,8 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
+import redis
+
 from kvstore.index import IndexReader
 from kvstore.registry import Replica, list_replicas
 from router.config import ModelRoute, RouterConfig
@@ -24,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class NoReplicaError(RuntimeError):
     """No live replica serves the model right now (starting, or all gone): HTTP 503."""
+
+
+def _roles(info: ModelRoute) -> tuple[str, ...]:
+    return ("colocated",) if info.mode == "colocated" else ("prefill", "decode")
 
 
 class PoolBackend:
@@ -65,15 +71,52 @@ class PoolBackend:
             await asyncio.sleep(self.refresh_s)
 
     async def _fetch_live(self, role: str, model: str) -> list[Replica]:
+        """While the registry (Redis) is unreachable, the replicas last seen stay in use (they
+        serve without it: a decode replica recomputes what it cannot locate); with none seen,
+        NoReplicaError."""
         key = (role, model)
         now = time.monotonic()
         cached = self._replicas.get(key)
         if cached is None or now - cached[0] > self.refresh_s or not cached[1]:
-            reps = await asyncio.to_thread(
-                list_replicas, self.redis_url, role, model, self.namespace
-            )
+            try:
+                reps = await asyncio.to_thread(
+                    list_replicas, self.redis_url, role, model, self.namespace
+                )
+            except redis.RedisError as e:
+                if cached is not None and cached[1]:
+                    log.warning("registry unreachable, using the %s replicas last seen: %s",
+                                role, e)  # fmt: skip
+                    return cached[1]
+                raise NoReplicaError(
+                    f"the cluster's Redis is unreachable and no {role} replica of {model!r} "
+                    f"is known yet: {e}"
+                ) from None
             self._replicas[key] = cached = (now, reps)
         return cached[1]
+
+    async def readiness(self) -> tuple[bool, str | None]:
+        """(whether requests can be served, what is wrong): GET /health's answer. Ready needs
+        every model to have a live replica of each role it runs on. With the cluster's Redis
+        unreachable, the replicas last seen still serve (ready, degraded) if every role has
+        some; not ready otherwise."""
+        try:
+            await asyncio.to_thread(_ping, self.redis_url)
+        except redis.RedisError as e:
+            down = f"the cluster's Redis at {self.redis_url} is unreachable: {e}"
+            for name, info in self.models_info.items():
+                for role in _roles(info):
+                    seen = self._replicas.get((role, name))
+                    if seen is None or not seen[1]:
+                        return False, f"{down}; no {role} replica of {name!r} is known"
+            return True, f"{down}; serving with the replicas last seen"
+        for name, info in self.models_info.items():
+            for role in _roles(info):
+                try:
+                    if not await self._fetch_live(role, name):
+                        return False, f"model {name!r} has no live {role} replica"
+                except NoReplicaError as e:
+                    return False, str(e)
+        return True, None
 
     def _client(self, decode: str, prefill: str | None, model: str) -> PDClient:
         key = (decode, prefill)
@@ -157,6 +200,14 @@ class PoolBackend:
         finally:
             if counted:
                 self._outstanding[p.replica_id] -= len(prompt_ids)
+
+
+def _ping(url: str) -> None:
+    r = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        r.ping()
+    finally:
+        r.close()
 
 
 def _cand(r: Replica, outstanding: int = 0, prefix: int = 0) -> Candidate:
