@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import redis
 
 from kvstore.block import BlockError, BlockMeta, StoredBlock
 from kvstore.cuda_ipc import DeviceBlock
@@ -204,19 +205,25 @@ class KVStoreClient:
         (it may be the holder's shared memory or the received message), so the callback copies
         it where it belongs, e.g. straight into a KV cache. No intermediate buffer is made.
         `source`: a holder id to ask first (a prefill's shard: its device pool isn't indexed);
-        what it doesn't deliver is located through the index."""
+        what it doesn't deliver is located through the index. While the index (Redis) is
+        unreachable, what is left comes back missing: the caller recomputes it."""
         result = GetResult()
         ids = list(dict.fromkeys(bytes(i) for i in ids))
         if not ids:
             return result
-        live = await self.index.live_holders()
-        if source is not None and source not in live:
-            live = await self.index.live_holders(refresh=True)
-        if source is not None and source in live:
-            ids = await self._fetch(live[source], ids, result, into)
-            if not ids:
-                return result
-        locs = await self.index.locate([i.hex() for i in ids])
+        try:
+            live = await self.index.live_holders()
+            if source is not None and source not in live:
+                live = await self.index.live_holders(refresh=True)
+            if source is not None and source in live:
+                ids = await self._fetch(live[source], ids, result, into)
+                if not ids:
+                    return result
+            locs = await self.index.locate([i.hex() for i in ids])
+        except redis.RedisError as e:
+            log.warning("KV index unreachable, %d blocks left to recompute: %s", len(ids), e)
+            result.missing = ids
+            return result
         candidates = {bid: self._rank(bid, loc, live) for bid, loc in zip(ids, locs, strict=True)}
         pending = [bid for bid in ids if candidates[bid]]
         result.missing = [bid for bid in ids if not candidates[bid]]

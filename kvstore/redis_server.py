@@ -102,6 +102,9 @@ class EmbeddedRedis:
                 self.proc.wait()
         self.proc = None
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def restart(self) -> None:
         """Stop and start on the same port: every key is gone, as after a crash."""
         self.stop()

@@ -54,7 +54,9 @@ class Backend(Protocol):
     an async generator: nothing runs until the first `anext`, and `aclose()` at any point
     cancels the request on its replica. Raises grpc.aio.AioRpcError (INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED, UNAVAILABLE), ValueError for a request it cannot run, and RuntimeError
-    when no replica serves the model. `tenant` names the caller ("" with auth off).
+    when no replica serves the model. `tenant` names the caller ("" with auth off);
+    `cache_salt` is its cache scope (Tenant.cache_salt), under which the prompt's KV blocks are
+    named, so it shares cached prefixes only with its own scope.
     models: (name, max context length) of each served model."""
 
     def models(self) -> list[tuple[str, int]]: ...
@@ -242,8 +244,20 @@ def build_app(
             name = tenant.name if tenant is not None else ""
             return _json(await ic_http.feedback(iccache, body, name))
 
+    readiness = getattr(backend, "readiness", None)
+
     @app.get("/health")
     async def health() -> Response:
+        """200 while requests can be served ("degraded" with the reason when some part is
+        down but requests still run); 503 with the reason otherwise (a model without live
+        replicas, the cluster's Redis unreachable with none known), so probes and operators
+        see the truth."""
+        ready, reason = await readiness() if readiness is not None else (True, None)
+        if not ready:
+            return _json({"status": "unavailable", "reason": reason}, 503,
+                         {"Retry-After": str(errors.RETRY_AFTER_S)})  # fmt: skip
+        if reason is not None:
+            return _json({"status": "degraded", "reason": reason})
         return _json({"status": "ok"})
 
     @app.get("/metrics")
@@ -333,14 +347,15 @@ class Streams:
         self.on_close: Callable[[], None] | None = None  # runs once, when the streams close
 
     def open(self, backend: Backend, p: Plan) -> None:
-        name = self._tenant.name if self._tenant is not None else ""
+        t = self._tenant
+        name, salt = (t.name, t.cache_salt) if t is not None else ("", "")
         for k, s in enumerate(p.subs):
             rid = f"{p.request_id}-{k}"
-            self.its.append(
-                backend.generate(
-                    p.model, s.prompt_ids, s.params, rid, tenant=name, priority=p.priority
-                )
-            )
+            gen = backend.generate(
+                p.model, s.prompt_ids, s.params, rid, tenant=name, priority=p.priority,
+                cache_salt=salt,
+            )  # fmt: skip
+            self.its.append(gen)
 
     async def prime(self) -> None:
         """Wait for every stream's first piece, so that a refusal arrives before the response

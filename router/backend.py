@@ -10,6 +10,8 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
+import redis
+
 from kvstore.index import IndexReader
 from kvstore.registry import Replica, list_replicas
 from router.config import ModelRoute, RouterConfig
@@ -24,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class NoReplicaError(RuntimeError):
     """No live replica serves the model right now (starting, or all gone): HTTP 503."""
+
+
+def _roles(info: ModelRoute) -> tuple[str, ...]:
+    return ("colocated",) if info.mode == "colocated" else ("prefill", "decode")
 
 
 class PoolBackend:
@@ -65,15 +71,52 @@ class PoolBackend:
             await asyncio.sleep(self.refresh_s)
 
     async def _fetch_live(self, role: str, model: str) -> list[Replica]:
+        """While the registry (Redis) is unreachable, the replicas last seen stay in use (they
+        serve without it: a decode replica recomputes what it cannot locate); with none seen,
+        NoReplicaError."""
         key = (role, model)
         now = time.monotonic()
         cached = self._replicas.get(key)
         if cached is None or now - cached[0] > self.refresh_s or not cached[1]:
-            reps = await asyncio.to_thread(
-                list_replicas, self.redis_url, role, model, self.namespace
-            )
+            try:
+                reps = await asyncio.to_thread(
+                    list_replicas, self.redis_url, role, model, self.namespace
+                )
+            except redis.RedisError as e:
+                if cached is not None and cached[1]:
+                    log.warning("registry unreachable, using the %s replicas last seen: %s",
+                                role, e)  # fmt: skip
+                    return cached[1]
+                raise NoReplicaError(
+                    f"the cluster's Redis is unreachable and no {role} replica of {model!r} "
+                    f"is known yet: {e}"
+                ) from None
             self._replicas[key] = cached = (now, reps)
         return cached[1]
+
+    async def readiness(self) -> tuple[bool, str | None]:
+        """(whether requests can be served, what is wrong): GET /health's answer. Ready needs
+        every model to have a live replica of each role it runs on. With the cluster's Redis
+        unreachable, the replicas last seen still serve (ready, degraded) if every role has
+        some; not ready otherwise."""
+        try:
+            await asyncio.to_thread(_ping, self.redis_url)
+        except redis.RedisError as e:
+            down = f"the cluster's Redis at {self.redis_url} is unreachable: {e}"
+            for name, info in self.models_info.items():
+                for role in _roles(info):
+                    seen = self._replicas.get((role, name))
+                    if seen is None or not seen[1]:
+                        return False, f"{down}; no {role} replica of {name!r} is known"
+            return True, f"{down}; serving with the replicas last seen"
+        for name, info in self.models_info.items():
+            for role in _roles(info):
+                try:
+                    if not await self._fetch_live(role, name):
+                        return False, f"model {name!r} has no live {role} replica"
+                except NoReplicaError as e:
+                    return False, str(e)
+        return True, None
 
     def _client(self, decode: str, prefill: str | None, model: str) -> PDClient:
         key = (decode, prefill)
@@ -82,9 +125,12 @@ class PoolBackend:
             c = self._clients[key] = PDClient(decode, prefill, model=model)
         return c
 
-    async def _prefix_blocks(self, info: ModelRoute, prompt: list[int], holders: list[str]):
-        """How many leading prompt blocks each holder has in its KV shard."""
-        ids = hash_blocks(prompt, info.block_size, info.model_id)
+    async def _prefix_blocks(
+        self, info: ModelRoute, prompt: list[int], holders: list[str], salt: str
+    ):
+        """How many leading prompt blocks each holder has in its KV shard (named under the
+        request's cache salt, so only its own scope's blocks count)."""
+        ids = hash_blocks(prompt, info.block_size, info.model_id, cache_salt=salt)
         if not ids or not holders:
             return ids, {}
         if self._index is None:
@@ -110,6 +156,7 @@ class PoolBackend:
         request_id: str,
         tenant: str = "",
         priority: int | None = None,
+        cache_salt: str = "",
         **_: object,
     ) -> AsyncIterator[Piece]:
         info = self.models_info[model]
@@ -120,7 +167,7 @@ class PoolBackend:
             cands = [_cand(r) for r in reps]
             d = pick_decode(cands, None)
             async for piece in self._client(d.address, None, model).generate(
-                prompt_ids, params, request_id, tenant, priority or 0
+                prompt_ids, params, request_id, tenant, priority or 0, cache_salt
             ):
                 yield piece
             return
@@ -129,7 +176,8 @@ class PoolBackend:
         )
         if not pre_reps or not dec_reps:
             raise NoReplicaError(f"{model!r} has no live prefill or decode replica yet")
-        ids, prefix = await self._prefix_blocks(info, prompt_ids, [r.holder_id for r in pre_reps])
+        holders = [r.holder_id for r in pre_reps]
+        ids, prefix = await self._prefix_blocks(info, prompt_ids, holders, cache_salt)
         p = pick_prefill(
             [
                 _cand(r, self._outstanding[r.replica_id], prefix.get(r.holder_id, 0))
@@ -143,7 +191,7 @@ class PoolBackend:
         counted = True
         try:
             async for piece in self._client(d.address, p.address, model).generate(
-                prompt_ids, params, request_id, tenant, priority or 0
+                prompt_ids, params, request_id, tenant, priority or 0, cache_salt
             ):
                 if counted:
                     self._outstanding[p.replica_id] -= len(prompt_ids)
@@ -152,6 +200,14 @@ class PoolBackend:
         finally:
             if counted:
                 self._outstanding[p.replica_id] -= len(prompt_ids)
+
+
+def _ping(url: str) -> None:
+    r = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        r.ping()
+    finally:
+        r.close()
 
 
 def _cand(r: Replica, outstanding: int = 0, prefix: int = 0) -> Candidate:

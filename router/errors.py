@@ -11,6 +11,7 @@ import json
 import logging
 
 import grpc
+import redis
 from pydantic import ValidationError
 from starlette.responses import Response
 
@@ -193,5 +194,8 @@ def from_exception(e: BaseException) -> APIError:
         return bad_request(str(e), code="invalid_value")
     if isinstance(e, RuntimeError):  # the backend's "no replica is up" (NoReplicaError)
         return unavailable(str(e))
+    if isinstance(e, redis.RedisError):  # the cluster's Redis (registry, fairness counters)
+        log.warning("the cluster's Redis failed: %r", e)
+        return unavailable(f"the cluster's Redis is unreachable, retry shortly: {e}")
     log.error("internal error", exc_info=e)
     return APIError(500, "internal server error", type="server_error")

@@ -114,8 +114,10 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         return model, prompt, params, request.request_id or uuid.uuid4().hex, priority
 
     async def _stream(self, model, prompt, params, rid, priority, tenant: Tenant | None, context):
-        name = tenant.name if tenant is not None else ""
-        gen = self.backend.generate(model, prompt, params, rid, tenant=name, priority=priority)
+        name, salt = (tenant.name, tenant.cache_salt) if tenant is not None else ("", "")
+        gen = self.backend.generate(
+            model, prompt, params, rid, tenant=name, priority=priority, cache_salt=salt
+        )
         try:
             async for piece in gen:
                 msg = pb.GenerateResponse(

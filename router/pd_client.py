@@ -53,8 +53,10 @@ class PDClient:
         request_id: str | None = None,
         tenant: str = "",
         priority: int = 0,
+        cache_salt: str = "",
     ) -> AsyncIterator[Piece]:
-        """Stream a request. gRPC errors (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE)
+        """Stream a request. cache_salt: the request's cache scope (its blocks are named
+        under it on both hops). gRPC errors (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE)
         propagate as grpc.aio.AioRpcError. Closing the iterator early cancels the decode stream,
         which aborts the sequence on the decode server."""
         rid = request_id or uuid.uuid4().hex
@@ -63,14 +65,14 @@ class PDClient:
         md = (("x-splitserve-tenant", tenant),) if tenant else None
         dreq = decode_pb2.DecodeRequest(
             request_id=rid, model=self.model, prompt_token_ids=prompt_ids, sampling=sampling,
-            priority=priority,
+            priority=priority, cache_salt=cache_salt,
         )  # fmt: skip
         prefill_timings = None
         if self.prefill is not None:
             pre = await self.prefill.Prefill(
                 prefill_pb2.PrefillRequest(
                     request_id=rid, model=self.model, prompt_token_ids=prompt_ids,
-                    sampling=sampling, priority=priority,
+                    sampling=sampling, priority=priority, cache_salt=cache_salt,
                 ),
                 timeout=self.timeout_s,
                 metadata=md,

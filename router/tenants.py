@@ -7,10 +7,17 @@ each may use at once.
         keys: [9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08]  # sha256 hex
         max_concurrent: 16   # requests running at once
         max_queued: 64       # more wait here in arrival order; past both: HTTP 429
+        cache_scope: docs    # optional: share prefix-cache blocks with tenants of this scope
 
 A digest is `hash_key(key)` (`printf %s KEY | sha256sum`). Without a file, `Tenants.load()`
 reads the environment: SPLITSERVE_TENANTS holds a path to such a file or the document itself;
 SPLITSERVE_API_KEY holds one plain key for a single tenant "default" (hashed on load).
+
+Each tenant's prompts are hashed into KV block ids under a salt of its own (its cache scope),
+so one tenant's prompt never hits blocks another tenant's requests computed, and the time to a
+first token says nothing about what others sent. Tenants that want to share prefixes (one
+product's teams over the same system prompt) name the same `cache_scope`; a scope is never a
+tenant's private one, whatever the names.
 
 Limits count HTTP requests (a request with n=4 holds one slot) and are per router replica.
 
@@ -78,6 +85,7 @@ class _TenantSpec(BaseModel):
     keys: list[str] = Field(min_length=1)
     max_concurrent: int = Field(32, ge=1)
     max_queued: int = Field(128, ge=0)
+    cache_scope: str | None = Field(None, min_length=1, max_length=128)
 
     @field_validator("keys")
     @classmethod
@@ -154,8 +162,13 @@ class Tenant:
 
     acquire() and release() pair up: every acquire that returns is matched by one release."""
 
-    def __init__(self, name: str, max_concurrent: int, max_queued: int) -> None:
+    def __init__(
+        self, name: str, max_concurrent: int, max_queued: int, cache_scope: str | None = None
+    ) -> None:
         self.name = name
+        self.cache_scope = cache_scope
+        # The prefix (private, or scope) keeps a scope's salt apart from any tenant's own.
+        self.cache_salt = f"scope:{cache_scope}" if cache_scope else f"tenant:{name}"
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.running = 0
@@ -205,18 +218,19 @@ class _Key:
 class Tenants:
     def __init__(
         self,
-        tenants: Iterable[tuple[str, Iterable[str], int, int]],
+        tenants: Iterable[tuple],
         fairness: FairnessConfig | None = None,
     ) -> None:
-        """tenants: (name, key digests as hex, max_concurrent, max_queued). fairness: fair
-        admission across tenants (None: each tenant's limits only)."""
+        """tenants: (name, key digests as hex, max_concurrent, max_queued[, cache_scope]).
+        fairness: fair admission across tenants (None: each tenant's limits only)."""
         self.fairness = fairness
         self._by_name: dict[str, Tenant] = {}
         self._keys: list[_Key] = []
-        for name, digests, max_concurrent, max_queued in tenants:
+        for name, digests, max_concurrent, max_queued, *scope in tenants:
             if name in self._by_name:
                 raise TenantsConfigError(f"tenant {name!r} is listed twice")
-            t = self._by_name[name] = Tenant(name, max_concurrent, max_queued)
+            t = Tenant(name, max_concurrent, max_queued, scope[0] if scope else None)
+            self._by_name[name] = t
             for d in digests:
                 raw = bytes.fromhex(d)
                 if any(k.digest == raw for k in self._keys):
@@ -237,7 +251,10 @@ class Tenants:
         fair = None
         if f.fairness is not None:
             fair = _fairness(f.fairness, {t.name for t in f.tenants}, source)
-        return cls(((t.name, t.keys, t.max_concurrent, t.max_queued) for t in f.tenants), fair)
+        return cls(
+            ((t.name, t.keys, t.max_concurrent, t.max_queued, t.cache_scope) for t in f.tenants),
+            fair,
+        )
 
     @classmethod
     def from_text(cls, text: str, source: str = "tenants") -> Tenants:

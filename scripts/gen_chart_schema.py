@@ -117,6 +117,7 @@ def chart_schema() -> dict:
                             },
                             "max_concurrent": {"type": "integer", "minimum": 1},
                             "max_queued": {"type": "integer", "minimum": 0},
+                            "cache_scope": {"type": "string", "minLength": 1, "maxLength": 128},
                         },
                         required=("name", "keys"),
                     ),

@@ -92,7 +92,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 raise InvalidRequestError("prompt is empty: give at least one token")
             t0 = time.monotonic()
             with self.loop.admitting():
-                kv_blocks = await self._pull(prompt, list(request.blocks), timings)
+                kv_blocks = await self._pull(
+                    prompt, list(request.blocks), timings, request.cache_salt
+                )
             timings.transfer_ms = (time.monotonic() - t0) * 1e3
             self.metrics.kv_pulled(timings)
             if request.pin_id and request.pin_holder_address and self.kv is not None:
@@ -106,6 +108,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 "prefill's block references (or use a colocated server)"
             )
         kwargs["priority"] = int(request.priority)
+        kwargs["cache_salt"] = request.cache_salt
         t_submit = time.monotonic()
         sent_first = False
         async for out in self.loop.generate(rid, prompt, params, **kwargs):
@@ -132,11 +135,14 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 )
             yield msg
 
-    async def _pull(self, prompt: list[int], refs, timings) -> list[KVBlock | None]:
+    async def _pull(self, prompt: list[int], refs, timings, salt: str) -> list[KVBlock | None]:
         """KV for the prompt's blocks: None where the prefix cache has it or it must be
-        recomputed; pulled from the store otherwise."""
+        recomputed; pulled from the store otherwise. Blocks are named under the request's
+        salt, so refs to another scope's blocks never match."""
         e = self.engine
-        expected = hash_blocks(prompt, e.block_size, e.model_id, include_partial=True)
+        expected = hash_blocks(
+            prompt, e.block_size, e.model_id, include_partial=True, cache_salt=salt
+        )
         usable = 0  # refs must name exactly the prompt's blocks, in order
         while usable < min(len(refs), len(expected)) and refs[usable].block_id == expected[usable]:
             usable += 1

@@ -77,7 +77,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         t0 = time.monotonic()
         final = None
         prio = int(request.priority)
-        async for out in self.loop.generate(rid, prompt, first, export_kv=True, priority=prio):
+        salt = request.cache_salt
+        async for out in self.loop.generate(
+            rid, prompt, first, export_kv=True, priority=prio, cache_salt=salt
+        ):
             final = out
             rec.output(out)
         assert final is not None and final.finished

@@ -1,9 +1,9 @@
 """`splitserve up`: the whole system on this machine (or a cluster, with --config).
 
 It resolves the models (pulling SmolLM2-135M-Instruct once if needed), starts a private
-Redis-compatible server unless the config names one, starts Ray locally and the Serve
-application, prints the URL with an example request, and on Ctrl-C or SIGTERM stops everything
-it started.
+Redis-compatible server unless the config names one (and starts it again on its port if it
+dies), starts Ray locally and the Serve application, prints the URL with an example request,
+and on Ctrl-C or SIGTERM stops everything it started.
 """
 
 from __future__ import annotations
@@ -104,6 +104,27 @@ def _check_metrics_port(cfg: AppConfig) -> AppConfig:
     return cfg
 
 
+def _revive(embedded, stop: threading.Event) -> None:
+    """The private Redis server died: start it again on its port. Everything in it is gone;
+    holders and replicas re-announce themselves within seconds, and until then the router
+    serves with the replicas it last saw (its /health says so)."""
+    from kvstore.redis_server import RedisServerError
+
+    err.print(
+        f"[yellow]the private Redis-compatible server at {embedded.url} exited; restarting it[/]",
+        highlight=False,
+    )
+    while not stop.is_set():
+        try:
+            embedded.start()
+            err.print(f"Redis-compatible server restarted at {embedded.url}", highlight=False)
+            return
+        except RedisServerError as e:
+            err.print(f"[red]restarting the private Redis server failed: {e}; retrying[/]",
+                      highlight=False)  # fmt: skip
+            stop.wait(2.0)
+
+
 def run_up(cfg: AppConfig, announce=print) -> None:
     import ray
     from ray import serve
@@ -157,7 +178,8 @@ def run_up(cfg: AppConfig, announce=print) -> None:
                 highlight=False,
             )
         while not stop.wait(0.5):
-            pass
+            if embedded is not None and not embedded.alive():
+                _revive(embedded, stop)
     finally:
         err.print("stopping...", highlight=False)
         try:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -196,3 +197,56 @@ def test_splitserve_bench_replays_a_trace_against_the_system(system, tmp_path):
         # <=: on a loaded machine all of a short answer can arrive in one chunk.
         assert 0 < summary["ttft_s"]["p50"] <= summary["e2e_s"]["p50"]
     assert set(report["tenants"]) == {"ChatGPT", "GPT-4"}
+
+
+def _redis_pid(system) -> int:
+    """The private Redis server `up` runs: in up's session, named for its port (the server
+    rewrites its command line to `valkey-server HOST:PORT`)."""
+    port = system["redis"].rsplit(":", 1)[-1].split("/")[0]
+    sid = system["proc"].pid
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ")
+            same_session = os.getsid(int(d)) == sid
+        except OSError:
+            continue
+        if same_session and b"-server" in cmd and f":{port}".encode() in cmd:
+            return int(d)
+    raise AssertionError(f"no Redis server on port {port} in up's session")
+
+
+def test_killed_embedded_redis_is_restarted_and_health_tells_the_truth(system):
+    """SIGKILL up's private Redis server: up starts it again on its port, no completion or
+    health check gets a 5xx other than a clear 503 meanwhile, and the system is healthy and
+    serving again with a fresh Redis (replicas re-registered) within seconds."""
+    import signal
+
+    import httpx
+
+    old = _redis_pid(system)
+    os.kill(old, signal.SIGKILL)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
+    seen, deadline = [], time.monotonic() + 60
+    with httpx.Client(timeout=30) as h:
+        while True:
+            assert time.monotonic() < deadline, f"not recovered in 60 s: {seen[-5:]}"
+            health = h.get(system["url"] + "/health")
+            r = h.post(system["url"] + "/v1/completions", json=body)
+            seen.append((health.status_code, health.json()["status"], r.status_code))
+            assert health.status_code in (200, 503), health.text
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["message"]
+            try:
+                new = _redis_pid(system)
+            except AssertionError:
+                new = None
+            # Recovered: a new server holding the replicas' registrations again, and serving.
+            if new not in (None, old) and seen[-1] == (200, "ok", 200):
+                roles = [list_replicas(system["redis"], role, "tiny")
+                         for role in ("prefill", "decode")]  # fmt: skip
+                if all(roles):
+                    break
+            time.sleep(0.2)

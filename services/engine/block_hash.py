@@ -2,6 +2,11 @@
 
 block_id = H(parent_block_id, token_ids of the block, model_id). The KV store, the router's
 prefix-aware placement and the engine's prefix cache all use this one definition.
+
+A cache salt gives a sequence a root of its own (the first block's parent), so every block of
+it differs from the same tokens under another salt: the router salts each tenant's requests
+(its cache scope), and a prompt of one tenant never hits blocks another tenant computed, in
+any engine or in the store. The empty salt keeps the unsalted root.
 """
 
 from __future__ import annotations
@@ -16,6 +21,15 @@ BlockHash = bytes  # 16 bytes
 ROOT_HASH: BlockHash = b"\x00" * 16
 
 
+def root_hash(cache_salt: str = "") -> BlockHash:
+    """The parent of a sequence's first block under `cache_salt`."""
+    if not cache_salt:
+        return ROOT_HASH
+    h = hashlib.blake2b(digest_size=16, person=b"splitserve-salt")
+    h.update(cache_salt.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
 def hash_block(parent: BlockHash, token_ids: Sequence[int], model_id: str) -> BlockHash:
     h = hashlib.blake2b(digest_size=16)
     h.update(parent)
@@ -25,7 +39,11 @@ def hash_block(parent: BlockHash, token_ids: Sequence[int], model_id: str) -> Bl
 
 
 def hash_blocks(
-    token_ids: Sequence[int], block_size: int, model_id: str, include_partial: bool = False
+    token_ids: Sequence[int],
+    block_size: int,
+    model_id: str,
+    include_partial: bool = False,
+    cache_salt: str = "",
 ) -> list[BlockHash]:
     """Chain the hashes of consecutive blocks of `token_ids`.
 
@@ -33,7 +51,7 @@ def hash_blocks(
     just the tokens it holds (it is never entered in a prefix cache, but a transfer can name it).
     """
     out: list[BlockHash] = []
-    parent = ROOT_HASH
+    parent = root_hash(cache_salt)
     n_full = len(token_ids) // block_size
     end = len(token_ids) if include_partial else n_full * block_size
     for start in range(0, end, block_size):

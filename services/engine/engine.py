@@ -31,7 +31,7 @@ from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name, export_bl
 from services.engine.offload_plan import AttentionShards, WorkerLostError
 from services.engine.remote_kv import HolderLostError, RemoteKV
 from services.engine.request import FinishReason, Request, RequestOutput, Status
-from services.engine.request_checks import check_priority, check_request
+from services.engine.request_checks import check_cache_salt, check_priority, check_request
 from services.engine.sampler import SampledToken, _has_penalty
 from services.engine.sampling_params import SamplingParams
 from services.engine.sched_output import SchedulerOutput
@@ -142,6 +142,7 @@ class LLMEngine:
         export_kv: bool = False,
         arrival_time: float | None = None,
         priority: int = 0,
+        cache_salt: str = "",
     ) -> None:
         """Queue a request.
 
@@ -152,10 +153,13 @@ class LLMEngine:
         export_kv: return the request's computed KV blocks when it finishes.
         priority: under scheduling_policy "priority", lower values are admitted first and
         preempted last; "fcfs" ignores it.
+        cache_salt: the request's cache scope: its blocks are hashed under it, so it hits only
+        blocks computed under the same salt (block_hash.root_hash).
         """
         prompt = [int(t) for t in prompt_token_ids]
         self._validate(request_id, prompt, params, len(output_token_ids))
         check_priority(priority)
+        check_cache_salt(cache_salt)
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
         req = Request(
             request_id=request_id,
@@ -164,6 +168,7 @@ class LLMEngine:
             arrival_time=arrival_time or time.monotonic(),
             block_size=self.block_size,
             model_id=self.model_id,
+            cache_salt=cache_salt,
             output_token_ids=list(output_token_ids),
             imported_kv=list(kv_blocks),
             export_kv=export_kv,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
+from services.engine.block_hash import BlockHash, hash_block, root_hash
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
@@ -107,7 +107,7 @@ def export_blocks(req, kv_cache, block_size: int, model_id: str) -> list[KVBlock
     bs = block_size
     tokens = req.all_token_ids
     out = []
-    parent = ROOT_HASH
+    parent = root_hash(req.cache_salt)
     for j in range(min(-(-n // bs), len(req.block_ids))):
         end = min((j + 1) * bs, n)
         ids = tuple(tokens[j * bs : end])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from services.engine.block_hash import ROOT_HASH, BlockHash, hash_block
+from services.engine.block_hash import BlockHash, hash_block, root_hash
 from services.engine.kv_transfer import KVBlock
 from services.engine.remote_kv import RemoteSegment
 from services.engine.sampler import SampledToken
@@ -38,6 +38,7 @@ class Request:
     arrival_time: float
     block_size: int
     model_id: str
+    cache_salt: str = ""  # the root of its block hashes (block_hash.root_hash): its cache scope
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -99,7 +100,7 @@ class Request:
         while (len(self.block_hashes) + 1) * bs <= self.num_tokens:
             tokens = tokens or self.all_token_ids
             i = len(self.block_hashes)
-            parent = self.block_hashes[-1] if self.block_hashes else ROOT_HASH
+            parent = self.block_hashes[-1] if self.block_hashes else root_hash(self.cache_salt)
             self.block_hashes.append(
                 hash_block(parent, tokens[i * bs : (i + 1) * bs], self.model_id)
             )

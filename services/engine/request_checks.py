@@ -16,6 +16,19 @@ def check_priority(priority) -> int:
     return priority
 
 
+MAX_CACHE_SALT = 256  # characters; a scope's name, not data
+
+
+def check_cache_salt(salt) -> str:
+    if not isinstance(salt, str):
+        raise InvalidRequestError(f"cache_salt must be a string, got {type(salt).__name__}")
+    if len(salt) > MAX_CACHE_SALT:
+        raise InvalidRequestError(
+            f"cache_salt has {len(salt)} characters; at most {MAX_CACHE_SALT}"
+        )
+    return salt
+
+
 def check_request(
     prompt: list[int], params: SamplingParams, num_done: int, *, vocab_size: int,
     max_model_len: int, block_size: int, pool_blocks: int, can_borrow: bool,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.splitserve.v1 import common_pb2 as protos_dot_splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/splitserve/v1/prefill.proto\x12\rsplitserve.v1\x1a!protos/splitserve/v1/common.proto\"\xa6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x14\n\x0cpin_lease_ms\x18\x05 \x01(\r\x12\x10\n\x08priority\x18\x06 \x01(\r\"\xce\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x32\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x12\n\nfirst_text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\'\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x0e\n\x06pin_id\x18\x07 \x01(\t\x12\x11\n\tholder_id\x18\x08 \x01(\t\x12\x16\n\x0eholder_address\x18\t \x01(\t\x12#\n\x05usage\x18\n \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x0b \x01(\x0b\x32\x16.splitserve.v1.Timings2S\n\x07Prefill\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/splitserve/v1/prefill.proto\x12\rsplitserve.v1\x1a!protos/splitserve/v1/common.proto\"\xba\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x14\n\x0cpin_lease_ms\x18\x05 \x01(\r\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x12\n\ncache_salt\x18\x07 \x01(\t\"\xce\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x32\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x12\n\nfirst_text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\'\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x0e\n\x06pin_id\x18\x07 \x01(\t\x12\x11\n\tholder_id\x18\x08 \x01(\t\x12\x16\n\x0eholder_address\x18\t \x01(\t\x12#\n\x05usage\x18\n \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x0b \x01(\x0b\x32\x16.splitserve.v1.Timings2S\n\x07Prefill\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.splitserve.v1.prefil
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=89
-  _globals['_PREFILLREQUEST']._serialized_end=255
-  _globals['_PREFILLRESPONSE']._serialized_start=258
-  _globals['_PREFILLRESPONSE']._serialized_end=592
-  _globals['_PREFILL']._serialized_start=594
-  _globals['_PREFILL']._serialized_end=677
+  _globals['_PREFILLREQUEST']._serialized_end=275
+  _globals['_PREFILLRESPONSE']._serialized_start=278
+  _globals['_PREFILLRESPONSE']._serialized_end=612
+  _globals['_PREFILL']._serialized_start=614
+  _globals['_PREFILL']._serialized_end=697
 # @@protoc_insertion_point(module_scope)
