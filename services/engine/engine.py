@@ -30,7 +30,7 @@ from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name, export_blocks
 from services.engine.offload_plan import AttentionShards, WorkerLostError
 from services.engine.remote_kv import HolderLostError, RemoteKV
-from services.engine.request import FinishReason, Request, RequestOutput, Status
+from services.engine.request import FinishReason, Request, RequestOutput, Status, stop_reason
 from services.engine.request_checks import check_cache_salt, check_priority, check_request
 from services.engine.sampler import SampledToken, _has_penalty
 from services.engine.sampling_params import SamplingParams
@@ -410,7 +410,7 @@ class LLMEngine:
         if detok is not None:
             step = detok.push(tok.token_id)
             text, stopped = step.text_delta, step.stopped
-        reason = self._stop_reason(req, tok.token_id, stopped)
+        reason = stop_reason(req, tok.token_id, stopped)
         kv_blocks = None
         if reason is not None:
             if detok is not None and not stopped:
@@ -433,16 +433,6 @@ class LLMEngine:
             kv_blocks=kv_blocks,
             queue_time_s=(req.scheduled_time or now) - req.arrival_time,
         )
-
-    def _stop_reason(self, req: Request, token: int, stopped: bool) -> FinishReason | None:
-        p = req.params
-        if stopped or token in p.stop_token_ids:
-            return FinishReason.STOP
-        if not p.ignore_eos and token in p.eos_token_ids:
-            return FinishReason.STOP
-        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= req.max_len:
-            return FinishReason.LENGTH
-        return None
 
     def export_kv(self, req: Request) -> list[KVBlock]:
         return export_blocks(req, self.kv_cache, self.block_size, self.model_id)

@@ -122,3 +122,15 @@ class RequestOutput:
     kv_blocks: list[KVBlock] | None = None  # on finish, when the request asked for export
     queue_time_s: float = 0.0  # arrival to first scheduled step
     error: str | None = None  # ended by the engine, not by the model (e.g. it can never fit)
+
+
+def stop_reason(req: Request, token: int, stopped: bool) -> FinishReason | None:
+    """Why the request ends with this new token (stopped: a stop string matched), or None."""
+    p = req.params
+    if stopped or token in p.stop_token_ids:
+        return FinishReason.STOP
+    if not p.ignore_eos and token in p.eos_token_ids:
+        return FinishReason.STOP
+    if req.num_output_tokens >= p.max_tokens or req.num_tokens >= req.max_len:
+        return FinishReason.LENGTH
+    return None
