@@ -22,14 +22,13 @@ from kvstore.cuda_ipc import open_pool
 from kvstore.lending import Ledger
 from protos.splitserve.v1 import attention_pb2 as pb
 from protos.splitserve.v1 import attention_pb2_grpc as pb_grpc
-from rpc.tensor import TensorSpec
 from services import local_link
 from services.engine.kv_cache import KVCache
 from services.engine.kv_transfer import KVLayout
 from services.engine.remote_kv import HolderLostError, RemoteSegment, SeqSlice
 from services.ipc_link import IpcBuffer, decoder_layout, replica_layout
 from services.session_stream import SessionStream
-from services.wire import tensor_from_pb, tensor_to_pb, to_host
+from services.wire import tensor_from_pb, tensor_spec, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +42,6 @@ def layout_key(model_id: str, layout: KVLayout) -> str:
         f"{model_id}/{layout.dtype}/L{layout.num_layers}/H{layout.num_kv_heads}"
         f"/D{layout.head_dim}/B{layout.block_size}"
     )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _stream_to(holder_id: str, address: str, on_reclaim) -> SessionStream:
@@ -252,9 +247,7 @@ class AttentionPeers:
             (num_q, spec.num_heads, msg.q), (num_kv, spec.num_kv_heads, msg.k),
             (num_kv, spec.num_kv_heads, msg.v),
         ):  # fmt: skip
-            field_.layout.CopyFrom(
-                TensorSpec(_dtype_name(spec.dtype), (rows, heads, spec.head_dim)).to_pb()
-            )
+            field_.layout.CopyFrom(tensor_spec(spec.dtype, (rows, heads, spec.head_dim)).to_pb())
         return self._send(holder_id, msg, theirs, num_q)
 
     def _send(self, holder_id: str, msg: pb.LayerBatch, ipc=None, num_q: int = 0) -> _Partial:

@@ -31,7 +31,7 @@ from services.engine.offload_plan import StepLayout, WorkerLostError, head_range
 from services.ipc_link import IpcBuffer, decoder_layout
 from services.offload_server import layout_to_pb
 from services.session_stream import SessionStream
-from services.wire import tensor_from_pb, tensor_to_pb, to_host
+from services.wire import tensor_from_pb, tensor_spec, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ class AttentionWorkers:
 
 
 def _spec(t: torch.Tensor) -> TensorSpec:
-    return TensorSpec(str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    return tensor_spec(t.dtype, t.shape)
 
 
 def _placement_key(ns: str, worker_id: str) -> str:

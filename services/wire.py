@@ -66,10 +66,15 @@ def stored_to_kv(s: StoredBlock, model_id: str, layout: KVLayout) -> KVBlock | N
         return None
 
 
+def tensor_spec(dtype: torch.dtype, shape) -> TensorSpec:
+    """How a tensor of this dtype and shape is described on the wire."""
+    return TensorSpec(str(dtype).removeprefix("torch."), tuple(shape))
+
+
 def tensor_to_pb(t: torch.Tensor, msg) -> None:
     """Fill a splitserve.v1.Tensor message with t's layout and raw bytes (copied to the host)."""
     t = t.detach().contiguous()
-    spec = TensorSpec(str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    spec = tensor_spec(t.dtype, t.shape)
     msg.layout.CopyFrom(spec.to_pb())
     msg.data = t.cpu().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
