@@ -116,6 +116,14 @@ class IpcBuffer:
                 torch.cuda.current_stream().wait_event(self.event)
 
 
+def use_device(device: str) -> None:
+    """On a thread that records and waits for a link's events: the pool's GPU, where there is
+    one named ("cuda" alone means the current device already)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+
+
 def _size(rows: int, layout) -> int:
     return sum(rows * _row_bytes(dt, shape) for dt, shape in layout)
 

@@ -35,12 +35,11 @@ from services import local_link
 from services.engine.errors import InvalidRequestError
 from services.engine.kv_holder import KVHolder, LendRefused, SegmentError, UnknownSequenceError
 from services.engine.remote_kv import SeqSlice
-from services.ipc_link import IpcBuffer, decoder_layout, replica_layout
+from services.ipc_link import IpcBuffer, decoder_layout, replica_layout, use_device
 from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
-LINK_ACCEPT_S = 30.0  # how long a local socket waits for its decoder to connect
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
 
 
@@ -246,15 +245,10 @@ class Lender:
     def _serve_link(self, sess: _Session) -> str:
         """A local socket for this session's steps and layer batches, served by its own thread
         (the holder's pool changes stay on the event loop)."""
-        device = torch.device(self.holder.device)
-
-        def setup() -> None:
-            if device.type == "cuda" and device.index is not None:  # "cuda": the current one
-                torch.cuda.set_device(device)  # events record here
-
         sess.link = local_link.LinkServer(
             sess.borrower, pb.AttentionRequest.FromString,
-            lambda req: [_tell_reclaim(sess, self.handle_now(sess, req))], LINK_ACCEPT_S, setup,
+            lambda req: [_tell_reclaim(sess, self.handle_now(sess, req))],
+            lambda: use_device(self.holder.device),
         )  # fmt: skip
         return sess.link.path
 

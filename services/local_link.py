@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<I")
+ACCEPT_S = 30.0  # how long a served link waits for its one peer to connect
 MAX_FRAME = 1 << 30
 
 
@@ -152,8 +153,8 @@ class LinkServer:
     peer goes or close() is called. setup runs first on that thread (e.g. the CUDA device)."""
 
     def __init__(
-        self, name: str, parse, handle: Callable[[object], Iterable], accept_s: float,
-        setup: Callable[[], None] | None = None,
+        self, name: str, parse, handle: Callable[[object], Iterable],
+        setup: Callable[[], None] | None = None, accept_s: float = ACCEPT_S,
     ) -> None:  # fmt: skip
         self.accept_s = accept_s
         self._srv, self.path = listen()

@@ -28,12 +28,11 @@ from services.engine.errors import InvalidRequestError
 from services.engine.kv_holder import SegmentError
 from services.engine.kv_shard import KVShard
 from services.engine.offload_plan import PrefillChunk, StepLayout
-from services.ipc_link import IpcBuffer, decoder_layout
+from services.ipc_link import IpcBuffer, decoder_layout, use_device
 from services.wire import tensor_from_pb, tensor_to_pb, to_host
 
 log = logging.getLogger(__name__)
 
-LINK_ACCEPT_S = 30.0  # how long a local socket waits for its model worker to connect
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionOffload"].full_name
 Part = pb.OffloadLayer.Part
 
@@ -172,15 +171,9 @@ class OffloadHost:
 
     def _serve_link(self, sess: _Session) -> str:
         """A local socket for this session's per-layer traffic, served by its own thread."""
-
-        def setup() -> None:
-            device = torch.device(self.device)
-            if device.type == "cuda" and device.index is not None:
-                torch.cuda.set_device(device)  # events record here
-
         sess.link = local_link.LinkServer(
             sess.worker_id, pb.OffloadRequest.FromString, lambda req: self.handle(sess, req),
-            LINK_ACCEPT_S, setup,
+            lambda: use_device(self.device),
         )  # fmt: skip
         return sess.link.path
 

@@ -26,7 +26,7 @@ def test_requests_are_answered_in_order_and_unawaited_answers_are_seen():
         return [pb.AttentionResponse(id=req.id, message=req.WhichOneof("body") or "",
                                      reclaim=["s1"] if req.HasField("step") else [])]  # fmt: skip
 
-    server = local_link.LinkServer("t", pb.AttentionRequest.FromString, handle, accept_s=30)
+    server = local_link.LinkServer("t", pb.AttentionRequest.FromString, handle)
     seen = []
     c = _client(server.path, seen.append)
     c.send(want_answer=False, step=pb.StepBegin())
@@ -44,7 +44,7 @@ def test_a_server_that_fails_before_its_peer_comes_in_refuses_it():
     def setup():
         raise RuntimeError("no such device")
 
-    server = local_link.LinkServer("t", pb.AttentionRequest.FromString, lambda r: [], 30, setup)
+    server = local_link.LinkServer("t", pb.AttentionRequest.FromString, lambda r: [], setup)
     t0 = time.monotonic()
     try:
         c = _client(server.path)
@@ -58,7 +58,7 @@ def test_a_server_that_fails_before_its_peer_comes_in_refuses_it():
 
 
 def test_close_ends_a_server_whose_peer_never_came():
-    server = local_link.LinkServer("t", pb.AttentionRequest.FromString, lambda r: [], 30)
+    server = local_link.LinkServer("t", pb.AttentionRequest.FromString, lambda r: [])
     t0 = time.monotonic()
     server.close()
     assert not server._thread.is_alive()
