@@ -145,29 +145,50 @@ def paged_decode_attention(
     context_lens: [B] int32 (0: the row is padding, its output is 0). Returns [B, H, D].
     lse: a float32 [B, H] buffer to receive each head's log-sum-exp (-inf for no context).
     """
+    return paged_decode_attention_pools(
+        q, [(k_cache, v_cache, block_table, context_lens)], block_size, scale, out, splits, lse
+    )
+
+
+def paged_decode_attention_pools(
+    q: torch.Tensor,
+    pools: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    block_size: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    splits: int | None = None,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over context held in several paged pools of one layout
+    (the engine's own and lenders' mapped on this device): per pool (k cache, v cache, block
+    table, keys seen), each row's keys there. Each pool's splits land in one buffer and one
+    merge makes the whole attention: no partials to merge afterwards."""
     batch, num_heads, head_dim = q.shape
-    num_kv = k_cache.shape[1]
+    num_kv = pools[0][0].shape[1]
     group = num_heads // num_kv
     if out is None:
         out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     splits = splits or num_splits(batch, num_kv, q.device)
+    total = splits * len(pools)
     part = torch.empty(
-        (batch, num_heads, splits, head_dim + 1), dtype=torch.float32, device=q.device
+        (batch, num_heads, total, head_dim + 1), dtype=torch.float32, device=q.device
     )  # the last column of each split holds its lse: one buffer, one allocation
     ieee = q.dtype == torch.float32
-    _decode_split_kernel[(batch, num_kv, splits)](
-        q, k_cache, v_cache, block_table, context_lens, part,
-        q.stride(0), q.stride(1), block_table.stride(0), k_cache.stride(0),
-        part.stride(0), part.stride(1), part.stride(2),
-        scale,
-        G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=block_size,
-        BLOCK_N=64 if head_dim <= 128 else 32, SPLITS=splits, IEEE=ieee,
-        num_warps=4, num_stages=2,
-    )  # fmt: skip
+    for j, (k_cache, v_cache, block_table, context_lens) in enumerate(pools):
+        view = part[:, :, j * splits : (j + 1) * splits]  # same strides, its splits' offset
+        _decode_split_kernel[(batch, num_kv, splits)](
+            q, k_cache, v_cache, block_table, context_lens, view,
+            q.stride(0), q.stride(1), block_table.stride(0), k_cache.stride(0),
+            part.stride(0), part.stride(1), part.stride(2),
+            scale,
+            G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim,
+            PAGE=block_size, BLOCK_N=64 if head_dim <= 128 else 32, SPLITS=splits, IEEE=ieee,
+            num_warps=4, num_stages=2,
+        )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](
         part, out, lse if lse is not None else part,
         part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
-        D=head_dim, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), H=num_heads,
+        D=head_dim, SPLITS=total, SPLITS_P=triton.next_power_of_2(total), H=num_heads,
         WITH_LSE=lse is not None, num_warps=1,
     )  # fmt: skip
     return out

@@ -91,8 +91,9 @@ class DistGraphSet(GraphSet):
         self.p_table = [torch.zeros((rows, max_blocks), dtype=torch.int32, device=dev)
                         for _ in self.pools]  # fmt: skip
         self.p_lens = [torch.zeros(rows, dtype=torch.int32, device=dev) for _ in self.pools]
-        self.p_out = [torch.zeros_like(self.out) for _ in self.pools]
-        self.p_lse = [torch.full_like(self.lse, float("-inf")) for _ in self.pools]
+        # Without holders to merge with, the attention over the local blocks and the pools is
+        # the whole attention, in the model's dtype.
+        self.attn = torch.zeros_like(self.q) if not holders else None
         self.capture(pool)
 
     def fill(self, ids: torch.Tensor, pos: np.ndarray, slots: np.ndarray, table: np.ndarray,
@@ -146,22 +147,25 @@ class DistGraphSet(GraphSet):
             v_cache.index_copy_(0, slots, v.index_select(0, rows))
 
     def after(self, i: int) -> None:
-        from services.engine.attention_cuda import paged_decode_attention
+        """The attention over the local blocks and the pools read in place, in one merge."""
+        from services.engine.attention_cuda import paged_decode_attention_pools
 
         k_cache, v_cache = self.kv.layer(i)
-        paged_decode_attention(
-            self.q, k_cache, v_cache, self.table, self.lens, self.bs, self.scale, out=self.out,
-            lse=self.lse,
-        )  # fmt: skip
+        pools = [(k_cache, v_cache, self.table, self.lens)]
         for j, pool in enumerate(self.pools):
-            k_cache, v_cache = pool.layer(i)
-            paged_decode_attention(
-                self.q, k_cache, v_cache, self.p_table[j], self.p_lens[j], self.bs, self.scale,
-                out=self.p_out[j], lse=self.p_lse[j],
-            )  # fmt: skip
+            pk, pv = pool.layer(i)
+            pools.append((pk, pv, self.p_table[j], self.p_lens[j]))
+        if self.attn is not None:
+            paged_decode_attention_pools(self.q, pools, self.bs, self.scale, out=self.attn)
+        else:
+            paged_decode_attention_pools(
+                self.q, pools, self.bs, self.scale, out=self.out, lse=self.lse
+            )
 
     def attention(self, i: int) -> torch.Tensor:
         n = self.rows
+        if self.attn is not None:
+            return self.attn.reshape(n, self.m.q_size)
         out, lse = self.out, self.lse
         for (_, (o_ans, lse_ans)), ai in zip(self.holders, self.ans_idx, strict=True):
             part = torch.zeros((n + 1, *out.shape[1:]), dtype=torch.float32, device=out.device)
@@ -169,8 +173,6 @@ class DistGraphSet(GraphSet):
             part.index_copy_(0, ai, o_ans[:n])
             part_lse.index_copy_(0, ai, lse_ans[:n])
             out, lse = merge_full(out, lse, part[:n], part_lse[:n])
-        for p_out, p_lse in zip(self.p_out, self.p_lse, strict=True):
-            out, lse = merge_full(out, lse, p_out, p_lse)
         return out.to(self.q.dtype).reshape(n, self.m.q_size)
 
 
