@@ -243,3 +243,21 @@ def test_fastswitch_second_swap_out_sends_only_new_blocks(tiny_model_dir):
     assert swap.blocks_out - first_sent < first_sent + 3
     run_until(lambda: not engine.has_unfinished())
     assert tokens == ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_tokens_equal_on_cuda(tiny_model_dir, prompts, mode):
+    """The CUDA swap paths (pinned host blocks, copies on their own stream, events): float32,
+    the same tokens as a run that never preempts."""
+    base = {"device": "cuda", "dtype": "float32"}
+    reference = make_engine(tiny_model_dir, **base).generate(
+        prompts, [_params(i) for i in range(len(prompts))]
+    )
+    engine = make_engine(
+        tiny_model_dir, **base, num_kv_blocks=20, max_num_batched_tokens=64,
+        preemption_mode=mode, scheduling_policy="priority", swap_space_blocks=64,
+    )  # fmt: skip
+    tokens = _run(engine, prompts, churn=0.3)
+    assert list(tokens.values()) == [o.token_ids for o in reference]
+    assert engine.num_preemptions > 0
