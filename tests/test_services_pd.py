@@ -345,12 +345,16 @@ def test_preempted_decode_fetches_prompt_blocks_from_the_store(
     loop_thread.run(p.start())
     loop_thread.run(d.start())
     try:
+        # Each request outgrows half the pool (up to 15 blocks of 24) and decodes for 120
+        # steps, while all ten arrive within one prefill batch's time: they overlap, and
+        # preempt each other however slow the machine.
         prompts = random_prompts(10, 2048, 64, 120, seed=21)
-        ref = [c.token_ids for c in engine(tiny_model_dir).generate(prompts, GREEDY)]
+        long = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+        ref = [c.token_ids for c in engine(tiny_model_dir).generate(prompts, long)]
 
         async def go():
             async with PDClient(d.address, p.address, model="tiny") as c:
-                return await asyncio.gather(*(c.complete(x, GREEDY) for x in prompts))
+                return await asyncio.gather(*(c.complete(x, long) for x in prompts))
 
         outs = asyncio.run(go())
         assert [o.token_ids for o in outs] == ref
