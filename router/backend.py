@@ -163,10 +163,14 @@ class PoolBackend:
         replaced by another that continues from the tokens delivered (router.migration)."""
         call = Call(prompt_ids, params, request_id, tenant, priority or 0, cache_salt)
         run = Migration(call, self.max_resumes)
+        resuming = False  # counted once the continuation delivers
         while True:
             attempt = self._attempt(self.models_info[model], run)
             try:
                 async for piece in attempt:
+                    if resuming and self.metrics is not None:
+                        self.metrics.resumed(model)
+                    resuming = False
                     run.deliver(piece)
                     yield piece
                     if piece.finish_reason:
@@ -176,19 +180,15 @@ class PoolBackend:
                 try:
                     run.lose(e)
                 except ResumeFailedError:
-                    self._count_failed(model)
+                    if self.metrics is not None:
+                        self.metrics.resume_failed(model)
                     raise
+                resuming = True
                 log.warning("request %s: %s replica %s lost after %d tokens (%s); resuming",
                             request_id, run.role, run.serving, len(run.delivered),
                             describe(e))  # fmt: skip
-                if self.metrics is not None:
-                    self.metrics.resumed(model)
             finally:
                 await attempt.aclose()
-
-    def _count_failed(self, model: str) -> None:
-        if self.metrics is not None:
-            self.metrics.resume_failed(model)
 
     async def _place(self, run: Migration, role: str, model: str) -> list[Replica]:
         """Live replicas of a role this request has not lost; while there are none, wait for
