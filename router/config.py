@@ -63,7 +63,7 @@ class RouterConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     refresh_s: float = 0.5
     max_resumes: int = 3
-    resume_wait_s: float = 10.0
+    resume_wait_s: float = 30.0
     iccache: ICCacheConfig | None = None  # IC-Cache routes over these models
 
     def __post_init__(self) -> None:
