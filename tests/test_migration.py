@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import grpc
 import httpx
+import pytest
 
 from kvstore.config import Membership
 from kvstore.registry import list_replicas
@@ -53,15 +54,25 @@ def _params(kind: dict, **kw) -> SamplingParams:
     return SamplingParams(**{"max_tokens": MAX_TOKENS, "ignore_eos": True, **kind, **kw})
 
 
+@functools.cache
+def _engine(model_dir) -> LLMEngine:
+    return LLMEngine(model_dir, EngineConfig(num_kv_blocks=512), seed=0)
+
+
 @contextlib.contextmanager
-def router(model_dir, redis_url, namespace, loop_thread, resume_wait_s=10.0) -> Iterator:
-    """A prefill replica, and the router's HTTP and gRPC APIs over the pools in `namespace`."""
-    pre = prefill_server(model_dir, redis_url, namespace)
-    loop_thread.run(pre.start())
-    e = pre.engine
+def router(
+    model_dir, redis_url, namespace, loop_thread, resume_wait_s=10.0, mode="disaggregated"
+) -> Iterator:
+    """The router's HTTP and gRPC APIs over the pools in `namespace`, and (disaggregated) a
+    prefill replica."""
+    pre = prefill_server(model_dir, redis_url, namespace) if mode == "disaggregated" else None
+    if pre is not None:
+        loop_thread.run(pre.start())
+    e = _engine(model_dir)
     config = RouterConfig(
         models=(ModelRoute(name="tiny", model_dir=str(model_dir), model_id=e.model_id,
-                           block_size=e.block_size, max_model_len=e.max_model_len),),
+                           block_size=e.block_size, max_model_len=e.max_model_len,
+                           mode=mode),),
         cluster=Membership(redis_url=redis_url, namespace=namespace),
         auth=False, grpc_port=None, refresh_s=0.05, resume_wait_s=resume_wait_s,
     )  # fmt: skip
@@ -86,11 +97,12 @@ def router(model_dir, redis_url, namespace, loop_thread, resume_wait_s=10.0) -> 
     finally:
         loop_thread.run(g.stop(None))
         loop_thread.run(grpc_backend.close())
-        loop_thread.run(pre.stop(drain_s=1))
+        if pre is not None:
+            loop_thread.run(pre.stop(drain_s=1))
 
 
-def _decoders(redis_url: str, namespace: str) -> list:
-    return list_replicas(redis_url, "decode", "tiny", namespace)
+def _decoders(redis_url: str, namespace: str, role: str = "decode") -> list:
+    return list_replicas(redis_url, role, "tiny", namespace)
 
 
 def _count(stack, name: str) -> float:
@@ -165,11 +177,6 @@ def grpc_stream(stack, prompt: list[int], kind: dict) -> Stream:
                 s.got(list(msg.token_ids))
 
     return Stream(go)
-
-
-@functools.cache
-def _engine(model_dir) -> LLMEngine:
-    return LLMEngine(model_dir, EngineConfig(num_kv_blocks=512), seed=0)
 
 
 def _reference(model_dir, prompt: list[int], params: SamplingParams):
@@ -266,27 +273,36 @@ def test_sigkilled_decode_replica_streams_continue_token_exact(
             loop_thread.run(survivor.stop(drain_s=1))
 
 
-def test_drained_decode_replica_hands_its_streams_over(
-    tiny_model_dir, redis_url, namespace, loop_thread, monkeypatch
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_drained_replica_hands_its_streams_over(
+    tiny_model_dir, redis_url, namespace, loop_thread, monkeypatch, mode
 ):
-    """A decode replica drained while its stream cannot finish in the drain time: once it
-    stops, the stream continues on another replica, token-exact."""
+    """A decode (or colocated) replica drained while its stream cannot finish in the drain
+    time: once it stops, the stream continues on another replica, token-exact."""
     monkeypatch.setattr(DecodeServicer, "_decode", held_decode)
-    leaving = decode_server(tiny_model_dir, redis_url, namespace)
-    hold_streams(leaving, AFTER)
+    colocated = mode == "colocated"
+    role = "colocated" if colocated else "decode"
+    leaving = decode_server(tiny_model_dir, redis_url, namespace, colocated=colocated)
+    # Colocated, the replica sends the first token too: hold after as many tokens.
+    hold_streams(leaving, AFTER + colocated)
     loop_thread.run(leaving.start())
     staying = None
     try:
-        with router(tiny_model_dir, redis_url, namespace, loop_thread) as stack:
-            s = http_stream(stack, _prompt(7), SEEDED)
+        with router(tiny_model_dir, redis_url, namespace, loop_thread, mode=mode) as stack:
+            stream = grpc_stream if colocated else http_stream  # both APIs, one mode each
+            s = stream(stack, _prompt(7), SEEDED)
             _start_and_wait_paused([s])
-            staying = decode_server(tiny_model_dir, redis_url, namespace)
+            staying = decode_server(tiny_model_dir, redis_url, namespace, colocated=colocated)
             loop_thread.run(staying.start())
-            wait_for(lambda: len(_decoders(redis_url, namespace)) == 2, 30)
+            wait_for(lambda: len(_decoders(redis_url, namespace, role)) == 2, 30)
             loop_thread.run(leaving.stop(drain_s=0.5))
             s.join(120)
             assert not s.is_alive(), "the stream did not end"
-            _check_http(s, _reference(tiny_model_dir, _prompt(7), _params(SEEDED)), stack.tok)
+            ref = _reference(tiny_model_dir, _prompt(7), _params(SEEDED))
+            if colocated:
+                _check_grpc(s, ref)
+            else:
+                _check_http(s, ref, stack.tok)
             assert _count(stack, "splitserve:requests_resumed") == 1
     finally:
         if staying is not None:
