@@ -337,3 +337,31 @@ def test_request_with_no_replica_left_ends_with_a_clear_error(
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_only_replica_losses_resume_and_no_more_than_max_resumes_times():
+    """What counts as losing a replica (not a refusal of the request itself), a fresh request
+    id per attempt, and the bound on attempts."""
+    from grpc.aio import AioRpcError, Metadata
+
+    from router.migration import Migration, ResumeFailedError
+    from router.pd_client import Call
+    from rpc.piece import Piece
+
+    def err(code: grpc.StatusCode) -> AioRpcError:
+        return AioRpcError(code, Metadata(), Metadata(), details="gone")
+
+    run = Migration(Call([5, 6], _params(GREEDY), "req"), max_resumes=2)
+    run.role, run.serving = "decode", "decode-a"
+    for refused in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        with pytest.raises(AioRpcError):  # the request's own fault, or a 429 still possible
+            run.lose(err(refused))
+    run.lose(err(grpc.StatusCode.UNAVAILABLE))
+    assert run.lost == {"decode-a"} and run.attempt_call().request_id == "req-r1"
+    run.deliver(Piece([7, 8], "xy"))
+    run.serving = "decode-b"
+    run.lose(err(grpc.StatusCode.RESOURCE_EXHAUSTED))  # tokens delivered: too late for a 429
+    assert run.lost == {"decode-a", "decode-b"} and run.attempt_call().request_id == "req-r2"
+    run.serving = "decode-c"
+    with pytest.raises(ResumeFailedError, match=r"lost after 2 tokens .* lost 3 times"):
+        run.lose(err(grpc.StatusCode.CANCELLED))
