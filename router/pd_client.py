@@ -5,7 +5,9 @@ returned block references, streaming tokens as they come (DistServe's two hops).
         async for piece in pd.generate(prompt_ids, SamplingParams(max_tokens=32)):
             print(piece.text, end="")
 
-With only `decode` given (a colocated server), the whole request goes there.
+With only `decode` given (a colocated server), the whole request goes there. The hops are also
+called one at a time (`prefill_first`, `decode_from`): the router resumes a request whose decode
+replica was lost with `decode_from(call, handoff, resume=tokens delivered)` on another one.
 """
 
 from __future__ import annotations

@@ -365,3 +365,37 @@ def test_only_replica_losses_resume_and_no_more_than_max_resumes_times():
     run.serving = "decode-c"
     with pytest.raises(ResumeFailedError, match=r"lost after 2 tokens .* lost 3 times"):
         run.lose(err(grpc.StatusCode.CANCELLED))
+
+
+def test_decode_resumes_from_the_tokens_given_and_checks_them(tiny_model_dir, loop_thread):
+    """The wire contract: a resumed Decode streams only what follows the tokens it was given
+    (recomputing the prompt's KV when no blocks come), counts them in usage, and refuses
+    tokens outside the vocabulary or already as many as max_tokens."""
+    from protos.splitserve.v1 import decode_pb2, decode_pb2_grpc
+    from rpc.sampling import sampling_to_pb
+
+    server = decode_server(tiny_model_dir)  # a decode (not colocated) replica, no cluster
+    loop_thread.run(server.start())
+    params = _params(SEEDED, max_tokens=8)
+    ref = _reference(tiny_model_dir, _prompt(3), params).token_ids
+
+    async def decode(resume: list[int]):
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            req = decode_pb2.DecodeRequest(
+                model="tiny", prompt_token_ids=_prompt(3), sampling=sampling_to_pb(params),
+                resume_token_ids=resume,
+            )  # fmt: skip
+            try:
+                return [m async for m in decode_pb2_grpc.DecodeStub(ch).Decode(req, timeout=60)]
+            except grpc.aio.AioRpcError as e:
+                return e
+
+    try:
+        msgs = loop_thread.run(decode(ref[:3]))
+        assert [t for m in msgs for t in m.token_ids] == ref[3:]
+        assert msgs[-1].usage.completion_tokens == 8 and msgs[-1].usage.prompt_tokens == 40
+        for bad, says in (([5, 5000], "outside the vocabulary"), (ref, "already generated")):
+            e = loop_thread.run(decode(bad))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and says in e.details(), e
+    finally:
+        loop_thread.run(server.stop(drain_s=1))
