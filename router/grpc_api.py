@@ -130,7 +130,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 yield msg
         except grpc.aio.AioRpcError as e:
             await context.abort(_CODES.get(e.code().name, grpc.StatusCode.INTERNAL), e.details())
-        except RuntimeError as e:  # no replica up
+        except RuntimeError as e:  # no replica up, or none left to resume on (router.migration)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             await gen.aclose()

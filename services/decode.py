@@ -85,10 +85,15 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         rid = request.request_id or uuid.uuid4().hex
         timings = cpb.Timings()
         kwargs: dict = {}
-        if request.HasField("first_token_id"):
-            first = int(request.first_token_id)
-            if not 0 <= first < self.engine.vocab_size:
-                raise InvalidRequestError(f"first_token_id {first} is outside the vocabulary")
+        # A resumption carries every token already delivered; a hand-off, the first.
+        done = [int(t) for t in request.resume_token_ids]
+        if not done and request.HasField("first_token_id"):
+            done = [int(request.first_token_id)]
+        if done:
+            bad = next((t for t in done if not 0 <= t < self.engine.vocab_size), None)
+            if bad is not None:
+                what = "resume_token_ids" if request.resume_token_ids else "first_token_id"
+                raise InvalidRequestError(f"{what} has token {bad}, outside the vocabulary")
             if not prompt:
                 raise InvalidRequestError("prompt is empty: give at least one token")
             t0 = time.monotonic()
@@ -102,12 +107,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 task = asyncio.create_task(self._unpin(request.pin_holder_address, request.pin_id))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            kwargs = {"output_token_ids": [first], "kv_blocks": kv_blocks,
-                      "stored_blocks": stored}  # fmt: skip
+            kwargs = {"output_token_ids": done, "kv_blocks": kv_blocks, "stored_blocks": stored}
         elif not self.colocated:
             raise InvalidRequestError(
                 "this decode server continues prefilled requests: send first_token_id and the "
-                "prefill's block references (or use a colocated server)"
+                "prefill's block references, or resume_token_ids (or use a colocated server)"
             )
         kwargs["priority"] = int(request.priority)
         kwargs["cache_salt"] = request.cache_salt
@@ -132,7 +136,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     cpb.Usage(
                         prompt_tokens=len(prompt),
                         completion_tokens=out.num_output_tokens,
-                        cached_tokens=out.num_cached_tokens,
+                        # A resumption's cache hits may reach into its output: the
+                        # prompt's share is what usage reports.
+                        cached_tokens=min(out.num_cached_tokens, len(prompt)),
                     )
                 )
             yield msg
