@@ -214,6 +214,10 @@ class Load:
         self.outcomes.append(o)
         return o
 
+    @property
+    def sent(self) -> int:
+        return len(self._tasks)
+
     def finished(self) -> bool:
         """Every job sent and answered."""
         return len(self.outcomes) == len(self.jobs)
