@@ -2,8 +2,9 @@
 
 It resolves the models (pulling SmolLM2-135M-Instruct once if needed), starts a private
 Redis-compatible server unless the config names one (and starts it again on its port if it
-dies), starts Ray locally and the Serve application, prints the URL with an example request,
-and on Ctrl-C or SIGTERM stops everything it started.
+dies; a Redis the config names must answer at start, or `up` stops with a clear error), starts
+Ray locally and the Serve application, prints the URL with an example request, and on Ctrl-C
+or SIGTERM stops everything it started.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -104,6 +106,35 @@ def _check_metrics_port(cfg: AppConfig) -> AppConfig:
     return cfg
 
 
+# How long `up` waits for the Redis a config names to answer before giving up (one that was
+# started a moment ago may still be loading).
+REDIS_WAIT_S = 5.0
+
+
+def check_redis(url: str, wait_s: float | None = None) -> None:
+    """The Redis the config names must answer before anything starts: a clear error now, not a
+    system that comes up unable to place a request. ConnectionError (an OSError) otherwise."""
+    import redis
+
+    deadline = time.monotonic() + (REDIS_WAIT_S if wait_s is None else wait_s)
+    while True:
+        try:
+            r = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            try:
+                r.ping()
+                return
+            finally:
+                r.close()
+        except (redis.RedisError, ValueError) as e:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"the cluster's Redis at {url} does not answer ({e}): start it, point "
+                    "--redis (or the config's `redis:`) at one that answers, or leave it out "
+                    "and `up` starts a private one"
+                ) from None
+        time.sleep(0.5)
+
+
 def _revive(embedded, stop: threading.Event) -> None:
     """The private Redis server died: start it again on its port. Everything in it is gone;
     holders and replicas re-announce themselves within seconds, and until then the router
@@ -126,6 +157,8 @@ def _revive(embedded, stop: threading.Event) -> None:
 
 
 def run_up(cfg: AppConfig, announce=print) -> None:
+    if cfg.redis is not None:
+        check_redis(cfg.redis)
     import ray
     from ray import serve
 
