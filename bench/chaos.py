@@ -8,6 +8,8 @@ token by token against the same request run uninterrupted on a local engine):
   none            the load alone: the baseline (shows the check itself finds nothing)
   redis_flushall  FLUSHALL on up's private Redis server
   redis_restart   SIGKILL up's private Redis server (up starts it again on its port)
+  redis_stall     SIGSTOP the Redis server for STALL_S, then SIGCONT: unreachable with its
+                  connections open (a hung or partitioned server)
   holder_death    SIGKILL the KV holder: under `up` the prefill replica, whose in-process
                   store shard holds the prompts' blocks until decode has pulled them
   decode_death    SIGKILL the decode replica (Ray Serve starts another; streams continue)
@@ -37,7 +39,9 @@ import dataclasses
 import importlib
 import os
 import signal
+import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,12 +57,13 @@ from bench.report import write_report
 from bench.up_process import free_port, up_session
 
 FAULTS = (
-    "none", "redis_flushall", "redis_restart", "holder_death", "decode_death",
+    "none", "redis_flushall", "redis_restart", "redis_stall", "holder_death", "decode_death",
     "holder_and_decode_death", "fuzz",
 )  # fmt: skip
 # The hook for hostile input: a module with run(url, grpc_address, seconds) -> {"requests":
 # int, "status_5xx": int} (gRPC's server-side failures count as 5xx). Not present: not run.
 FUZZ_MODULE = "bench.chaos_fuzz"
+STALL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,22 @@ def _kill_redis(system: System):
     return f"SIGKILL pid {pid}: the private Redis server at {system.redis_url}", _registered(system)
 
 
+def _stall_redis(system: System):
+    """SIGSTOP the Redis server for STALL_S, then SIGCONT: unreachable the hard way (its
+    connections stay open and nothing answers), as a hung or partitioned server would be."""
+    pid = system.redis_pid()
+    os.kill(pid, signal.SIGSTOP)
+    resumed = threading.Event()
+
+    def cont() -> None:
+        os.kill(pid, signal.SIGCONT)
+        resumed.set()
+
+    threading.Timer(STALL_S, cont).start()
+    what = f"SIGSTOP pid {pid} (the private Redis server) for {STALL_S:g} s, then SIGCONT"
+    return what, lambda: resumed.is_set() and _registered(system)()
+
+
 def _flushall(system: System):
     system.flushall()
     return f"FLUSHALL on {system.redis_url}", _registered(system)
@@ -129,6 +150,7 @@ FAULT_TABLE = {
     "none": Fault("none", None),
     "redis_flushall": Fault("redis_flushall", _flushall),
     "redis_restart": Fault("redis_restart", _kill_redis),
+    "redis_stall": Fault("redis_stall", _stall_redis),
     "holder_death": Fault("holder_death", _kill_role("prefill")),
     "decode_death": Fault("decode_death", _kill_role("decode")),
     "holder_and_decode_death": Fault("holder_and_decode_death", _kill_holder_and_decode),
@@ -163,6 +185,7 @@ def _tally(outcomes: list[Outcome]) -> dict:
     checks = [o.check() for o in outcomes]
     failed = [o for o in outcomes if not o.ok]
     pairs = list(zip(outcomes, checks, strict=True))
+    e2e = [o.done_s - o.sent_s for o in outcomes]
     return {
         "load_requests": len(outcomes),
         "load_failed": len(failed),
@@ -173,7 +196,8 @@ def _tally(outcomes: list[Outcome]) -> dict:
         "missing_tokens_of_finished": sum(c.missing for o, c in pairs if o.ok),
         "text_mismatches": sum(1 for o in outcomes if o.ok and not o.text_ok()),
         "tokens_checked": sum(len(o.tokens) for o in outcomes),
-        "e2e_s_max": round(max((o.done_s - o.sent_s for o in outcomes), default=0.0), 3),
+        "e2e_s_p50": round(statistics.median(e2e), 3) if e2e else None,
+        "e2e_s_max": round(max(e2e, default=0.0), 3),
     }
 
 
