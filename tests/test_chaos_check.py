@@ -58,3 +58,26 @@ def test_chaos_bench_help():
     assert out.returncode == 0, out.stderr
     for flag in ("--quick", "--json", "--faults", "--soak", "--soak-s"):
         assert flag in out.stdout
+
+
+def _row(fault: str, **kw) -> dict:
+    base = {"fault": fault, "ran": True, "sent": 4, "failed": 0, "resumed": 1.0,
+            "wrong_tokens": 0, "duplicated_tokens": 0, "recovery_s": 2.5}  # fmt: skip
+    return {**base, **kw}
+
+
+def test_a_fuzz_fault_without_its_module_is_not_run_never_zero(monkeypatch):
+    import asyncio
+
+    from bench import chaos
+
+    monkeypatch.setattr(chaos, "FUZZ_MODULE", "bench.no_such_fuzz_module")
+    row = asyncio.run(chaos.run_fuzz(None, [], chaos.QUICK))  # returns before any system use
+    assert row["ran"] is False and "no_such_fuzz_module" in row["why"]
+    s = chaos.summarize([_row("none", recovery_s=None), _row("decode_death"), row])
+    assert s["fuzz_5xx"] is None and s["faults_not_run"] == ["fuzz"]
+    assert s["recovery_s_max"] == 2.5 and s["resumed_requests"] == 2.0
+    ran = _row("fuzz", fuzz_5xx=0)
+    assert chaos.summarize([_row("decode_death"), ran])["fuzz_5xx"] == 0
+    # A fault after which no fresh request succeeded has no recovery time, and says so.
+    assert chaos.summarize([_row("decode_death", recovery_s=None)])["recovery_s_max"] is None
