@@ -3,17 +3,16 @@ replicas, a real valkey) driven by the official openai client and the gRPC Gener
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
+from bench.up_process import listening_pid, redis_pid
 from kvstore.registry import list_replicas
 from loadgen.readers import read_trace
 from tests.router_helpers import free_port
@@ -201,21 +200,8 @@ def test_splitserve_bench_replays_a_trace_against_the_system(system, tmp_path):
 
 
 def _redis_pid(system) -> int:
-    """The private Redis server `up` runs: in up's session, named for its port (the server
-    rewrites its command line to `valkey-server HOST:PORT`)."""
-    port = system["redis"].rsplit(":", 1)[-1].split("/")[0]
-    sid = system["proc"].pid
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ")
-            same_session = os.getsid(int(d)) == sid
-        except OSError:
-            continue
-        if same_session and b"-server" in cmd and f":{port}".encode() in cmd:
-            return int(d)
-    raise AssertionError(f"no Redis server on port {port} in up's session")
+    """The private Redis server `up` runs, among its processes, by its port."""
+    return redis_pid(system["proc"].pid, system["redis"])
 
 
 def test_killed_embedded_redis_is_restarted_and_health_tells_the_truth(system):
@@ -242,7 +228,7 @@ def test_killed_embedded_redis_is_restarted_and_health_tells_the_truth(system):
                 assert r.headers["retry-after"] == "1" and r.json()["error"]["message"]
             try:
                 new = _redis_pid(system)
-            except AssertionError:
+            except LookupError:
                 new = None
             # Recovered: a new server holding the replicas' registrations again, and serving.
             if new not in (None, old) and seen[-1] == (200, "ok", 200):
@@ -251,25 +237,6 @@ def test_killed_embedded_redis_is_restarted_and_health_tells_the_truth(system):
                 if all(roles):
                     break
             time.sleep(0.2)
-
-
-def _listening_pid(port: int) -> int:
-    """The process listening on a TCP port of this host (a replica's gRPC server)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                f = line.split()
-                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                    inodes.add(f"socket:[{f[9]}]")
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{d}/fd"):
-                if os.readlink(f"/proc/{d}/fd/{fd}") in inodes:
-                    return int(d)
-    raise AssertionError(f"no process listens on port {port}")
 
 
 def _resumed(system) -> float:
@@ -294,7 +261,7 @@ def test_killed_decode_replica_mid_stream_the_stream_continues_token_exact(syste
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0,
             "presence_penalty": 2.0, "ignore_eos": True, "logprobs": 0}  # fmt: skip
     [decode] = list_replicas(system["redis"], "decode", "tiny")
-    pid = _listening_pid(int(decode.address.rsplit(":", 1)[1]))
+    pid = listening_pid(int(decode.address.rsplit(":", 1)[1]))
     before = _resumed(system)
     tokens, text, finish, killed = [], "", None, False
     with (
