@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from router import errors
+from router import errors, openapi
 from router.config import DEFAULT_MAX_BODY_BYTES
 from router.errors import APIError, from_exception
 from router.metrics import RouterMetrics
@@ -89,8 +89,9 @@ def build_app(
     priority_levels = priority_levels_of(tenants)
     texts = {name: TokenTexts(tok) for name, tok in tokenizers.items()}
     metrics = metrics or RouterMetrics(tenants)
-    app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     _install_error_handlers(app)
+    openapi.install(app, auth=tenants is not None)
 
     def served() -> dict[str, int]:
         return {name: n for name, n in backend.models() if name in tokenizers}

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 
-from protos.splitserve.v1 import generate_pb2_grpc
 from router.app import build_app
 from router.backend import PoolBackend
 from router.config import RouterConfig
 from router.fair_backend import FairBackend
-from router.grpc_api import SERVICE_NAME, GenerateServicer
+from router.grpc_api import SERVICE_NAME, GenerateServicer, add_to_server
 from router.metrics import RouterMetrics
 from router.tenants import Tenants
 from router.vtc import VTC
@@ -79,7 +78,7 @@ class RouterServer:
             log.warning("gRPC Generate service not started: %s", e)
             return
         servicer = GenerateServicer(self.backend, self.tokenizers, self.tenants, defaults)
-        generate_pb2_grpc.add_GenerateServicer_to_server(servicer, self.grpc.server)
+        add_to_server(servicer, self.grpc.server)
         self.grpc.add(SERVICE_NAME)
         await self.grpc.start()
         self.grpc_address = self.grpc.address

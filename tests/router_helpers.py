@@ -118,23 +118,24 @@ def engine(model_dir, **kw):
 
 
 @contextlib.contextmanager
-def router_stack(model_dir) -> Iterator[SimpleNamespace]:
+def router_stack(model_dir, engine: dict | None = None) -> Iterator[SimpleNamespace]:
     """The app with auth on, a tenant `main` and a tenant `tight` (1 running, none queued),
     over a colocated server, and the gRPC Generate service on the same tenants; `busy` names a
-    server that refuses every request (max_waiting 0), `down` an address nobody listens on."""
+    server that refuses every request (max_waiting 0), `down` an address nobody listens on.
+    engine: the colocated server's EngineConfig fields (256 KV blocks by default)."""
     import grpc
     import openai
 
-    from protos.splitserve.v1 import generate_pb2_grpc
     from router.app import build_app
-    from router.grpc_api import GenerateServicer
+    from router.grpc_api import GenerateServicer, add_to_server
     from router.tenants import Tenants, hash_key
     from services.engine.tokenizer import load_tokenizer
     from tests.kv_helpers import LoopThread
     from tests.replica_helpers import decode_server
 
     lt = LoopThread()
-    server = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True)
+    server = decode_server(model_dir, engine={"num_kv_blocks": 256, **(engine or {})},
+                           colocated=True)  # fmt: skip
     busy = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True, max_waiting=0)
     lt.run(server.start())
     lt.run(busy.start())
@@ -165,7 +166,7 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
     async def start_grpc():
         g = grpc.aio.server()
         svc = GenerateServicer(backend, tokenizers, tenants, defaults)
-        generate_pb2_grpc.add_GenerateServicer_to_server(svc, g)
+        add_to_server(svc, g)
         port = g.add_insecure_port("127.0.0.1:0")
         await g.start()
         return g, f"127.0.0.1:{port}"
