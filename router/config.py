@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kvstore.config import Membership
+from router.admission import AdmissionLimits
 from router.iccache.config import ICCacheConfig
 from services.engine.sampling_params import SamplingDefaults
 
@@ -49,7 +50,8 @@ class ModelRoute:
 class RouterConfig:
     """auth False: no API keys (the local demo only); on, tenants come from tenants_file or the
     environment (router.tenants.Tenants.load). grpc_port None: no gRPC Generate service;
-    0: any free port. refresh_s: how long a read of the service registry is reused."""
+    0: any free port. refresh_s: how long a read of the service registry is reused.
+    admission: this replica's bounds over all its requests, HTTP and gRPC (router.admission)."""
 
     models: tuple[ModelRoute, ...]
     cluster: Membership = field(default_factory=Membership)
@@ -60,6 +62,7 @@ class RouterConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     refresh_s: float = 0.5
     iccache: ICCacheConfig | None = None  # IC-Cache routes over these models
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))

@@ -2,7 +2,8 @@
 
 Same backend, tokenizers and tenants as the HTTP API; the API key travels as metadata
 `authorization: Bearer <key>`. A tenant's concurrency and queue limits count its HTTP and gRPC
-requests together (one Tenants object): over them, RESOURCE_EXHAUSTED.
+requests together (one Tenants object), and so does the router's admission gate: over either,
+RESOURCE_EXHAUSTED.
 
 Register it with `add_to_server`: a request that is not a GenerateRequest (bytes cut short,
 strings that are not UTF-8) then gets INVALID_ARGUMENT, not gRPC's UNKNOWN for a parse failure.
@@ -19,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from protos.splitserve.v1 import generate_pb2 as pb
 from protos.splitserve.v1 import generate_pb2_grpc as pb_grpc
+from router.admission import Gate, GateBusyError
 from router.tenants import Tenant, TenantBusyError, Tenants, priority_levels_of
 from rpc.sampling import sampling_fields
 from services.engine.sampling_params import SamplingDefaults, SamplingParams
@@ -87,13 +89,16 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         tokenizers: dict[str, Any],
         tenants: Tenants | None,
         defaults: dict[str, SamplingDefaults] | None = None,
+        admission: Gate | None = None,
     ) -> None:
         """tenants None: authentication off (the local demo). defaults: per model, the
-        sampling a request gets for the fields it leaves unset."""
+        sampling a request gets for the fields it leaves unset. admission: the router's gate
+        (the HTTP app's too), after the tenant's."""
         self.backend = backend
         self.tokenizers = tokenizers
         self.tenants = tenants
         self.defaults = defaults or {}
+        self.admission = admission
 
     async def Generate(self, request, context):
         tenant: Tenant | None = None
@@ -121,10 +126,19 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 await tenant.acquire()
             except TenantBusyError as e:
                 await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        admitted = False
         try:
+            if self.admission is not None:
+                try:
+                    await self.admission.acquire()
+                except GateBusyError as e:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                admitted = True
             async for msg in self._stream(*request_args, tenant, context):
                 yield msg
         finally:
+            if admitted:
+                self.admission.release()
             if tenant is not None:
                 tenant.release()
 

@@ -112,6 +112,7 @@ def plan_deployment(
         grpc_host=cfg.grpc.host,
         grpc_port=cfg.grpc.port,
         iccache=iccache,
+        admission=cfg.router.admission.limits(),
     )
     return Deployment(router, tuple(replicas), embed)
 
