@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from router import errors, openapi
@@ -337,9 +338,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise errors.payload_too_large(limit)
     parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.payload_too_large(limit)
-        parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise errors.payload_too_large(limit)
+            parts.append(chunk)
+    except ClientDisconnect:  # gone mid-body: nobody to answer, and not the server's failure
+        raise errors.client_closed() from None
     return b"".join(parts)
