@@ -53,6 +53,7 @@ class _Waiter:
     loop: asyncio.AbstractEventLoop
     fut: asyncio.Future
     granted: bool = False  # set under the lock when release() hands this waiter its slot
+    expired: bool = False  # set under the lock when max_queue_s passed first
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -108,24 +109,35 @@ class Gate:
                 raise self._busy(waited=False)
             w = _Waiter(loop, loop.create_future())
             self._waiters.append(w)
-        timeout = None if math.isinf(self.max_queue_s) else self.max_queue_s
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives with
+        # the slot, and the request of a client that left would run.
+        timer = None if math.isinf(self.max_queue_s) else loop.call_later(
+            self.max_queue_s, self._expire, w
+        )  # fmt: skip
         try:
-            # release() hands its slot over: `running` stays as it is
-            await asyncio.wait_for(w.fut, timeout)
-        except TimeoutError:
-            with self._lock:
-                if w.granted:
-                    return  # the slot came as the wait ran out: keep it
-                self._waiters.remove(w)
-                raise self._busy(waited=True) from None
+            await w.fut  # release() hands its slot over: `running` stays as it is
         except asyncio.CancelledError:
             with self._lock:
                 passed = w.granted
-                if not passed:
+                if not passed and not w.expired:
                     self._waiters.remove(w)
             if passed:
                 self.release()  # the slot arrived as we were cancelled: pass it on
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, w: _Waiter) -> None:
+        """max_queue_s passed without a slot: out of the queue, refused (on w's loop)."""
+        with self._lock:
+            if w.granted:
+                return  # the slot came just in time
+            self._waiters.remove(w)
+            w.expired = True
+            err = self._busy(waited=True)
+        if not w.fut.done():
+            w.fut.set_exception(err)
 
     def release(self) -> None:
         with self._lock:
