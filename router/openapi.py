@@ -173,6 +173,9 @@ def document(app: FastAPI, auth: bool) -> dict:
         ok = _ok(answer_schema, stream=stream)
         op["responses"] = _generate_responses(auth, ok)
         op["security"] = security
+    if "/v1/feedback" in paths:
+        answers = paths["/v1/feedback"]["post"]["responses"]
+        answers["404"] = _error("No IC-Cache response of the caller's awaits feedback by this id.")
     if "/v1/models" in paths:
         responses = {"200": _ok(_MODELS)}
         if auth:

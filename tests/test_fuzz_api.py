@@ -140,6 +140,19 @@ def test_openapi_document_describes_the_api(stack):
     assert len(list(schema.get_all_operations())) == 5
 
 
+def test_openapi_document_without_auth_and_with_feedback():
+    """Auth off: no security anywhere. IC-Cache on: POST /v1/feedback with its body schema."""
+    from router.app import build_app
+    from tests.router_helpers import InstantBackend
+
+    doc = build_app(InstantBackend(), {}, None, iccache=object()).openapi()
+    assert "securitySchemes" not in doc["components"]
+    post = doc["paths"]["/v1/feedback"]["post"]
+    assert post["security"] == [] and "401" not in post["responses"]
+    assert doc["components"]["schemas"]["FeedbackRequest"]["required"] == ["id", "score"]
+    assert len(list(schemathesis.openapi.from_dict(doc).get_all_operations())) == 6
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_http_fuzzed_from_the_openapi_document(stack, mode):
     """Positive: every body the schema allows gets its answer or a 4xx, as documented (status,
