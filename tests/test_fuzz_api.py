@@ -319,3 +319,68 @@ def test_grpc_huge_model_name_keeps_its_status(stack):
             list(call(raw, metadata=[("authorization", f"Bearer {KEY}")], timeout=30))
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND, ei.value.details()
     assert len(ei.value.details()) < 1100
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", stream)
+        + payload
+    )
+
+
+def _h2_call(message: bytes, declared: int, end_stream: bool) -> bytes:
+    """A client's bytes for one Generate call over HTTP/2, by hand: the gRPC message's length
+    prefix says `declared` bytes (more than it carries: a truncated stream)."""
+
+    def header(name: str, value: str) -> bytes:  # HPACK literal, not indexed, no Huffman
+        return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+    headers = b"".join(header(n, v) for n, v in (
+        (":method", "POST"), (":scheme", "http"), (":path", GENERATE), (":authority", "fuzz"),
+        ("content-type", "application/grpc"), ("te", "trailers"),
+        ("authorization", f"Bearer {KEY}"),
+    ))  # fmt: skip
+    data = b"\x00" + struct.pack(">I", declared) + message
+    return (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b"")  # preface, SETTINGS
+        + _h2_frame(1, 4, 1, headers)  # HEADERS, END_HEADERS
+        + _h2_frame(0, 1 if end_stream else 0, 1, data)
+    )  # fmt: skip
+
+
+def test_grpc_port_with_truncated_streams_and_garbage(stack):
+    """Hand-made HTTP/2 on the gRPC port: a whole call is answered (the framing is right), and
+    calls whose message is cut short, whose stream never ends, or bytes that are not HTTP/2
+    at all, leave the server serving."""
+    host, port = stack.grpc.split(":")
+    msg = gpb.GenerateRequest(model="tiny", prompt="hi").SerializeToString()
+
+    def send(data: bytes, answer: bool) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=30) as c:
+            c.sendall(data)
+            got = b""
+            while answer and b"grpc-status" not in got:
+                chunk = c.recv(65536)
+                assert chunk, got[-200:]
+                got += chunk
+            return got
+
+    assert b"grpc-status\x010" in send(_h2_call(msg, len(msg), True), answer=True)
+    for data in (
+        _h2_call(msg, len(msg) + 50, True),  # fewer bytes than the length prefix says
+        _h2_call(msg[:3], len(msg), True),
+        _h2_call(msg[: len(msg) // 2], len(msg), False),  # the client goes mid-message
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64,
+        b"POST /splitserve.v1.Generate/Generate HTTP/1.1\r\nHost: x\r\n\r\n",
+        bytes(range(256)),
+    ):
+        send(data, answer=False)
+    req = gpb.GenerateRequest(model="tiny", prompt="still serving")
+    req.sampling.max_tokens = 3
+    with grpc.insecure_channel(stack.grpc) as ch:
+        call = ch.unary_stream(GENERATE, response_deserializer=gpb.GenerateResponse.FromString)
+        msgs = list(call(req.SerializeToString(), metadata=[("authorization", f"Bearer {KEY}")],
+                         timeout=60))  # fmt: skip
+    assert msgs[-1].usage.completion_tokens == 3
