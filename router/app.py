@@ -56,7 +56,8 @@ class Backend(Protocol):
     an async generator: nothing runs until the first `anext`, and `aclose()` at any point
     cancels the request on its replica. Raises grpc.aio.AioRpcError (INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED, UNAVAILABLE), ValueError for a request it cannot run, and RuntimeError
-    when no replica serves the model. `tenant` names the caller ("" with auth off);
+    when no replica serves the model (or, PoolBackend, none is left to resume a request whose
+    replica was lost: router.migration). `tenant` names the caller ("" with auth off);
     `cache_salt` is its cache scope (Tenant.cache_salt), under which the prompt's KV blocks are
     named, so it shares cached prefixes only with its own scope.
     models: (name, max context length) of each served model."""

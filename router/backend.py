@@ -15,7 +15,9 @@ import redis
 from kvstore.index import IndexReader
 from kvstore.registry import Replica, list_replicas
 from router.config import ModelRoute, RouterConfig
-from router.pd_client import PDClient
+from router.metrics import RouterMetrics
+from router.migration import LostStreamError, Migration, ResumeFailedError, describe
+from router.pd_client import Call, PDClient
 from router.placement import Candidate, PrefixAffinity, pick_decode, pick_prefill
 from rpc.piece import Piece
 from rpc.sampling import Sampling
@@ -28,6 +30,10 @@ class NoReplicaError(RuntimeError):
     """No live replica serves the model right now (starting, or all gone): HTTP 503."""
 
 
+# How long a request waits for a replica of a role while none is live (starting up, restarting).
+FIRST_WAIT_S = 10.0
+
+
 def _roles(info: ModelRoute) -> tuple[str, ...]:
     return ("colocated",) if info.mode == "colocated" else ("prefill", "decode")
 
@@ -35,12 +41,16 @@ def _roles(info: ModelRoute) -> tuple[str, ...]:
 class PoolBackend:
     """Make it inside the event loop that will use it (its gRPC channels belong to one loop)."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, metrics: RouterMetrics | None = None) -> None:
+        """metrics: where resumptions are counted (router.migration)."""
         assert config.cluster.redis_url is not None  # RouterConfig checks it
         self.redis_url: str = config.cluster.redis_url
         self.namespace = config.cluster.namespace
         self.models_info = {m.name: m for m in config.models}
         self.refresh_s = config.refresh_s
+        self.max_resumes = config.max_resumes
+        self.resume_wait_s = config.resume_wait_s
+        self.metrics = metrics
         self._replicas: dict[tuple[str, str], tuple[float, list[Replica]]] = {}
         self._clients: dict[tuple[str, str | None], PDClient] = {}
         self._outstanding: dict[str, int] = defaultdict(int)  # prefill replica -> tokens
@@ -59,16 +69,6 @@ class PoolBackend:
             await c.close()
         if self._index is not None:
             await self._index.close()
-
-    async def _live(self, role: str, model: str, wait_s: float = 10.0) -> list[Replica]:
-        """Live replicas of a role; while there are none (starting up, or one restarting),
-        wait up to wait_s for one rather than failing the request at once."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            reps = await self._fetch_live(role, model)
-            if reps or time.monotonic() >= deadline:
-                return reps
-            await asyncio.sleep(self.refresh_s)
 
     async def _fetch_live(self, role: str, model: str) -> list[Replica]:
         """While the registry (Redis) is unreachable, the replicas last seen stay in use (they
@@ -159,47 +159,97 @@ class PoolBackend:
         cache_salt: str = "",
         **_: object,
     ) -> AsyncIterator[Piece]:
-        info = self.models_info[model]
+        """The request's pieces. A replica lost on the way (killed, restarting, drained) is
+        replaced by another that continues from the tokens delivered (router.migration)."""
+        call = Call(prompt_ids, params, request_id, tenant, priority or 0, cache_salt)
+        run = Migration(call, self.max_resumes)
+        resuming = False  # counted once the continuation delivers
+        while True:
+            attempt = self._attempt(self.models_info[model], run)
+            try:
+                async for piece in attempt:
+                    if resuming and self.metrics is not None:
+                        self.metrics.resumed(model)
+                    resuming = False
+                    run.deliver(piece)
+                    yield piece
+                    if piece.finish_reason:
+                        return
+                raise LostStreamError(f"the {run.role} replica ended the stream unfinished")
+            except Exception as e:
+                try:
+                    run.lose(e)
+                except ResumeFailedError:
+                    if self.metrics is not None:
+                        self.metrics.resume_failed(model)
+                    raise
+                resuming = True
+                log.warning("request %s: %s replica %s lost after %d tokens (%s); resuming",
+                            request_id, run.role, run.serving, len(run.delivered),
+                            describe(e))  # fmt: skip
+            finally:
+                await attempt.aclose()
+
+    async def _place(self, run: Migration, role: str, model: str) -> list[Replica]:
+        """Live replicas of a role this request has not lost; while there are none, wait for
+        one (a replica restarting) up to the first attempt's patience or resume_wait_s."""
+        wait_s = self.resume_wait_s if run.resumes else FIRST_WAIT_S
+        deadline = time.monotonic() + wait_s
+        while True:
+            reps = [r for r in await self._fetch_live(role, model) if r.replica_id not in run.lost]
+            if reps:
+                return reps
+            if time.monotonic() >= deadline:
+                if not run.resumes:
+                    raise NoReplicaError(f"no live {role} replica of {model!r} is up")
+                raise run.failed(f"no other {role} replica was up within {wait_s:g} s")
+            await asyncio.sleep(self.refresh_s)
+
+    async def _attempt(self, info: ModelRoute, run: Migration) -> AsyncIterator[Piece]:
+        """One attempt: the request from where it stands (nothing delivered: from the start)."""
+        model, call = info.name, run.attempt_call()
+        resume = list(run.delivered)
         if info.mode == "colocated":
-            reps = await self._live("colocated", model)
-            if not reps:
-                raise NoReplicaError(f"no colocated replica of {model!r} is up")
-            cands = [_cand(r) for r in reps]
-            d = pick_decode(cands, None)
-            async for piece in self._client(d.address, None, model).generate(
-                prompt_ids, params, request_id, tenant, priority or 0, cache_salt
-            ):
+            run.role = "colocated"
+            d = pick_decode([_cand(r) for r in await self._place(run, "colocated", model)], None)
+            run.serving = d.replica_id
+            async for piece in self._client(d.address, None, model).decode_from(call, None, resume):
                 yield piece
             return
-        pre_reps, dec_reps = await asyncio.gather(
-            self._live("prefill", model), self._live("decode", model)
-        )
-        if not pre_reps or not dec_reps:
-            raise NoReplicaError(f"{model!r} has no live prefill or decode replica yet")
-        holders = [r.holder_id for r in pre_reps]
-        ids, prefix = await self._prefix_blocks(info, prompt_ids, holders, cache_salt)
-        p = pick_prefill(
-            [
-                _cand(r, self._outstanding[r.replica_id], prefix.get(r.holder_id, 0))
-                for r in pre_reps
-            ]
-        )
-        affinity = self._affinity[model]
-        d = pick_decode([_cand(r) for r in dec_reps], affinity.lookup(ids[:64]))
-        affinity.record(ids[:64], d.replica_id)
-        self._outstanding[p.replica_id] += len(prompt_ids)
-        counted = True
-        try:
-            async for piece in self._client(d.address, p.address, model).generate(
-                prompt_ids, params, request_id, tenant, priority or 0, cache_salt
-            ):
-                if counted:
-                    self._outstanding[p.replica_id] -= len(prompt_ids)
-                    counted = False
-                yield piece
-        finally:
-            if counted:
-                self._outstanding[p.replica_id] -= len(prompt_ids)
+        if run.handoff is None:  # nothing delivered yet: the prefill hop first
+            pre_reps, dec_reps = await asyncio.gather(
+                self._place(run, "prefill", model), self._place(run, "decode", model)
+            )
+            holders = [r.holder_id for r in pre_reps]
+            ids, prefix = await self._prefix_blocks(info, call.prompt_ids, holders,
+                                                    call.cache_salt)  # fmt: skip
+            p = pick_prefill(
+                [
+                    _cand(r, self._outstanding[r.replica_id], prefix.get(r.holder_id, 0))
+                    for r in pre_reps
+                ]
+            )
+            affinity = self._affinity[model]
+            d = pick_decode([_cand(r) for r in dec_reps], affinity.lookup(ids[:64]))
+            affinity.record(ids[:64], d.replica_id)
+            client = self._client(d.address, p.address, model)
+            run.role, run.serving = "prefill", p.replica_id
+            self._outstanding[p.replica_id] += len(call.prompt_ids)
+            try:
+                first, run.handoff = await client.prefill_first(call)
+            finally:
+                self._outstanding[p.replica_id] -= len(call.prompt_ids)
+            yield first
+            if run.handoff is None:
+                return
+            resume = []
+        else:  # a resumption: decode from the hand-off's KV and the tokens delivered
+            reps = await self._place(run, "decode", model)
+            d = pick_decode([_cand(r) for r in reps], None)
+            client = self._client(d.address, None, model)
+        run.role, run.serving = "decode", d.replica_id
+        async for piece in client.decode_from(call, run.handoff, resume):
+            yield piece
 
 
 def _ping(url: str) -> None:

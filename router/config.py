@@ -51,7 +51,10 @@ class RouterConfig:
     """auth False: no API keys (the local demo only); on, tenants come from tenants_file or the
     environment (router.tenants.Tenants.load). grpc_port None: no gRPC Generate service;
     0: any free port. refresh_s: how long a read of the service registry is reused.
-    admission: this replica's bounds over all its requests, HTTP and gRPC (router.admission)."""
+    max_resumes: how many times one request may continue on another replica after the one
+    serving it was lost; resume_wait_s: how long a resumption waits for a replica to take it
+    while none is live (router.migration). admission: this replica's bounds over all its
+    requests, HTTP and gRPC (router.admission)."""
 
     models: tuple[ModelRoute, ...]
     cluster: Membership = field(default_factory=Membership)
@@ -61,6 +64,8 @@ class RouterConfig:
     grpc_port: int | None = 50051
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     refresh_s: float = 0.5
+    max_resumes: int = 3
+    resume_wait_s: float = 30.0
     iccache: ICCacheConfig | None = None  # IC-Cache routes over these models
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
 
@@ -80,6 +85,10 @@ class RouterConfig:
             raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
         if self.refresh_s <= 0:
             raise ValueError(f"refresh_s must be positive, got {self.refresh_s}")
+        if self.max_resumes < 0:
+            raise ValueError(f"max_resumes must be >= 0, got {self.max_resumes}")
+        if self.resume_wait_s < 0:
+            raise ValueError(f"resume_wait_s must be >= 0, got {self.resume_wait_s}")
         for r in self.iccache.routes if self.iccache is not None else ():
             if r.small not in names or r.large not in names or r.name in names:
                 raise ValueError(

@@ -198,7 +198,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 yield msg
         except grpc.aio.AioRpcError as e:
             await _abort(context, _CODES.get(e.code().name, grpc.StatusCode.INTERNAL), e.details())
-        except RuntimeError as e:  # no replica up
+        except RuntimeError as e:  # no replica up, or none left to resume on (router.migration)
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             await gen.aclose()

@@ -37,6 +37,20 @@ class RouterMetrics:
             buckets=RESPONSE_BUCKETS,
             registry=self.registry,
         )
+        self._resumed = Counter(
+            "splitserve:requests_resumed",
+            "Requests continued on another replica after the one serving them was lost "
+            "(killed, restarting, drained): each resumption once, HTTP and gRPC",
+            ["model"],
+            registry=self.registry,
+        )
+        self._resume_failed = Counter(
+            "splitserve:requests_resume_failed",
+            "Requests whose replica was lost and that no other replica could continue: they "
+            "ended with an error",
+            ["model"],
+            registry=self.registry,
+        )
         if tenants is not None:
             self.registry.register(TenantCollector(tenants))
         if admission is not None:
@@ -47,6 +61,12 @@ class RouterMetrics:
         self._requests.labels(endpoint, model, tenant, str(status)).inc()
         if status < 400:
             self._response.labels(endpoint, model).observe(seconds)
+
+    def resumed(self, model: str) -> None:
+        self._resumed.labels(model).inc()
+
+    def resume_failed(self, model: str) -> None:
+        self._resume_failed.labels(model).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

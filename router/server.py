@@ -48,7 +48,7 @@ class RouterServer:
 
     async def start(self) -> None:
         cfg = self.config
-        self.backend = PoolBackend(cfg)
+        self.backend = PoolBackend(cfg, self.metrics)
         fair = self.tenants.fairness if self.tenants is not None else None
         if fair is not None:
             # Counters in the cluster's Redis: every router replica admits by the same standing.

@@ -41,6 +41,7 @@ from services.metrics import RequestMetrics, ServiceMetrics
 from services.offload_client import AttentionWorkers, forget_placement, record_placement
 from services.offload_metrics import OffloadCollector
 from services.replica import ReplicaServer
+from services.store_tier import StoreTier
 from services.wire import logprob_to_pb, sampling_from_pb, stored_to_kv
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decode"].full_name
@@ -84,15 +85,20 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         rid = request.request_id or uuid.uuid4().hex
         timings = cpb.Timings()
         kwargs: dict = {}
-        if request.HasField("first_token_id"):
-            first = int(request.first_token_id)
-            if not 0 <= first < self.engine.vocab_size:
-                raise InvalidRequestError(f"first_token_id {first} is outside the vocabulary")
+        # A resumption carries every token already delivered; a hand-off, the first.
+        done = [int(t) for t in request.resume_token_ids]
+        if not done and request.HasField("first_token_id"):
+            done = [int(request.first_token_id)]
+        if done:
+            bad = next((t for t in done if not 0 <= t < self.engine.vocab_size), None)
+            if bad is not None:
+                what = "resume_token_ids" if request.resume_token_ids else "first_token_id"
+                raise InvalidRequestError(f"{what} has token {bad}, outside the vocabulary")
             if not prompt:
                 raise InvalidRequestError("prompt is empty: give at least one token")
             t0 = time.monotonic()
             with self.loop.admitting():
-                kv_blocks = await self._pull(
+                kv_blocks, stored = await self._pull(
                     prompt, list(request.blocks), timings, request.cache_salt
                 )
             timings.transfer_ms = (time.monotonic() - t0) * 1e3
@@ -101,11 +107,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 task = asyncio.create_task(self._unpin(request.pin_holder_address, request.pin_id))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            kwargs = {"output_token_ids": [first], "kv_blocks": kv_blocks}
+            kwargs = {"output_token_ids": done, "kv_blocks": kv_blocks, "stored_blocks": stored}
         elif not self.colocated:
             raise InvalidRequestError(
                 "this decode server continues prefilled requests: send first_token_id and the "
-                "prefill's block references (or use a colocated server)"
+                "prefill's block references, or resume_token_ids (or use a colocated server)"
             )
         kwargs["priority"] = int(request.priority)
         kwargs["cache_salt"] = request.cache_salt
@@ -130,15 +136,20 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     cpb.Usage(
                         prompt_tokens=len(prompt),
                         completion_tokens=out.num_output_tokens,
-                        cached_tokens=out.num_cached_tokens,
+                        # A resumption's cache hits may reach into its output: the
+                        # prompt's share is what usage reports.
+                        cached_tokens=min(out.num_cached_tokens, len(prompt)),
                     )
                 )
             yield msg
 
-    async def _pull(self, prompt: list[int], refs, timings, salt: str) -> list[KVBlock | None]:
+    async def _pull(
+        self, prompt: list[int], refs, timings, salt: str
+    ) -> tuple[list[KVBlock | None], int]:
         """KV for the prompt's blocks: None where the prefix cache has it or it must be
         recomputed; pulled from the store otherwise. Blocks are named under the request's
-        salt, so refs to another scope's blocks never match."""
+        salt, so refs to another scope's blocks never match. Also: how many leading full
+        blocks the store holds (the engine's KV tier fetches them after a preemption)."""
         e = self.engine
         expected = hash_blocks(
             prompt, e.block_size, e.model_id, include_partial=True, cache_salt=salt
@@ -166,7 +177,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 timings.bytes_pulled += s.meta.size
             out.append(kv)
         timings.blocks_recomputed += max(0, len(expected) - usable)
-        return out
+        return out, min(usable, len(full))
 
     async def _unpin(self, address: str, pin_id: str) -> None:
         assert self.kv is not None
@@ -259,6 +270,9 @@ class DecodeServer(ReplicaServer):
             self.kv = KVStoreClient(
                 cluster.redis_url, cluster.namespace, device=device if on_gpu else None
             )
+            e = self.engine  # before any request: the engine thread is idle
+            loop = asyncio.get_running_loop()
+            e.attach_kv_tier(StoreTier(self.kv, loop, e.model_id, e.kv_block_layout()))
         servicer = DecodeServicer(self.loop, self.kv, self.model_name, app, self.colocated,
                                   self.metrics)  # fmt: skip
         pb_grpc.add_DecodeServicer_to_server(servicer, app.server)

@@ -445,10 +445,20 @@ class EngineCollector(Collector):
         )
         c = CounterMetricFamily(
             "splitserve:num_preemptions",
-            "Running requests preempted (by recompute) because a block was needed.",
+            "Running requests preempted (swapped out or to recompute) because a block was needed.",
             labels=("role", "model"),
         )
         c.add_metric(self.labels, self.loop.engine.num_preemptions)
+        yield c
+        sched = self.loop.engine.scheduler
+        c = CounterMetricFamily(
+            "splitserve:kv_tier_blocks",
+            "Blocks of preempted requests asked back from the KV store rather than swapped or "
+            "recomputed: fetched, or missed (no longer there: recomputed).",
+            labels=("role", "model", "outcome"),
+        )
+        c.add_metric([*self.labels, "fetched"], sched.tier_blocks_fetched)
+        c.add_metric([*self.labels, "missed"], sched.tier_blocks_missed)
         yield c
         c = CounterMetricFamily(
             "splitserve:engine_steps", "Engine steps run.", labels=("role", "model")

@@ -26,6 +26,7 @@ from protos.splitserve.v1 import prefill_pb2 as pb
 from protos.splitserve.v1 import prefill_pb2_grpc as pb_grpc
 from rpc.server import ServiceApp
 from services.config import PrefillConfig
+from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequestError
 from services.engine.request import FinishReason
@@ -102,13 +103,22 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         t2 = time.monotonic()
         self.metrics.kv_published(new, t2 - t1)
         rec.finish(finish or "handoff")
+        text = final.new_text
+        if not finish and self.engine.tokenizer is not None:
+            # The one-token run flushed the text its detokenizer held back (a character still
+            # incomplete, a possible stop string's start); the request goes on in decode, which
+            # holds that text still and emits it where it belongs: only the streamed part here.
+            detok = IncrementalDetokenizer(
+                self.engine.tokenizer.backend, prompt, params.stop, params.skip_special_tokens
+            )
+            text = detok.push(final.new_token_ids[0]).text_delta
         tok = final.logprobs[0] if final.logprobs else None
         queue_s = min(final.queue_time_s, t1 - t0)
         return pb.PrefillResponse(
             request_id=rid,
             first_token_id=final.new_token_ids[0],
             first_logprob=logprob_to_pb(tok) if tok is not None else None,
-            first_text=final.new_text,
+            first_text=text,
             finish_reason=finish,
             blocks=refs,
             pin_id=pin_id,

@@ -331,6 +331,11 @@ class RouterSpec(_Strict):
     # Ray custom resources each router replica needs: in Kubernetes the head pod alone offers
     # one, so the router (and its gRPC port) lands where the gRPC Service points.
     resources: dict[str, float] = Field(default_factory=dict)
+    # Request migration (router.migration): how often one request may continue on another
+    # replica after losing its own, and how long it waits for one while none is live (a
+    # single decode replica being restarted).
+    max_resumes: int = Field(3, ge=0)
+    resume_wait_s: float = Field(30.0, ge=0)
     admission: AdmissionSpec = AdmissionSpec()
 
     @model_validator(mode="after")

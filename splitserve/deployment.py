@@ -112,6 +112,8 @@ def plan_deployment(
         grpc_host=cfg.grpc.host,
         grpc_port=cfg.grpc.port,
         iccache=iccache,
+        max_resumes=cfg.router.max_resumes,
+        resume_wait_s=cfg.router.resume_wait_s,
         admission=cfg.router.admission.limits(),
     )
     return Deployment(router, tuple(replicas), embed)

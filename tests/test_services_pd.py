@@ -330,3 +330,40 @@ def test_sigterm_drains_a_standalone_decode_server(tiny_model_dir, redis_url, na
         assert not list_replicas(redis_url, "colocated", ns=namespace)
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("mode", ["recompute", "fastswitch"])
+def test_preempted_decode_fetches_prompt_blocks_from_the_store(
+    tiny_model_dir, redis_url, namespace, loop_thread, mode
+):
+    """A decode replica too small for its batch preempts; the prompt blocks it pulled from the
+    store come back from the store (its KV tier) rather than being recomputed or swapped. The
+    tokens are those of one engine."""
+    small = {"num_kv_blocks": 24, "max_num_batched_tokens": 64, "preemption_mode": mode}
+    p = prefill_server(tiny_model_dir, redis_url, namespace)
+    d = decode_server(tiny_model_dir, redis_url, namespace, engine=small)
+    loop_thread.run(p.start())
+    loop_thread.run(d.start())
+    try:
+        # Each request outgrows half the pool (up to 15 blocks of 24) and decodes for 120
+        # steps, while all ten arrive within one prefill batch's time: they overlap, and
+        # preempt each other however slow the machine.
+        prompts = random_prompts(10, 2048, 64, 120, seed=21)
+        long = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+        ref = [c.token_ids for c in engine(tiny_model_dir).generate(prompts, long)]
+
+        async def go():
+            async with PDClient(d.address, p.address, model="tiny") as c:
+                return await asyncio.gather(*(c.complete(x, long) for x in prompts))
+
+        outs = asyncio.run(go())
+        assert [o.token_ids for o in outs] == ref
+        sched = d.engine.scheduler
+        assert d.engine.num_preemptions > 0
+        assert sched.tier_blocks_fetched > 0, (sched.tier_blocks_fetched, sched.tier_blocks_missed)
+        if mode == "fastswitch":
+            assert sched.swap.blocks_in_tier > 0
+        no_leaks(loop_thread, p, d)
+    finally:
+        loop_thread.run(d.stop(drain_s=2))
+        loop_thread.run(p.stop(drain_s=2))

@@ -3,6 +3,7 @@ replicas, a real valkey) driven by the official openai client and the gRPC Gener
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -250,3 +251,70 @@ def test_killed_embedded_redis_is_restarted_and_health_tells_the_truth(system):
                 if all(roles):
                     break
             time.sleep(0.2)
+
+
+def _listening_pid(port: int) -> int:
+    """The process listening on a TCP port of this host (a replica's gRPC server)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{f[9]}]")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{d}/fd"):
+                if os.readlink(f"/proc/{d}/fd/{fd}") in inodes:
+                    return int(d)
+    raise AssertionError(f"no process listens on port {port}")
+
+
+def _resumed(system) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(system["url"] + "/metrics", timeout=30).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    fam = fams.get("splitserve:requests_resumed")
+    return sum(s.value for s in fam.samples if s.name.endswith("_total")) if fam else 0.0
+
+
+def test_killed_decode_replica_mid_stream_the_stream_continues_token_exact(system):
+    """SIGKILL the decode replica in the middle of a stream: Ray Serve starts another, the
+    router continues the request there from the tokens delivered, and the client's stream is
+    the uninterrupted one, token for token (greedy; a presence penalty makes every token depend
+    on all those before it)."""
+    import signal
+
+    import httpx
+
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0,
+            "presence_penalty": 2.0, "ignore_eos": True, "logprobs": 0}  # fmt: skip
+    [decode] = list_replicas(system["redis"], "decode", "tiny")
+    pid = _listening_pid(int(decode.address.rsplit(":", 1)[1]))
+    before = _resumed(system)
+    tokens, text, finish, killed = [], "", None, False
+    with (
+        httpx.Client(timeout=120) as h,
+        h.stream("POST", system["url"] + "/v1/completions", json={**body, "stream": True}) as r,
+    ):
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            for c in chunk["choices"]:
+                tokens += c["logprobs"]["tokens"]
+                text += c["text"]
+                finish = c["finish_reason"] or finish
+            if not killed and len(tokens) >= 8:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+    assert killed and finish == "length" and len(tokens) == 1500
+    assert _resumed(system) >= before + 1
+    whole = httpx.post(system["url"] + "/v1/completions", json=body, timeout=120).json()
+    assert tokens == whole["choices"][0]["logprobs"]["tokens"]
+    assert text == whole["choices"][0]["text"]

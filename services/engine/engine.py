@@ -27,6 +27,7 @@ from services.engine.errors import InvalidRequestError
 from services.engine.fused_ops import triton_available
 from services.engine.integrity import check_engine
 from services.engine.kv_cache import KVCache
+from services.engine.kv_tier import KVTier
 from services.engine.kv_transfer import KVBlock, KVLayout, dtype_name, export_blocks
 from services.engine.offload_plan import AttentionShards, WorkerLostError
 from services.engine.remote_kv import HolderLostError, RemoteKV
@@ -116,6 +117,10 @@ class LLMEngine:
         self.scheduler.remote = remote
         self.runner.remote = remote
 
+    def attach_kv_tier(self, tier: KVTier) -> None:
+        """The store behind the host swap space (services/engine/kv_tier.py)."""
+        self.scheduler.tier = tier
+
     def attach_shards(self, shards: AttentionShards) -> None:
         """Offload mode: the attention workers that hold this engine's KV (kv_offload)."""
         if not self.config.kv_offload:
@@ -143,6 +148,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str = "",
+        stored_blocks: int = 0,
     ) -> None:
         """Queue a request.
 
@@ -155,6 +161,7 @@ class LLMEngine:
         preempted last; "fcfs" ignores it.
         cache_salt: the request's cache scope: its blocks are hashed under it, so it hits only
         blocks computed under the same salt (block_hash.root_hash).
+        stored_blocks: leading full prompt blocks the KV tier holds (fetched after preemption).
         """
         prompt = [int(t) for t in prompt_token_ids]
         self._validate(request_id, prompt, params, len(output_token_ids))
@@ -174,6 +181,7 @@ class LLMEngine:
             export_kv=export_kv,
             priority=priority,
             max_len=self.max_model_len,
+            stored_blocks=min(max(0, int(stored_blocks)), len(prompt) // self.block_size),
         )
         self._requests[request_id] = req
         if self.tokenizer is not None:
@@ -293,6 +301,8 @@ class LLMEngine:
                 # Nothing runs until a swap lands: wait for one a little rather than spin.
                 first = sched.swapping_in[0][1] if sched.swapping_in else sched.swapping_out[0][0]
                 self.swapper.wait(first, 0.002)
+        if so.is_empty and self._inflight is None and self.scheduler.fetching:
+            self.scheduler.wait_fetch(0.002)  # nothing runs until a fetch lands
         return so
 
     def _shards_ready(self) -> bool:
@@ -451,8 +461,6 @@ class LLMEngine:
     def kv_block_layout(self) -> KVLayout:
         """The layout a KV block must have to be imported (add_request's kv_blocks)."""
         return self._kv_layout
-
-    # -- conveniences ---------------------------------------------------------------------
 
     def check_integrity(self) -> PoolUsage:
         """Pool invariants, plus: blocks in use are exactly those held by live requests (and

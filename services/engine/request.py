@@ -56,8 +56,13 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_imported_tokens: int = 0  # prompt tokens whose KV arrived from outside
     num_preemptions: int = 0
-    # Preempted by swapping: the KV of tokens [0, swapped_tokens) waits in host blocks.
+    # Preempted by swapping: the KV of tokens [0, swapped_tokens) waits in host blocks (all
+    # but the leading blocks the KV tier holds).
     swapped_tokens: int = 0
+    # Leading full blocks the KV tier holds (services/engine/kv_tier.py): after a preemption
+    # they are fetched back rather than swapped or recomputed; tier_fetched: since the last.
+    stored_blocks: int = 0
+    tier_fetched: bool = False
     # Tokens sampled by a step still running on the device (async scheduling): counted by the
     # scheduler as if known, appended when the step's results are read.
     num_pending_tokens: int = 0

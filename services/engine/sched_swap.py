@@ -53,6 +53,8 @@ class SwapScheduling:
     block_size: int
     max_num_seqs: int
     running: list[Request]
+    tier_skip: Callable[[Request, int], int]
+    _admit: Callable[[Request, int, SchedulerOutput], ScheduledSeq | None]
 
     def _init_swaps(self, swap: SwapSpace | None) -> None:
         self.swap = swap
@@ -82,13 +84,21 @@ class SwapScheduling:
 
     def _admit_swapped(self, req: Request, budget: int, out: SchedulerOutput):
         """A swapped-out request comes back: its full blocks the prefix cache still holds are
-        taken as they are, the rest is copied back from the host. Synchronous swap: it runs in
-        this step (the copy runs first). Asynchronous: SWAPPING_IN, it joins once copied."""
+        taken as they are, those the KV tier held were fetched (imported KV), the rest is
+        copied back from the host. Synchronous swap: it runs in this step (the copy runs
+        first). Asynchronous: SWAPPING_IN, it joins once copied. A tier block missing before
+        the host copy starts: the host copy is dropped and the request recomputed from there."""
         assert self.swap is not None
         bs = self.block_size
         n = req.swapped_tokens
         nblk = blocks_for(n, bs)
         hits = self.pool.lookup(req.block_hashes[: n // bs])
+        first = self.swap.host_first(req.request_id)
+        loads = req.imported_kv[len(hits) : first]
+        if len(hits) < first and (len(loads) < first - len(hits) or None in loads):
+            self.swap.drop(req.request_id)
+            req.swapped_tokens = 0
+            return self._admit(req, budget, out)
         num_new = min(req.num_tokens - n, budget)
         need = blocks_for(n + num_new, bs) - len(hits)
         reclaimed = sum(1 for b in hits if self.pool.blocks[b].ref_cnt == 0)
@@ -96,7 +106,12 @@ class SwapScheduling:
             return None
         self.pool.acquire(hits)
         req.block_ids = hits + self._allocate(need, hits[-1] if hits else None)
-        op = self.swap.swap_in(req.request_id, len(hits), req.block_ids[len(hits) : nblk])
+        for pos, blk in enumerate(loads, len(hits)):  # full blocks: they join the prefix cache
+            out.kv_loads.append((req.block_ids[pos], blk.kv))
+            self.pool.cache(req.block_ids[pos], req.block_hashes[pos])
+        req.imported_kv = []
+        start = max(len(hits), first)
+        op = self.swap.swap_in(req.request_id, start, req.block_ids[start:nblk])
         req.swapped_tokens = 0
         req.num_computed_tokens = n
         if self.swap.group and op is not None:
@@ -141,7 +156,8 @@ class SwapScheduling:
             return False
         nblk = blocks_for(n, self.block_size)
         evictable = [r.request_id for r in self.running if r is not req]
-        op = self.swap.swap_out(req.request_id, req.block_ids[:nblk], n, evictable)
+        skip = self.tier_skip(req, n)
+        op = self.swap.swap_out(req.request_id, req.block_ids[:nblk], n, evictable, skip)
         if op is False:
             return False
         req.swapped_tokens = n

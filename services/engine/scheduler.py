@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from services.engine.block_pool import BlockPool
+from services.engine.kv_tier import KVTier
 from services.engine.kv_transfer import KVBlock
 from services.engine.remote_kv import RemoteKV, RemoteSegment
 from services.engine.request import FinishReason, Request, Status
@@ -37,6 +38,7 @@ from services.engine.sched_swap import (
     blocks_for,
     scheduled_seq,
 )
+from services.engine.sched_tier import TierScheduling
 from services.engine.swap_space import SwapSpace
 
 
@@ -47,7 +49,7 @@ def _finishes_on_pending(req: Request) -> bool:
     return n_out >= req.params.max_tokens or (req.max_len > 0 and n_all >= req.max_len)
 
 
-class Scheduler(SwapScheduling):
+class Scheduler(SwapScheduling, TierScheduling):
     def __init__(
         self,
         pool: BlockPool,
@@ -57,10 +59,12 @@ class Scheduler(SwapScheduling):
         policy: SchedulingPolicy | None = None,
         remote: RemoteKV | None = None,
         swap: SwapSpace | None = None,
+        tier: KVTier | None = None,
     ) -> None:
         self.pool = pool
         self.remote = remote
         self._init_swaps(swap)
+        self._init_tier(tier)
         # Told how many blocks are lacking when a running request must preempt or a waiting one
         # can't be admitted: a pool that lends (services.lender) asks its borrowers for blocks
         # back.
@@ -86,12 +90,16 @@ class Scheduler(SwapScheduling):
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.policy) + len(self.running) + len(self.swapping_in)
+        return len(self.policy) + len(self.running) + len(self.swapping_in) + len(self.fetching)
 
     def set_priority(self, req: Request, priority: int) -> None:
         """Change a request's priority; a waiting one moves to its new place in the queue."""
         reorder = getattr(self.policy, "reorder", None)
-        waiting = req.status == Status.WAITING and all(r is not req for r, _ in self.swapping_in)
+        waiting = (
+            req.status == Status.WAITING
+            and all(r is not req for r, _ in self.swapping_in)
+            and req.request_id not in self.fetching
+        )
         req.priority = priority
         if waiting and reorder is not None:
             reorder(req)
@@ -107,6 +115,8 @@ class Scheduler(SwapScheduling):
         out = SchedulerOutput()
         if self.swap is not None:
             self._reap_swaps()
+        if self.fetching:
+            self._reap_fetches()
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
@@ -154,6 +164,9 @@ class Scheduler(SwapScheduling):
             req = self.policy.peek()
             if req is None or req.num_pending_tokens:
                 break  # preempted with a token in flight: admit once it lands
+            if self._start_fetch(req):  # back in the queue once its blocks are fetched
+                self.policy.pop()
+                continue
             admitted = self._admit(req, budget, out)
             while admitted is None and not self._landing(1):  # a worse priority gives way?
                 victim = self.policy.preempt_for(
@@ -255,6 +268,7 @@ class Scheduler(SwapScheduling):
             self._release(req)
         req.num_computed_tokens = 0
         req.status = Status.WAITING
+        req.tier_fetched = False
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.policy.requeue(req)
@@ -376,6 +390,8 @@ class Scheduler(SwapScheduling):
             self.swapping_in = [(r, op) for r, op in self.swapping_in if r is not req]
             self.swapping_out.append((swapping[0], list(reversed(req.block_ids))))
             req.block_ids = []
+        elif self._forget_fetch(req):
+            pass
         else:
             self.policy.remove(req)
         if self.swap is not None:

@@ -123,10 +123,12 @@ class HostBlocks:
 
 @dataclass
 class HostCopy:
-    """A request's KV on the host: host block per position, valid for tokens [0, tokens)."""
+    """A request's KV on the host: host block per position from `first` on (the leading
+    blocks are the KV tier's), valid for tokens [0, tokens)."""
 
     blocks: list[int] = field(default_factory=list)
     tokens: int = 0
+    first: int = 0
 
 
 class SwapSpace:
@@ -147,6 +149,7 @@ class SwapSpace:
         self.num_fallbacks = 0  # swap-outs that found no host room: recomputed instead
         self.blocks_out = 0  # blocks copied to the host
         self.blocks_reused = 0  # blocks a swap-out did not send (host copy still valid)
+        self.blocks_in_tier = 0  # blocks a swap-out did not send (the KV tier holds them)
 
     def take_ops(self) -> list[SwapOp]:
         out, self.ops = self.ops, []
@@ -160,19 +163,26 @@ class SwapSpace:
         return op
 
     def swap_out(
-        self, rid: str, device_blocks: list[int], tokens: int, evictable: list[str]
+        self,
+        rid: str,
+        device_blocks: list[int],
+        tokens: int,
+        evictable: list[str],
+        skip: int = 0,
     ) -> SwapOp | bool | None:
-        """Plan copying the KV of tokens [0, tokens) (in device_blocks) to the host. Returns the
-        op (None if nothing had to be sent), or False when the host has no room even after
-        dropping the kept copies of `evictable` requests (running ones): recompute instead."""
+        """Plan copying the KV of tokens [0, tokens) (in device_blocks) to the host, but for
+        the first `skip` blocks (the KV tier holds them). Returns the op (None if nothing had
+        to be sent), or False when the host has no room even after dropping the kept copies of
+        `evictable` requests (running ones): recompute instead."""
         bs = self.block_size
         nblk = -(-tokens // bs)
-        hc = self.copies.setdefault(rid, HostCopy())
-        valid = min(hc.tokens, tokens) // bs if self.group else 0  # full blocks still valid
-        if not self.group and hc.blocks:
+        hc = self.copies.setdefault(rid, HostCopy(first=skip))
+        if hc.first != skip or (not self.group and hc.blocks):
             self.host.release(hc.blocks)
-            hc.blocks = []
-        need = nblk - len(hc.blocks)
+            hc.blocks, hc.tokens, hc.first = [], 0, skip
+        # Host blocks (from `first`) still valid: full blocks the last swap-out sent.
+        valid = max(0, min(hc.tokens, tokens) // bs - skip) if self.group else 0
+        need = nblk - skip - len(hc.blocks)
         if need > self.host.num_free:
             for other in evictable:
                 if need <= self.host.num_free:
@@ -192,24 +202,32 @@ class SwapSpace:
             assert got is not None
             hc.blocks += got
         elif need < 0:  # fewer tokens than before (cannot happen for a live request)
-            self.host.release(hc.blocks[nblk:])
-            hc.blocks = hc.blocks[:nblk]
+            self.host.release(hc.blocks[nblk - skip :])
+            hc.blocks = hc.blocks[: nblk - skip]
         hc.tokens = tokens
         self.num_swapped_out += 1
-        self.blocks_out += nblk - valid
+        self.blocks_out += nblk - skip - valid
         self.blocks_reused += valid
-        pairs = list(zip(device_blocks[valid:nblk], hc.blocks[valid:nblk], strict=True))
+        self.blocks_in_tier += skip
+        pairs = list(zip(device_blocks[skip + valid : nblk], hc.blocks[valid:], strict=True))
         return self._op(True, pairs)
 
     def host_tokens(self, rid: str) -> int:
         hc = self.copies.get(rid)
         return hc.tokens if hc is not None else 0
 
+    def host_first(self, rid: str) -> int:
+        """The first block position the request's host copy holds (those before: the tier's)."""
+        hc = self.copies.get(rid)
+        return hc.first if hc is not None else 0
+
     def swap_in(self, rid: str, first: int, device_blocks: list[int]) -> SwapOp | None:
-        """Plan copying host blocks [first, first + len(device_blocks)) of the request into
-        device_blocks (blocks before `first` were found in the device prefix cache)."""
+        """Plan copying the request's blocks at positions [first, first + len(device_blocks))
+        from the host into device_blocks (blocks before `first` were found in the device
+        prefix cache or came from the KV tier)."""
         hc = self.copies[rid]
-        pairs = list(zip(device_blocks, hc.blocks[first : first + len(device_blocks)], strict=True))
+        lo = first - hc.first
+        pairs = list(zip(device_blocks, hc.blocks[lo : lo + len(device_blocks)], strict=True))
         op = self._op(False, pairs)
         if not self.group:  # vLLM's swap frees the host copy once read (the op runs first)
             self.host.release(hc.blocks)

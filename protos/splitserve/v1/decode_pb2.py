@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.splitserve.v1 import common_pb2 as protos_dot_splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/splitserve/v1/decode.proto\x12\rsplitserve.v1\x1a!protos/splitserve/v1/common.proto\"\xa8\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\'\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x0e\n\x06pin_id\x18\x07 \x01(\t\x12\x1a\n\x12pin_holder_address\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\r\x12\x12\n\ncache_salt\x18\n \x01(\tB\x11\n\x0f_first_token_id\"\xc5\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.splitserve.v1.Timings2Q\n\x06\x44\x65\x63ode\x12G\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeRequest\x1a\x1d.splitserve.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/splitserve/v1/decode.proto\x12\rsplitserve.v1\x1a!protos/splitserve/v1/common.proto\"\xc2\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\'\n\x06\x62locks\x18\x06 \x03(\x0b\x32\x17.splitserve.v1.BlockRef\x12\x0e\n\x06pin_id\x18\x07 \x01(\t\x12\x1a\n\x12pin_holder_address\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\r\x12\x12\n\ncache_salt\x18\n \x01(\t\x12\x18\n\x10resume_token_ids\x18\x0b \x03(\rB\x11\n\x0f_first_token_id\"\xc5\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.splitserve.v1.Timings2Q\n\x06\x44\x65\x63ode\x12G\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeRequest\x1a\x1d.splitserve.v1.DecodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.splitserve.v1.decode
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=88
-  _globals['_DECODEREQUEST']._serialized_end=384
-  _globals['_DECODERESPONSE']._serialized_start=387
-  _globals['_DECODERESPONSE']._serialized_end=584
-  _globals['_DECODE']._serialized_start=586
-  _globals['_DECODE']._serialized_end=667
+  _globals['_DECODEREQUEST']._serialized_end=410
+  _globals['_DECODERESPONSE']._serialized_start=413
+  _globals['_DECODERESPONSE']._serialized_end=610
+  _globals['_DECODE']._serialized_start=612
+  _globals['_DECODE']._serialized_end=693
 # @@protoc_insertion_point(module_scope)
