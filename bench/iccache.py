@@ -217,30 +217,40 @@ async def main_async(args: argparse.Namespace) -> dict:
         ac_ans = [a or "" for a in ans]
         r_ac = record("answer-cache", ac_ans, time.perf_counter() - t, len(test) - len(miss))
 
-        # IC-Cache, in rounds of --batch: decide, run each model's share, then feedback.
+        # IC-Cache, in rounds of --batch: decide, run the small model's share, then feedback.
+        # The large model's share waits until it fills a batch (or the stream ends), as it
+        # would in a server's queue: a round's few large questions cost a whole batch's
+        # decode steps otherwise. Their feedback comes when they are answered.
         small, large = fresh(small), fresh(large)
         t = time.perf_counter()
         ic_ans: list[str] = [""] * len(test)
         n_small = 0
+        ds: dict = {}
+        queued: list[int] = []
+
+        async def answer(engine: LLMEngine, tok, ks: list[int], convs: list) -> None:
+            for k, o in zip(ks, run_batch(engine, tok, convs), strict=True):
+                ic_ans[k] = o.text
+                rid = f"q{k}"
+                await ic.finish(ds[k], rid, o.text, o.finish_reason, len(o.token_ids))
+                await ic.feedback("bench", rid, float(correct(o.text, test[k]["target"])))
+
         for start in range(0, len(test), args.batch):
             idx = list(range(start, min(start + args.batch, len(test))))
-            ds = {}
             for k in idx:
                 force = None
                 if args.small_share is not None:
                     force = "small+examples" if mix.random() < args.small_share else "large"
                 ds[k] = await ic.decide(route, "bench", messages(test[k]["input"]), force)
             to_small = [k for k in idx if ds[k].model == "small"]
-            to_large = [k for k in idx if ds[k].model == "large"]
+            queued += [k for k in idx if ds[k].model == "large"]
             n_small += len(to_small)
-            outs_s = run_batch(small, tok_s, [ds[k].messages(messages(test[k]["input"]))
-                                              for k in to_small])  # fmt: skip
-            outs_l = run_batch(large, tok_l, [messages(test[k]["input"]) for k in to_large])
-            for k, o in [*zip(to_small, outs_s, strict=True), *zip(to_large, outs_l, strict=True)]:
-                ic_ans[k] = o.text
-                rid = f"q{k}"
-                await ic.finish(ds[k], rid, o.text, o.finish_reason, len(o.token_ids))
-                await ic.feedback("bench", rid, float(correct(o.text, test[k]["target"])))
+            convs = [ds[k].messages(messages(test[k]["input"])) for k in to_small]
+            await answer(small, tok_s, to_small, convs)
+            last = idx[-1] == len(test) - 1
+            while queued and (len(queued) >= args.batch or last):
+                ks, queued = queued[: args.batch], queued[args.batch :]
+                await answer(large, tok_l, ks, [messages(test[k]["input"]) for k in ks])
         r_ic = record("iccache", ic_ans, time.perf_counter() - t, n_small)
         await ic.close()
 

@@ -4,11 +4,12 @@ tests serve it with uvicorn).
     app = build_app(backend, {"tiny": load_tokenizer(d)}, Tenants.load("tenants.yaml"))
 
 A request goes: API key -> tenant; body (size-capped) -> validated request -> Plan (prompt ids,
-sampling parameters per choice); a tenant slot; one backend stream per choice; then a JSON
+sampling parameters per choice); a tenant slot and a router slot (router.admission: 429 with
+Retry-After past either's limits); one backend stream per choice; then a JSON
 response or an SSE stream. Streams are primed (first piece awaited) before the response starts,
 so the backend's refusals still become HTTP statuses. A client that goes away, before or during
 the response, closes every backend stream (which aborts the request on its replica) and frees
-the tenant slot.
+the tenant's and the router's admission slots.
 """
 
 from __future__ import annotations
@@ -17,23 +18,25 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from router import errors
+from router import errors, openapi
+from router.admission import Gate, GateBusyError
 from router.config import DEFAULT_MAX_BODY_BYTES
 from router.errors import APIError, from_exception
 from router.metrics import RouterMetrics
 from router.openai_api import Kind, Plan, Shaper, TokenTexts, parse, plan, prompts_of, text_length
 from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.streaming import SSEResponse, Streams, sse_chunks, until_disconnect, unwrap
-from router.tenants import Tenant, TenantBusyError, Tenants, priority_levels_of
+from router.tenants import Tenant, Tenants, priority_levels_of
 from rpc.piece import Piece
 from services.engine.sampling_params import SamplingDefaults, SamplingParams
 from services.engine.tokenizer import Tokenizer
@@ -81,17 +84,21 @@ def build_app(
     metrics: RouterMetrics | None = None,
     defaults: dict[str, SamplingDefaults] | None = None,
     iccache: ICCache | None = None,
+    admission: Gate | None = None,
 ) -> FastAPI:
     """tenants=None turns authentication off (the local demo only). GET /metrics serves
     `metrics` (a fresh RouterMetrics when not given). defaults: per model, the sampling a
     request gets for what it leaves unset (the built-in SamplingDefaults otherwise).
-    iccache: IC-Cache's routes (router.iccache) and POST /v1/feedback."""
+    iccache: IC-Cache's routes (router.iccache) and POST /v1/feedback. admission: the router's
+    gate over all its requests (router.admission; shared with the gRPC service), None: the
+    tenants' limits only."""
     defaults = defaults or {}
     priority_levels = priority_levels_of(tenants)
     texts = {name: TokenTexts(tok) for name, tok in tokenizers.items()}
     metrics = metrics or RouterMetrics(tenants)
-    app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     _install_error_handlers(app)
+    openapi.install(app, auth=tenants is not None)
 
     def served() -> dict[str, int]:
         return {name: n for name, n in backend.models() if name in tokenizers}
@@ -169,15 +176,37 @@ def build_app(
         shaper = Shaper(p, texts[req.model])
         return await until_disconnect(request, run(p, shaper, tenant, decision))
 
+    async def admit(tenant: Tenant | None) -> None:
+        """The tenant's slot, then the router's: 429 past either (the tenant's slot given back
+        when the router refuses, or the client leaves while queued)."""
+        try:
+            if tenant is not None:
+                await tenant.acquire()
+        except GateBusyError as e:
+            raise errors.too_many_requests(str(e)) from None
+        if admission is None:
+            return
+        try:
+            await admission.acquire()
+        except BaseException as e:
+            if tenant is not None:
+                tenant.release()
+            if isinstance(e, GateBusyError):
+                raise errors.too_many_requests(str(e)) from None
+            raise
+
     async def run(
         p: Plan, shaper: Shaper, tenant: Tenant | None, decision: Decision | None = None
     ) -> Response:
-        if tenant is not None:
-            try:
-                await tenant.acquire()
-            except TenantBusyError as e:
-                raise errors.too_many_requests(str(e)) from None
-        streams = Streams(tenant)
+        await admit(tenant)
+        streams = Streams(tenant)  # frees the tenant's slot on close; on_close the rest
+        closers: list[Callable[[], None]] = [admission.release] if admission is not None else []
+
+        def on_close() -> None:
+            for close in closers:
+                close()
+
+        streams.on_close = on_close
         handed_over = False
         ic_headers: dict[str, str] = {}
         if decision is not None:
@@ -186,7 +215,7 @@ def build_app(
             assert iccache is not None
             ic_headers = ic_http.headers(decision)
             iccache.load.start(p.model)
-            streams.on_close = lambda: iccache.load.end(p.model)
+            closers.append(lambda: iccache.load.end(p.model))
         try:
             streams.open(backend, p)
             if p.stream:
@@ -310,9 +339,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise errors.payload_too_large(limit)
     parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.payload_too_large(limit)
-        parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise errors.payload_too_large(limit)
+            parts.append(chunk)
+    except ClientDisconnect:  # gone mid-body: nobody to answer, and not the server's failure
+        raise errors.client_closed() from None
     return b"".join(parts)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kvstore.config import Membership
+from router.admission import AdmissionLimits
 from router.iccache.config import ICCacheConfig
 from services.engine.sampling_params import SamplingDefaults
 
@@ -52,7 +53,8 @@ class RouterConfig:
     0: any free port. refresh_s: how long a read of the service registry is reused.
     max_resumes: how many times one request may continue on another replica after the one
     serving it was lost; resume_wait_s: how long a resumption waits for a replica to take it
-    while none is live (router.migration)."""
+    while none is live (router.migration). admission: this replica's bounds over all its
+    requests, HTTP and gRPC (router.admission)."""
 
     models: tuple[ModelRoute, ...]
     cluster: Membership = field(default_factory=Membership)
@@ -65,6 +67,7 @@ class RouterConfig:
     max_resumes: int = 3
     resume_wait_s: float = 30.0
     iccache: ICCacheConfig | None = None  # IC-Cache routes over these models
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))

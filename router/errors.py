@@ -99,6 +99,12 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, type="server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def client_closed() -> APIError:
+    """The client went away before its request was read (status 499, as nginx logs it: what
+    the metrics count; no one receives it)."""
+    return APIError(499, "the client closed the connection before sending the whole request")
+
+
 def payload_too_large(limit: int) -> APIError:
     return APIError(
         413,

@@ -2,7 +2,11 @@
 
 Same backend, tokenizers and tenants as the HTTP API; the API key travels as metadata
 `authorization: Bearer <key>`. A tenant's concurrency and queue limits count its HTTP and gRPC
-requests together (one Tenants object): over them, RESOURCE_EXHAUSTED.
+requests together (one Tenants object), and so does the router's admission gate: over either,
+RESOURCE_EXHAUSTED.
+
+Register it with `add_to_server`: a request that is not a GenerateRequest (bytes cut short,
+strings that are not UTF-8) then gets INVALID_ARGUMENT, not gRPC's UNKNOWN for a parse failure.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.splitserve.v1 import generate_pb2 as pb
 from protos.splitserve.v1 import generate_pb2_grpc as pb_grpc
+from router.admission import Gate, GateBusyError
 from router.tenants import Tenant, TenantBusyError, Tenants, priority_levels_of
 from rpc.sampling import sampling_fields
 from services.engine.sampling_params import SamplingDefaults, SamplingParams
@@ -27,6 +33,45 @@ _CODES = {
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
 }
+
+
+# A status's details travel in a header (percent-encoded, up to 3 bytes per byte): echoing a
+# client's megabyte-long model name would overflow the header limit and lose the status.
+MAX_DETAILS_BYTES = 1024
+
+
+async def _abort(context, code: grpc.StatusCode, details: str) -> None:
+    raw = details.encode("utf-8", "replace")
+    if len(raw) > MAX_DETAILS_BYTES:
+        details = raw[: MAX_DETAILS_BYTES - 3].decode("utf-8", "ignore") + "..."
+    await context.abort(code, details)
+
+
+class Undecodable:
+    """What arrived instead of a GenerateRequest, and why protobuf refused it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def parse_request(data: bytes) -> pb.GenerateRequest | Undecodable:
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError as e:
+        return Undecodable(str(e))
+
+
+def add_to_server(servicer: GenerateServicer, server) -> None:
+    """The Generate service on `server` (grpc.aio), with requests parsed by parse_request."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=parse_request,
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class Backend(Protocol):
@@ -44,13 +89,16 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         tokenizers: dict[str, Any],
         tenants: Tenants | None,
         defaults: dict[str, SamplingDefaults] | None = None,
+        admission: Gate | None = None,
     ) -> None:
         """tenants None: authentication off (the local demo). defaults: per model, the
-        sampling a request gets for the fields it leaves unset."""
+        sampling a request gets for the fields it leaves unset. admission: the router's gate
+        (the HTTP app's too), after the tenant's."""
         self.backend = backend
         self.tokenizers = tokenizers
         self.tenants = tenants
         self.defaults = defaults or {}
+        self.admission = admission
 
     async def Generate(self, request, context):
         tenant: Tenant | None = None
@@ -60,20 +108,37 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
             tenant = self.tenants.lookup(key)
             if tenant is None:
-                await context.abort(
+                await _abort(
+                    context,
                     grpc.StatusCode.UNAUTHENTICATED,
                     "missing or invalid API key: send metadata 'authorization: Bearer <key>'",
                 )
+        if isinstance(request, Undecodable):
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {pb.GenerateRequest.DESCRIPTOR.full_name}: "
+                f"{request.reason}",
+            )
         request_args = await self._validate(request, context)
         if tenant is not None:
             try:
                 await tenant.acquire()
             except TenantBusyError as e:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        admitted = False
         try:
+            if self.admission is not None:
+                try:
+                    await self.admission.acquire()
+                except GateBusyError as e:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                admitted = True
             async for msg in self._stream(*request_args, tenant, context):
                 yield msg
         finally:
+            if admitted:
+                self.admission.release()
             if tenant is not None:
                 tenant.release()
 
@@ -83,9 +148,10 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         models = dict(self.backend.models())
         model = request.model or (next(iter(models)) if len(models) == 1 else "")
         if model not in models:
-            await context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown model {request.model!r}; served: {', '.join(models)}",
+                f"unknown model {request.model[:200]!r}; served: {', '.join(models)}",
             )
         defaults = self.defaults.get(model) or SamplingDefaults()
         try:
@@ -97,9 +163,10 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             fields = sampling_fields(request.sampling, default_max_tokens=cap)
             params = SamplingParams(**{**defaults.fields(), **fields})
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if len(prompt) + params.max_tokens > models[model]:
-            await context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context length {models[model]}",
@@ -107,7 +174,8 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         priority = request.priority if request.HasField("priority") else None
         levels = priority_levels_of(self.tenants)
         if priority is not None and priority >= levels:
-            await context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"priority must be within [0, {levels}), got {priority}",
             )
@@ -129,9 +197,9 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                     msg.usage.CopyFrom(piece.usage)
                 yield msg
         except grpc.aio.AioRpcError as e:
-            await context.abort(_CODES.get(e.code().name, grpc.StatusCode.INTERNAL), e.details())
+            await _abort(context, _CODES.get(e.code().name, grpc.StatusCode.INTERNAL), e.details())
         except RuntimeError as e:  # no replica up, or none left to resume on (router.migration)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             await gen.aclose()
 

@@ -4,8 +4,8 @@ One `RouterMetrics` per app, with its own `CollectorRegistry` (several apps in o
 collide). A request is counted once, when its response starts, by the HTTP status it gets (499:
 the client left first); an error inside a started stream is counted by the replica that failed
 (services/metrics.py), not here. Only served model names and configured tenant names become
-label values, so clients cannot grow the series count. With tenants, their admission state
-(running, queued, refused) is read at scrape time.
+label values, so clients cannot grow the series count. The router's admission gate and, with
+tenants, theirs (running, queued, refused) are read at scrape time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from router.admission import Gate
 from router.tenants import Tenants
 
 # Router time to the response start: the first token for streams, the whole answer otherwise.
@@ -21,7 +22,7 @@ RESPONSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class RouterMetrics:
-    def __init__(self, tenants: Tenants | None = None) -> None:
+    def __init__(self, tenants: Tenants | None = None, admission: Gate | None = None) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             "splitserve:router_requests",
@@ -52,6 +53,8 @@ class RouterMetrics:
         )
         if tenants is not None:
             self.registry.register(TenantCollector(tenants))
+        if admission is not None:
+            self.registry.register(AdmissionCollector(admission))
 
     def record(self, endpoint: str, model: str, tenant: str, status: int, seconds: float) -> None:
         """model and tenant: "" unless served / configured (label values stay bounded)."""
@@ -101,3 +104,29 @@ class TenantCollector(Collector):
         yield running
         yield queued
         yield rejected
+
+
+class AdmissionCollector(Collector):
+    """The router replica's admission gate over all its requests (router.admission)."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def collect(self):
+        g = self.gate
+        yield GaugeMetricFamily(
+            "splitserve:router_admission_running",
+            "Requests this router replica runs (at most router.admission.max_running).",
+            value=g.running,
+        )
+        yield GaugeMetricFamily(
+            "splitserve:router_admission_queued",
+            "Requests waiting for a slot (at most router.admission.max_queued).",
+            value=g.queued,
+        )
+        yield CounterMetricFamily(
+            "splitserve:router_admission_rejected",
+            "Requests refused with HTTP 429 / RESOURCE_EXHAUSTED at the router's limits: full, "
+            "or no slot within max_queue_s.",
+            value=g.rejected,
+        )

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 U31 = 2**31 - 1  # token ids and counts travel as uint32/int32
 I63 = 2**63 - 1  # seeds travel as int64
 
 TokenId = Annotated[int, Field(ge=0, le=U31)]
+_TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": U31}
+# What `prompt` takes, for the OpenAPI document (CompletionRequest._prompt checks it by hand).
+_PROMPT_SCHEMA = {
+    "oneOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        {"type": "array", "minItems": 1, "items": _TOKEN_ID_SCHEMA},
+        {"type": "array", "minItems": 1,
+         "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID_SCHEMA}},
+    ]
+}  # fmt: skip
 
 # What a union-typed field should be, for one clear type error (errors.from_validation).
 DESCRIPTIONS = {
@@ -82,7 +93,9 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: Any = Field(description=DESCRIPTIONS["prompt"])
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = Field(
+        description=DESCRIPTIONS["prompt"]
+    )
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=128)

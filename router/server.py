@@ -7,7 +7,8 @@ the tenants, the OpenAI-compatible ASGI app and the gRPC Generate service.
     ...
     await router.stop()
 
-HTTP and gRPC share one Tenants object, so a tenant's limits count both. With a fairness
+HTTP and gRPC share one Tenants object and one admission gate, so a tenant's limits and the
+router's (RouterConfig.admission) count both. With a fairness
 section in the tenants file, the backend admits through fair admission (router.fair_backend).
 """
 
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import logging
 
-from protos.splitserve.v1 import generate_pb2_grpc
+from router.admission import Gate
 from router.app import build_app
 from router.backend import PoolBackend
 from router.config import RouterConfig
 from router.fair_backend import FairBackend
-from router.grpc_api import SERVICE_NAME, GenerateServicer
+from router.grpc_api import SERVICE_NAME, GenerateServicer, add_to_server
 from router.metrics import RouterMetrics
 from router.tenants import Tenants
 from router.vtc import VTC
@@ -38,7 +39,8 @@ class RouterServer:
             for m in config.models
         }
         self.tenants = Tenants.load(config.tenants_file) if config.auth else None
-        self.metrics = RouterMetrics(self.tenants)
+        self.admission = Gate.of(config.admission)
+        self.metrics = RouterMetrics(self.tenants, self.admission)
         self.backend: PoolBackend | None = None
         self.grpc: ServiceApp | None = None
         self.grpc_address: str | None = None
@@ -69,6 +71,7 @@ class RouterServer:
             self.metrics,
             defaults=defaults,
             iccache=self.iccache,
+            admission=self.admission,
         )
         if cfg.grpc_port is None:
             return
@@ -78,8 +81,10 @@ class RouterServer:
         except OSError as e:
             log.warning("gRPC Generate service not started: %s", e)
             return
-        servicer = GenerateServicer(self.backend, self.tokenizers, self.tenants, defaults)
-        generate_pb2_grpc.add_GenerateServicer_to_server(servicer, self.grpc.server)
+        servicer = GenerateServicer(
+            self.backend, self.tokenizers, self.tenants, defaults, self.admission
+        )
+        add_to_server(servicer, self.grpc.server)
         self.grpc.add(SERVICE_NAME)
         await self.grpc.start()
         self.grpc_address = self.grpc.address

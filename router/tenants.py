@@ -37,11 +37,9 @@ virtual token counters (shared through Redis), or in arrival order with `order: 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import os
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from router.admission import Gate, GateBusyError
 from router.vtc import FairnessConfig
 
 ENV_TENANTS = "SPLITSERVE_TENANTS"
@@ -59,7 +58,7 @@ class TenantsConfigError(ValueError):
     """A tenants file or variable that cannot be used; the message names the field."""
 
 
-class TenantBusyError(Exception):
+class TenantBusyError(GateBusyError):
     """The tenant already has max_concurrent requests running and max_queued waiting."""
 
 
@@ -156,57 +155,26 @@ def _fairness(spec: _FairnessSpec, names: set[str], source: str) -> FairnessConf
 # -- admission ---------------------------------------------------------------------------------
 
 
-class Tenant:
+class Tenant(Gate):
     """One tenant's admission: at most max_concurrent requests run; up to max_queued more wait
     in arrival order; any further one is refused (TenantBusyError).
 
     acquire() and release() pair up: every acquire that returns is matched by one release."""
 
+    error = TenantBusyError
+
     def __init__(
         self, name: str, max_concurrent: int, max_queued: int, cache_scope: str | None = None
     ) -> None:
+        super().__init__(max_concurrent, max_queued, what=f"tenant {name!r}")
         self.name = name
         self.cache_scope = cache_scope
         # The prefix (private, or scope) keeps a scope's salt apart from any tenant's own.
         self.cache_salt = f"scope:{cache_scope}" if cache_scope else f"tenant:{name}"
-        self.max_concurrent = max_concurrent
-        self.max_queued = max_queued
-        self.running = 0
-        self.rejected = 0  # requests refused for its limits (splitserve:router_tenant_rejected)
-        self._waiters: deque[asyncio.Future] = deque()
 
     @property
-    def queued(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self) -> None:
-        if self.running < self.max_concurrent and not self._waiters:
-            self.running += 1
-            return
-        if len(self._waiters) >= self.max_queued:
-            self.rejected += 1
-            raise TenantBusyError(
-                f"tenant {self.name!r} has {self.running} requests running and "
-                f"{len(self._waiters)} queued, its limit; retry later"
-            )
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut  # release() hands its slot over: `running` stays as it is
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # the slot arrived as we were cancelled: pass it on
-            else:
-                self._waiters.remove(fut)
-            raise
-
-    def release(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self.running -= 1
+    def max_concurrent(self) -> int:
+        return self.max_running
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
     grpc: {host: 127.0.0.1, port: 50051}   # the Generate service; port 0 picks one
     auth: {enabled: true, tenants_file: tenants.yaml}
     metrics: {port: 9321}                  # every replica of a node on one /metrics; 0: off
-    router: {replicas: 1}
+    router: {replicas: 1, admission: {max_running: 1024, max_queued: 1024, max_queue_s: 30}}
     models:
       - name: smollm2-135m-instruct
         path: smollm2-135m-instruct        # a directory or a known model name
@@ -305,11 +305,28 @@ class AuthSpec(_Strict):
     tenants_file: str | None = None
 
 
+class AdmissionSpec(_Strict):
+    """Each router replica's bounds over all its requests, HTTP and gRPC (router.admission):
+    at most max_running in the pools, max_queued more waiting (each at most max_queue_s), the
+    rest refused at once with HTTP 429 + Retry-After / gRPC RESOURCE_EXHAUSTED. Size
+    max_running near what the pools serve within their SLOs (goodput), so that an overload is
+    shed at the door and admitted requests keep their latency."""
+
+    max_running: int = Field(1024, ge=1)
+    max_queued: int = Field(1024, ge=0)
+    max_queue_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+
+    def limits(self):
+        from router.admission import AdmissionLimits
+
+        return AdmissionLimits(self.max_running, self.max_queued, self.max_queue_s)
+
+
 class RouterSpec(_Strict):
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0, ge=0)
     # Serve's per-replica cap on requests in flight (its default, 5, would queue streams in the
-    # proxy); tenant limits are the real admission control.
+    # proxy); admission below and the tenants' limits are the real admission control.
     max_ongoing_requests: int = Field(4096, ge=1)
     # Ray custom resources each router replica needs: in Kubernetes the head pod alone offers
     # one, so the router (and its gRPC port) lands where the gRPC Service points.
@@ -319,6 +336,18 @@ class RouterSpec(_Strict):
     # single decode replica being restarted).
     max_resumes: int = Field(3, ge=0)
     resume_wait_s: float = Field(30.0, ge=0)
+    admission: AdmissionSpec = AdmissionSpec()
+
+    @model_validator(mode="after")
+    def _admission_within_serve(self) -> RouterSpec:
+        a = self.admission
+        if a.max_running + a.max_queued > self.max_ongoing_requests:
+            # Past Serve's cap, requests would wait in Serve's own queue, which no one bounds.
+            raise ValueError(
+                f"admission: max_running + max_queued ({a.max_running} + {a.max_queued}) must "
+                f"be at most max_ongoing_requests ({self.max_ongoing_requests})"
+            )
+        return self
 
 
 class MetricsSpec(_Strict):

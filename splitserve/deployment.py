@@ -114,6 +114,7 @@ def plan_deployment(
         iccache=iccache,
         max_resumes=cfg.router.max_resumes,
         resume_wait_s=cfg.router.resume_wait_s,
+        admission=cfg.router.admission.limits(),
     )
     return Deployment(router, tuple(replicas), embed)
 

@@ -21,6 +21,42 @@ def make_engine(model_dir: Path, **cfg) -> LLMEngine:
     return LLMEngine(model_dir, EngineConfig(**cfg), seed=0)
 
 
+def greedy_or_seeded(i: int) -> SamplingParams:
+    """Greedy and seeded requests, alternating (the preemption tests' mix)."""
+    if i % 2 == 0:
+        return SamplingParams(max_tokens=28, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=28, temperature=0.9, top_k=50, seed=100 + i, ignore_eos=True)
+
+
+def run_checked(
+    engine: LLMEngine, prompts, churn: float = 0.0, seed: int = 0, stored: bool = False
+) -> dict[str, list[int]]:
+    """Run greedy_or_seeded requests to the end, checking the engine's integrity after every
+    step; tokens by request. churn: per step, the probability that one live request gets a new
+    random priority (FastSwitch's update rate). stored: the KV tier holds every prompt's full
+    blocks."""
+    rng = random.Random(seed)
+    for i, p in enumerate(prompts):
+        extra = {"stored_blocks": len(p) // engine.block_size} if stored else {}
+        engine.add_request(f"r{i}", p, greedy_or_seeded(i), priority=rng.randrange(4), **extra)
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    for _ in range(20000):
+        if not engine.has_unfinished():
+            break
+        if churn and rng.random() < churn:
+            engine.set_priority(f"r{rng.randrange(len(prompts))}", rng.randrange(4))
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens[out.request_id] += out.new_token_ids
+        engine.check_integrity()
+    assert not engine.has_unfinished()
+    if engine.swapper is not None:
+        engine.swapper.wait_all()
+        engine.scheduler._reap_swaps()
+    assert engine.check_integrity().in_use == 0
+    return tokens
+
+
 def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]

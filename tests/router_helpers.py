@@ -118,23 +118,29 @@ def engine(model_dir, **kw):
 
 
 @contextlib.contextmanager
-def router_stack(model_dir) -> Iterator[SimpleNamespace]:
+def router_stack(
+    model_dir, engine: dict | None = None, admission=None, broken_models: bool = True
+) -> Iterator[SimpleNamespace]:
     """The app with auth on, a tenant `main` and a tenant `tight` (1 running, none queued),
     over a colocated server, and the gRPC Generate service on the same tenants; `busy` names a
-    server that refuses every request (max_waiting 0), `down` an address nobody listens on."""
+    server that refuses every request (max_waiting 0), `down` an address nobody listens on.
+    engine: the colocated server's EngineConfig fields (256 KV blocks by default); admission:
+    the router's gate (router.admission.Gate) for both APIs, None: the tenants' limits only.
+    broken_models False: only `tiny` and `tiny-capped` are served (no `busy`, `down`, `flaky`)."""
     import grpc
     import openai
 
-    from protos.splitserve.v1 import generate_pb2_grpc
     from router.app import build_app
-    from router.grpc_api import GenerateServicer
+    from router.grpc_api import GenerateServicer, add_to_server
+    from router.metrics import RouterMetrics
     from router.tenants import Tenants, hash_key
     from services.engine.tokenizer import load_tokenizer
     from tests.kv_helpers import LoopThread
     from tests.replica_helpers import decode_server
 
     lt = LoopThread()
-    server = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True)
+    server = decode_server(model_dir, engine={"num_kv_blocks": 256, **(engine or {})},
+                           colocated=True)  # fmt: skip
     busy = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True, max_waiting=0)
     lt.run(server.start())
     lt.run(busy.start())
@@ -142,11 +148,10 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
         s.bind(("127.0.0.1", 0))
         down = f"127.0.0.1:{s.getsockname()[1]}"
     max_len = server.engine.max_model_len
-    backend = ColocatedBackend(
-        {"tiny": (server.address, max_len), "busy": (busy.address, max_len),
-         "down": (down, max_len), "flaky": (down, max_len),
-         "tiny-capped": (server.address, max_len)}
-    )  # fmt: skip
+    models = {"tiny": (server.address, max_len), "tiny-capped": (server.address, max_len)}
+    if broken_models:
+        models.update(busy=(busy.address, max_len), down=(down, max_len), flaky=(down, max_len))
+    backend = ColocatedBackend(models)
     tok = load_tokenizer(model_dir)
     tenants = Tenants.from_dict(
         {
@@ -157,15 +162,17 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
             ]
         }
     )  # fmt: skip
-    tokenizers = {"tiny": tok, "busy": tok, "down": tok, "flaky": tok, "tiny-capped": tok}
+    tokenizers = dict.fromkeys(models, tok)
     # The same server under a name whose requests default to greedy and 7 tokens.
     defaults = {"tiny-capped": SamplingDefaults(max_tokens=7, temperature=0.0)}
-    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20, defaults=defaults)
+    metrics = RouterMetrics(tenants, admission)
+    app = build_app(backend, tokenizers, tenants, max_body_bytes=1 << 20, metrics=metrics,
+                    defaults=defaults, admission=admission)  # fmt: skip
 
     async def start_grpc():
         g = grpc.aio.server()
-        svc = GenerateServicer(backend, tokenizers, tenants, defaults)
-        generate_pb2_grpc.add_GenerateServicer_to_server(svc, g)
+        svc = GenerateServicer(backend, tokenizers, tenants, defaults, admission)
+        add_to_server(svc, g)
         port = g.add_insecure_port("127.0.0.1:0")
         await g.start()
         return g, f"127.0.0.1:{port}"
@@ -175,7 +182,7 @@ def router_stack(model_dir) -> Iterator[SimpleNamespace]:
         with serve(app) as url:
             yield SimpleNamespace(
                 url=url, server=server, lt=lt, backend=backend, tok=tok, max_len=max_len,
-                grpc=grpc_addr,
+                grpc=grpc_addr, tenants=tenants, admission=admission,
                 client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0),
             )  # fmt: skip
     finally:

@@ -6,23 +6,15 @@ whose swap-in is unfinished skips steps, and priority churn preempts running req
 from __future__ import annotations
 
 import logging
-import random
 
 import pytest
 
 from services.engine.sampling_params import SamplingParams
 from services.engine.swap_space import HostBlocks, runs_of
-from tests.engine_helpers import make_engine, random_prompts
+from tests.engine_helpers import greedy_or_seeded, make_engine, random_prompts, run_checked
 
 MODES = ("recompute", "swap", "fastswitch")
 GREEDY = SamplingParams(max_tokens=28, temperature=0.0, ignore_eos=True)
-
-
-def _params(i: int) -> SamplingParams:
-    """Greedy and seeded requests, alternating."""
-    if i % 2 == 0:
-        return GREEDY
-    return SamplingParams(max_tokens=28, temperature=0.9, top_k=50, seed=100 + i, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -33,32 +25,7 @@ def prompts():
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, prompts):
     engine = make_engine(tiny_model_dir)
-    return [o.token_ids for o in engine.generate(prompts, [_params(i) for i in range(6)])]
-
-
-def _run(engine, prompts, churn: float = 0.0, seed: int = 0) -> dict[str, list[int]]:
-    """Run to the end, checking the engine's integrity after every step. churn: per step, the
-    probability that one live request gets a new random priority (FastSwitch's update rate)."""
-    rng = random.Random(seed)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, _params(i), priority=rng.randrange(4))
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    for _ in range(5000):
-        if not engine.has_unfinished():
-            break
-        if churn and rng.random() < churn:
-            engine.set_priority(f"r{rng.randrange(len(prompts))}", rng.randrange(4))
-        for out in engine.step():
-            assert out.error is None, out.error
-            tokens[out.request_id] += out.new_token_ids
-        engine.check_integrity()
-    assert not engine.has_unfinished()
-    if engine.swapper is not None:
-        engine.swapper.wait_all()
-        engine.scheduler._reap_swaps()
-    usage = engine.check_integrity()
-    assert usage.in_use == 0
-    return tokens
+    return [o.token_ids for o in engine.generate(prompts, [greedy_or_seeded(i) for i in range(6)])]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -68,7 +35,7 @@ def test_tokens_equal_without_preemption(tiny_model_dir, prompts, reference, mod
         tiny_model_dir, num_kv_blocks=20, max_num_batched_tokens=64, preemption_mode=mode,
         scheduling_policy=policy, swap_space_blocks=64,
     )  # fmt: skip
-    tokens = _run(engine, prompts, churn=0.3 if policy == "priority" else 0.0)
+    tokens = run_checked(engine, prompts, churn=0.3 if policy == "priority" else 0.0)
     assert list(tokens.values()) == reference
     assert engine.num_preemptions > 0
     if mode != "recompute":
@@ -88,7 +55,7 @@ def test_fastswitch_groups_and_reuse(tiny_model_dir, prompts, reference):
     ops = []
     submit = engine.swapper.submit
     engine.swapper.submit = lambda o: (ops.extend(o), submit(o))
-    tokens = _run(engine, prompts, churn=0.3, seed=3)
+    tokens = run_checked(engine, prompts, churn=0.3, seed=3)
     assert list(tokens.values()) == reference
     blocks = sum(op.num_blocks for op in ops)
     runs = sum(len(op.runs) for op in ops)
@@ -105,7 +72,7 @@ def test_per_block_swap_copies_each_block(tiny_model_dir, prompts, reference):
     ops = []
     submit = engine.swapper.submit
     engine.swapper.submit = lambda o: (ops.extend(o), submit(o))
-    assert list(_run(engine, prompts).values()) == reference
+    assert list(run_checked(engine, prompts).values()) == reference
     assert ops and all(op.per_block and all(n == 1 for _, _, n in op.runs) for op in ops)
     assert engine.scheduler.swap.blocks_reused == 0
 
@@ -119,7 +86,7 @@ def test_swap_space_exhausted_falls_back_to_recompute(
         swap_space_blocks=3,
     )  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="services.engine.swap_space"):
-        tokens = _run(engine, prompts)
+        tokens = run_checked(engine, prompts)
     assert list(tokens.values()) == reference
     assert engine.scheduler.swap.num_fallbacks > 0
     assert "swap space exhausted" in caplog.text
@@ -150,7 +117,7 @@ def test_unfinished_swap_in_skips_steps(tiny_model_dir, prompts, reference):
         return left
 
     sched._resume_swapped = counting
-    assert list(_run(engine, prompts).values()) == reference
+    assert list(run_checked(engine, prompts).values()) == reference
     assert skipped > 0
 
 
@@ -252,12 +219,12 @@ def test_tokens_equal_on_cuda(tiny_model_dir, prompts, mode):
     the same tokens as a run that never preempts."""
     base = {"device": "cuda", "dtype": "float32"}
     reference = make_engine(tiny_model_dir, **base).generate(
-        prompts, [_params(i) for i in range(len(prompts))]
+        prompts, [greedy_or_seeded(i) for i in range(len(prompts))]
     )
     engine = make_engine(
         tiny_model_dir, **base, num_kv_blocks=20, max_num_batched_tokens=64,
         preemption_mode=mode, scheduling_policy="priority", swap_space_blocks=64,
     )  # fmt: skip
-    tokens = _run(engine, prompts, churn=0.3)
+    tokens = run_checked(engine, prompts, churn=0.3)
     assert list(tokens.values()) == [o.token_ids for o in reference]
     assert engine.num_preemptions > 0

@@ -5,23 +5,15 @@ change, and the pool and host blocks stay whole after every step."""
 
 from __future__ import annotations
 
-import random
 import threading
 from concurrent.futures import Future
 
 import pytest
 
-from services.engine.sampling_params import SamplingParams
-from tests.engine_helpers import make_engine, random_prompts
+from tests.engine_helpers import greedy_or_seeded, make_engine, random_prompts, run_checked
 
 MODES = ("recompute", "swap", "fastswitch")
 BS = 16
-
-
-def _params(i: int) -> SamplingParams:
-    if i % 2 == 0:
-        return SamplingParams(max_tokens=28, temperature=0.0, ignore_eos=True)
-    return SamplingParams(max_tokens=28, temperature=0.9, top_k=50, seed=100 + i, ignore_eos=True)
 
 
 class BlockStore:
@@ -56,33 +48,15 @@ def prompts():
 def reference(tiny_model_dir, prompts):
     """Tokens of a run that never preempts, and the prompts' KV as the store holds it."""
     engine = make_engine(tiny_model_dir)
-    done = engine.generate(prompts, [_params(i) for i in range(len(prompts))], export_kv=True)
+    done = engine.generate(
+        prompts, [greedy_or_seeded(i) for i in range(len(prompts))], export_kv=True
+    )
     blocks = [b for c in done for b in c.kv_blocks[: len(c.prompt_token_ids) // BS]]
     return [c.token_ids for c in done], blocks
 
 
-def _run(engine, prompts, churn: float = 0.3, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    for i, p in enumerate(prompts):
-        engine.add_request(
-            f"r{i}", p, _params(i), priority=rng.randrange(4), stored_blocks=len(p) // BS
-        )
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    for _ in range(20000):
-        if not engine.has_unfinished():
-            break
-        if rng.random() < churn:
-            engine.set_priority(f"r{rng.randrange(len(prompts))}", rng.randrange(4))
-        for out in engine.step():
-            assert out.error is None, out.error
-            tokens[out.request_id] += out.new_token_ids
-        engine.check_integrity()
-    assert not engine.has_unfinished()
-    if engine.swapper is not None:
-        engine.swapper.wait_all()
-        engine.scheduler._reap_swaps()
-    assert engine.check_integrity().in_use == 0
-    return list(tokens.values())
+def _tokens(engine, prompts, seed: int = 0) -> list[list[int]]:
+    return list(run_checked(engine, prompts, churn=0.3, seed=seed, stored=True).values())
 
 
 def _engine(tiny_model_dir, mode: str, store: BlockStore, **cfg):
@@ -99,7 +73,7 @@ def test_tier_blocks_fetched_not_swapped_nor_recomputed(tiny_model_dir, prompts,
     tokens, blocks = reference
     store = BlockStore(blocks)
     engine = _engine(tiny_model_dir, mode, store)
-    assert _run(engine, prompts) == tokens
+    assert _tokens(engine, prompts) == tokens
     sched = engine.scheduler
     assert engine.num_preemptions > 0
     assert sched.tier_blocks_fetched > 0 and sched.tier_blocks_missed == 0
@@ -114,7 +88,7 @@ def test_blocks_the_tier_lost_are_recomputed(tiny_model_dir, prompts, reference,
     tokens, blocks = reference
     store = BlockStore(blocks[::2])  # every other block evicted from the store
     engine = _engine(tiny_model_dir, mode, store)
-    assert _run(engine, prompts, seed=1) == tokens
+    assert _tokens(engine, prompts, seed=1) == tokens
     assert engine.scheduler.tier_blocks_missed > 0
 
 
@@ -124,7 +98,7 @@ def test_a_failing_tier_costs_only_recomputation(tiny_model_dir, prompts, refere
     store = BlockStore(blocks)
     store.fail = True
     engine = _engine(tiny_model_dir, mode, store)
-    assert _run(engine, prompts, seed=2) == tokens
+    assert _tokens(engine, prompts, seed=2) == tokens
     assert store.asked > 0 and engine.scheduler.tier_blocks_fetched == 0
 
 
@@ -133,7 +107,9 @@ def test_abort_while_fetching_frees_everything(tiny_model_dir, prompts, referenc
     store = BlockStore(blocks)
     engine = _engine(tiny_model_dir, "fastswitch", store)
     for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, _params(i), priority=i % 4, stored_blocks=len(p) // BS)
+        engine.add_request(
+            f"r{i}", p, greedy_or_seeded(i), priority=i % 4, stored_blocks=len(p) // BS
+        )
     aborted = set()
     for _ in range(5000):
         if not engine.has_unfinished():
