@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -30,7 +31,9 @@ class NoReplicaError(RuntimeError):
     """No live replica serves the model right now (starting, or all gone): HTTP 503."""
 
 
-# How long a request waits for a replica of a role while none is live (starting up, restarting).
+# How long a new request waits for a replica of a role while none is live and none was lately
+# (the system starting). One that was live within resume_wait_s is being replaced (killed,
+# restarting): then a new request waits as long as a resumption would.
 FIRST_WAIT_S = 10.0
 
 
@@ -52,6 +55,7 @@ class PoolBackend:
         self.resume_wait_s = config.resume_wait_s
         self.metrics = metrics
         self._replicas: dict[tuple[str, str], tuple[float, list[Replica]]] = {}
+        self._last_live: dict[tuple[str, str], float] = {}  # when a role last had replicas
         self._clients: dict[tuple[str, str | None], PDClient] = {}
         self._outstanding: dict[str, int] = defaultdict(int)  # prefill replica -> tokens
         self._affinity: dict[str, PrefixAffinity] = defaultdict(PrefixAffinity)
@@ -92,6 +96,8 @@ class PoolBackend:
                     f"is known yet: {e}"
                 ) from None
             self._replicas[key] = cached = (now, reps)
+            if reps:
+                self._last_live[key] = now
         return cached[1]
 
     async def readiness(self) -> tuple[bool, str | None]:
@@ -192,8 +198,11 @@ class PoolBackend:
 
     async def _place(self, run: Migration, role: str, model: str) -> list[Replica]:
         """Live replicas of a role this request has not lost; while there are none, wait for
-        one (a replica restarting) up to the first attempt's patience or resume_wait_s."""
-        wait_s = self.resume_wait_s if run.resumes else FIRST_WAIT_S
+        one: up to resume_wait_s for a resumption or while a replica is being replaced,
+        FIRST_WAIT_S for a new request to a role that had none lately."""
+        lately = time.monotonic() - self._last_live.get((role, model), -math.inf)
+        replacing = lately <= self.resume_wait_s
+        wait_s = self.resume_wait_s if run.resumes or replacing else FIRST_WAIT_S
         deadline = time.monotonic() + wait_s
         while True:
             reps = [r for r in await self._fetch_live(role, model) if r.replica_id not in run.lost]
@@ -201,7 +210,8 @@ class PoolBackend:
                 return reps
             if time.monotonic() >= deadline:
                 if not run.resumes:
-                    raise NoReplicaError(f"no live {role} replica of {model!r} is up")
+                    why = f" (none took over within {wait_s:g} s)" if replacing else ""
+                    raise NoReplicaError(f"no live {role} replica of {model!r} is up{why}")
                 raise run.failed(f"no other {role} replica was up within {wait_s:g} s")
             await asyncio.sleep(self.refresh_s)
 

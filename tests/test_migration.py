@@ -399,3 +399,38 @@ def test_decode_resumes_from_the_tokens_given_and_checks_them(tiny_model_dir, lo
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and says in e.details(), e
     finally:
         loop_thread.run(server.stop(drain_s=1))
+
+
+def test_a_fresh_request_waits_for_a_replica_being_replaced(
+    tiny_model_dir, redis_url, namespace, loop_thread, monkeypatch
+):
+    """The only decode replica gone (its registration with it) and its replacement not up yet:
+    a request sent now waits for the replacement as a resumption would (resume_wait_s), not
+    the short wait of a model that never had a replica (FIRST_WAIT_S), so a replacement that
+    takes longer than that costs the request time, not a 503."""
+    from router import backend as pool_backend
+
+    monkeypatch.setattr(pool_backend, "FIRST_WAIT_S", 0.5)
+    first = decode_server(tiny_model_dir, redis_url, namespace)
+    loop_thread.run(first.start())
+    replacement = decode_server(tiny_model_dir, redis_url, namespace)
+    body = {"model": "tiny", "prompt": _prompt(10), "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    late = None
+    try:
+        wait_for(lambda: _decoders(redis_url, namespace), 30)
+        with router(tiny_model_dir, redis_url, namespace, loop_thread, resume_wait_s=60) as stack:
+            before = httpx.post(stack.url + "/v1/completions", json=body, timeout=60)
+            assert before.status_code == 200, before.text
+            loop_thread.run(first.stop(drain_s=0))
+            wait_for(lambda: not _decoders(redis_url, namespace), 30)
+            # Up only after several FIRST_WAIT_S: the request below must still be waiting.
+            late = threading.Timer(2.0, lambda: loop_thread.run(replacement.start()))
+            late.start()
+            after = httpx.post(stack.url + "/v1/completions", json=body, timeout=120)
+            assert after.status_code == 200, after.text
+            assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+    finally:
+        if late is not None:
+            late.join()
+            loop_thread.run(replacement.stop(drain_s=0))
