@@ -24,7 +24,8 @@ registry), the Redis server by its port among up's processes. Each fault fires o
 streams are mid-way, and a fresh probe request is sent after it, again and again, until one
 succeeds: the time to recover. Per fault: requests sent (the load and the probes), failed,
 resumed (the router's splitserve:requests_resumed_total, its delta), wrong, duplicated and
-missing tokens, time to recover, and how long until the replicas were registered again.
+missing tokens (bench.chaos_check), responses whose text differs from the reference's, time
+to recover, and how long until the replicas were registered again.
 
     python bench/chaos.py --quick --json bench/results/chaos-cpu-quick.json
     python bench/chaos.py --json bench/results/chaos-cpu.json
@@ -192,8 +193,10 @@ def _tally(outcomes: list[Outcome]) -> dict:
         "errors": sorted({o.error for o in failed if o.error})[:5],
         "wrong_tokens": sum(c.wrong for c in checks),
         "duplicated_tokens": sum(c.duplicated for c in checks),
+        # A finished request short of its reference lost tokens; a failed one is counted as
+        # failed (its missing tail is reported, not added to the losses).
+        "missing_tokens": sum(c.missing for o, c in pairs if o.ok),
         "missing_tokens_of_failed": sum(c.missing for o, c in pairs if not o.ok),
-        "missing_tokens_of_finished": sum(c.missing for o, c in pairs if o.ok),
         "text_mismatches": sum(1 for o in outcomes if o.ok and not o.text_ok()),
         "tokens_checked": sum(len(o.tokens) for o in outcomes),
         "e2e_s_p50": round(statistics.median(e2e), 3) if e2e else None,
@@ -314,6 +317,8 @@ def summarize(results: list[dict]) -> dict:
         "duplicated_tokens": sum(r["duplicated_tokens"] for r in ran),
         "failed_requests": sum(r["failed"] for r in ran),
         "resumed_requests": sum(r.get("resumed", 0) for r in ran),
+        "missing_tokens": sum(r.get("missing_tokens", 0) for r in ran),
+        "text_mismatches": sum(r.get("text_mismatches", 0) for r in ran),
         "fuzz_5xx": fuzz[0]["fuzz_5xx"] if fuzz else None,
         # None when a fault's system never answered a fresh request again in the wait.
         "recovery_s_max": None if None in recoveries else max(recoveries, default=None),
@@ -324,8 +329,7 @@ def summarize(results: list[dict]) -> dict:
 
 
 def plan_all(faults: list[str], sc: Scenario, model_dir: Path) -> dict[str, list[Job]]:
-    """Each fault's stretch of the load with its references, computed before the system
-    starts (so the local engine does not compete with it)."""
+    """Each fault's stretch of the load with its references (one local engine)."""
     jobs = plan_jobs(sc.requests * len(faults), sc.max_tokens, sc.seed)
     jobs = with_references(jobs, model_dir)
     return {name: jobs[k * sc.requests : (k + 1) * sc.requests] for k, name in enumerate(faults)}

@@ -119,6 +119,8 @@ class Tally:
     failed: int = 0
     wrong: int = 0
     duplicated: int = 0
+    missing: int = 0  # of finished requests
+    text_mismatches: int = 0
     errors: set = dataclasses.field(default_factory=set)
 
     def add(self, o: Outcome) -> None:
@@ -127,6 +129,8 @@ class Tally:
         self.failed += not o.ok
         self.wrong += c.wrong
         self.duplicated += c.duplicated
+        self.missing += c.missing if o.ok else 0
+        self.text_mismatches += o.ok and not o.text_ok()
         if o.error and len(self.errors) < 5:
             self.errors.add(o.error)
 
@@ -186,6 +190,8 @@ def soak(args: argparse.Namespace, sc, argv: list[str] | None) -> None:
         "duplicated_tokens": t.duplicated,
         "failed_requests": t.failed,
         "resumed_requests": 0,  # no fault: nothing to resume
+        "missing_tokens": t.missing,
+        "text_mismatches": t.text_mismatches,
         "fuzz_5xx": None,
         "recovery_s_max": None,
         "requests_sent": t.sent,
