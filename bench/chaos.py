@@ -64,6 +64,9 @@ FAULTS = (
 # The hook for hostile input: a module with run(url, grpc_address, seconds) -> {"requests":
 # int, "status_5xx": int} (gRPC's server-side failures count as 5xx). Not present: not run.
 FUZZ_MODULE = "bench.chaos_fuzz"
+# --quick: one fault of each kind the summary reports on (the baseline, Redis, a replica's
+# death, hostile input), to stay within a minute on 2 cores.
+QUICK_FAULTS = ("none", "redis_restart", "decode_death", "fuzz")
 STALL_S = 5.0
 
 
@@ -298,6 +301,9 @@ async def run_fuzz(system: System, jobs: list[Job], sc: Scenario) -> dict:
         "action": f"{fuzzed['requests']} hostile requests for {sc.fuzz_s:g} s",
         "fuzz_requests": fuzzed["requests"],
         "fuzz_5xx": fuzzed["status_5xx"],
+        "fuzz_timeouts": fuzzed.get("timeouts"),
+        "fuzz_statuses": fuzzed.get("statuses"),
+        "fuzz_failures": fuzzed.get("failures"),
         "sent": t["load_requests"] + probes,
         "failed": t["load_failed"] + probes_failed,
         "wrong_tokens": t["wrong_tokens"],
@@ -372,9 +378,15 @@ def start_args(metrics_port: int, grpc_port: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer requests per fault")
+    ap.add_argument(
+        "--quick", action="store_true",
+        help=f"fewer requests, and by default only the faults {', '.join(QUICK_FAULTS)}",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--faults", default=",".join(FAULTS), help="comma-separated, in order")
+    ap.add_argument(
+        "--faults", default=None,
+        help=f"comma-separated, in order (default: all, {', '.join(FAULTS)})",
+    )  # fmt: skip
     ap.add_argument("--requests", type=int, default=None, help="of the load, per fault")
     ap.add_argument(
         "--rate", type=float, default=None,
@@ -402,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.rate is not None:
         sc = dataclasses.replace(sc, rate=args.rate)
-    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    chosen = args.faults or ",".join(QUICK_FAULTS if args.quick else FAULTS)
+    faults = [f.strip() for f in chosen.split(",") if f.strip()]
     unknown = set(faults) - set(FAULTS)
     if unknown:
         ap.error(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")

@@ -1,6 +1,6 @@
 """The router's two APIs under generated hostile input: HTTP from its own OpenAPI document
 (schemathesis: bodies with any values their schemas allow, and bodies that break them), gRPC
-Generate with generated protobuf messages (tests/proto_fuzz.py: extreme numbers, NaN, empty and
+Generate with generated protobuf messages (bench/proto_fuzz.py: extreme numbers, NaN, empty and
 oversized fields, invalid UTF-8, unknown and mistyped fields, truncated bytes), and clients that
 vanish at any point, over HTTP and gRPC.
 
@@ -40,7 +40,7 @@ from schemathesis.specs.openapi.checks import (
 from protos.splitserve.v1 import generate_pb2 as gpb
 from router.admission import Gate
 from tests.kv_helpers import wait_for
-from tests.proto_fuzz import TEXT, st_request, weighted
+from bench.proto_fuzz import TEXT, st_request, weighted
 from tests.router_helpers import KEY, in_use, router_stack
 
 HTTP_EXAMPLES = 120  # per generation mode
