@@ -87,7 +87,7 @@ class Scenario:
     seed: int = 0
 
 
-QUICK = Scenario(requests=8, rate=2.0, max_tokens=400, fuzz_s=5.0)
+QUICK = Scenario(requests=6, rate=2.0, max_tokens=300, fuzz_s=4.0)
 
 
 # -- faults --------------------------------------------------------------------------------
