@@ -19,6 +19,7 @@ Nothing a server answers makes run() raise.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisWarning
 from schemathesis import GenerationMode
 
 from bench.proto_fuzz import TEXT, st_request, weighted
@@ -125,7 +127,9 @@ def fuzz_http(url: str, deadline: float, tally: Tally, examples: int = HTTP_EXAM
 def _until_time_up(test) -> None:
     """Runs a Hypothesis test to its budget of examples or until the time is spent."""
     try:
-        test()
+        with warnings.catch_warnings():  # the stopping example's repr can be large
+            warnings.simplefilter("ignore", HypothesisWarning)
+            test()
     except _TimeUp:
         pass
     except BaseExceptionGroup as group:
