@@ -37,10 +37,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from bench.proto_fuzz import TEXT, st_request, weighted
 from protos.splitserve.v1 import generate_pb2 as gpb
 from router.admission import Gate
 from tests.kv_helpers import wait_for
-from bench.proto_fuzz import TEXT, st_request, weighted
 from tests.router_helpers import KEY, in_use, router_stack
 
 HTTP_EXAMPLES = 120  # per generation mode
