@@ -39,6 +39,9 @@ GRPC_EXAMPLES = 400
 SERVED_MAX_TOKENS = 16  # a case aimed at the served model stays cheap
 SERVED_N = 2
 CALL_TIMEOUT_S = 15.0
+# A gRPC call may draw a large max_tokens; past this the client gives up (a client that
+# vanishes, one more hostile case) rather than spend the fault's time on one answer.
+GRPC_CALL_TIMEOUT_S = 3.0
 MODEL = "tiny"
 GENERATE = "/splitserve.v1.Generate/Generate"
 # UNAVAILABLE: what a client sees of a server that is gone (no replica drains here).
@@ -156,7 +159,7 @@ def fuzz_grpc(address: str, deadline: float, tally: Tally, examples: int = GRPC_
         def one(raw, how):
             if time.monotonic() >= deadline:
                 raise _TimeUp
-            timeout = 0.05 if how == "deadline" else _timeout(deadline)
+            timeout = 0.05 if how == "deadline" else min(GRPC_CALL_TIMEOUT_S, _timeout(deadline))
             it = call(raw, timeout=timeout)
             try:
                 for _ in it:
