@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import grpc
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.errors import HypothesisWarning
 from schemathesis import GenerationMode
 
-from bench.proto_fuzz import TEXT, st_request, weighted
+from bench.proto_fuzz import SERVER_FAILURES, TEXT, fixed_budget, st_request, weighted
 from protos.splitserve.v1 import generate_pb2 as gpb
 
 HTTP_EXAMPLES = 400
@@ -45,7 +45,6 @@ GRPC_CALL_TIMEOUT_S = 3.0
 MODEL = "tiny"
 GENERATE = "/splitserve.v1.Generate/Generate"
 # UNAVAILABLE: what a client sees of a server that is gone (no replica drains here).
-SERVER_FAILURES = {"UNKNOWN", "INTERNAL", "DATA_LOSS", "UNAVAILABLE", "UNIMPLEMENTED"}
 
 
 class _TimeUp(Exception):
@@ -67,17 +66,6 @@ class Tally:
             self.status_5xx += 1
             if len(self.failures) < 5:
                 self.failures.append(f"{status}: {what[:300]}")
-
-
-def _settings(examples: int):
-    return settings(
-        max_examples=examples,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        phases=[Phase.explicit, Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
 
 
 def _timeout(deadline: float) -> float:
@@ -106,7 +94,7 @@ def fuzz_http(url: str, deadline: float, tally: Tally, examples: int = HTTP_EXAM
         schema.as_strategy(generation_mode=GenerationMode.NEGATIVE),
     )
 
-    @_settings(examples)
+    @fixed_budget(examples)
     @given(case=cases, served=st.booleans())
     def one(case, served):
         if time.monotonic() >= deadline:
@@ -154,7 +142,7 @@ def fuzz_grpc(address: str, deadline: float, tally: Tally, examples: int = GRPC_
     with grpc.insecure_channel(address) as ch:
         call = ch.unary_stream(GENERATE, response_deserializer=gpb.GenerateResponse.FromString)
 
-        @_settings(examples)
+        @fixed_budget(examples)
         @given(raw=raws, how=hows)
         def one(raw, how):
             if time.monotonic() >= deadline:

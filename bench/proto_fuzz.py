@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
@@ -174,3 +175,19 @@ def st_request(
     tails = st.sampled_from([b"\x80" * 11, b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab", b"\x0f"])
     broken = st.tuples(good, tails).map(b"".join)
     return weighted((6, good), (2, bad), (1, cut), (1, broken))
+
+
+# gRPC's server-side failures (its "5xx"): a hostile request must never get one.
+SERVER_FAILURES = frozenset({"UNKNOWN", "INTERNAL", "DATA_LOSS", "UNAVAILABLE", "UNIMPLEMENTED"})
+
+
+def fixed_budget(examples: int) -> settings:
+    """The same examples every run, at most `examples`, no example database, no shrinking."""
+    return settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )

@@ -24,7 +24,7 @@ import grpc
 import httpx2
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from bench.proto_fuzz import TEXT, st_request, weighted
+from bench.proto_fuzz import SERVER_FAILURES, TEXT, fixed_budget, st_request, weighted
 from protos.splitserve.v1 import generate_pb2 as gpb
 from router.admission import Gate
 from tests.kv_helpers import wait_for
@@ -55,20 +55,6 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-# gRPC's server-side failures (its "5xx"); UNAVAILABLE would be a replica down or draining,
-# which this stack never is.
-GRPC_FAILURES = {"INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS", "UNIMPLEMENTED"}
-
-
-def fuzz(examples: int):
-    return settings(
-        max_examples=examples,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        phases=[Phase.explicit, Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
 
 
 def rss() -> int:
@@ -168,7 +154,7 @@ def test_http_fuzzed_from_the_openapi_document(stack, mode):
     keys = weighted((6, st.just(KEY)), (1, st.just(None)), (1, st.just("sk-wrong")))
     seen: Counter = Counter()
 
-    @fuzz(HTTP_EXAMPLES)
+    @fixed_budget(HTTP_EXAMPLES)
     @given(case=cases, key=keys, served=st.booleans())
     def run(case, key, served):
         body = case.body if isinstance(case.body, dict) else None
@@ -212,7 +198,7 @@ def _request(body: bytes, declared: int, path: str) -> bytes:
     return head.encode() + body
 
 
-@fuzz(VANISH_EXAMPLES)
+@fixed_budget(VANISH_EXAMPLES)
 @given(
     which=st.sampled_from(range(len(BODIES))),
     how=st.sampled_from(["cut", "short_body", "read_some", "reset"]),
@@ -261,7 +247,7 @@ def test_grpc_fuzzed_with_generated_messages(stack):
     with grpc.insecure_channel(stack.grpc) as ch:
         call = ch.unary_stream(GENERATE, response_deserializer=gpb.GenerateResponse.FromString)
 
-        @fuzz(GRPC_EXAMPLES)
+        @fixed_budget(GRPC_EXAMPLES)
         @given(
             raw=REQUESTS,
             key=weighted((6, st.just(KEY)), (1, st.just(None)), (1, st.just("sk-wrong"))),
@@ -279,7 +265,7 @@ def test_grpc_fuzzed_with_generated_messages(stack):
                         it.cancel()
             except grpc.RpcError as e:
                 code = e.code().name
-                assert code not in GRPC_FAILURES, (code, e.details(), raw[:200])
+                assert code not in SERVER_FAILURES, (code, e.details(), raw[:200])
                 assert len((e.details() or "").encode()) <= 1100, code
             seen[code] += 1
             if key != KEY:
