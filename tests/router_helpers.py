@@ -144,9 +144,11 @@ def router_stack(
     busy = decode_server(model_dir, engine={"num_kv_blocks": 256}, colocated=True, max_waiting=0)
     lt.run(server.start())
     lt.run(busy.start())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        down = f"127.0.0.1:{s.getsockname()[1]}"
+    # `down`: a port held bound but not listening for the stack's life, so connections are
+    # refused and no server started later (the gRPC one below) can be given it.
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    down = f"127.0.0.1:{held.getsockname()[1]}"
     max_len = server.engine.max_model_len
     models = {"tiny": (server.address, max_len), "tiny-capped": (server.address, max_len)}
     if broken_models:
@@ -190,6 +192,7 @@ def router_stack(
         lt.run(server.stop(drain_s=1))
         lt.run(busy.stop(drain_s=1))
         lt.close()
+        held.close()
 
 
 def in_use(stack) -> int:
