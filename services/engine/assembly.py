@@ -14,7 +14,7 @@ from services.engine.kv_cache import KVCache
 from services.engine.model import LlamaModel
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
-from services.engine.weights import load_weights, random_weights
+from services.engine.weights import column_major, load_weights, random_weights
 
 
 def build_model(
@@ -28,6 +28,8 @@ def build_model(
         weights = random_weights(mcfg, dtype, device, seed or 0)
     else:
         weights = load_weights(model_dir, mcfg, dtype, device)
+    if torch.device(device).type == "cpu":
+        weights = column_major(weights)
     if fused:
         from services.engine.attention_cuda import CudaAttentionBackend
 

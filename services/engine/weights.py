@@ -113,6 +113,33 @@ def load_weights(
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
+def column_major(w: ModelWeights) -> ModelWeights:
+    """The same weights with every matrix stored transposed (a [out, in] view of [in, out]
+    memory). On a CPU, F.linear then hands BLAS a plain x @ W: at one row per step (decode
+    alone) that GEMV streams the weights ~1.4x faster here than the row-major dot-product form,
+    and from a few rows up BLAS gives the same results either way. The embedding lookup reads
+    the tied matrix by columns, which costs little at a step's few hundred tokens."""
+
+    def cm(t: torch.Tensor) -> torch.Tensor:
+        return t.t().contiguous().t()
+
+    layers = [
+        LayerWeights(
+            input_norm=lw.input_norm,
+            qkv=cm(lw.qkv),
+            qkv_bias=lw.qkv_bias,
+            o_proj=cm(lw.o_proj),
+            post_norm=lw.post_norm,
+            gate_up=cm(lw.gate_up),
+            down=cm(lw.down),
+        )
+        for lw in w.layers
+    ]
+    lm_head = cm(w.lm_head)
+    embed = lm_head if w.embed is w.lm_head else w.embed
+    return ModelWeights(embed=embed, layers=layers, norm=w.norm, lm_head=lm_head)
+
+
 def random_weights(
     cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0, std: float = 0.02
 ) -> ModelWeights:
