@@ -54,9 +54,13 @@ def gguf_name(hf: str) -> str:
     return f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
 
 
-def write_gguf(model_dir: Path, out: Path, arch: str = "llama") -> dict[str, np.ndarray]:
-    """Write model_dir as llama.cpp would (permuted q/k; MLP weights in Q8_0, the rest F32) and
-    return the float32 values a converter must recover for every HF tensor."""
+def write_gguf(
+    model_dir: Path, out: Path, arch: str = "llama", quant: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Write model_dir as llama.cpp would (permuted q/k; the matrices whose GGUF name contains a
+    key of quant in that type, by default the MLP's in Q8_0; the rest F32) and return the float32
+    values a converter must recover for every HF tensor."""
+    quant = {".ffn_": Q8} if quant is None else quant
     cfg = json.loads((model_dir / "config.json").read_text())
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     heads, kv_heads, head_dim = (
@@ -103,10 +107,16 @@ def write_gguf(model_dir: Path, out: Path, arch: str = "llama") -> dict[str, np.
         elif ".attn_k." in name:
             data = llama_cpp_permute(data, kv_heads)
         arr = data.numpy()
-        if ".ffn_" in name:
-            q = gguf.quants.quantize(arr, Q8)
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=Q8)
-            expected[hf] = gguf.quants.dequantize(q, Q8)
+        kind = next((k for part, k in quant.items() if part in name and arr.ndim == 2), None)
+        if kind is not None:
+            q = gguf.quants.quantize(arr, kind)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=kind)
+            values = torch.from_numpy(gguf.quants.dequantize(q, kind).copy())
+            if ".attn_q." in name:
+                values = unpermute_rotary(values, heads)
+            elif ".attn_k." in name:
+                values = unpermute_rotary(values, kv_heads)
+            expected[hf] = values.numpy()
         else:
             w.add_tensor(name, arr)
             expected[hf] = t.float().numpy()

@@ -26,9 +26,13 @@ def build_model(
     dtype, device = config.resolve_dtype(mcfg), config.device
     if config.load_format == "dummy":
         weights = random_weights(mcfg, dtype, device, seed or 0)
+    elif config.load_format == "gguf":
+        from services.engine.weights_gguf import load_gguf_weights
+
+        weights = load_gguf_weights(model_dir, mcfg)
     else:
         weights = load_weights(model_dir, mcfg, dtype, device)
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and config.load_format != "gguf":
         weights = column_major(weights)
     if fused:
         from services.engine.attention_cuda import CudaAttentionBackend

@@ -193,7 +193,10 @@ class EngineConfig:
     RoPE + KV write, SiLU-mul), "torch" the reference path the CPU runs. enforce_eager skips
     CUDA graphs for decode steps. async_scheduling lets the CPU schedule and prepare step n+1
     while the GPU computes step n (step() then returns step n's outputs).
-    load_format "dummy" skips the checkpoint and draws random weights on the device (benchmarks).
+    load_format "dummy" skips the checkpoint and draws random weights on the device (benchmarks);
+    "gguf" serves the GGUF file the model was pulled from with its 4-bit blocks kept (Q4_0, Q4_1:
+    services/engine/weights_gguf.py), on the CPU only: ~4x less weight memory to stream per
+    token, and tokens close to, not equal to, float32's (never the parity path).
     scheduling_policy orders admission and preemption (services/engine/sched_policy.py): "fcfs"
     admits in arrival order and preempts the newest running request; "priority" admits by
     add_request's priority (lower first, ties in arrival order) and preempts the running request
@@ -225,7 +228,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_graph_batch_size: int = 256  # decode steps up to this many sequences replay a graph
     async_scheduling: bool = True
-    load_format: str = "auto"  # auto | dummy
+    load_format: str = "auto"  # auto | dummy | gguf
     scheduling_policy: str = "fcfs"  # fcfs | priority
     preemption_mode: str = "recompute"  # recompute | swap | fastswitch
     swap_space_blocks: int | None = None  # host blocks for swapping; None: the pool's size
@@ -252,8 +255,16 @@ class EngineConfig:
             )
         if self.kernels not in ("auto", "torch"):
             raise ValueError(f"kernels must be auto or torch, got {self.kernels!r}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.load_format not in ("auto", "dummy", "gguf"):
+            raise ValueError(f"load_format must be auto, dummy or gguf, got {self.load_format!r}")
+        if self.load_format == "gguf" and (
+            self.device != "cpu" or self.kv_offload or self.dtype not in ("auto", "float32")
+        ):
+            raise ValueError(
+                "load_format gguf (4-bit weights) runs on the CPU's float32 path only: "
+                f"device cpu, dtype auto or float32, no kv_offload (got device {self.device!r}, "
+                f"dtype {self.dtype!r}, kv_offload {self.kv_offload})"
+            )
         if self.scheduling_policy not in POLICIES:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(POLICIES)}, "

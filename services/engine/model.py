@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from services.engine.attention import AttentionBackend, AttentionMetadata
 from services.engine.config import ModelConfig
+from services.engine.int4_weight import Int4Weight, linear
 from services.engine.kv_cache import KVCache
 from services.engine.rope import RotaryEmbedding, cos_sin_table
 
@@ -24,12 +25,14 @@ from services.engine.rope import RotaryEmbedding, cos_sin_table
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(H + 2 Hkv) * D, hidden]
+    # Matrices are F.linear weights; an Int4Weight only on the CPU's reference path (load_format
+    # "gguf"), which multiplies through linear().
+    qkv: torch.Tensor | Int4Weight  # [(H + 2 Hkv) * D, hidden]
     qkv_bias: torch.Tensor | None  # [(H + 2 Hkv) * D]
-    o_proj: torch.Tensor  # [hidden, H * D]
+    o_proj: torch.Tensor | Int4Weight  # [hidden, H * D]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * inter, hidden]
-    down: torch.Tensor  # [hidden, inter]
+    gate_up: torch.Tensor | Int4Weight  # [2 * inter, hidden]
+    down: torch.Tensor | Int4Weight  # [hidden, inter]
 
 
 @dataclass
@@ -37,7 +40,7 @@ class ModelWeights:
     embed: torch.Tensor  # [V, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [V, hidden]; the same tensor as embed when tied
+    lm_head: torch.Tensor | Int4Weight  # [V, hidden]; the same tensor as embed when tied
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,7 +88,7 @@ class LlamaModel:
         h = F.embedding(input_ids, self.w.embed)  # [N, hidden]
         for i, lw in enumerate(self.w.layers):
             x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [N, (H + 2Hkv) * D]
+            qkv = linear(x, lw.qkv, lw.qkv_bias)  # [N, (H + 2Hkv) * D]
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.view(-1, cfg.num_heads, cfg.head_dim)
             k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -96,14 +99,14 @@ class LlamaModel:
                 attn = meta.dist.attend(i, q, k, v, k_cache, v_cache)
             else:
                 attn, _ = self.backend.forward(q, k, v, k_cache, v_cache, meta)
-            h = h + F.linear(attn.flatten(1), lw.o_proj)
+            h = h + linear(attn.flatten(1), lw.o_proj)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, lw.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, lw.down)
+            gate, up = linear(x, lw.gate_up).chunk(2, dim=-1)
+            h = h + linear(F.silu(gate) * up, lw.down)
         if logits_indices is not None:
             h = h[logits_indices]
         h = rms_norm(h, self.w.norm, cfg.rms_norm_eps)
-        return F.linear(h, self.w.lm_head).float()  # [M, V]
+        return linear(h, self.w.lm_head).float()  # [M, V]
 
     def _forward_fused(
         self,
