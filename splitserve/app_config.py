@@ -15,7 +15,7 @@
         prefill: {replicas: 1, num_gpus: 0, num_cpus: 0, device_pool: 2GiB}
         decode: {replicas: 1, num_gpus: 0, num_cpus: 0}
         attention: {replicas: 2, num_kv_blocks: 4096, lend_fraction: 1.0}  # optional: KV lenders
-        engine: {max_num_seqs: 64, max_num_batched_tokens: 512, block_size: 16}
+        engine: {max_num_seqs: 64, max_num_batched_tokens: 512, block_size: 16}  # load_format: gguf
         sampling: {temperature: 0.7, max_tokens: 1024}   # unset by a request; over the model's
     iccache: {routes: [{name: auto, small: A, large: B}]}  # optional: splitserve.iccache_spec
 
@@ -128,6 +128,8 @@ class EngineSpec(_Strict):
     enforce_eager: bool | None = None
     max_graph_batch_size: int | None = None
     async_scheduling: bool | None = None
+    # gguf: the pulled GGUF's 4-bit blocks served as they are (CPU only; opt-in, near float32)
+    load_format: Literal["auto", "gguf"] | None = None
     # Fairness (issue 17): admission/preemption order, and what a preempted request's KV becomes.
     scheduling_policy: Literal["fcfs", "priority"] | None = None
     preemption_mode: Literal["recompute", "swap", "fastswitch"] | None = None

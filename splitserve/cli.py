@@ -179,6 +179,14 @@ def up(
         str | None,
         typer.Option("--redis", help="Use this Redis (default: a private local server)"),
     ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(
+            "--weights",
+            help="auto (float32 on a CPU) | gguf: the pulled GGUF's 4-bit blocks, ~2x faster "
+            "on a CPU, answers close to float32's (demo only)",
+        ),
+    ] = "auto",
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -199,7 +207,9 @@ def up(
         cfg = (
             load_config(config)
             if config
-            else demo_config(model, port, grpc_port, mode, model_workers, attention_workers)
+            else demo_config(
+                model, port, grpc_port, mode, model_workers, attention_workers, weights
+            )
         )
     except ConfigError as e:
         fail(str(e))

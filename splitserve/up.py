@@ -25,11 +25,14 @@ err = Console(stderr=True, soft_wrap=True)
 
 def demo_config(
     model: str, port: int, grpc_port: int, mode: str, model_workers: int = 1,
-    attention_workers: int = 1,
+    attention_workers: int = 1, weights: str = "auto",
 ) -> AppConfig:  # fmt: skip
     """The local demo: one model, one replica per role, auth off (and said so). Mode offload:
-    model_workers model workers (no KV) over attention_workers attention workers."""
+    model_workers model workers (no KV) over attention_workers attention workers. weights
+    "gguf": the model's 4-bit GGUF blocks (engine load_format gguf)."""
     spec: dict = {"name": Path(model).name if "/" in model else model, "path": model, "mode": mode}
+    if weights != "auto":
+        spec["engine"] = {"load_format": weights}
     if mode == "offload":
         spec["colocated"] = {"replicas": model_workers}
         spec["attention"] = {"replicas": attention_workers, "kv_memory": "512MiB"}

@@ -13,12 +13,13 @@ import torch
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.errors import ModelLoadError
-from services.engine.int4_weight import Int4Weight, linear, q4_groups
+from services.engine.int4_weight import Int4Weight, Int8Weight, linear, q4_groups, q8_groups
 from services.engine.sampling_params import SamplingParams
 from services.model_prep.gguf_convert import convert_gguf
 from tests.test_gguf_pull import write_gguf
 
 Q4_0, Q4_1 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 @pytest.mark.parametrize("kind", [Q4_0, Q4_1])
@@ -53,16 +54,37 @@ def test_int4_linear_is_the_groups_matrix_in_bfloat16() -> None:
     assert torch.equal(linear(x, dense, bias), torch.nn.functional.linear(x, dense, bias))
     with pytest.raises(ValueError, match="K % 32"):
         Int4Weight.from_groups(q[:, :40], scale[:, :1], zero[:, :1])
+    with pytest.raises(ValueError, match="N % 16"):
+        Int4Weight.from_groups(q[:40], scale[:40], zero[:40])
+
+
+def test_q8_0_as_two_nibble_planes_is_the_files_matrix() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((48, 64)).astype(np.float32)
+    blocks = gguf.quants.quantize(a, Q8_0)
+    q, d = q8_groups(blocks)
+    want = gguf.quants.dequantize(blocks, Q8_0)
+    ours = (q.double().view(48, 2, 32) * d.double()[..., None]).view(48, 64).numpy()
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-6)
+    w = Int8Weight.from_groups(q, d)
+    assert w.shape == (48, 64)
+    x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32))
+    got = linear(x, w)
+    exact = x.double() @ torch.from_numpy(want).double().t()
+    # bfloat16 activations and scales: within a few parts in a thousand of the file's product
+    scale = exact.abs().max()
+    assert float((got.double() - exact).abs().max() / scale) < 1e-2
 
 
 @pytest.fixture(scope="module")
 def q4_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model as a llama.cpp GGUF whose matrices are Q4_0 (k) and Q4_1 (the rest),
+    """The tiny model as a llama.cpp GGUF whose matrices are Q4_0 (k), Q8_0 (o and the tied
+    embedding) and Q4_1 (the rest),
     pulled as `splitserve models pull` lays it out: converted float32 weights and gguf/."""
     root = tmp_path_factory.mktemp("q4")
     src = root / "tiny.Q4_1.gguf"
-    quant = {".attn_k.": Q4_0, ".attn_q.": Q4_1, ".attn_v.": Q4_1, ".attn_output.": Q4_1}
-    write_gguf(tiny_model_dir, src, quant=quant | {".ffn_": Q4_1})
+    quant = {".attn_k.": Q4_0, ".attn_q.": Q4_1, ".attn_v.": Q4_1, ".attn_output.": Q8_0}
+    write_gguf(tiny_model_dir, src, quant=quant | {".ffn_": Q4_1, "token_embd": Q8_0})
     out = convert_gguf(src, root / "model")
     (out / "gguf").mkdir()
     shutil.copy(src, out / "gguf" / src.name)
@@ -78,9 +100,11 @@ def test_engine_serves_the_gguf_blocks_close_to_float32(q4_model: Path) -> None:
     difference is the kernel's bfloat16 activations and scales: logits agree closely, and the
     4-bit matrices really are served as such (permuted q/k rows included)."""
     fp, q4 = _engine(q4_model, "auto"), _engine(q4_model, "gguf")
-    lw = q4.runner.model.w.layers[0]
-    assert all(isinstance(m, Int4Weight) for m in (lw.qkv, lw.o_proj, lw.gate_up, lw.down))
-    assert isinstance(q4.runner.model.w.lm_head, torch.Tensor)  # tied to the F32 embedding
+    w = q4.runner.model.w
+    lw = w.layers[0]
+    assert all(isinstance(m, Int4Weight) for m in (lw.qkv, lw.gate_up, lw.down))
+    assert isinstance(lw.o_proj, Int8Weight) and isinstance(w.lm_head, Int8Weight)  # tied
+    assert isinstance(w.embed, torch.Tensor) and w.embed.shape == (2048, 64)
     prompt = list(range(3, 40))
     logits = []
     for e in (fp, q4):

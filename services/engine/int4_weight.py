@@ -1,6 +1,6 @@
 """A weight matrix held as 4-bit integers in groups of 32 with a scale and an offset per group,
 multiplied without ever being expanded to float: GGUF's Q4_0 and Q4_1 blocks exactly, served by
-torch's int4 CPU kernel.
+torch's int4 CPU kernel. A Q8_0 matrix is two such planes (Int8Weight), its high and low nibbles.
 
 The kernel computes w = (q - 8) * scale + zero with bfloat16 activations, scales and zeros, so
 a product is close to, not equal to, the float32 one: this is the laptop's opt-in fast path,
@@ -19,6 +19,11 @@ import torch.nn.functional as F
 GROUP = 32  # elements per GGUF block, and per scale of the kernel
 
 
+def servable(n: int, k: int) -> bool:
+    """Whether the kernel takes an [n, k] weight (it packs rows 16 at a time)."""
+    return n % 16 == 0 and k % GROUP == 0
+
+
 @dataclass(frozen=True)
 class Int4Weight:
     packed: torch.Tensor  # uint8, the kernel's own packing of q [N, K]
@@ -29,8 +34,10 @@ class Int4Weight:
     def from_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Weight:
         """q: int [N, K] in 0..15; scale, zero: float [N, K / 32]."""
         n, k = q.shape
-        if k % GROUP or scale.shape != (n, k // GROUP) or zero.shape != scale.shape:
-            raise ValueError(f"int4 weight of shape {tuple(q.shape)} needs K % {GROUP} == 0")
+        if not servable(n, k) or scale.shape != (n, k // GROUP) or zero.shape != scale.shape:
+            raise ValueError(
+                f"an int4 weight of shape {tuple(q.shape)} needs N % 16 == 0 and K % {GROUP} == 0"
+            )
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return Int4Weight(packed, sz, (n, k))
@@ -40,9 +47,38 @@ class Int4Weight:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None):
-    """F.linear over a float matrix or a 4-bit one (x and the result in x's dtype)."""
-    if not isinstance(w, Int4Weight):
+@dataclass(frozen=True)
+class Int8Weight:
+    """Q8_0 (w = d * q, q in -128..127) as two 4-bit planes of the same groups: with
+    q + 128 = 16 a + b (a, b in 0..15), w = 16d (a - 8) + 8d + d (b - 8). Both planes together
+    stream a quarter of the float32 matrix's bytes, and it stays the file's own values."""
+
+    high: Int4Weight
+    low: Int4Weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.high.shape
+
+    @staticmethod
+    def from_groups(q: torch.Tensor, d: torch.Tensor) -> Int8Weight:
+        """q: int [N, K] in -128..127; d: float [N, K / 32]."""
+        u = q.to(torch.int32) + 128
+        high = Int4Weight.from_groups(u >> 4, 16 * d, 8 * d)
+        return Int8Weight(high, Int4Weight.from_groups(u & 15, d, torch.zeros_like(d)))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.high.matmul(x).float() + self.low.matmul(x).float()
+
+
+QuantWeight = Int4Weight | Int8Weight
+
+
+def linear(
+    x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear over a float matrix or a quantized one (x and the result in x's dtype)."""
+    if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     shape = x.shape
     y = w.matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16)).to(x.dtype)
@@ -68,3 +104,12 @@ def q4_groups(blocks: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor
     else:
         zero = np.zeros_like(d)
     return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d), torch.from_numpy(zero)
+
+
+def q8_groups(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q8_0 rows (uint8 [N, nb * 34]: d (f16), then 32 int8) as (q [N, K], d [N, nb])."""
+    n = blocks.shape[0]
+    b = np.ascontiguousarray(blocks).reshape(n, -1, 34)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = b[..., 2:].copy().view(np.int8).reshape(n, -1)
+    return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from services.engine.attention import AttentionBackend, AttentionMetadata
 from services.engine.config import ModelConfig
-from services.engine.int4_weight import Int4Weight, linear
+from services.engine.int4_weight import QuantWeight, linear
 from services.engine.kv_cache import KVCache
 from services.engine.rope import RotaryEmbedding, cos_sin_table
 
@@ -25,14 +25,14 @@ from services.engine.rope import RotaryEmbedding, cos_sin_table
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    # Matrices are F.linear weights; an Int4Weight only on the CPU's reference path (load_format
+    # Matrices are F.linear weights; a QuantWeight only on the CPU's reference path (load_format
     # "gguf"), which multiplies through linear().
-    qkv: torch.Tensor | Int4Weight  # [(H + 2 Hkv) * D, hidden]
+    qkv: torch.Tensor | QuantWeight  # [(H + 2 Hkv) * D, hidden]
     qkv_bias: torch.Tensor | None  # [(H + 2 Hkv) * D]
-    o_proj: torch.Tensor | Int4Weight  # [hidden, H * D]
+    o_proj: torch.Tensor | QuantWeight  # [hidden, H * D]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor | Int4Weight  # [2 * inter, hidden]
-    down: torch.Tensor | Int4Weight  # [hidden, inter]
+    gate_up: torch.Tensor | QuantWeight  # [2 * inter, hidden]
+    down: torch.Tensor | QuantWeight  # [hidden, inter]
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ModelWeights:
     embed: torch.Tensor  # [V, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor | Int4Weight  # [V, hidden]; the same tensor as embed when tied
+    lm_head: torch.Tensor | QuantWeight  # [V, hidden]; the same tensor as embed when tied (float)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,6 +86,7 @@ class LlamaModel:
             return self._forward_fused(input_ids, positions, meta, kv_cache, logits_indices)
         cfg = self.cfg
         h = F.embedding(input_ids, self.w.embed)  # [N, hidden]
+        cos_sin = self.rope.at(positions)
         for i, lw in enumerate(self.w.layers):
             x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
             qkv = linear(x, lw.qkv, lw.qkv_bias)  # [N, (H + 2Hkv) * D]
@@ -93,7 +94,7 @@ class LlamaModel:
             q = q.view(-1, cfg.num_heads, cfg.head_dim)
             k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
             v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-            q, k = self.rope(positions, q, k)
+            q, k = self.rope.apply(cos_sin, q, k)
             k_cache, v_cache = kv_cache.layer(i)
             if meta.dist is not None:
                 attn = meta.dist.attend(i, q, k, v, k_cache, v_cache)

@@ -1,9 +1,11 @@
-"""Load a model's weights from the GGUF file it was pulled from, keeping its 4-bit blocks (Q4_0,
-Q4_1) as they are for the int4 kernel (load_format "gguf": the laptop's opt-in quantized path).
+"""Load a model's weights from the GGUF file it was pulled from, keeping its quantized blocks
+(Q4_0, Q4_1; Q8_0 as two 4-bit planes) as they are for the int4 kernel (load_format "gguf": the
+laptop's opt-in quantized path).
 
-Any other tensor type (F32, Q8_0, ...) is dequantized with gguf's reference code into float32,
-as the converter does; a fused matrix (q/k/v, gate/up) stays 4-bit only when all of its parts
-are. The embedding is always float32, and so is the LM head when tied to it.
+Any other tensor type (F32, K-quants, ...) is dequantized with gguf's reference code into
+float32, as the converter does; a fused matrix (q/k/v, gate/up) stays quantized only when all of
+its parts are of one kind. The embedding lookup always reads a float32 table; a tied LM head
+multiplies by the file's own blocks.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ import torch
 from services.engine.config import ModelConfig
 from services.engine.errors import ModelLoadError
 from services.engine.gguf_layout import hf_tensor_name, unpermute_rotary
-from services.engine.int4_weight import Int4Weight, q4_groups
+from services.engine.int4_weight import (
+    Int4Weight,
+    Int8Weight,
+    QuantWeight,
+    q4_groups,
+    q8_groups,
+    servable,
+)
 from services.engine.model import LayerWeights, ModelWeights
 
-FOUR_BIT = ("Q4_0", "Q4_1")
+FOUR_BIT = {"Q4_0", "Q4_1"}
 
 
 def gguf_file(model_dir: Path) -> Path:
@@ -65,8 +74,8 @@ class _GGUFTensors:
             return unpermute_rotary(x, self.heads[proj])
         return x
 
-    def is_4bit(self, name: str, shape: tuple[int, ...]) -> bool:
-        return self._get(name, shape).tensor_type.name in FOUR_BIT
+    def kind(self, name: str, shape: tuple[int, ...]) -> str:
+        return self._get(name, shape).tensor_type.name
 
     def dense(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         from gguf.quants import dequantize
@@ -75,16 +84,22 @@ class _GGUFTensors:
         values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         return self._unpermute(name, torch.from_numpy(values.reshape(shape).copy()))
 
-    def groups(self, name: str, shape: tuple[int, ...]):
+    def groups(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """(q, scale, zero) of 4-bit blocks, (q, d) of Q8_0's; rows in HF's order."""
         t = self._get(name, shape)
-        q, scale, zero = q4_groups(t.data, t.tensor_type.name)
-        return tuple(self._unpermute(name, x) for x in (q, scale, zero))
+        kind = t.tensor_type.name
+        g = q8_groups(t.data) if kind == "Q8_0" else q4_groups(t.data, kind)
+        return tuple(self._unpermute(name, x) for x in g)
 
-    def matrix(self, parts: list[tuple[str, tuple[int, int]]]) -> torch.Tensor | Int4Weight:
-        """The parts' rows stacked: 4-bit when every part is, else float32 column-major."""
-        if all(self.is_4bit(n, s) for n, s in parts):
-            qs, scales, zeros = zip(*(self.groups(n, s) for n, s in parts), strict=True)
-            return Int4Weight.from_groups(torch.cat(qs), torch.cat(scales), torch.cat(zeros))
+    def matrix(self, parts: list[tuple[str, tuple[int, int]]]) -> torch.Tensor | QuantWeight:
+        """The parts' rows stacked: 4-bit when every part is Q4_0 or Q4_1, two 4-bit planes when
+        every part is Q8_0, else float32 column-major."""
+        kinds = {self.kind(n, s) for n, s in parts}
+        rows = sum(s[0] for _, s in parts)
+        served = Int8Weight if kinds == {"Q8_0"} else Int4Weight if kinds <= FOUR_BIT else None
+        if served is not None and servable(rows, parts[0][1][1]):
+            cols = [torch.cat(c) for c in zip(*(self.groups(n, s) for n, s in parts), strict=True)]
+            return served.from_groups(*cols)
         w = torch.cat([self.dense(n, s) for n, s in parts])
         return w.t().contiguous().t()  # see weights.column_major
 
@@ -119,11 +134,11 @@ def load_gguf_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
                 down=g.matrix([(m + "down_proj.weight", (hd, inter))]),
             )
         )
-    embed = g.dense("model.embed_tokens.weight", (cfg.vocab_size, hd)).t().contiguous().t()
+    embed = g.dense("model.embed_tokens.weight", (cfg.vocab_size, hd))
     if "lm_head.weight" in g.by_hf:
         lm_head = g.matrix([("lm_head.weight", (cfg.vocab_size, hd))])
     elif cfg.tie_word_embeddings:
-        lm_head = embed
+        lm_head = g.matrix([("model.embed_tokens.weight", (cfg.vocab_size, hd))])
     else:
         raise ModelLoadError(f"{g.path.name} is missing tensor 'lm_head.weight'")
     return ModelWeights(embed, layers, g.dense("model.norm.weight", (hd,)), lm_head)
