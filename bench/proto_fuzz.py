@@ -17,6 +17,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
+from kvstore import wire
+
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 _U = {32: 2**32 - 1, 64: 2**64 - 1}
 
@@ -36,16 +38,7 @@ def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
 
 def varint(n: int) -> bytes:
     """Two's complement in 64 bits for negatives, as protobuf writes int32/int64."""
-    n &= _U[64]
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    return wire.varint(n & _U[64])
 
 
 def key(number: int, wire_type: int) -> bytes:

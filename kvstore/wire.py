@@ -56,7 +56,8 @@ class Chunk:
         )
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of n >= 0."""
     if n < 0x80:
         return _SMALL[n]
     out = bytearray()
@@ -74,7 +75,7 @@ _SMALL = [bytes([n]) for n in range(0x80)]
 
 
 def _key(num: int, wire: int) -> bytes:
-    return _varint(num << 3 | wire)
+    return varint(num << 3 | wire)
 
 
 _K_HEADER, _K_DATA = _key(_CHUNK_HEADER, _LEN), _key(_CHUNK_DATA, _LEN)
@@ -87,19 +88,19 @@ def _chunk_parts(header: bytes | None, data, last: bool, shm: bytes | None) -> t
     parts: list = []
     size = 0
     if header is not None:
-        h = _varint(len(header))
+        h = varint(len(header))
         parts += [_K_HEADER, h, header]
         size += 1 + len(h) + len(header)
     n = data.nbytes if isinstance(data, memoryview) else len(data)
     if n:
-        v = _varint(n)
+        v = varint(n)
         parts += [_K_DATA, v, data]
         size += 1 + len(v) + n
     if last:
         parts.append(_K_LAST_TRUE)
         size += 2
     if shm is not None:
-        v = _varint(len(shm))
+        v = varint(len(shm))
         parts += [_K_SHM, v, shm]
         size += 1 + len(v) + len(shm)
     return parts, size
@@ -107,7 +108,7 @@ def _chunk_parts(header: bytes | None, data, last: bool, shm: bytes | None) -> t
 
 def _wrap(num: int, parts_size: tuple[list, int]) -> list:
     parts, size = parts_size
-    return [_key(num, _LEN), _varint(size), *parts]
+    return [_key(num, _LEN), varint(size), *parts]
 
 
 def encode_chunk_message(
@@ -127,7 +128,7 @@ def _reservation(reservation_id: str) -> bytes:
     if not reservation_id:
         return b""
     r = reservation_id.encode()
-    return _key(_PUT_RESERVATION, _LEN) + _varint(len(r)) + r
+    return _key(_PUT_RESERVATION, _LEN) + varint(len(r)) + r
 
 
 def encode_put_request(
@@ -167,7 +168,7 @@ def encode_get_batch(blocks: Iterable[Whole]) -> bytes:
 
 
 def encode_get_missing(block_id: bytes) -> bytes:
-    return _key(_GET_MISSING, _LEN) + _varint(len(block_id)) + block_id
+    return _key(_GET_MISSING, _LEN) + varint(len(block_id)) + block_id
 
 
 def serialize(msg) -> bytes:

@@ -155,12 +155,10 @@ class DistGraphSet(GraphSet):
         for j, pool in enumerate(self.pools):
             pk, pv = pool.layer(i)
             pools.append((pk, pv, self.p_table[j], self.p_lens[j]))
-        if self.attn is not None:
-            paged_decode_attention_pools(self.q, pools, self.bs, self.scale, out=self.attn)
-        else:
-            paged_decode_attention_pools(
-                self.q, pools, self.bs, self.scale, out=self.out, lse=self.lse
-            )
+        # No holders: the whole attention lands in attn; else a partial and its lse to merge.
+        whole = self.attn is not None
+        out, lse = (self.attn, None) if whole else (self.out, self.lse)
+        paged_decode_attention_pools(self.q, pools, self.bs, self.scale, out=out, lse=lse)
 
     def attention(self, i: int) -> torch.Tensor:
         n = self.rows

@@ -37,13 +37,8 @@ def fetched_blocks(req: Request, start: int, fut: Future) -> list[KVBlock | None
         log.warning("KV tier fetch for %s failed (%s): recomputing", req.request_id, e)
         blocks = []
     ok = 0
-    bs = req.block_size
     for pos, blk in enumerate(blocks, start):
-        if (
-            blk is None
-            or blk.num_tokens != bs
-            or list(blk.token_ids) != req.all_token_ids[pos * bs : (pos + 1) * bs]
-        ):
+        if blk is None or blk.num_tokens != req.block_size or not req.holds(pos, blk):
             break
         ok += 1
     return blocks[:ok]

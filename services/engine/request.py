@@ -98,6 +98,12 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
+    def holds(self, pos: int, blk: KVBlock) -> bool:
+        """Whether blk's tokens are this request's at block position pos: KV that arrived from
+        elsewhere (imported, fetched from the tier) is used only where it is the request's own."""
+        start = pos * self.block_size
+        return list(blk.token_ids) == self.all_token_ids[start : start + blk.num_tokens]
+
     def update_hashes(self) -> None:
         """Hash every newly full block of tokens (prompt and output alike)."""
         bs = self.block_size

@@ -215,11 +215,7 @@ class Scheduler(SwapScheduling, TierScheduling):
         for pos in range(len(hits), len(req.imported_kv)):
             blk = req.imported_kv[pos]
             start = pos * bs
-            if (
-                blk is None
-                or start + blk.num_tokens > limit
-                or list(blk.token_ids) != req.all_token_ids[start : start + blk.num_tokens]
-            ):
+            if blk is None or start + blk.num_tokens > limit or not req.holds(pos, blk):
                 break
             loads.append((pos, blk))
             computed = start + blk.num_tokens
