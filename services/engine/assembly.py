@@ -14,7 +14,7 @@ from services.engine.kv_cache import KVCache
 from services.engine.model import LlamaModel
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
-from services.engine.weights import column_major, load_weights, random_weights
+from services.engine.weights import cpu_layout, load_weights, random_weights
 
 
 def build_model(
@@ -33,7 +33,7 @@ def build_model(
     else:
         weights = load_weights(model_dir, mcfg, dtype, device)
     if torch.device(device).type == "cpu" and config.load_format != "gguf":
-        weights = column_major(weights)
+        weights = cpu_layout(weights, packed=not config.kv_offload)
     if fused:
         from services.engine.attention_cuda import CudaAttentionBackend
 

@@ -77,8 +77,11 @@ QuantWeight = Int4Weight | Int8Weight
 def linear(
     x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """F.linear over a float matrix or a quantized one (x and the result in x's dtype)."""
+    """F.linear over a float matrix (dense, or packed for oneDNN: weights.cpu_layout) or a
+    quantized one (x and the result in x's dtype)."""
     if isinstance(w, torch.Tensor):
+        if w.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
         return F.linear(x, w, bias)
     shape = x.shape
     y = w.matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16)).to(x.dtype)

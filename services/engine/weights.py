@@ -13,6 +13,10 @@ from services.engine.config import ModelConfig
 from services.engine.errors import ModelLoadError
 from services.engine.model import LayerWeights, ModelWeights
 
+# oneDNN's packing is chosen for a batch of this many rows; measured fastest here from 4 rows
+# up (and within 15% of the best at one row) against packings for 1 row.
+PACKED_ROWS = 32
+
 
 def _shard_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
@@ -113,30 +117,34 @@ def load_weights(
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
-def column_major(w: ModelWeights) -> ModelWeights:
-    """The same weights with every matrix stored transposed (a [out, in] view of [in, out]
-    memory). On a CPU, F.linear then hands BLAS a plain x @ W: at one row per step (decode
-    alone) that GEMV streams the weights ~1.4x faster here than the row-major dot-product form,
-    and from a few rows up BLAS gives the same results either way. The embedding lookup reads
-    the tied matrix by columns, which costs little at a step's few hundred tokens."""
+def cpu_layout(w: ModelWeights, packed: bool = True) -> ModelWeights:
+    """The same weights laid out for the CPU's matmuls. packed: every matrix reordered once
+    into oneDNN's blocked layout (linear() then multiplies through oneDNN): measured on 2
+    cores, 2x MKL's speed at 32 rows a step and 1.35x at one row. Else (attention offload's
+    model worker, which slices its q/k/v rows; a build without oneDNN) column-major: F.linear
+    then hands BLAS a plain x @ W, ~1.4x the row-major form at one row. The embedding lookup
+    keeps a dense table (the tied head's own when not packed)."""
+    packed = packed and torch.backends.mkldnn.is_available()
 
-    def cm(t: torch.Tensor) -> torch.Tensor:
+    def lay(t: torch.Tensor) -> torch.Tensor:
+        if packed:
+            return torch.ops.mkldnn._reorder_linear_weight(t.contiguous(), PACKED_ROWS)
         return t.t().contiguous().t()
 
     layers = [
         LayerWeights(
             input_norm=lw.input_norm,
-            qkv=cm(lw.qkv),
+            qkv=lay(lw.qkv),
             qkv_bias=lw.qkv_bias,
-            o_proj=cm(lw.o_proj),
+            o_proj=lay(lw.o_proj),
             post_norm=lw.post_norm,
-            gate_up=cm(lw.gate_up),
-            down=cm(lw.down),
+            gate_up=lay(lw.gate_up),
+            down=lay(lw.down),
         )
         for lw in w.layers
     ]
-    lm_head = cm(w.lm_head)
-    embed = lm_head if w.embed is w.lm_head else w.embed
+    lm_head = lay(w.lm_head)
+    embed = lm_head if w.embed is w.lm_head and not packed else w.embed
     return ModelWeights(embed=embed, layers=layers, norm=w.norm, lm_head=lm_head)
 
 

@@ -101,7 +101,7 @@ class _GGUFTensors:
             cols = [torch.cat(c) for c in zip(*(self.groups(n, s) for n, s in parts), strict=True)]
             return served.from_groups(*cols)
         w = torch.cat([self.dense(n, s) for n, s in parts])
-        return w.t().contiguous().t()  # see weights.column_major
+        return w.t().contiguous().t()  # column-major: see weights.cpu_layout
 
 
 def load_gguf_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
