@@ -62,7 +62,7 @@ class Placement(_Strict):
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(0, ge=0)  # 0 lets replicas start on a 2-core machine
     autoscaling: Autoscaling | None = None
-    # CPU engines: torch threads (0: the host's cores less one, split between its CPU engines).
+    # CPU engines: torch threads (0: all cores; Ray would otherwise pin a 0-CPU replica to one).
     threads: int = Field(0, ge=0)
 
 

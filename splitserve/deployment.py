@@ -67,10 +67,6 @@ def plan_deployment(
     from services.engine.tokenizer import load_tokenizer
 
     cluster = Membership(redis_url=redis_url, namespace=cfg.namespace)
-    threads = cpu_share(
-        sum(m.side(r).replicas for m in cfg.models for r in m.serving_roles
-            if m.side(r).num_gpus == 0)
-    )  # fmt: skip
     routes, replicas = [], []
     for m in cfg.models:
         d = model_dirs[m.name]
@@ -94,8 +90,11 @@ def plan_deployment(
             )
         )
         for role in m.roles:
-            rc = replica_config(m, role, d, cluster, bind_host, threads)
-            replicas.append(ReplicaPlan(role, m.name, m.side(role), rc))
+            replicas.append(
+                ReplicaPlan(
+                    role, m.name, m.side(role), replica_config(m, role, d, cluster, bind_host)
+                )
+            )
     embed, iccache = None, None
     if cfg.iccache is not None:
         if embed_dir is None:
@@ -154,22 +153,12 @@ def offload_blocks(m: ModelSpec, model_dir: Path) -> int:
     return blocks
 
 
-def cpu_share(engines: int, cores: int | None = None) -> int:
-    """Torch threads for each of `engines` CPU engine replicas on one host whose role leaves
-    `threads` unset: the cores less one, which the router, Ray's proxy and the token streams
-    need, split between the engines; at least one. On 2 cores one thread each served more than
-    two: the engines' threads no longer fight each other or the stack (docs/benchmarks.md)."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, (cores - 1) // max(1, engines))
-
-
 def replica_config(
-    m: ModelSpec, role: str, model_dir: Path, cluster: Membership, host: str, threads: int = 0
+    m: ModelSpec, role: str, model_dir: Path, cluster: Membership, host: str
 ) -> ReplicaConfig:
     """The config of one role's replicas. A GPU replica's engine names "cuda" here; the replica
     narrows it to the GPU Ray assigned it (splitserve.app). A model with attention replicas has
-    decoders that borrow KV from them (borrow_kv). threads: a CPU engine's torch threads where
-    the role sets none (0: every core)."""
+    decoders that borrow KV from them (borrow_kv)."""
     side = m.side(role)
     common = {
         "name": m.name,
@@ -179,8 +168,8 @@ def replica_config(
         "port": 0,
         "cluster": cluster,
         "metrics_port": 0,
-        # Always set: Ray would otherwise hold a 0-CPU replica's torch to one thread.
-        "cpu_threads": side.threads or threads or os.cpu_count() or 1,
+        # 0: every core (Ray would otherwise hold a 0-CPU replica's torch to one thread).
+        "cpu_threads": side.threads or os.cpu_count() or 1,
     }
     if role == "attention":
         assert m.attention is not None

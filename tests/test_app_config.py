@@ -145,24 +145,6 @@ def test_the_deployment_is_typed_configs_built_once(tmp_path, tiny_model_dir):
         pre.max_waiting = 3  # type: ignore[misc]
 
 
-def test_cpu_engines_share_the_cores_but_one(tiny_model_dir: Path) -> None:
-    """Unset threads: the cores less one (the router's, Ray's proxy's), split between this
-    host's CPU engines; a role's own threads win; a GPU role does not count."""
-    from splitserve.deployment import cpu_share, plan_deployment
-
-    assert [cpu_share(1, c) for c in (1, 2, 4, 16)] == [1, 1, 3, 15]
-    assert [cpu_share(e, 8) for e in (2, 3, 7, 9)] == [3, 2, 1, 1]
-    model = {"name": "m", "path": "tiny", "mode": "disaggregated", "decode": {"replicas": 2}}
-    plan = plan_deployment(parse_config({"models": [model]}), "redis://r:6379/0",
-                           {"m": tiny_model_dir})  # fmt: skip
-    share = cpu_share(3)
-    assert [r.config.cpu_threads for r in plan.replicas] == [share] * 2  # one plan per role
-    model |= {"prefill": {"threads": 5, "num_gpus": 1}}
-    plan = plan_deployment(parse_config({"models": [model]}), "redis://r:6379/0",
-                           {"m": tiny_model_dir})  # fmt: skip
-    assert [r.config.cpu_threads for r in plan.replicas] == [5, cpu_share(2)]
-
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
