@@ -249,6 +249,19 @@ def _resumed(system) -> float:
     return sum(s.value for s in fam.samples if s.name.endswith("_total")) if fam else 0.0
 
 
+def test_engine_replicas_run_at_normal_priority(system):
+    """Ray would lower its workers to nice 15, where any daemon on the host preempts the
+    engine's threads; `up` runs them at the priority it was started with."""
+    import os
+
+    import psutil
+
+    for role in ("prefill", "decode"):
+        [replica] = list_replicas(system["redis"], role, "tiny")
+        pid = listening_pid(int(replica.address.rsplit(":", 1)[1]))
+        assert psutil.Process(pid).nice() == os.nice(0), role
+
+
 def test_killed_decode_replica_mid_stream_the_stream_continues_token_exact(system):
     """SIGKILL the decode replica in the middle of a stream: Ray Serve starts another, the
     router continues the request there from the tokens delivered, and the client's stream is
