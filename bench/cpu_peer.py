@@ -1,10 +1,10 @@
 """splitserve against the CPU peers a laptop user would run instead, side by side in one run.
 
-vLLM for CPU (its OpenAI server, float32) and `splitserve up` in both modes are driven by the
-same streaming client: one chat at a time (after one warm-up), then N concurrent chats. The
-llama.cpp server (llama-cpp-python) runs one chat at a time on the GGUF that `splitserve models
-pull` converted, as shipped (Q4_1) and re-quantized to F32 by llama.cpp's own quantizer. The
-peers live in their own virtualenvs, which this script builds once (cached) on first use.
+vLLM for CPU (OpenAI server, float32) and `splitserve up` in both modes, driven by one streaming
+client: one chat at a time (after a warm-up), then N concurrent chats. llama.cpp's server
+(llama-cpp-python) one chat at a time, on the GGUF `splitserve models pull` converted, as shipped
+(Q4_1) and re-quantized to F32 by llama.cpp's own quantizer. The peers live in virtualenvs that
+this script builds once (cached) on first use.
 
     python bench/cpu_peer.py [--quick] [--json PATH] [--systems vllm,colocated,...]
     python bench/cpu_peer.py --build-only
@@ -13,6 +13,8 @@ Every request is greedy (temperature 0). vLLM and splitserve take `ignore_eos`, 
 yields exactly max_tokens; llama.cpp's server ignores it, so the prompts ask for long answers
 and the real token counts are reported (tokens_min). Tokens are counted from the stream's usage
 where the server sends it, else one per streamed content chunk (`tokens_from` says which).
+The machine may be shared: each measurement first waits (a while, not forever) for the rest of
+the machine to go quiet, and its row says how many cores others used before and during it.
 
 Summary: per mode (colocated, disaggregated), ratio_alone_tpot (vLLM's TPOT / ours, above 1 is
 faster) and ratio_concurrent (our tok/s / vLLM's at N chats); ratio_alone_llamacpp_f32 and
@@ -64,6 +66,9 @@ class PeerUnavailable(RuntimeError):
     """A peer that could not be built or started; the reason goes into the report."""
 
 
+FAILED: dict[str, PeerUnavailable] = {}  # by venv
+
+
 @dataclass(frozen=True)
 class Peer:
     venv: str
@@ -100,23 +105,18 @@ LLAMACPP = Peer(
     pip_args=("--no-binary", "llama-cpp-python", "--no-cache-dir"),
 )
 
-QUANTIZE_F32 = """
-import ctypes, sys, llama_cpp
-p = llama_cpp.llama_model_quantize_default_params()
-p.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
-p.allow_requantize = True
-src, dst = (a.encode() for a in sys.argv[1:3])
-sys.exit(llama_cpp.llama_model_quantize(src, dst, ctypes.byref(p)))
-"""
+QUANTIZE_F32 = """import ctypes, sys, llama_cpp as L
+p = L.llama_model_quantize_default_params()
+p.ftype, p.allow_requantize = L.LLAMA_FTYPE_ALL_F32, True
+sys.exit(L.llama_model_quantize(*(a.encode() for a in sys.argv[1:3]), ctypes.byref(p)))"""
 
 
 def peer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a peer runs in: nothing of this project's venv or path leaks in, and
     nothing tries the network (the model is a local directory)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
-    env.update(extra or {})
-    return env
+    env |= {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    return env | (extra or {})
 
 
 def tail(path: Path, n: int = 25) -> str:
@@ -127,6 +127,8 @@ def tail(path: Path, n: int = 25) -> str:
 
 def build_peer(peer: Peer, root: Path = PEERS_DIR, timeout_s: float = 5400) -> Path:
     """The peer's venv python, building the venv first unless a complete one is there."""
+    if peer.venv in FAILED:  # one failed build a run, not one per system that needs it
+        raise FAILED[peer.venv]
     venv = root / peer.venv
     py, marker, log = venv / "bin/python", venv / ".complete", root / f"{peer.venv}.build.log"
     spec = json.dumps([peer.requirement, peer.env, peer.pip_args, peer.pip_after])
@@ -137,13 +139,11 @@ def build_peer(peer: Peer, root: Path = PEERS_DIR, timeout_s: float = 5400) -> P
     print(f"building {venv} ({peer.requirement}); log: {log}", flush=True)
     t = time.perf_counter()
     env = peer_env({"CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2), **peer.env})
+    pip = [str(py), "-m", "pip"]
+    steps = [[sys.executable, "-m", "venv", str(venv)], [*pip, "install", *peer.pip_args,
+             peer.requirement], *([[*pip, *peer.pip_after]] if peer.pip_after else []),
+             [str(py), "-c", peer.check]]  # fmt: skip
     with log.open("w") as out:
-        steps = [
-            [sys.executable, "-m", "venv", str(venv)],
-            [str(py), "-m", "pip", "install", *peer.pip_args, peer.requirement],
-            *([[str(py), "-m", "pip", *peer.pip_after]] if peer.pip_after else []),
-            [str(py), "-c", peer.check],
-        ]
         for cmd in steps:
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()
@@ -153,10 +153,8 @@ def build_peer(peer: Peer, root: Path = PEERS_DIR, timeout_s: float = 5400) -> P
             except subprocess.TimeoutExpired:
                 rc = "timed out"
             if rc != 0:
-                raise PeerUnavailable(
-                    f"{peer.requirement}: `{' '.join(cmd[1:4])}` failed ({rc}); "
-                    f"last lines of {log}:\n{tail(log)}"
-                )
+                why = f"`{' '.join(cmd[1:4])}` failed ({rc}); last lines of {log}:\n{tail(log)}"
+                raise FAILED.setdefault(peer.venv, PeerUnavailable(f"{peer.requirement}: {why}"))
     marker.write_text(spec)
     print(f"built {venv} in {time.perf_counter() - t:.0f} s: {tail(log, 1)}", flush=True)
     return py
@@ -185,8 +183,7 @@ def vllm_model_dir(model_dir: Path, root: Path = PEERS_DIR) -> Path:
 
 
 def shipped_gguf(model_dir: Path) -> Path:
-    pulled = json.loads((model_dir / "pull.json").read_text())
-    return model_dir / pulled["gguf"]
+    return model_dir / json.loads((model_dir / "pull.json").read_text())["gguf"]
 
 
 def f32_gguf(llama_py: Path, gguf: Path, root: Path = PEERS_DIR) -> Path:
@@ -208,8 +205,8 @@ def f32_gguf(llama_py: Path, gguf: Path, root: Path = PEERS_DIR) -> Path:
 @contextlib.contextmanager
 def peer_server(name: str, cmd: list[str], env: dict[str, str], port: int, ready: str,
                 timeout_s: float, log: Path):  # fmt: skip
-    """A peer's server in its own session; yields its base URL once `ready` answers 200, and
-    stops it (SIGINT, then SIGKILL to whatever of its session is left) on exit."""
+    """A peer's server in its own session; yields (base URL, session id) once `ready` answers
+    200, and stops it (SIGINT, then SIGKILL to whatever of its session is left) on exit."""
     import httpx
 
     url = f"http://127.0.0.1:{port}"
@@ -218,18 +215,15 @@ def peer_server(name: str, cmd: list[str], env: dict[str, str], port: int, ready
                                 start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise PeerUnavailable(f"{name} exited ({proc.returncode}) while starting; "
-                                      f"last lines of {log}:\n{tail(log)}")  # fmt: skip
+        while proc.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + ready, timeout=5).status_code == 200:
                     break
-            if time.monotonic() > deadline:
-                raise PeerUnavailable(f"{name} not ready after {timeout_s:.0f} s; "
-                                      f"last lines of {log}:\n{tail(log)}")  # fmt: skip
             time.sleep(1)
-        yield url
+        else:
+            why = "not ready in time" if proc.returncode is None else f"exited ({proc.returncode})"
+            raise PeerUnavailable(f"{name} {why}; last lines of {log}:\n{tail(log)}")
+        yield url, proc.pid
     finally:
         stop_session(proc)
 
@@ -302,6 +296,36 @@ async def chat(client, model: str, prompt: str, max_tokens: int) -> Chat:
     return Chat(first - t0, end - t0, tokens, "usage" if usage is not None else "chunks")
 
 
+def cpu_snapshot(sid: int) -> tuple[float, int, int]:
+    """(time, the machine's busy jiffies, those of the system under test and of this bench)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    ours = 0
+    for pid in {*session_pids(sid), os.getpid()}:
+        with contextlib.suppress(OSError, IndexError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ours += int(stat[11]) + int(stat[12])  # utime, stime
+    return time.monotonic(), user + nice + system + irq + softirq + steal, ours
+
+
+def others_cores(a: tuple[float, int, int], b: tuple[float, int, int]) -> float:
+    """Cores that everything else on the machine kept busy between two snapshots."""
+    busy = (b[1] - a[1]) - (b[2] - a[2])
+    return round(max(0, busy) / os.sysconf("SC_CLK_TCK") / max(1e-9, b[0] - a[0]), 2)
+
+
+def wait_quiet(sid: int, limit_s: float, quiet: float = 0.25) -> tuple[float, float]:
+    """On a shared machine, waits (up to limit_s) for others to use under `quiet` cores, so a
+    measurement is not taken in the middle of someone's build; (others' cores, seconds waited)."""
+    t = time.monotonic()
+    while True:
+        a = cpu_snapshot(sid)
+        time.sleep(2)
+        busy = others_cores(a, cpu_snapshot(sid))
+        if busy < quiet or time.monotonic() - t > limit_s:
+            return busy, round(time.monotonic() - t, 1)
+
+
 def row(system: str, scenario: str, chats: list[Chat], wall_s: float, max_tokens: int) -> dict:
     out = sum(c.tokens for c in chats)
     return {
@@ -314,25 +338,45 @@ def row(system: str, scenario: str, chats: list[Chat], wall_s: float, max_tokens
     }  # fmt: skip
 
 
-async def measure(url: str, system: str, cfg: dict) -> list[dict]:
+async def measure(url: str, system: str, cfg: dict, sid: int) -> list[dict]:
     """Alone: one warm-up, then `rounds` chats one after another (tok/s over their summed
-    wall time). Concurrent: `chats` chats started together (tok/s over the batch's wall)."""
+    wall time). Concurrent: `chats` chats started together (tok/s over the batch's wall).
+    Each row says how busy the rest of the machine was before and during it."""
     import httpx
 
     limits = httpx.Limits(max_connections=cfg["chats"] + 4)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        n = cfg["max_tokens"]
+        n, rows = cfg["max_tokens"], []
         await chat(client, model, PROMPTS[-1], n)
-        alone = [await chat(client, model, PROMPTS[i % len(PROMPTS)], n)
-                 for i in range(cfg["rounds"])]  # fmt: skip
-        rows = [row(system, "alone", alone, sum(c.wall_s for c in alone), n)]
-        if system in CONCURRENT:
-            t = time.perf_counter()
-            many = await asyncio.gather(*(chat(client, model, PROMPTS[i % len(PROMPTS)], n)
-                                          for i in range(cfg["chats"])))  # fmt: skip
-            rows.append(row(system, "concurrent", list(many), time.perf_counter() - t, n))
+        for scenario in ("alone", "concurrent") if system in CONCURRENT else ("alone",):
+            before, waited = await asyncio.to_thread(wait_quiet, sid, cfg["quiet_wait_s"])
+            a, t = cpu_snapshot(sid), time.perf_counter()
+            if scenario == "alone":
+                chats = [await chat(client, model, PROMPTS[i % len(PROMPTS)], n)
+                         for i in range(cfg["rounds"])]  # fmt: skip
+                wall = sum(c.wall_s for c in chats)
+            else:
+                chats = await asyncio.gather(*(chat(client, model, PROMPTS[i % len(PROMPTS)], n)
+                                               for i in range(cfg["chats"])))  # fmt: skip
+                wall = time.perf_counter() - t
+            rows.append(row(system, scenario, list(chats), wall, n))
+            rows[-1].update(others_cores_before=before, quiet_wait_s=waited,
+                            others_cores_during=others_cores(a, cpu_snapshot(sid)))  # fmt: skip
     return rows
+
+
+def peer_command(system: str, model_dir: Path) -> tuple[list[str], dict[str, str], str, int]:
+    """A peer's server command (building its venv and files first), environment, readiness
+    path and start-up limit (vLLM's start compiles its model: minutes on 2 cores)."""
+    if system == "vllm":
+        cmd = [str(build_peer(VLLM)), "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(vllm_model_dir(model_dir)), "--dtype", "float32"]  # fmt: skip
+        return cmd, peer_env({"VLLM_CPU_KVCACHE_SPACE": "2"}), "/health", 1800
+    py, gguf = build_peer(LLAMACPP), shipped_gguf(model_dir)
+    gguf = f32_gguf(py, gguf) if system == "llamacpp-f32" else gguf
+    cmd = [str(py), "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2"]
+    return cmd, peer_env(), "/v1/models", 300
 
 
 def run_system(system: str, model_dir: Path, cfg: dict, logs: Path) -> list[dict]:
@@ -342,74 +386,49 @@ def run_system(system: str, model_dir: Path, cfg: dict, logs: Path) -> list[dict
                 "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]  # fmt: skip
         with up_session(*args) as up:
             startup = time.perf_counter() - t
-            rows = asyncio.run(measure(up.url, system, cfg))
+            rows = asyncio.run(measure(up.url, system, cfg, up.proc.pid))
         reap_session(up.proc.pid)
     else:
-        port = free_port()
-        if system == "vllm":
-            py = build_peer(VLLM)
-            cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model",
-                   str(vllm_model_dir(model_dir)), "--dtype", "float32",
-                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-            env, ready, limit = peer_env({"VLLM_CPU_KVCACHE_SPACE": "2"}), "/health", 1800
-        else:
-            py = build_peer(LLAMACPP)
-            gguf = shipped_gguf(model_dir)
-            gguf = f32_gguf(py, gguf) if system == "llamacpp-f32" else gguf
-            cmd = [str(py), "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2",
-                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-            env, ready, limit = peer_env(), "/v1/models", 300
+        cmd, env, ready, limit = peer_command(system, model_dir)
+        port, log = free_port(), logs / f"{system}.log"
+        cmd += ["--host", "127.0.0.1", "--port", str(port)]
         t = time.perf_counter()
-        with peer_server(system, cmd, env, port, ready, limit, logs / f"{system}.log") as url:
+        with peer_server(system, cmd, env, port, ready, limit, log) as (url, sid):
             startup = time.perf_counter() - t
-            rows = asyncio.run(measure(url, system, cfg))
+            rows = asyncio.run(measure(url, system, cfg, sid))
     for r in rows:
         r["startup_s"] = round(startup, 1)
-        r["load_1m"] = round(os.getloadavg()[0], 2)  # others' work on a shared machine shows here
-        print(
-            f"{system:>14} {r['scenario']:>10}: {r['tokens_per_s']:7.1f} tok/s  "
-            f"TTFT {r['ttft_mean_s'] * 1e3:7.0f} ms  TPOT {r['tpot_mean_ms']:6.1f} ms  "
-            f"({r['chats']} chats, {r['output_tokens']} tokens, min {r['tokens_min']}, "
-            f"up in {startup:.0f} s)",
-            flush=True,
-        )
+        print(f"{system:>14} {r['scenario']:>10}: {r['tokens_per_s']:7.1f} tok/s  TTFT "
+              f"{r['ttft_mean_s'] * 1e3:5.0f} ms  TPOT {r['tpot_mean_ms']:6.1f} ms  ({r['chats']} "
+              f"chats, {r['output_tokens']} tokens, min {r['tokens_min']}; up in {startup:.0f} s; "
+              f"others used {r['others_cores_during']} cores)", flush=True)  # fmt: skip
     return rows
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
 
 
 def summarize(results: list[dict]) -> dict:
     """The ratios from the result rows; null wherever one side is missing."""
     by = {(r["system"], r["scenario"]): r for r in results if "reason" not in r}
 
-    def get(system, scenario, key):
-        r = by.get((system, scenario))
-        return r[key] if r else None
+    def ratio(a: tuple[str, str, str], b: tuple[str, str, str]) -> float | None:
+        x, y = (by[k[:2]][k[2]] if k[:2] in by else None for k in (a, b))
+        return round(x / y, 3) if x and y else None
 
     summary: dict = {}
-    for mode in MODES:
-        per = {
-            "ratio_alone_tpot": _ratio(get("vllm", "alone", "tpot_mean_ms"),
-                                       get(mode, "alone", "tpot_mean_ms")),
-            "ratio_concurrent": _ratio(get(mode, "concurrent", "tokens_per_s"),
-                                       get("vllm", "concurrent", "tokens_per_s")),
+    tok_s, tpot, llama = "tokens_per_s", "tpot_mean_ms", "ratio_alone_llamacpp"
+    for m in MODES:
+        summary[m] = {
+            "ratio_alone_tpot": ratio(("vllm", "alone", tpot), (m, "alone", tpot)),
+            "ratio_concurrent": ratio((m, "concurrent", tok_s), ("vllm", "concurrent", tok_s)),
+            **{f"{llama}_{q}": ratio((m, "alone", tok_s), (f"llamacpp-{q}", "alone", tok_s))
+               for q in ("f32", "q4")},
         }  # fmt: skip
-        for q in ("f32", "q4"):
-            per[f"ratio_alone_llamacpp_{q}"] = _ratio(
-                get(mode, "alone", "tokens_per_s"), get(f"llamacpp-{q}", "alone", "tokens_per_s")
-            )
-        summary[mode] = per
-        for k in ("ratio_alone_tpot", "ratio_concurrent"):
-            summary[f"{k}_{mode}"] = per[k]
-    ours = {m: get(m, "alone", "tokens_per_s") for m in MODES if get(m, "alone", "tokens_per_s")}
-    best = max(ours, key=ours.__getitem__) if ours else None
-    for q in ("f32", "q4"):
-        summary[f"ratio_alone_llamacpp_{q}"] = (
-            summary[best][f"ratio_alone_llamacpp_{q}"] if best else None
-        )
-    summary["ratio_alone_llamacpp_from"] = best
+        summary |= {f"{k}_{m}": summary[m][k] for k in ("ratio_alone_tpot", "ratio_concurrent")}
+    ours = [m for m in MODES if (m, "alone") in by]
+    best = max(ours, key=lambda m: by[m, "alone"][tok_s]) if ours else None
+    summary |= {
+        f"{llama}_{q}": summary[best][f"{llama}_{q}"] if best else None for q in ("f32", "q4")
+    }
+    summary[f"{llama}_from"] = best
     summary["unavailable"] = {r["system"]: r["reason"] for r in results if "reason" in r}
     return summary
 
@@ -426,32 +445,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     picked: list[str] = []
     for s in filter(None, (s.strip() for s in args.systems.split(","))):
         if s not in SYSTEMS and s not in ALIASES:
-            ap.error(f"unknown system {s!r}: choose from {', '.join([*SYSTEMS, *ALIASES])}")
+            ap.error(f"unknown system {s!r}: choose from {names}")
         picked += [x for x in ALIASES.get(s, (s,)) if x not in picked]
     if not picked:
         ap.error("--systems picked nothing")
     args.systems = [s for s in SYSTEMS if s in picked]  # a fixed order, whatever was typed
-    args.cfg = (dict(max_tokens=32, rounds=2, chats=8) if args.quick
-                else dict(max_tokens=64, rounds=5, chats=32))  # fmt: skip
+    args.cfg = (dict(max_tokens=32, rounds=2, chats=8, quiet_wait_s=20) if args.quick
+                else dict(max_tokens=64, rounds=5, chats=32, quiet_wait_s=180))  # fmt: skip
     return args
 
 
 def build(systems: list[str], model_dir: Path) -> dict[str, str]:
-    """Builds what the picked peers need; a peer that fails is named with its reason."""
+    """Builds what the picked peers need; {peer: why it cannot run} for those that failed."""
     failed = {}
-    if "vllm" in systems:
+    for system in (s for s in systems if s not in MODES):
         try:
-            build_peer(VLLM)
-            vllm_model_dir(model_dir)
+            peer_command(system, model_dir)
         except PeerUnavailable as e:
-            failed["vllm"] = str(e)
-    if any(s.startswith("llamacpp") for s in systems):
-        try:
-            py = build_peer(LLAMACPP)
-            if "llamacpp-f32" in systems:
-                f32_gguf(py, shipped_gguf(model_dir))
-        except PeerUnavailable as e:
-            failed.update({s: str(e) for s in systems if s.startswith("llamacpp")})
+            failed[system] = str(e)
     return failed
 
 
@@ -466,15 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         return 1 if failed else 0
     print(f"machine: {machine()}\nconfig: {args.cfg}", flush=True)
-    results: list[dict] = []
+    results: list[dict] = [{"system": s, "reason": why} for s, why in failed.items()]
     logs = PEERS_DIR / "logs"  # kept: a failure's reason points into them
     logs.mkdir(parents=True, exist_ok=True)
-    for system in args.systems:
-        if system in failed:
-            results.append({"system": system, "reason": failed[system]})
-            continue
+    for system in (s for s in args.systems if s not in failed):
         try:
-            results += run_system(system, model_dir, args.cfg, Path(logs))
+            results += run_system(system, model_dir, args.cfg, logs)
         except Exception as e:  # one peer failing must not lose the others' figures
             print(f"{system} FAILED: {e}", file=sys.stderr, flush=True)
             results.append({"system": system, "reason": f"{type(e).__name__}: {e}"})

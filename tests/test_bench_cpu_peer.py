@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from bench.cpu_peer import (
     Chat,
     chat,
+    others_cores,
     parse_args,
     shipped_gguf,
     strip_quantization_config,
@@ -40,9 +42,18 @@ def test_unknown_or_empty_systems_are_refused(bad):
 
 def test_quick_is_smaller_on_every_axis():
     full, quick = parse_args([]).cfg, parse_args(["--quick"]).cfg
-    assert full == {"max_tokens": 64, "rounds": 5, "chats": 32}
+    assert full == {"max_tokens": 64, "rounds": 5, "chats": 32, "quiet_wait_s": 180}
     assert all(quick[k] < full[k] for k in full)
     assert parse_args(["--build-only"]).build_only and not parse_args([]).build_only
+
+
+def test_others_cores_leaves_out_the_system_under_test():
+    tick = os.sysconf("SC_CLK_TCK")
+    # Over 2 s the machine was busy for 3 core-seconds, 2.5 of them ours: others used 0.25 cores.
+    a, b = (10.0, 1000, 400), (12.0, 1000 + 3 * tick, 400 + int(2.5 * tick))
+    assert others_cores(a, b) == 0.25
+    # Ours counted more than the machine's busy time (a worker exiting between reads): none.
+    assert others_cores(a, (12.0, 1000 + tick, 400 + 2 * tick)) == 0.0
 
 
 def _row(system, scenario, tok_s, tpot_ms):
