@@ -11,6 +11,7 @@ from tests.dist_helpers import (
     GREEDY,
     decoder,
     replica_process,
+    same_tokens,
     settled_debts,
     traces,
 )
@@ -30,7 +31,7 @@ def test_one_sequence_over_holders_is_token_exact(
     engine, peers = decoder(tiny_model_dir, cluster, shared=shared, max_num_batched_tokens=64)
     if holders == 1:  # the local pool alone: it must hold everything
         engine, peers = make_engine(tiny_model_dir, num_kv_blocks=32, block_size=BS), None
-    assert traces(engine.generate(prompt, GREEDY)) == reference(prompt)
+    same_tokens(traces(engine.generate(prompt, GREEDY)), reference(prompt))
     for r in reps:  # each holder really held part of it and attended over it
         assert r.layer_batches > 0
     if peers is not None:
@@ -51,7 +52,7 @@ def test_eight_sequences_at_once_with_chunked_prefill_and_a_prefix_hit(
     engine, peers = decoder(tiny_model_dir, cluster, num_kv_blocks=16, max_num_batched_tokens=48)
     first = engine.generate(prompts[:1], GREEDY)[0]
     rest = engine.generate(prompts[1:], GREEDY)
-    assert traces([first, *rest]) == reference(prompts)
+    same_tokens(traces([first, *rest]), reference(prompts))
     assert any(c.num_cached_tokens >= 64 for c in rest)  # the shared prefix was a cache hit
     assert sum(r.layer_batches for r in reps) > 0
     engine.check_integrity()
@@ -65,7 +66,7 @@ def test_smollm2_over_two_replicas_is_token_exact(smollm2_dir, cluster, replicas
     prompt = random_prompts(1, 49152, 300, 300, seed=12)
     want = traces(make_engine(smollm2_dir, block_size=BS).generate(prompt, GREEDY))
     engine, peers = decoder(smollm2_dir, cluster, max_num_batched_tokens=128)
-    assert traces(engine.generate(prompt, GREEDY)) == want
+    same_tokens(traces(engine.generate(prompt, GREEDY)), want)
     assert all(s.layer_batches > 0 for s in started)  # 8 local + 8 + 4: three holders
     assert settled_debts(peers.ledger) == {}
     peers.close()
@@ -85,7 +86,7 @@ def test_gpu_decoder_and_replica_are_token_exact(tiny_model_dir, cluster, replic
     engine, peers = decoder(
         tiny_model_dir, cluster, device="cuda", dtype="float32", max_num_batched_tokens=64
     )
-    assert traces(engine.generate(prompts, GREEDY)) == want
+    same_tokens(traces(engine.generate(prompts, GREEDY)), want)
     assert rep.layer_batches > 0
     assert settled_debts(peers.ledger) == {}
     peers.close()
@@ -107,7 +108,7 @@ def test_gpu_replica_process_over_cuda_ipc_is_token_exact(tiny_model_dir, cluste
                 max_num_batched_tokens=64, borrower_id=f"decoder-{in_place}",
             )  # fmt: skip
             peers.in_place_ok = in_place
-            assert traces(engine.generate(prompts, GREEDY)) == want
+            same_tokens(traces(engine.generate(prompts, GREEDY)), want)
             assert any(s.ipc is not None for s in peers._streams.values())  # through IPC
             assert peers._links  # steps and layer batches over the local link
             assert bool(peers._pools) == in_place  # its pool mapped here, or not

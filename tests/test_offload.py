@@ -13,19 +13,12 @@ import torch
 
 from services.engine.offload_plan import PrefillChunk, StepLayout, head_ranges, split_step
 from services.engine.sampling_params import SamplingParams
-from tests.dist_helpers import GREEDY, drive, traces
+from tests.dist_helpers import GREEDY, drive, same_tokens, traces
 from tests.engine_helpers import make_engine, random_prompts
 from tests.offload_helpers import BS, model_worker, worker_process
 
 MODES = {"plain": (False, False), "q_first": (False, True), "pingpong": (True, False),
          "both": (True, True)}  # fmt: skip
-
-
-def same_tokens(got, want, tol: float = 1e-3) -> None:
-    """Equal tokens; log-probabilities equal within tol (q first merges in float32)."""
-    assert [[t for t, _ in s] for s in got] == [[t for t, _ in s] for s in want]
-    for g, w in zip(got, want, strict=True):
-        assert max((abs(a - b) for (_, a), (_, b) in zip(g, w, strict=True)), default=0) < tol
 
 
 def test_head_ranges_cover_every_kv_head_once():
