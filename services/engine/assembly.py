@@ -32,7 +32,7 @@ def build_model(
         weights = load_gguf_weights(model_dir, mcfg)
     else:
         weights = load_weights(model_dir, mcfg, dtype, device)
-    if torch.device(device).type == "cpu" and config.load_format != "gguf":
+    if torch.device(device).type == "cpu":
         weights = cpu_layout(weights, packed=not config.kv_offload)
     if fused:
         from services.engine.attention_cuda import CudaAttentionBackend

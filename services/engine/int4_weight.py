@@ -98,11 +98,11 @@ def q4_groups(blocks: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor
     head = {"Q4_0": 2, "Q4_1": 4}[kind]
     n = blocks.shape[0]
     b = np.ascontiguousarray(blocks).reshape(n, -1, head + 16)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = _f16(b[..., 0:2])
     qs = b[..., head:]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1)
     if kind == "Q4_1":
-        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = _f16(b[..., 2:4])
         zero = m + 8 * d
     else:
         zero = np.zeros_like(d)
@@ -113,6 +113,11 @@ def q8_groups(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """GGUF Q8_0 rows (uint8 [N, nb * 34]: d (f16), then 32 int8) as (q [N, K], d [N, nb])."""
     n = blocks.shape[0]
     b = np.ascontiguousarray(blocks).reshape(n, -1, 34)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = _f16(b[..., 0:2])
     q = b[..., 2:].copy().view(np.int8).reshape(n, -1)
     return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d)
+
+
+def _f16(two_bytes: np.ndarray) -> np.ndarray:
+    """A block's little-endian float16 field ([..., 2] bytes) as float32 [...]."""
+    return two_bytes.copy().view(np.float16)[..., 0].astype(np.float32)

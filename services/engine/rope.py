@@ -76,8 +76,7 @@ class RotaryEmbedding:
 
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """One of q or k alone (attention offload sends q before k exists), as __call__ does."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self.at(positions)
         return x * cos + _rotate_half(x) * sin
 
 

@@ -122,11 +122,14 @@ def cpu_layout(w: ModelWeights, packed: bool = True) -> ModelWeights:
     into oneDNN's blocked layout (linear() then multiplies through oneDNN): measured on 2
     cores, 2x MKL's speed at 32 rows a step and 1.35x at one row. Else (attention offload's
     model worker, which slices its q/k/v rows; a build without oneDNN) column-major: F.linear
-    then hands BLAS a plain x @ W, ~1.4x the row-major form at one row. The embedding lookup
-    keeps a dense table (the tied head's own when not packed)."""
+    then hands BLAS a plain x @ W, ~1.4x the row-major form at one row. Quantized matrices
+    (load_format gguf) stay as they are. The embedding lookup keeps a dense table (the tied
+    head's own when not packed)."""
     packed = packed and torch.backends.mkldnn.is_available()
 
-    def lay(t: torch.Tensor) -> torch.Tensor:
+    def lay(t):
+        if not isinstance(t, torch.Tensor):
+            return t
         if packed:
             return torch.ops.mkldnn._reorder_linear_weight(t.contiguous(), PACKED_ROWS)
         return t.t().contiguous().t()

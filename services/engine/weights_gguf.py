@@ -93,15 +93,14 @@ class _GGUFTensors:
 
     def matrix(self, parts: list[tuple[str, tuple[int, int]]]) -> torch.Tensor | QuantWeight:
         """The parts' rows stacked: 4-bit when every part is Q4_0 or Q4_1, two 4-bit planes when
-        every part is Q8_0, else float32 column-major."""
+        every part is Q8_0, else float32 (laid out with the rest by weights.cpu_layout)."""
         kinds = {self.kind(n, s) for n, s in parts}
         rows = sum(s[0] for _, s in parts)
         served = Int8Weight if kinds == {"Q8_0"} else Int4Weight if kinds <= FOUR_BIT else None
         if served is not None and servable(rows, parts[0][1][1]):
             cols = [torch.cat(c) for c in zip(*(self.groups(n, s) for n, s in parts), strict=True)]
             return served.from_groups(*cols)
-        w = torch.cat([self.dense(n, s) for n, s in parts])
-        return w.t().contiguous().t()  # column-major: see weights.cpu_layout
+        return torch.cat([self.dense(n, s) for n, s in parts])
 
 
 def load_gguf_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
