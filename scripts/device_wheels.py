@@ -1,12 +1,14 @@
 """The wheels a GPU machine without network lacks, for Python 3.12 on x86-64, at the versions
 this project pins, in parts that one device call can carry each.
 
-    python scripts/device_wheels.py [--out .whl/device] [--part-mib 60]
+    python scripts/device_wheels.py [--out .whl/device] [--part-mib 60] [--without NAME ...]
 
 Downloads the runtime dependencies (pyproject.toml) with their own, leaves out what the GPU
 machine's image already has (unless this project pins another version of it: `==` wins), and
-packs the rest into OUT/part1 .. OUT/partN of at most --part-mib each; a wheel larger than that
-is cut into pieces (NAME.whl.00, .01, ...). Every part holds MANIFEST (each wheel's sha256).
+leaves out the --without packages (a dependency of the project with the needs only it has, or
+any wheel of that name) and packs the rest into OUT/part1 .. OUT/partN of at most --part-mib
+each; a wheel larger than that is cut into pieces (NAME.whl.00, .01, ...). Every part holds
+MANIFEST (each wheel's sha256).
 On the machine, call k of N carries OUT/partk and runs
 
     bash scripts/device_wheels_install.sh OUT/partk k N
@@ -46,9 +48,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / ".whl" / "device")
     ap.add_argument("--part-mib", type=int, default=60)
+    ap.add_argument("--without", nargs="*", default=[],
+                    help="dependencies a run does not need (e.g. faiss-cpu kubernetes: the GPU "
+                    "stack benchmark imports neither)")  # fmt: skip
     a = ap.parse_args()
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    wanted = [d for d in deps if _name(d) != "torch"]
+    without = {_name(w) for w in a.without} | {"torch"}
+    wanted = [d for d in deps if _name(d) not in without]
     pinned = {_name(d) for d in deps if "==" in d}
     tmp = Path(tempfile.mkdtemp(prefix="device-wheels-"))
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
@@ -59,7 +65,7 @@ def main() -> None:
     wheels = []
     for w in sorted(tmp.glob("*.whl")):
         name = w.name.split("-")[0].lower().replace("_", "-")
-        if name in ON_DEVICE and name not in pinned:
+        if (name in ON_DEVICE and name not in pinned) or name in without:
             continue
         wheels.append(w)
     limit = a.part_mib << 20

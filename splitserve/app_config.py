@@ -12,7 +12,7 @@
         path: smollm2-135m-instruct        # a directory or a known model name
         dtype: auto
         mode: disaggregated                # or colocated
-        prefill: {replicas: 1, num_gpus: 0, num_cpus: 0, device_pool: 2GiB}
+        prefill: {replicas: 1, num_gpus: 0, num_cpus: 0, device_pool: 2GiB}  # + its GPU share
         decode: {replicas: 1, num_gpus: 0, num_cpus: 0}
         attention: {replicas: 2, num_kv_blocks: 4096, lend_fraction: 1.0}  # optional: KV lenders
         engine: {max_num_seqs: 64, max_num_batched_tokens: 512, block_size: 16}  # load_format: gguf
@@ -80,6 +80,9 @@ class ReplicaSpec(Placement):
     # Decode or colocated: lend up to this share of the engine's KV pool, while its own work
     # leaves it free, to the other decoders of the model (which then borrow). 0: lend nothing.
     lend_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # On a GPU: this replica's share of the card (weights, activations, KV), over the engine
+    # section's; replicas sharing one GPU (num_gpus 0.5 each) each take their own share.
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
 
     @field_validator("kv_memory", "device_pool")
     @classmethod
@@ -128,8 +131,10 @@ class EngineSpec(_Strict):
     enforce_eager: bool | None = None
     max_graph_batch_size: int | None = None
     async_scheduling: bool | None = None
-    # gguf: the pulled GGUF's 4-bit blocks served as they are (CPU only; opt-in, near float32)
-    load_format: Literal["auto", "gguf"] | None = None
+    # gguf: the pulled GGUF's 4-bit blocks served as they are (CPU only; opt-in, near float32);
+    # dummy: random weights drawn on the device, no checkpoint read (benchmarks, GPU shapes of
+    # a preset: every replica draws the same ones)
+    load_format: Literal["auto", "gguf", "dummy"] | None = None
     # Fairness (issue 17): admission/preemption order, and what a preempted request's KV becomes.
     scheduling_policy: Literal["fcfs", "priority"] | None = None
     preemption_mode: Literal["recompute", "swap", "fastswitch"] | None = None
@@ -265,6 +270,7 @@ class ModelSpec(_Strict):
             dtype=self.dtype,
             device=device,
             max_num_batched_tokens=side.max_num_batched_tokens,
+            gpu_memory_utilization=side.gpu_memory_utilization,
         )
 
     @model_validator(mode="after")

@@ -56,9 +56,12 @@ def resolve_model_path(spec: ModelSpec) -> Path:
     if spec.path in KNOWN_MODELS:
         return pull_model(spec.path)
     if spec.path in PRESETS:
-        out = splitserve_home() / "models" / f"preset-{spec.path}"
+        # Random weights drawn by each replica (engine load_format dummy): the preset's config
+        # and tokenizer only, not gigabytes of checkpoint written and read back.
+        shapes = spec.engine.load_format == "dummy"
+        out = splitserve_home() / "models" / f"preset-{spec.path}{'-shapes' if shapes else ''}"
         if not (out / "config.json").exists():
-            make_model(spec.path, out, seed=0)
+            make_model(spec.path, out, seed=0, write_weights=not shapes)
         return out
     raise FileNotFoundError(
         f"model {spec.path!r}: not a directory, a known model ({', '.join(KNOWN_MODELS)}) "

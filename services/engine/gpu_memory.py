@@ -1,6 +1,11 @@
-"""How many KV blocks an engine on a GPU gets: what is left of gpu_memory_utilization of the
-card after the weights (already loaded), the peak activations of a full-budget forward pass
-(profiled) and the sampler's float32 logits."""
+"""How many KV blocks an engine on a GPU gets: what is left of its gpu_memory_utilization share
+of the card after its weights (already loaded), the peak activations of a full-budget forward
+pass (profiled) and the sampler's float32 logits.
+
+The share is this engine's own, not the card's: two replicas on one GPU (a prefill at 0.3, a
+decode at 0.55) each get theirs whichever sizes its cache first, since what another process
+holds does not count against it. Free memory still bounds it (a share the card no longer has
+is not taken)."""
 
 from __future__ import annotations
 
@@ -22,15 +27,20 @@ def gpu_kv_blocks(
     dtype: torch.dtype,
     per_block: int,
 ) -> int:
-    """KV blocks that fit in gpu_memory_utilization of the card after the weights, the peak
-    activations of a full-budget forward pass and the sampler's float32 logits (the CUDA
-    graphs' pool fits in the latter), at most 4 x max_num_seqs full contexts."""
+    """KV blocks that fit in this engine's gpu_memory_utilization share of the card after its
+    weights, the peak activations of a full-budget forward pass and the sampler's float32
+    logits (the CUDA graphs' pool fits in the latter), within the card's free memory, at most
+    4 x max_num_seqs full contexts."""
     activations = profile_forward(model, mcfg, cfg, max_model_len, dtype)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(cfg.device)
+    own = torch.cuda.memory_reserved(cfg.device)
     rows = max(cfg.max_num_seqs, cfg.max_graph_batch_size)
     logits = 8 * rows * mcfg.vocab_size * 4  # float32 copies of the sampled rows' logits
-    budget = total * cfg.gpu_memory_utilization - (total - free) - activations - logits
+    # Free memory less a margin for this process's CUDA context growth (cuBLAS workspaces,
+    # graph pools) and allocator fragmentation.
+    room = min(total * cfg.gpu_memory_utilization - own, free - 0.02 * total)
+    budget = room - activations - logits
     num_blocks = int(budget // per_block) - 1
     # A small model on a large card would get millions of blocks (and as many Python objects in
     # the pool); four times the most that running sequences can hold is plenty.
