@@ -52,6 +52,10 @@ def test_a_full_config_reads_back(tmp_path):
          "models.0.engine.max_num_seqs: max_num_seqs must be positive, got 0"),
         ([{"name": "a", "path": "p", "engine": {"gpu_memory_utilization": 1.5}}],
          "models.0.engine.gpu_memory_utilization: gpu_memory_utilization must be in (0, 1]"),
+        ([{"name": "a", "path": "p", "decode": {"gpu_memory_utilization": 0}}],
+         "models.0.decode.gpu_memory_utilization: Input should be greater than 0"),
+        ([{"name": "a", "path": "p", "engine": {"load_format": "npz"}}],
+         "models.0.engine.load_format: Input should be 'auto', 'gguf' or 'dummy'"),
         ([{"name": "a", "path": "p", "engine": {"kv_cache_memory": "much"}}],
          "models.0.engine.kv_cache_memory: not a size: 'much'"),
         ([{"name": "a", "path": "p", "prefill": {"max_num_batched_tokens": 0}}],
@@ -228,3 +232,50 @@ def test_attention_roles_run_as_attention_replicas(tiny_model_dir):
         ("colocated-smollm2-135m-instruct", "EngineReplica", 1, "DecodeConfig"),
         ("attention-smollm2-135m-instruct", "AttentionReplica", 2, "AttentionConfig"),
     ]
+
+
+def test_the_one_gpu_examples_give_each_replica_its_own_memory_share(tiny_model_dir):
+    """examples/gpu-llama8b.yaml: prefill and decode share one GPU (half each by Ray's count),
+    each engine sized from its own share; the colocated one takes most of the card. Both draw
+    the preset's weights at random (no checkpoint)."""
+    from splitserve.deployment import plan_deployment
+
+    pd = load_config(EXAMPLES / "gpu-llama8b.yaml")
+    plan = plan_deployment(pd, "redis://r:6379/0", {"llama-8b": tiny_model_dir})
+    got = {r.role: (r.spec.num_gpus, r.config.engine.device,
+                    r.config.engine.gpu_memory_utilization, r.config.engine.load_format,
+                    r.config.engine.max_num_batched_tokens) for r in plan.replicas}  # fmt: skip
+    assert got == {"prefill": (0.5, "cuda", 0.3, "dummy", 8192),
+                   "decode": (0.5, "cuda", 0.55, "dummy", 2048)}  # fmt: skip
+    assert sum(v[2] for v in got.values()) <= 0.9  # room for two CUDA contexts and the pool
+    [col] = load_config(EXAMPLES / "gpu-llama8b-colocated.yaml").models
+    ecfg = col.engine_config("colocated", device="cuda")
+    assert (col.colocated.num_gpus, ecfg.gpu_memory_utilization) == (1, 0.85)
+    # Unset on a role: the engine section's (its default 0.9).
+    m = parse_config({"models": [{"name": "a", "path": "p"}]}).models[0]
+    assert m.engine_config("decode", device="cuda").gpu_memory_utilization == 0.9
+
+
+def test_kv_budget_is_the_engines_own_share_within_free_memory():
+    from services.engine.gpu_memory import kv_budget
+
+    gib = 1 << 30
+    # Alone on a 140 GiB card with 16 GiB of weights: 0.9 of the card less its weights.
+    assert kv_budget(140 * gib, 123 * gib, 16 * gib, 0.9) == pytest.approx(110 * gib)
+    # A decode at 0.55 sizing after a prefill took its 0.3 (42 GiB): the other's memory does
+    # not count against its share...
+    assert kv_budget(140 * gib, 81 * gib, 16 * gib, 0.55) == pytest.approx(61 * gib)
+    # ...but the card's free memory (less a 2% margin) bounds it.
+    assert kv_budget(140 * gib, 40 * gib, 16 * gib, 0.55) == pytest.approx(37.2 * gib)
+
+
+def test_a_preset_with_random_weights_is_written_without_a_checkpoint(tmp_path, monkeypatch):
+    from splitserve.up import resolve_model_path
+
+    monkeypatch.setenv("SPLITSERVE_HOME", str(tmp_path))
+    spec = parse_config(
+        {"models": [{"name": "t", "path": "tiny", "engine": {"load_format": "dummy"}}]}
+    ).models[0]
+    d = resolve_model_path(spec)
+    assert d.name == "preset-tiny-shapes" and (d / "config.json").exists()
+    assert (d / "tokenizer.json").exists() and not list(d.glob("*.safetensors"))

@@ -37,10 +37,7 @@ def gpu_kv_blocks(
     own = torch.cuda.memory_reserved(cfg.device)
     rows = max(cfg.max_num_seqs, cfg.max_graph_batch_size)
     logits = 8 * rows * mcfg.vocab_size * 4  # float32 copies of the sampled rows' logits
-    # Free memory less a margin for this process's CUDA context growth (cuBLAS workspaces,
-    # graph pools) and allocator fragmentation.
-    room = min(total * cfg.gpu_memory_utilization - own, free - 0.02 * total)
-    budget = room - activations - logits
+    budget = kv_budget(total, free, own, cfg.gpu_memory_utilization) - activations - logits
     num_blocks = int(budget // per_block) - 1
     # A small model on a large card would get millions of blocks (and as many Python objects in
     # the pool); four times the most that running sequences can hold is plenty.
@@ -52,6 +49,13 @@ def gpu_kv_blocks(
             "raise gpu_memory_utilization or lower max_num_batched_tokens"
         )
     return num_blocks
+
+
+def kv_budget(total: int, free: int, own: int, utilization: float) -> float:
+    """Bytes this engine may still take: its share of the card less what it holds already
+    (own: its reserved memory, the weights), within the card's free memory less a margin for
+    its CUDA context's growth (cuBLAS workspaces, graph pools) and fragmentation."""
+    return min(total * utilization - own, free - 0.02 * total)
 
 
 @torch.inference_mode()
