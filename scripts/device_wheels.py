@@ -2,13 +2,15 @@
 this project pins, in parts that one device call can carry each.
 
     python scripts/device_wheels.py [--out .whl/device] [--part-mib 60] [--without NAME ...]
+                                    [--with REQ ...]
 
 Downloads the runtime dependencies (pyproject.toml) with their own, leaves out what the GPU
 machine's image already has (unless this project pins another version of it: `==` wins), and
 leaves out the --without packages (a dependency of the project with the needs only it has, or
-any wheel of that name) and packs the rest into OUT/part1 .. OUT/partN of at most --part-mib
-each; a wheel larger than that is cut into pieces (NAME.whl.00, .01, ...). Every part holds
-MANIFEST (each wheel's sha256).
+any wheel of that name), adds the --with requirements (e.g. openai, a test dependency the GPU
+stack benchmark's client check uses) and packs the rest into OUT/part1 .. OUT/partN of at most
+--part-mib each; a wheel larger than that is cut into pieces (NAME.whl.00, .01, ...). Every
+part holds MANIFEST (each wheel's sha256).
 On the machine, call k of N carries OUT/partk and runs
 
     bash scripts/device_wheels_install.sh OUT/partk k N
@@ -51,10 +53,11 @@ def main() -> None:
     ap.add_argument("--without", nargs="*", default=[],
                     help="dependencies a run does not need (e.g. faiss-cpu kubernetes: the GPU "
                     "stack benchmark imports neither)")  # fmt: skip
+    ap.add_argument("--with", dest="extra", nargs="*", default=[], help="more requirements")
     a = ap.parse_args()
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     without = {_name(w) for w in a.without} | {"torch"}
-    wanted = [d for d in deps if _name(d) not in without]
+    wanted = [d for d in deps if _name(d) not in without] + a.extra
     pinned = {_name(d) for d in deps if "==" in d}
     tmp = Path(tempfile.mkdtemp(prefix="device-wheels-"))
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
