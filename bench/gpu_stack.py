@@ -285,68 +285,6 @@ def stack_goodput(url: str, model: str, model_dir: Path, s: dict, out_dir: Path)
                        for p in rep["probes"]]}  # fmt: skip
 
 
-async def one_at_a_time(make_clients, planned: dict) -> dict:
-    """Each path's requests, one in flight at a time, the paths taking turns (so drift in the
-    machine's state falls on all alike): {path: [Outcome]}. Clients are made on this loop
-    (a gRPC channel belongs to the loop it was made on)."""
-    from loadgen.outcome import Outcome
-
-    clients = make_clients()
-    for c in clients.values():
-        await c.open(1)
-    got: dict = {k: [] for k in clients}
-    for i in range(len(next(iter(planned.values())))):
-        for k, c in clients.items():
-            fut = asyncio.get_running_loop().create_future()
-            p = planned[k][i]
-            c.submit(p, Outcome.of(p, perf()), fut.set_result)
-            got[k].append(await fut)
-    for c in clients.values():
-        await c.close()
-    return got
-
-
-def overhead(url: str, grpc_port: int, replica: str, model: str, vocab: int, s: dict) -> dict:
-    """Latency the router and Ray add at low load: p50 TTFT and TPOT through the router's HTTP
-    and gRPC against the same requests sent straight to the replica's gRPC port."""
-    import numpy as np
-
-    from bench.goodput_2gpu import IdPrompts, PDReplayClient
-    from loadgen.grpc_client import GrpcClient
-    from loadgen.http_client import HttpClient
-    from loadgen.workload import Planned
-
-    def clients() -> dict:
-        return {"direct": PDReplayClient("colocated", [replica], s["seq_tokens"]),
-                "http": HttpClient(f"{url}/v1", model, timeout_s=s["timeout_s"],
-                                   extra_body={"temperature": 0}),
-                "grpc": GrpcClient(f"grpc://127.0.0.1:{grpc_port}", model,
-                                   timeout_s=s["timeout_s"], temperature=0.0)}  # fmt: skip
-
-    ids = IdPrompts(vocab, seed=7)
-    planned = {k: [Planned(j * 1000 + i, 0.0, ids.build(j * 1000 + i, s["seq_prompt"]),
-                           s["seq_tokens"], "default", "", False)
-                   for i in range(s["seq_requests"])]
-               for j, k in enumerate(("direct", "http", "grpc"))}  # fmt: skip
-    got = asyncio.run(one_at_a_time(clients, planned))
-    res: dict = {"requests_per_path": s["seq_requests"], "prompt_tokens": s["seq_prompt"],
-                 "output_tokens": s["seq_tokens"]}  # fmt: skip
-    for k, outs in got.items():
-        ok = [o for o in outs[1:] if o.ok]  # the first of each path warms its connection
-        res[k] = {
-            "ok": len(ok),
-            "errors": sorted({o.error for o in outs if o.error}),
-            "ttft_ms_p50": float(np.median([o.ttft for o in ok])) * 1e3 if ok else None,
-            "tpot_ms_p50": float(np.median([o.tpot for o in ok])) * 1e3 if ok else None,
-        }
-    for k in ("http", "grpc"):
-        d, v = res["direct"], res[k]
-        if d["ttft_ms_p50"] is not None and v["ttft_ms_p50"] is not None:
-            v["added_ms_per_request"] = v["ttft_ms_p50"] - d["ttft_ms_p50"]
-            v["added_ms_per_token"] = v["tpot_ms_p50"] - d["tpot_ms_p50"]
-    return res
-
-
 async def pd_burst(pre: str, dec: str, planned: list) -> dict:
     """The burst through the prefill replica and on to decode (which pulls the KV, as in
     service): the prefill replica's rate and where its requests' time went."""
@@ -397,6 +335,10 @@ def part_stack(mode: str, smoke: bool, out_dir: Path) -> dict:
             reps = {r: list_replicas(up.redis, r, spec.name) for r in roles}
             result["replicas"] = {r: [x.address for x in v] for r, v in reps.items()}
             if mode == "colocated":
+                from bench.stack_latency import openai_check, overhead
+
+                result["openai"] = openai_check(up.url, spec.name, s["timeout_s"])
+                print("openai client:", json.dumps(result["openai"]), flush=True)
                 vocab = ModelConfig.from_dir(model_dir).vocab_size
                 result["overhead"] = overhead(up.url, grpc_port, reps["colocated"][0].address,
                                               spec.name, vocab, s)  # fmt: skip
