@@ -112,6 +112,12 @@ def _check_metrics_port(cfg: AppConfig) -> AppConfig:
     return cfg
 
 
+# HTTP enters through HAProxy straight to the router replicas' own HTTP servers (Serve's direct
+# ingress) instead of through Serve's Python proxy actor and a Ray actor call per request and
+# message: at low load on 2 cores a request's added time fell from ~10 ms to ~2 ms (bench/
+# stack_latency.py). An operator's own setting wins.
+SERVE_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
 # How long `up` waits for the Redis a config names to answer before giving up (one that was
 # started a moment ago may still be loading).
 REDIS_WAIT_S = 5.0
@@ -193,6 +199,8 @@ def run_up(cfg: AppConfig, announce=print) -> None:
         # client or daemon on the host preempts the engine's threads (2 cores, 32 chats: 289
         # tok/s at nice 0 against 264). An operator's own setting wins.
         os.environ.setdefault("RAY_worker_niceness", "0")
+        os.environ.update(SERVE_INGRESS_ENV | {k: os.environ[k] for k in SERVE_INGRESS_ENV
+                                               if k in os.environ})  # fmt: skip
         ray.init(
             num_cpus=os.cpu_count(),
             include_dashboard=False,

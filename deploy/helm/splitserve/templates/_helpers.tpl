@@ -90,6 +90,10 @@ splitserve.io/metrics: "true"
   value: {{ printf "%s/.splitserve" .Values.modelStore.mountPath | quote }}
 - name: RAY_SERVE_ENABLE_EXPERIMENTAL_STREAMING
   value: "1"
+# HTTP through HAProxy straight to the router replicas' own servers, not Serve's Python proxy
+# (~8 ms less a request: bench/gpu_stack.py, docs/benchmarks.md). ray.env may turn it off.
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
 {{- with .Values.ray.env }}
 {{ toYaml . }}
 {{- end }}
