@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -112,11 +113,27 @@ def _check_metrics_port(cfg: AppConfig) -> AppConfig:
     return cfg
 
 
-# HTTP enters through HAProxy straight to the router replicas' own HTTP servers (Serve's direct
-# ingress) instead of through Serve's Python proxy actor and a Ray actor call per request and
-# message: at low load on 2 cores a request's added time fell from ~10 ms to ~2 ms (bench/
-# stack_latency.py). An operator's own setting wins.
-SERVE_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+def serve_ingress_env() -> dict[str, str]:
+    """HTTP enters through HAProxy straight to the router replicas' own HTTP servers (Serve's
+    direct ingress) instead of through Serve's Python proxy actor and a Ray actor call per
+    request and message: at low load on 2 cores a request's added time fell from ~10 ms to ~2 ms
+    (bench/stack_latency.py). HAProxy's ports are this `up`'s own (Serve's defaults, 9101 and
+    8404, would clash between two on one host; its files are per Ray node already), and a
+    replica stopping drains for 2 s, not 30 (no outside load balancer here to tell): Ctrl-C
+    stays quick."""
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # How long `up` waits for the Redis a config names to answer before giving up (one that was
 # started a moment ago may still be loading).
@@ -199,8 +216,8 @@ def run_up(cfg: AppConfig, announce=print) -> None:
         # client or daemon on the host preempts the engine's threads (2 cores, 32 chats: 289
         # tok/s at nice 0 against 264). An operator's own setting wins.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        os.environ.update(SERVE_INGRESS_ENV | {k: os.environ[k] for k in SERVE_INGRESS_ENV
-                                               if k in os.environ})  # fmt: skip
+        for k, v in serve_ingress_env().items():
+            os.environ.setdefault(k, v)  # an operator's own setting wins
         ray.init(
             num_cpus=os.cpu_count(),
             include_dashboard=False,
