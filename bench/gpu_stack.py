@@ -58,8 +58,16 @@ PARTS = ("engine", "colocated", "disaggregated")
 # -- settings ---------------------------------------------------------------------------------
 
 
+# Set from the command line (--overhead-requests) in a part's process.
+OVERRIDES: dict = {}
+
+
 def settings(smoke: bool) -> dict:
     """The search and workload, the same for the bare engine and the stack."""
+    return _settings(smoke) | OVERRIDES
+
+
+def _settings(smoke: bool) -> dict:
     if smoke:
         return {"lo": 0.5, "hi": 1.0, "tol": 0.3, "probes": 2, "span_s": 4.0, "requests": 6,
                 "warmup_s": 0.0, "max_output": 8, "max_prompt": 200, "burst": 6,
@@ -402,11 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="`splitserve bench` reports + plots")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--overhead-requests", type=int, help="requests per path at low load")
     ap.add_argument("--part-timeout-s", type=float, default=590)
     ap.add_argument("--run-part", choices=PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--part-json", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     out_dir = a.out or Path(tempfile.mkdtemp(prefix="gpu-stack-"))
+    if a.overhead_requests:
+        OVERRIDES["seq_requests"] = a.overhead_requests
     if a.run_part:
         fn = part_engine if a.run_part == "engine" else lambda sm, o: part_stack(a.run_part, sm, o)
         a.part_json.write_text(json.dumps(fn(a.cpu_smoke, out_dir), default=str))
@@ -426,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--run-part", name, "--part-json", f.name,
                    "--out", str(out_dir)] + (["--cpu-smoke"] if a.cpu_smoke else [])  # fmt: skip
+            if a.overhead_requests:
+                cmd += ["--overhead-requests", str(a.overhead_requests)]
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             try:
                 rc = subprocess.run(cmd, env=env, timeout=a.part_timeout_s).returncode
