@@ -73,9 +73,9 @@ def _settings(smoke: bool) -> dict:
                 "warmup_s": 0.0, "max_output": 8, "max_prompt": 200, "burst": 6,
                 "seq_requests": 3, "seq_prompt": 32, "seq_tokens": 8, "ttft_ms": 30_000,
                 "tpot_ms": 5_000, "timeout_s": 300}  # fmt: skip
-    return {"lo": 3.0, "hi": 8.0, "tol": 0.1, "probes": 5, "span_s": 12.0, "requests": 240,
-            "warmup_s": 1.5, "max_output": 512, "max_prompt": 8192 - 512 - 8, "burst": 128,
-            "seq_requests": 24, "seq_prompt": 512, "seq_tokens": 64, "ttft_ms": 1000,
+    return {"lo": 3.0, "hi": 8.0, "tol": 0.1, "probes": 4, "span_s": 10.0, "requests": 200,
+            "warmup_s": 1.5, "max_output": 512, "max_prompt": 8192 - 512 - 8, "burst": 100,
+            "seq_requests": 16, "seq_prompt": 512, "seq_tokens": 64, "ttft_ms": 1000,
             "tpot_ms": 50, "timeout_s": 120}  # fmt: skip
 
 
