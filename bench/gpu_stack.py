@@ -58,8 +58,9 @@ PARTS = ("engine", "colocated", "disaggregated")
 # -- settings ---------------------------------------------------------------------------------
 
 
-# Set from the command line (--overhead-requests) in a part's process.
+# Set from the command line (--overhead-requests, --api) in a part's process.
 OVERRIDES: dict = {}
+API = {"stack": "grpc"}
 
 
 def settings(smoke: bool) -> dict:
@@ -267,9 +268,11 @@ def part_engine(smoke: bool, out_dir: Path) -> dict:
 
 
 def stack_goodput(url: str, model: str, model_dir: Path, s: dict, out_dir: Path) -> dict:
+    """url: the router's HTTP base (http://...) or its gRPC Generate (grpc://...)."""
     """`splitserve bench run` once at the lowest rate (discarded), then `splitserve bench
     goodput` with the bare engine's workload and search; its report and plots in out_dir."""
-    common = ["--url", f"{url}/v1", "--model", model, "--prompt-format", "ids",
+    target = url if url.startswith("grpc://") else f"{url}/v1"
+    common = ["--url", target, "--model", model, "--prompt-format", "ids",
               "--tokenizer", str(model_dir), "--trace", "azure-conv",
               "--duration", str(s["span_s"]), "--requests", str(s["requests"]),
               "--warmup", str(s["warmup_s"]), "--max-prompt-tokens", str(s["max_prompt"]),
@@ -357,7 +360,11 @@ def part_stack(mode: str, smoke: bool, out_dir: Path) -> dict:
                     pd_burst(reps["prefill"][0].address, reps["decode"][0].address, planned)
                 )
                 print("prefill burst:", json.dumps(result["prefill_burst"]), flush=True)
-            result["goodput"] = stack_goodput(up.url, spec.name, model_dir, s, out_dir / mode)
+            # gRPC by default: it streams token ids, where random weights' tokens often carry
+            # no text, so an HTTP stream of them shows fewer pieces (or none) than tokens.
+            api = f"grpc://127.0.0.1:{grpc_port}" if API["stack"] == "grpc" else up.url
+            result["api"] = API["stack"]
+            result["goodput"] = stack_goodput(api, spec.name, model_dir, s, out_dir / mode)
             print(f"{mode} up goodput: {result['goodput']['goodput_rps']:.2f} req/s", flush=True)
         result["up_log_tail"] = "".join(up.stderr)[-3000:]
     return result
@@ -411,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--overhead-requests", type=int, help="requests per path at low load")
+    ap.add_argument("--api", choices=("grpc", "http"), default="grpc",
+                    help="the router API the stack's goodput is replayed through")  # fmt: skip
     ap.add_argument("--part-timeout-s", type=float, default=590)
     ap.add_argument("--run-part", choices=PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--part-json", type=Path, help=argparse.SUPPRESS)
@@ -418,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = a.out or Path(tempfile.mkdtemp(prefix="gpu-stack-"))
     if a.overhead_requests:
         OVERRIDES["seq_requests"] = a.overhead_requests
+    API["stack"] = a.api
     if a.run_part:
         fn = part_engine if a.run_part == "engine" else lambda sm, o: part_stack(a.run_part, sm, o)
         a.part_json.write_text(json.dumps(fn(a.cpu_smoke, out_dir), default=str))
@@ -439,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--out", str(out_dir)] + (["--cpu-smoke"] if a.cpu_smoke else [])  # fmt: skip
             if a.overhead_requests:
                 cmd += ["--overhead-requests", str(a.overhead_requests)]
+            cmd += ["--api", a.api]
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             try:
                 rc = subprocess.run(cmd, env=env, timeout=a.part_timeout_s).returncode
