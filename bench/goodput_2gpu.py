@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import subprocess
 import sys
@@ -197,10 +196,7 @@ class PDReplayClient:
             async for piece in self.clients[k].generate(list(p.prompt.ids), params):
                 now = perf()
                 if piece.token_ids:
-                    out.chunk_times.append(now)
-                    out.output_tokens += len(piece.token_ids)
-                    if math.isnan(out.first_token):
-                        out.first_token = now
+                    out.piece(now, len(piece.token_ids))
                 if piece.prefill_timings is not None and "prefill_ms" not in tm:
                     t = piece.prefill_timings
                     tm.update(queue_ms=t.queue_ms, prefill_ms=t.prefill_ms, publish_ms=t.publish_ms)

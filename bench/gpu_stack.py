@@ -132,10 +132,7 @@ class EngineClient:
                 async for o in self.loop.generate(uuid.uuid4().hex, list(p.prompt.ids), params):
                     now = perf()
                     if o.new_token_ids:
-                        out.chunk_times.append(now)
-                        out.output_tokens += len(o.new_token_ids)
-                        if math.isnan(out.first_token):
-                            out.first_token = now
+                        out.piece(now, len(o.new_token_ids))
                     out.end = now
         except Exception as e:
             out.error = f"{type(e).__name__}: {e}"

@@ -82,9 +82,7 @@ class GrpcClient:
             async for msg in call:
                 now = perf()
                 if msg.token_ids:
-                    out.chunk_times.append(now)
-                    if out.first_token != out.first_token:
-                        out.first_token = now
+                    out.piece(now)
                 if msg.HasField("usage"):
                     out.output_tokens = msg.usage.completion_tokens
                     out.prompt_tokens = msg.usage.prompt_tokens or out.prompt_tokens

@@ -287,9 +287,7 @@ def _events(data: bytes, out: Outcome, now: float, fail: Callable[[str], None]) 
             if text is None:
                 text = (c.get("delta") or {}).get("content")
             if text:
-                out.chunk_times.append(now)
-                if out.first_token != out.first_token:  # NaN: the first one
-                    out.first_token = now
+                out.piece(now)
         usage = obj.get("usage")
         if usage:
             out.output_tokens = int(usage.get("completion_tokens") or 0)

@@ -40,6 +40,14 @@ class Outcome:
     def ok(self) -> bool:
         return self.error is None and not math.isnan(self.end)
 
+    def piece(self, now: float, tokens: int = 0) -> None:
+        """A piece carrying generated tokens arrived at `now` (tokens: how many, where the
+        client counts them itself rather than from the server's usage)."""
+        self.chunk_times.append(now)
+        self.output_tokens += tokens
+        if math.isnan(self.first_token):
+            self.first_token = now
+
     @property
     def send_lag(self) -> float:
         return self.sent - self.scheduled
