@@ -164,6 +164,30 @@ def _load(system) -> set[str]:
                 return r.status_code
 
     base = {"model": "tiny", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+    def borrow_until_scraped() -> int:
+        """A prompt longer than tiny-long's own pool, decoding until Prometheus has scraped the
+        loan from both sides (bounded): the lending gauges exist only while a loan does, so a
+        loan shorter than a scrape interval would leave their panels empty."""
+        body = {**base, "model": "tiny-long", "prompt": long_prompt, "max_tokens": 1200,
+                "stream": True}  # fmt: skip
+        headers = {"Authorization": f"Bearer {keys['acme']}"}
+        deadline, next_look = time.monotonic() + 120, 0.0
+        with (
+            httpx.Client(timeout=120) as h,
+            h.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r,
+        ):
+            for _ in r.iter_lines():
+                now = time.monotonic()
+                if now >= next_look:
+                    next_look = now + 0.3
+                    gauges = ("splitserve:kv_blocks_lent", "splitserve:kv_blocks_borrowed")
+                    seen = [query(system["prom"], "query", query=f"count({m})")["result"]
+                            for m in gauges]  # fmt: skip
+                    if all(seen) or now > deadline:
+                        break
+            return r.status_code
+
     long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
     warm = [call(keys["acme"], {**base, "prompt": "warm"}, s) for s in (False, True)]
     warm.append(call(keys["acme"], {**base, "model": "tiny-long", "prompt": "warm"}))
@@ -176,9 +200,7 @@ def _load(system) -> set[str]:
         with ThreadPoolExecutor(12) as pool:
             # beta may run one at a time: a second one while the first runs is refused.
             first = pool.submit(call, keys["beta"], {**base, "max_tokens": 400, "prompt": "a"}, 1)
-            # Borrowing: a prompt longer than tiny-long's own pool, decoding for a while.
-            long = {**base, "model": "tiny-long", "prompt": long_prompt, "max_tokens": 160}
-            borrow = pool.submit(call, keys["acme"], long, True)
+            borrow = pool.submit(borrow_until_scraped)
             plain = [
                 pool.submit(call, keys["acme"], {**base, "prompt": f"Request {i} shares"}, i % 2)
                 for i in range(8)
