@@ -15,6 +15,8 @@ call; a --json that exists keeps the parts not run now, so parts can run in sepa
 - colocated: `splitserve up --config examples/gpu-llama8b-colocated.yaml`: the router's and
   Ray's added latency at low load (the same requests, one at a time, straight to the replica's
   gRPC port, through the router's HTTP and through its gRPC), then `splitserve bench goodput`.
+  Prompts are token ids everywhere, so the HTTP client asks for `return_token_ids` and counts
+  tokens by id: valid with random weights, whose tokens often decode to no text.
 - disaggregated: `splitserve up --config examples/gpu-llama8b.yaml` (prefill and decode sharing
   the GPU): the same burst through the prefill replica and on to decode (its queue, prefill
   and publish times), then `splitserve bench goodput`.
@@ -360,8 +362,9 @@ def part_stack(mode: str, smoke: bool, out_dir: Path) -> dict:
                     pd_burst(reps["prefill"][0].address, reps["decode"][0].address, planned)
                 )
                 print("prefill burst:", json.dumps(result["prefill_burst"]), flush=True)
-            # gRPC by default: it streams token ids, where random weights' tokens often carry
-            # no text, so an HTTP stream of them shows fewer pieces (or none) than tokens.
+            # Either API times every token: random weights' tokens often have no text of their
+            # own, and the replay's token-id prompts make the HTTP client ask for
+            # `return_token_ids`, so each SSE chunk names its tokens as gRPC's messages do.
             api = f"grpc://127.0.0.1:{grpc_port}" if API["stack"] == "grpc" else up.url
             result["api"] = API["stack"]
             result["goodput"] = stack_goodput(api, spec.name, model_dir, s, out_dir / mode)

@@ -32,7 +32,9 @@ async def one_at_a_time(make_clients, planned: dict) -> dict:
 
 def overhead(url: str, grpc_port: int, replica: str, model: str, vocab: int, s: dict) -> dict:
     """Latency the router and Ray add at low load: p50 TTFT and TPOT through the router's HTTP
-    and gRPC against the same requests sent straight to the replica's gRPC port."""
+    and gRPC against the same requests sent straight to the replica's gRPC port. The prompts
+    are token ids, so the HTTP client asks for `return_token_ids` and times tokens by id, as
+    the other two paths do (random weights' tokens often have no text)."""
     import numpy as np
 
     from bench.goodput_2gpu import IdPrompts, PDReplayClient

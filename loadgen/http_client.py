@@ -10,6 +10,10 @@ SSE event costs one json.loads. Time stamps are taken once per socket read.
 
 A piece counts as a token piece when it carries non-empty text (`choices[].text` or
 `choices[].delta.content`): the role-only first chunk of a chat stream does not start TTFT.
+Token-id prompts also ask for `return_token_ids` (vLLM's field, splitserve's too): a chunk then
+names its tokens in `choices[].token_ids`, which count instead of text, so tokens without text
+of their own (random weights' often) are timed too. A server that sends no `token_ids` is
+measured by text as before; `--extra '{"return_token_ids": false}'` turns the field off.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class HttpClient:
             b["messages"] = [{"role": "user", "content": p.prompt.text}]
         elif p.prompt.ids is not None:
             b["prompt"] = list(p.prompt.ids)
+            b["return_token_ids"] = True
         else:
             b["prompt"] = p.prompt.text
         b.update(self.extra_body)
@@ -283,6 +288,11 @@ def _events(data: bytes, out: Outcome, now: float, fail: Callable[[str], None]) 
         if "error" in obj:
             return fail(f"error event: {_error_message(payload)}")
         for c in obj.get("choices") or ():
+            ids = c.get("token_ids")
+            if ids is not None:
+                if ids:
+                    out.piece(now, len(ids))
+                continue
             text = c.get("text")
             if text is None:
                 text = (c.get("delta") or {}).get("content")

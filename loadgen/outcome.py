@@ -32,7 +32,7 @@ class Outcome:
     # inter-token latencies as a client sees them (a piece may carry several tokens).
     chunk_times: list[float] = field(default_factory=list)
     prompt_tokens: int = 0  # the server's usage when it reports it, else the planned count
-    output_tokens: int = 0  # the server's usage when it reports it, else pieces received
+    output_tokens: int = 0  # the server's usage, else tokens counted by the client, else pieces
     error: str | None = None
     priority: int | None = None  # the engine priority the request asked for, if any
 

@@ -60,6 +60,7 @@ class Plan:
     include_usage: bool
     logprobs: int | None  # API-level: how many top alternatives to show; None: no logprobs
     priority: int | None = None  # the request's own; None: fair admission picks
+    token_ids: bool = False  # return_token_ids: generated and prompt token ids in the response
 
     @property
     def prompt_tokens(self) -> int:
@@ -187,6 +188,7 @@ def plan(
         include_usage=req.include_usage,
         logprobs=logprobs,
         priority=req.priority,
+        token_ids=req.return_token_ids,
     )
 
 
@@ -278,14 +280,17 @@ class ChoiceState:
 
     texts: list[str] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # cpb.TokenLogprob
+    token_ids: list[int] = field(default_factory=list)
     num_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
     text_offset: int = 0  # completions' logprobs.text_offset, for streaming
+    prompt_ids_sent: bool = False  # a completions stream sends them once per choice
 
     def add(self, piece: Piece) -> None:
         self.texts.append(piece.text)
         self.logprobs += piece.logprobs
+        self.token_ids += piece.token_ids
         self.update(piece)
 
     def update(self, piece: Piece) -> None:
@@ -319,6 +324,7 @@ class Shaper:
         self._usage_tail = ',"usage":null}\n\n' if plan.include_usage else "}\n\n"
         self._text_key = '"delta":{"content":' if chat else '"text":'
         self._text_end = "}" if chat else ""
+        self._ids = plan.token_ids
 
     # -- streaming ------------------------------------------------------------------------
 
@@ -326,19 +332,24 @@ class Shaper:
         """Chat streams open each choice with the assistant role, as OpenAI does."""
         if self.plan.kind != "chat":
             return b""
+        ids = top = ""
+        if self._ids:  # vLLM's place for a chat's prompt ids: the stream's first chunk
+            ids = ',"token_ids":[]'
+            top = f',"prompt_token_ids":{_dumps(self.plan.subs[0].prompt_ids)}'
         return "".join(
             f'{self._head}[{{"index":{s.index},"delta":{{"role":"assistant","content":""}},'
-            f'"logprobs":null,"finish_reason":null}}]{self._usage_tail}'
-            for s in self.plan.subs
+            f'"logprobs":null,"finish_reason":null{ids}}}]{"" if i else top}{self._usage_tail}'
+            for i, s in enumerate(self.plan.subs)
         ).encode()
 
     def chunk(self, k: int, piece: Piece) -> bytes | None:
         """The chunk for sub k's piece; None when there is nothing to say (a piece whose
-        bytes don't yet complete a character)."""
+        bytes don't yet complete a character, unless token ids were asked for)."""
         st = self.states[k]
         st.update(piece)
         fin = piece.finish_reason
-        if not piece.text and not fin and not piece.logprobs:
+        said = piece.text or fin or piece.logprobs or (self._ids and piece.token_ids)
+        if not said:
             return None
         lp = "null"
         if self.plan.logprobs is not None and piece.logprobs:
@@ -351,10 +362,19 @@ class Shaper:
             delta = '"delta":{}'
         else:
             delta = self._text_key + json.dumps(piece.text) + self._text_end
+        ids = self._id_fields(k, piece) if self._ids else ""
         return (
             f'{self._head}[{{"index":{self.plan.subs[k].index},{delta},"logprobs":{lp},'
-            f'"finish_reason":{_dumps(fin) if fin else "null"}}}]{self._usage_tail}'
+            f'"finish_reason":{_dumps(fin) if fin else "null"}{ids}}}]{self._usage_tail}'
         ).encode()
+
+    def _id_fields(self, k: int, piece: Piece) -> str:
+        out = f',"token_ids":[{",".join(map(str, piece.token_ids))}]'  # json.dumps: 4x the time
+        st = self.states[k]
+        if self.plan.kind == "completion" and not st.prompt_ids_sent:
+            st.prompt_ids_sent = True  # vLLM's place: each choice's first chunk
+            out += f',"prompt_token_ids":{_dumps(self.plan.subs[k].prompt_ids)}'
+        return out
 
     def usage_chunk(self) -> bytes:
         return f'{self._head}[],"usage":{_dumps(self.usage())}}}\n\n'.encode()
@@ -378,10 +398,13 @@ class Shaper:
                 body = {"message": {"role": "assistant", "content": text}}
             else:
                 body = {"text": text}
-            choices.append(
-                {"index": sub.index, **body, "logprobs": lp, "finish_reason": st.finish_reason}
-            )
-        return {
+            choice = {"index": sub.index, **body, "logprobs": lp, "finish_reason": st.finish_reason}
+            if self._ids:
+                choice["token_ids"] = st.token_ids
+                if self.plan.kind == "completion":  # a batch's choices have their own prompts
+                    choice["prompt_token_ids"] = sub.prompt_ids
+            choices.append(choice)
+        out = {
             "id": self.plan.request_id,
             "object": "chat.completion" if self.plan.kind == "chat" else "text_completion",
             "created": self.plan.created,
@@ -389,6 +412,9 @@ class Shaper:
             "choices": choices,
             "usage": self.usage(),
         }
+        if self._ids and self.plan.kind == "chat":
+            out["prompt_token_ids"] = self.plan.subs[0].prompt_ids
+        return out
 
     def usage(self) -> dict:
         prompt = self.plan.prompt_tokens

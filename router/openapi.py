@@ -54,7 +54,11 @@ _USAGE = {
 }
 
 
-def _completion(obj: str, choice: dict) -> dict:
+# With `return_token_ids` only (vLLM's places: a completion choice's, a chat's top level).
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+
+
+def _completion(obj: str, choice: dict, extra: dict | None = None) -> dict:
     return {
         "type": "object",
         "required": ["id", "object", "created", "model", "choices", "usage"],
@@ -65,17 +69,21 @@ def _completion(obj: str, choice: dict) -> dict:
             "model": {"type": "string"},
             "choices": {"type": "array", "items": choice},
             "usage": {"$ref": "#/components/schemas/Usage"},
+            **(extra or {}),
         },
     }
 
 
-_CHOICE = {
-    "type": "object",
-    "required": ["index", "finish_reason"],
-    "properties": {"index": {"type": "integer", "minimum": 0}},
-}
-_TEXT_CHOICE = {**_CHOICE, "required": [*_CHOICE["required"], "text"]}
-_CHAT_CHOICE = {**_CHOICE, "required": [*_CHOICE["required"], "message"]}
+def _choice(required: str, extra: dict) -> dict:
+    return {
+        "type": "object",
+        "required": ["index", "finish_reason", required],
+        "properties": {"index": {"type": "integer", "minimum": 0}, "token_ids": _IDS, **extra},
+    }
+
+
+_TEXT_CHOICE = _choice("text", {"prompt_token_ids": _IDS})
+_CHAT_CHOICE = _choice("message", {})
 _MODELS = {
     "type": "object",
     "required": ["object", "data"],
@@ -154,7 +162,7 @@ def document(app: FastAPI, auth: bool) -> dict:
         Error=_ERROR,
         Usage=_USAGE,
         Completion=_completion("text_completion", _TEXT_CHOICE),
-        ChatCompletion=_completion("chat.completion", _CHAT_CHOICE),
+        ChatCompletion=_completion("chat.completion", _CHAT_CHOICE, {"prompt_token_ids": _IDS}),
     )
     security = [{"bearer": []}] if auth else []
     if auth:

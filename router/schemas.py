@@ -37,6 +37,13 @@ DESCRIPTIONS = {
     "content": "a string or an array of content parts",
     "tool_choice": "a string or an object",
 }
+# For the OpenAPI document; vLLM's field, placed where vLLM places it.
+_RETURN_TOKEN_IDS = (
+    "true: each choice carries `token_ids`, the ids of its generated tokens (in a stream, each "
+    "chunk's own, and a chunk comes for every token, text or not), and `prompt_token_ids` "
+    "comes too (completions: in each choice; chat: at the top level; in a stream, in the first "
+    "chunk of each choice or of the response)"
+)
 
 
 class _Strict(BaseModel):
@@ -73,6 +80,9 @@ class _Common(_Strict):
     skip_special_tokens: bool = True
     # Engine priority, 0 first, within the router's priority_levels (router.tenants).
     priority: int | None = Field(None, ge=0, le=255)
+    # A streamed token may have no text of its own (part of a UTF-8 character, a special
+    # token; often, with random weights): only its id shows that it came.
+    return_token_ids: bool = Field(False, description=_RETURN_TOKEN_IDS)
 
     @property
     def stop_list(self) -> tuple[str, ...]:

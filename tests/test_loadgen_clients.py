@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from loadgen.cli import app
 from loadgen.grpc_client import GrpcClient
-from loadgen.http_client import HttpClient
+from loadgen.http_client import HttpClient, _events
+from loadgen.outcome import Outcome
 from loadgen.prompts import PromptFactory
 from loadgen.replay import replay
 from loadgen.sim_server import LatencyModel, SimServer
@@ -190,6 +191,24 @@ def test_http_stream_times_usage_and_keys():
     # A first event cut in two counts once whole: not before its second half was written.
     o = split.outcomes[0]
     assert o.ok and o.first_token >= srv.request("split", planned_split[0].prompt.text)[1]["text"]
+
+
+def test_http_counts_token_ids_where_chunks_carry_them_else_text():
+    """With `token_ids` a chunk counts by its ids (a token without text is still a piece; text
+    without ids is none); without them, by text as ever."""
+
+    def run(*chunks: dict) -> Outcome:
+        o = Outcome(0, "t", False, 0.0, 1, 8)
+        data = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode()
+        _events(data, o, 1.0, lambda why: pytest.fail(why))
+        return o
+
+    o = run({"choices": [{"text": "", "token_ids": [1, 2]}]},
+            {"choices": [{"text": "x", "token_ids": []}]},
+            {"choices": [{"text": "", "token_ids": [3]}]})  # fmt: skip
+    assert (len(o.chunk_times), o.output_tokens) == (2, 3)
+    o = run({"choices": [{"text": "a"}]}, {"choices": [{"text": ""}]})  # a server without ids
+    assert (len(o.chunk_times), o.output_tokens) == (1, 0)
 
 
 @pytest.mark.parametrize(

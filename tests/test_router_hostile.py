@@ -54,6 +54,7 @@ COMMON_BAD = {
     "user": [1, [], "x" * 1000],
     "logit_bias": [{"1": 5}, "x", {"1": "a"}],
     "skip_special_tokens": ["no"],
+    "return_token_ids": ["true", 1, None, []],
     "foo": [1, "bar", None],
     "max_token": [5],
 }
