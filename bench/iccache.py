@@ -3,12 +3,14 @@ bench/data), SmolLM2-135M-Instruct as the small model and Qwen2.5-Coder-0.5B-Ins
 large one by default (--small/--large: any `splitserve models pull` name or a preset such as
 llama-1b / llama-8b on a GPU with --device cuda), all-MiniLM-L6-v2 embeddings.
 
-The first `--warm` questions are answered by the large model and admitted as examples (the
-manager's rules: complete answers only). The next `--test` questions are then served four
-ways on the same hardware, one after the other:
-  all-large, all-small, IC-Cache (selector + LinUCB bandit with feedback = exact match against
-  the reference, load penalty off: one request stream), and a semantic *answer* cache (the
-  nearest past answer returned verbatim when cosine >= 0.8, else the large model).
+The first `--warm` questions are the history: answered by the large model through the route,
+admitted as examples (the manager's rules: complete answers only) and judged (exact match), so
+the outcome memory knows what the large model scored on them. The next `--test` questions are
+then served four ways on the same hardware, one after the other:
+  all-large, all-small, IC-Cache (selector + LinUCB bandit over the judged-outcome estimates,
+  with feedback = exact match against the reference, load penalty off: one request stream),
+  and a semantic *answer* cache (the nearest past answer returned verbatim when cosine >= 0.8,
+  else the large model).
 Each way runs its requests as engine batches (small and large batches separately) on engines
 whose prefix cache is emptied first (no way reuses another's prompts' KV); throughput is
 questions per second of wall time including embedding and selection. Quality: exact match
@@ -31,6 +33,7 @@ import json
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +44,7 @@ from bench.report import write_report
 from kvstore.redis_server import EmbeddedRedis
 from router.iccache.cache import ICCache
 from router.iccache.config import ICCacheConfig, ICRoute
-from services.embedder import Embedder
+from services.embedder import BatchingEmbedder, Embedder
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
@@ -75,16 +78,19 @@ def correct(answer: str, targets: list[str]) -> bool:
 
 
 class LocalEmbed:
-    """The embedding model in this process (the router asks the embed service instead)."""
+    """The embedding model in this process, batching concurrent calls as the embed service
+    does (the router asks that service instead). Make it inside the event loop."""
 
     def __init__(self, model: Embedder) -> None:
         self.model = model
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="embed")
+        self.batcher = BatchingEmbedder(model, self.pool)
 
     async def embed(self, texts: list[str]) -> np.ndarray:
-        return self.model.embed(texts)
+        return await self.batcher.embed(texts)
 
     async def close(self) -> None:
-        pass
+        self.pool.shutdown(wait=False)
 
 
 def messages(question: str) -> list[dict]:
@@ -168,26 +174,35 @@ async def main_async(args: argparse.Namespace) -> dict:
             redis.url, "bench", embed=embedder,  # type: ignore[arg-type]
             count_tokens=lambda s: len(tok_s.encode(s)),
         )  # fmt: skip
+        # The history: the large model answered the warm questions through the route and
+        # each answer was judged (exact match), so the store holds its complete answers and
+        # the outcome memory what the large model scored on requests like the test's.
         t0 = time.perf_counter()
         outs = run_batch(large, tok_l, [messages(q["input"]) for q in warm])
-        embs = embedder.model.embed([q["input"] for q in warm])
         admitted = 0
-        for q, out, e in zip(warm, outs, embs, strict=True):
-            got = await ic.manager.admit(
-                tenant="bench", request=q["input"], response=out.text, emb=e, model="large",
-                large="large", finish_reason=out.finish_reason, tokens=len(out.token_ids) + 12,
-            )  # fmt: skip
+        for k, (q, out) in enumerate(zip(warm, outs, strict=True)):
+            d = await ic.decide(route, "bench", messages(q["input"]), "large")
+            got = await ic.finish(d, f"w{k}", out.text, out.finish_reason, len(out.token_ids))
+            await ic.feedback("bench", f"w{k}", float(correct(out.text, q["target"])))
             admitted += got.admitted
         print(f"warm: {len(warm)} large answers, {admitted} admitted "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
 
-        def record(way: str, answers: list[str], seconds: float, small_n: int) -> dict:
+        def record(way: str, answers: list[str], seconds: float, small_n: int,
+                   arms: list[str] | None = None) -> dict:  # fmt: skip
             hits = [correct(a, q["target"]) for a, q in zip(answers, test, strict=True)]
             r = {
                 "way": way, "questions": len(test), "accuracy": float(np.mean(hits)),
                 "seconds": seconds, "questions_per_s": len(test) / seconds,
                 "small_share": small_n / len(test),
             }  # fmt: skip
+            if arms is not None:  # per arm: how many questions it took, how many it got right
+                r["arms"] = {
+                    a: {"questions": arms.count(a),
+                        "accuracy": float(np.mean([h for h, b in zip(hits, arms, strict=True)
+                                                   if b == a]))}
+                    for a in sorted(set(arms))
+                }  # fmt: skip
             print(json.dumps(r), flush=True)
             results.append(r)
             return r
@@ -217,18 +232,22 @@ async def main_async(args: argparse.Namespace) -> dict:
         ac_ans = [a or "" for a in ans]
         r_ac = record("answer-cache", ac_ans, time.perf_counter() - t, len(test) - len(miss))
 
-        # IC-Cache, in rounds of --batch: decide, run the small model's share, then feedback.
-        # The large model's share waits until it fills a batch (or the stream ends), as it
-        # would in a server's queue: a round's few large questions cost a whole batch's
-        # decode steps otherwise. Their feedback comes when they are answered.
+        # IC-Cache, in rounds of --batch requests arriving together: their decisions are made
+        # concurrently (their embeddings share a pass, as the embed service batches
+        # concurrent calls); each model's share waits in its queue until it fills a batch
+        # (or the stream ends), as in a server's queue: a few questions would cost a whole
+        # batch's decode steps otherwise. Feedback comes when a question is answered.
         small, large = fresh(small), fresh(large)
         t = time.perf_counter()
         ic_ans: list[str] = [""] * len(test)
         n_small = 0
         ds: dict = {}
-        queued: list[int] = []
+        queues: dict[str, list[int]] = {"small": [], "large": []}
+        engines = {"small": (small, tok_s), "large": (large, tok_l)}
 
-        async def answer(engine: LLMEngine, tok, ks: list[int], convs: list) -> None:
+        async def answer(which: str, ks: list[int]) -> None:
+            engine, tok = engines[which]
+            convs = [ds[k].messages(messages(test[k]["input"])) for k in ks]
             for k, o in zip(ks, run_batch(engine, tok, convs), strict=True):
                 ic_ans[k] = o.text
                 rid = f"q{k}"
@@ -237,21 +256,25 @@ async def main_async(args: argparse.Namespace) -> dict:
 
         for start in range(0, len(test), args.batch):
             idx = list(range(start, min(start + args.batch, len(test))))
-            for k in idx:
-                force = None
-                if args.small_share is not None:
-                    force = "small+examples" if mix.random() < args.small_share else "large"
-                ds[k] = await ic.decide(route, "bench", messages(test[k]["input"]), force)
-            to_small = [k for k in idx if ds[k].model == "small"]
-            queued += [k for k in idx if ds[k].model == "large"]
-            n_small += len(to_small)
-            convs = [ds[k].messages(messages(test[k]["input"])) for k in to_small]
-            await answer(small, tok_s, to_small, convs)
+            forced = [None] * len(idx)
+            if args.small_share is not None:
+                forced = ["small+examples" if mix.random() < args.small_share else "large"
+                          for _ in idx]  # fmt: skip
+            got = await asyncio.gather(*(
+                ic.decide(route, "bench", messages(test[k]["input"]), f)
+                for k, f in zip(idx, forced, strict=True)
+            ))  # fmt: skip
+            for k, d in zip(idx, got, strict=True):
+                ds[k] = d
+                queues[d.model].append(k)
+                n_small += d.model == "small"
             last = idx[-1] == len(test) - 1
-            while queued and (len(queued) >= args.batch or last):
-                ks, queued = queued[: args.batch], queued[args.batch :]
-                await answer(large, tok_l, ks, [messages(test[k]["input"]) for k in ks])
-        r_ic = record("iccache", ic_ans, time.perf_counter() - t, n_small)
+            for which, queue in queues.items():
+                while queue and (len(queue) >= args.batch or last):
+                    ks, queue[:] = queue[: args.batch], queue[args.batch :]
+                    await answer(which, ks)
+        r_ic = record("iccache", ic_ans, time.perf_counter() - t, n_small,
+                      [ds[k].arm for k in range(len(test))])  # fmt: skip
         await ic.close()
 
     others = {"all-small": small_ans, "answer-cache": ac_ans, "iccache": ic_ans}
@@ -280,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="8 warm + 8 test questions")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--warm", type=int, default=200)
-    ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--test", type=int, default=400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--kv-blocks", type=int, default=512)
     ap.add_argument("--small", default="smollm2-135m-instruct")

@@ -18,7 +18,7 @@ from kvstore.config import Membership
 from kvstore.registry import Registration, register_replica
 from protos.splitserve.v1 import embed_pb2, embed_pb2_grpc
 from rpc.server import ServiceApp
-from services.embedder import MAX_TEXTS, Embedder
+from services.embedder import MAX_TEXTS, BatchingEmbedder, Embedder
 
 ROLE = "embed"
 MAX_TEXT_CHARS = 32_768
@@ -28,7 +28,9 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     def __init__(self, embedder: Embedder, app: ServiceApp, pool: ThreadPoolExecutor) -> None:
         self.embedder = embedder
         self.app = app
-        self.pool = pool  # one thread: torch runs one batch at a time, off the event loop
+        # one thread: torch runs one batch at a time, off the event loop; concurrent calls
+        # share a batch. Made here, inside the server's event loop.
+        self.batcher = BatchingEmbedder(embedder, pool)
         self.inflight = 0
 
     async def Embed(self, request, context):
@@ -46,8 +48,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         with self.app.track():
             self.inflight += 1
             try:
-                loop = asyncio.get_running_loop()
-                vecs = await loop.run_in_executor(self.pool, self.embedder.embed, texts)
+                vecs = await self.batcher.embed(texts)
             finally:
                 self.inflight -= 1
         return embed_pb2.EmbedResponse(

@@ -14,7 +14,8 @@ and the sharing scope.
       bandit: linucb                          # or thompson
       # optional knobs, ICCacheConfig's defaults when unset: candidates, max_examples,
       # min_similarity, token_cost, alpha, arm_costs, arm_priors, load_threshold,
-      # load_penalty, load_ema, feedback_ttl_s
+      # load_penalty, load_ema, feedback_ttl_s, outcome_capacity, outcome_neighbours,
+      # outcome_pseudo_count, outcome_explore, bandit_ridge
 
 The rules of each knob are ICCacheConfig's (checked by building one), so a bad value is an
 error naming the field, as in the rest of the app config.
@@ -79,6 +80,11 @@ class ICCacheSpec(_Strict):
     load_penalty: float | None = None
     load_ema: float | None = None
     feedback_ttl_s: int | None = Field(None, ge=1)
+    outcome_capacity: int | None = None
+    outcome_neighbours: int | None = None
+    outcome_pseudo_count: float | None = None
+    outcome_explore: float | None = None
+    bandit_ridge: float | None = None
 
     @field_validator("capacity")
     @classmethod

@@ -156,7 +156,7 @@ def test_bandit_learns_the_better_arm(kind: str) -> None:
     (0.2 + 0.9 sim), the large model's is 0.7 whatever the context, the small model alone's
     0.1: small+examples is the better arm above sim 0.56, the large one below."""
     rng = np.random.default_rng(0)
-    bandit = ContextualBandit(ARMS, (0.5, 0.5, 0.5), kind, alpha=0.3, seed=1)
+    bandit = ContextualBandit(ARMS, (0.5, 0.5, 0.5), kind, alpha=0.3, seed=1, dim=5)
 
     def reward(arm: str, sim: float) -> float:
         quality = {"small+examples": 0.2 + 0.9 * sim, "small": 0.1, "large": 0.7}
@@ -176,16 +176,16 @@ def test_bandit_learns_the_better_arm(kind: str) -> None:
 
 
 def test_load_penalty_shifts_traffic_off_the_large_model() -> None:
-    bandit = ContextualBandit(ARMS, (0.6, 0.2, 0.7), "linucb", alpha=0.0)
+    bandit = ContextualBandit(ARMS, (0.6, 0.2, 0.7), "linucb", alpha=0.0, dim=5)
     x = np.array([1.0, 0.8, 0.8, 0.5, 0.3])
     watch = LoadWatch(beta=0.5)
-    assert bandit.choose(x, ARMS, {"large": load_penalty(watch.ema["L"], 4, 0.6)})[0] == "large"
+    assert bandit.choose(x, ARMS, {"large": -load_penalty(watch.ema["L"], 4, 0.6)})[0] == "large"
     for _ in range(20):
         watch.start("L")
     assert watch.ema["L"] > 8
     pen = load_penalty(watch.ema["L"], 4, 0.6)
     assert 0.3 < pen <= 0.6
-    assert bandit.choose(x, ARMS, {"large": pen})[0] == "small+examples"
+    assert bandit.choose(x, ARMS, {"large": -pen})[0] == "small+examples"
 
 
 def test_config_errors() -> None:

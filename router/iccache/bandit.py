@@ -2,9 +2,12 @@
 
 Each arm has a linear model of its reward (judged quality minus the arm's cost) in the
 context x: LinUCB scores an arm by its estimate plus alpha times its uncertainty; Thompson
-sampling scores it by a draw from the posterior. The caller subtracts the load penalty of the
-large arm before the pick, so offloading rises as the large model's load passes its
-threshold. Rewards arrive sparsely (feedback), so arms start from a prior on the intercept.
+sampling scores it by a draw from the posterior. The caller adds an offset per arm before
+the pick: IC-Cache's is an exploration bonus where an arm has little nearby evidence, minus the
+large arm's load penalty (so offloading rises as the large model's load passes its
+threshold). Rewards arrive sparsely (feedback), so arms start from a prior: either on the intercept
+(a number) or a whole weight vector (IC-Cache's: the arm's own outcome estimate minus its
+cost, so before any feedback an arm is scored by what its neighbours' judged outcomes say).
 """
 
 from __future__ import annotations
@@ -13,17 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CONTEXT_DIM = 5
+BASE_DIM = 5  # the features before the per-arm outcome estimates
 
 
 def context(max_sim: float, mean_utility: float, n_examples: int, max_examples: int,
-            prompt_chars: int) -> np.ndarray:  # fmt: skip
+            prompt_chars: int, estimates: tuple[float, ...] = ()) -> np.ndarray:  # fmt: skip
     """[1, best similarity, mean predicted utility of the chosen examples, share of the
-    example budget used, log prompt length]."""
-    return np.array(
-        [1.0, max_sim, mean_utility, n_examples / max_examples, np.log1p(prompt_chars) / 10],
-        dtype=np.float64,
-    )
+    example budget used, log prompt length, then each arm's outcome estimate (the judged
+    scores of similar past requests)]."""
+    base = [1.0, max_sim, mean_utility, n_examples / max_examples, np.log1p(prompt_chars) / 10]
+    return np.array(base + list(estimates), dtype=np.float64)
+
+
+def own_estimate_prior(costs: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+    """Each arm's prior weights: its reward is its own outcome estimate minus its cost."""
+    eye = np.eye(BASE_DIM + len(costs))
+    return tuple(eye[BASE_DIM + i] - c * eye[0] for i, c in enumerate(costs))
 
 
 @dataclass
@@ -41,12 +49,12 @@ class ContextualBandit:
     def __init__(
         self,
         arms: tuple[str, ...],
-        priors: tuple[float, ...],
+        priors: tuple[float | np.ndarray, ...],
         kind: str = "linucb",
         alpha: float = 0.5,
         ridge: float = 1.0,
         seed: int = 0,
-        dim: int = CONTEXT_DIM,
+        dim: int = BASE_DIM + 3,
     ) -> None:
         if kind not in ("linucb", "thompson"):
             raise ValueError(f"bandit kind must be linucb or thompson, got {kind!r}")
@@ -55,12 +63,15 @@ class ContextualBandit:
         self.rng = np.random.default_rng(seed)
         self.arms: dict[str, _Arm] = {}
         for name, prior in zip(arms, priors, strict=True):
-            b = np.zeros(dim)
-            b[0] = ridge * prior  # the intercept starts at the prior
-            self.arms[name] = _Arm(ridge * np.eye(dim), b)
+            theta0 = np.zeros(dim)
+            if np.ndim(prior) == 0:
+                theta0[0] = float(prior)  # the intercept starts at the prior
+            else:
+                theta0[:] = prior
+            self.arms[name] = _Arm(ridge * np.eye(dim), ridge * theta0)
 
-    def scores(self, x: np.ndarray, penalty: dict[str, float] | None = None) -> dict[str, float]:
-        penalty = penalty or {}
+    def scores(self, x: np.ndarray, offset: dict[str, float] | None = None) -> dict[str, float]:
+        offset = offset or {}
         out = {}
         for name, arm in self.arms.items():
             inv = np.linalg.inv(arm.a)
@@ -69,13 +80,13 @@ class ContextualBandit:
                 s = float(theta @ x + self.alpha * np.sqrt(x @ inv @ x))
             else:
                 s = float(self.rng.multivariate_normal(theta, self.alpha**2 * inv) @ x)
-            out[name] = s - penalty.get(name, 0.0)
+            out[name] = s + offset.get(name, 0.0)
         return out
 
     def choose(
-        self, x: np.ndarray, allowed: tuple[str, ...], penalty: dict[str, float] | None = None
+        self, x: np.ndarray, allowed: tuple[str, ...], offset: dict[str, float] | None = None
     ) -> tuple[str, dict[str, float]]:
-        s = self.scores(x, penalty)
+        s = self.scores(x, offset)
         best = max(allowed, key=lambda a: s[a])
         return best, s
 

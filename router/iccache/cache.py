@@ -7,6 +7,7 @@ router replica can take the feedback).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,11 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as aioredis
 
-from router.iccache.bandit import ContextualBandit, context
+from router.iccache.bandit import ContextualBandit, context, own_estimate_prior
 from router.iccache.config import ARMS, ICCacheConfig, ICRoute
 from router.iccache.embed_client import EmbedClient
 from router.iccache.load import LoadWatch, load_penalty
-from router.iccache.manager import Admission, ExampleManager, scopes_for
+from router.iccache.manager import Admission, ExampleManager, scopes_for, write_scope
+from router.iccache.outcomes import Estimate, OutcomeMemory
 from router.iccache.selector import Chosen, Selector
 from router.iccache.store import ExampleStore
 
@@ -94,9 +96,14 @@ class ICCache:
         self.store = ExampleStore(redis_url, namespace, dim, config.capacity_bytes)
         self.manager = ExampleManager(self.store, config.shared_tenants)
         self.selector = Selector(config.max_examples, config.min_similarity, config.token_cost)
+        self.outcomes = OutcomeMemory(
+            redis_url, namespace, dim, config.outcome_capacity, config.outcome_neighbours,
+            config.outcome_pseudo_count,
+        )  # fmt: skip
         self.bandit = ContextualBandit(
-            ARMS, config.arm_priors, config.bandit, config.alpha, seed=config.seed
-        )
+            ARMS, own_estimate_prior(config.arm_costs), config.bandit, config.alpha,
+            ridge=config.bandit_ridge, seed=config.seed,
+        )  # fmt: skip
         self.load = LoadWatch(config.load_ema)
         self.count_tokens = count_tokens or (lambda s: max(1, len(s) // 4))
         self.r = aioredis.Redis.from_url(redis_url)
@@ -112,15 +119,21 @@ class ICCache:
 
     async def close(self) -> None:
         await self.store.close()
+        await self.outcomes.close()
         await self.embed.close()
         await self.r.aclose()
 
     def route(self, name: str) -> ICRoute | None:
         return self.config.routes_by_name.get(name)
 
-    def penalty(self, route: ICRoute) -> dict[str, float]:
+    def offsets(self, route: ICRoute, est: dict[str, Estimate]) -> dict[str, float]:
+        """Per arm: a bonus where it has little nearby evidence (optimism: a kind of request
+        no arm has been judged on gets tried on each), and the large arm's load penalty."""
         c = self.config
-        return {LARGE: load_penalty(self.load.ema[route.large], c.load_threshold, c.load_penalty)}
+        out = {a: c.outcome_explore / np.sqrt(e.evidence + c.outcome_pseudo_count)
+               for a, e in est.items()}  # fmt: skip
+        out[LARGE] -= load_penalty(self.load.ema[route.large], c.load_threshold, c.load_penalty)
+        return out
 
     async def decide(self, route: ICRoute, tenant: str, messages: list[dict],
                      force_arm: str | None = None) -> Decision:  # fmt: skip
@@ -128,19 +141,21 @@ class ICCache:
         selected for small+examples)."""
         query = query_text(messages)
         emb = (await self.embed.embed([query]))[0]
-        hits = await self.store.search(
-            scopes_for(tenant, self.config.shared_tenants), emb, self.config.candidates
-        )
+        scopes = scopes_for(tenant, self.config.shared_tenants)
+        hits = await self.store.search(scopes, emb, self.config.candidates)
         chosen = self.selector.select(hits)
         max_sim = hits[0].similarity if hits else 0.0
         mean_u = float(np.mean([c.utility for c in chosen])) if chosen else 0.0
         chars = sum(len(m["content"]) for m in messages)
-        x = context(max_sim, mean_u, len(chosen), self.config.max_examples, chars)
+        priors = dict(zip(ARMS, self.config.arm_priors, strict=True))
+        est = await self.outcomes.estimate(scopes, emb, priors)
+        x = context(max_sim, mean_u, len(chosen), self.config.max_examples, chars,
+                    tuple(est[a].mean for a in ARMS))  # fmt: skip
         allowed = (SMALL_EX, SMALL, LARGE) if chosen else (SMALL, LARGE)
         if force_arm is not None:
             arm, scores = (force_arm if force_arm in allowed else SMALL), {}
         else:
-            arm, scores = self.bandit.choose(x, allowed, self.penalty(route))
+            arm, scores = self.bandit.choose(x, allowed, self.offsets(route, est))
         d = Decision(route, tenant, arm, query, emb, x, chosen, scores)
         if d.examples:
             for scope in {c.hit.example.scope for c in d.examples}:
@@ -155,6 +170,7 @@ class ICCache:
         """After the response: keep the decision for feedback; admit a large answer."""
         record = {
             "tenant": d.tenant, "arm": d.arm, "x": d.x.tolist(),
+            "emb": base64.b64encode(np.asarray(d.emb, "<f4").tobytes()).decode(),
             "examples": [[c.hit.example.scope, c.hit.example.id, c.x.tolist()]
                          for c in d.examples],
         }  # fmt: skip
@@ -169,7 +185,8 @@ class ICCache:
 
     async def feedback(self, tenant: str, response_id: str, score: float) -> dict:
         """score in [0, 1]: judged quality of the response. Trains the bandit (reward =
-        score - the arm's cost), the utility model and the examples' gain statistics."""
+        score - the arm's cost), the utility model and the examples' gain statistics, and
+        joins the tenant's judged outcomes."""
         raw = await self.r.getdel(f"{self.prefix}:resp:{response_id}")
         rec = json.loads(raw) if raw is not None else None
         if rec is None or rec["tenant"] != tenant:
@@ -179,6 +196,8 @@ class ICCache:
         arm = rec["arm"]
         reward = score - self.config.arm_costs[ARMS.index(arm)]
         self.bandit.update(arm, np.asarray(rec["x"]), reward)
+        emb = np.frombuffer(base64.b64decode(rec["emb"]), "<f4")
+        await self.outcomes.record(write_scope(tenant, self.config.shared_tenants), arm, emb, score)
         if rec["examples"]:
             self.selector.learn([np.asarray(e[2]) for e in rec["examples"]], score)
             for scope in {e[0] for e in rec["examples"]}:

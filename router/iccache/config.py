@@ -34,6 +34,12 @@ class ICCacheConfig:
     """shared_tenants: tenants who opted in to sharing (their examples go to, and are drawn
     from, the shared pool besides their own); every other tenant's stay its own.
     arm_costs: the cost term subtracted from judged quality in each arm's reward.
+    arm_priors: each arm's expected quality where no similar request has been judged yet.
+    outcome_*: the judged-outcome memory behind each arm's estimate for a request: how many
+    outcomes a scope keeps, how many nearest are consulted, the prior's weight in neighbours,
+    and the exploration bonus (explore / sqrt(evidence + pseudo_count)).
+    bandit_ridge: how many judged requests' worth of weight the bandit's prior (each arm's
+    estimate minus its cost) carries against its learned correction.
     load_threshold: in-flight requests (moving average) at the large model past which the
     tanh-shaped penalty, up to load_penalty, biases against it."""
 
@@ -48,9 +54,14 @@ class ICCacheConfig:
     min_similarity: float = 0.3
     token_cost: float = 0.001  # utility an example's prompt token must pay for
     bandit: Literal["linucb", "thompson"] = "linucb"
-    alpha: float = 0.5
-    arm_costs: tuple[float, float, float] = (0.05, 0.0, 0.3)
-    arm_priors: tuple[float, float, float] = (0.55, 0.3, 0.7)  # expected quality before feedback
+    alpha: float = 0.2
+    arm_costs: tuple[float, float, float] = (0.05, 0.0, 0.2)
+    arm_priors: tuple[float, float, float] = (0.55, 0.3, 0.7)
+    outcome_capacity: int = 20_000
+    outcome_neighbours: int = 16
+    outcome_pseudo_count: float = 2.0
+    outcome_explore: float = 0.5
+    bandit_ridge: float = 4.0
     load_threshold: float = 4.0
     load_penalty: float = 0.6
     load_ema: float = 0.2
@@ -66,7 +77,9 @@ class ICCacheConfig:
         names = [r.name for r in self.routes]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate IC-Cache route names {names}")
-        for name in ("capacity_bytes", "candidates", "max_examples", "embed_dim"):
+        for name in ("capacity_bytes", "candidates", "max_examples", "embed_dim",
+                     "outcome_capacity", "outcome_neighbours", "outcome_pseudo_count",
+                     "bandit_ridge"):  # fmt: skip
             v = getattr(self, name)
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -76,6 +89,8 @@ class ICCacheConfig:
             raise ValueError(f"bandit must be linucb or thompson, got {self.bandit!r}")
         if len(self.arm_costs) != 3 or len(self.arm_priors) != 3:
             raise ValueError(f"arm_costs and arm_priors need one value per arm {ARMS}")
+        if self.outcome_explore < 0:
+            raise ValueError(f"outcome_explore must be >= 0, got {self.outcome_explore}")
         if self.load_threshold <= 0 or not 0 < self.load_ema <= 1:
             raise ValueError("load_threshold must be > 0 and load_ema within (0, 1]")
         object.__setattr__(self, "routes_by_name", {r.name: r for r in self.routes})
