@@ -189,7 +189,7 @@ async def main_async(args: argparse.Namespace) -> dict:
               f"({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
 
         def record(way: str, answers: list[str], seconds: float, small_n: int,
-                   arms: list[str] | None = None) -> dict:  # fmt: skip
+                   arms: list[str] | None = None, **extra: float) -> dict:  # fmt: skip
             hits = [correct(a, q["target"]) for a, q in zip(answers, test, strict=True)]
             r = {
                 "way": way, "questions": len(test), "accuracy": float(np.mean(hits)),
@@ -203,6 +203,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                                                    if b == a]))}
                     for a in sorted(set(arms))
                 }  # fmt: skip
+            r.update(extra)
             print(json.dumps(r), flush=True)
             results.append(r)
             return r
@@ -240,7 +241,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         small, large = fresh(small), fresh(large)
         t = time.perf_counter()
         ic_ans: list[str] = [""] * len(test)
-        n_small = 0
+        n_small, decide_s = 0, 0.0
         ds: dict = {}
         queues: dict[str, list[int]] = {"small": [], "large": []}
         engines = {"small": (small, tok_s), "large": (large, tok_l)}
@@ -260,10 +261,12 @@ async def main_async(args: argparse.Namespace) -> dict:
             if args.small_share is not None:
                 forced = ["small+examples" if mix.random() < args.small_share else "large"
                           for _ in idx]  # fmt: skip
+            t_d = time.perf_counter()
             got = await asyncio.gather(*(
                 ic.decide(route, "bench", messages(test[k]["input"]), f)
                 for k, f in zip(idx, forced, strict=True)
             ))  # fmt: skip
+            decide_s += time.perf_counter() - t_d
             for k, d in zip(idx, got, strict=True):
                 ds[k] = d
                 queues[d.model].append(k)
@@ -273,8 +276,9 @@ async def main_async(args: argparse.Namespace) -> dict:
                 while queue and (len(queue) >= args.batch or last):
                     ks, queue[:] = queue[: args.batch], queue[args.batch :]
                     await answer(which, ks)
+        # decide_seconds: the rounds' embedding, search, selection and bandit, in wall time
         r_ic = record("iccache", ic_ans, time.perf_counter() - t, n_small,
-                      [ds[k].arm for k in range(len(test))])  # fmt: skip
+                      [ds[k].arm for k in range(len(test))], decide_seconds=decide_s)  # fmt: skip
         await ic.close()
 
     others = {"all-small": small_ans, "answer-cache": ac_ans, "iccache": ic_ans}
