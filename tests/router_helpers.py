@@ -200,6 +200,16 @@ def in_use(stack) -> int:
     return stack.lt.run(stack.server.loop.call(lambda e: e.check_integrity())).in_use
 
 
+def wait_released(request) -> None:
+    """After a test that used the module's `stack`: its server's block pool is intact and
+    every block is released."""
+    from tests.kv_helpers import wait_for
+
+    if "stack" in request.fixturenames:
+        stack = request.getfixturevalue("stack")
+        wait_for(lambda: in_use(stack) == 0, timeout=30)
+
+
 def assert_error_shape(r) -> dict:
     """An OpenAI-style error body on a 4xx."""
     assert 400 <= r.status_code < 500, (r.status_code, r.text)

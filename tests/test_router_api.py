@@ -16,7 +16,7 @@ from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from tests.kv_helpers import wait_for
 from tests.replica_helpers import decode_server
-from tests.router_helpers import KEY, engine, in_use, router_stack
+from tests.router_helpers import KEY, engine, in_use, router_stack, wait_released
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = [
@@ -49,11 +49,8 @@ def ended(server: DecodeServer) -> Counter[str]:
 
 @pytest.fixture(autouse=True)
 def no_leaks(request):
-    """After each test, the server's block pool is intact and every block is released."""
     yield
-    if "stack" in request.fixturenames:
-        stack = request.getfixturevalue("stack")
-        wait_for(lambda: in_use(stack) == 0, timeout=30)
+    wait_released(request)
 
 
 def greedy(ref: LLMEngine, prompt_ids: list[int], n: int) -> str:

@@ -20,8 +20,13 @@ from protos.splitserve.v1 import common_pb2 as cpb
 from router.openai_api import Plan, Shaper, Sub
 from rpc.piece import Piece
 from services.engine.sampling_params import SamplingParams
-from tests.kv_helpers import wait_for
-from tests.router_helpers import KEY, assert_error_shape, engine, in_use, router_stack
+from tests.router_helpers import (
+    KEY,
+    assert_error_shape,
+    engine,
+    router_stack,
+    wait_released,
+)
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = [{"role": "user", "content": "Name three rivers."}]
@@ -41,9 +46,7 @@ def stack(tiny_model_dir):
 @pytest.fixture(autouse=True)
 def no_leaks(request):
     yield
-    if "stack" in request.fixturenames:
-        stack = request.getfixturevalue("stack")
-        wait_for(lambda: in_use(stack) == 0, timeout=30)
+    wait_released(request)
 
 
 def post(stack, path: str, body: dict) -> httpx2.Response:
