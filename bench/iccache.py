@@ -45,6 +45,7 @@ from kvstore.redis_server import EmbeddedRedis
 from router.iccache.cache import ICCache
 from router.iccache.config import ICCacheConfig, ICRoute
 from services.embedder import BatchingEmbedder, Embedder
+from services.engine.completion import Completion
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
@@ -233,50 +234,56 @@ async def main_async(args: argparse.Namespace) -> dict:
         ac_ans = [a or "" for a in ans]
         r_ac = record("answer-cache", ac_ans, time.perf_counter() - t, len(test) - len(miss))
 
-        # IC-Cache, in rounds of --batch requests arriving together: their decisions are made
-        # concurrently (their embeddings share a pass, as the embed service batches
-        # concurrent calls); each model's share waits in its queue until it fills a batch
-        # (or the stream ends), as in a server's queue: a few questions would cost a whole
-        # batch's decode steps otherwise. Feedback comes when a question is answered.
+        # IC-Cache over a stream served as a server would: requests are decided as they
+        # arrive, in groups of --batch decided concurrently (their embeddings share a pass, as
+        # the embed service batches concurrent calls), and each model runs continuous
+        # batching: a finished request's slot takes the next arrival routed there, and a
+        # model steps only with a full batch until the stream ends. Each answer is judged
+        # (feedback) as soon as it finishes, so later decisions learn from it.
         small, large = fresh(small), fresh(large)
         t = time.perf_counter()
         ic_ans: list[str] = [""] * len(test)
-        n_small, decide_s = 0, 0.0
+        n_small, decide_s, nxt = 0, 0.0, 0
         ds: dict = {}
-        queues: dict[str, list[int]] = {"small": [], "large": []}
         engines = {"small": (small, tok_s), "large": (large, tok_l)}
-
-        async def answer(which: str, ks: list[int]) -> None:
-            engine, tok = engines[which]
-            convs = [ds[k].messages(messages(test[k]["input"])) for k in ks]
-            for k, o in zip(ks, run_batch(engine, tok, convs), strict=True):
-                ic_ans[k] = o.text
-                rid = f"q{k}"
-                await ic.finish(ds[k], rid, o.text, o.finish_reason, len(o.token_ids))
-                await ic.feedback("bench", rid, float(correct(o.text, test[k]["target"])))
-
-        for start in range(0, len(test), args.batch):
-            idx = list(range(start, min(start + args.batch, len(test))))
-            forced = [None] * len(idx)
-            if args.small_share is not None:
-                forced = ["small+examples" if mix.random() < args.small_share else "large"
-                          for _ in idx]  # fmt: skip
-            t_d = time.perf_counter()
-            got = await asyncio.gather(*(
-                ic.decide(route, "bench", messages(test[k]["input"]), f)
-                for k, f in zip(idx, forced, strict=True)
-            ))  # fmt: skip
-            decide_s += time.perf_counter() - t_d
-            for k, d in zip(idx, got, strict=True):
-                ds[k] = d
-                queues[d.model].append(k)
-                n_small += d.model == "small"
-            last = idx[-1] == len(test) - 1
-            for which, queue in queues.items():
-                while queue and (len(queue) >= args.batch or last):
-                    ks, queue[:] = queue[: args.batch], queue[args.batch :]
-                    await answer(which, ks)
-        # decide_seconds: the rounds' embedding, search, selection and bandit, in wall time
+        running: dict[str, dict[str, tuple[int, Completion]]] = {"small": {}, "large": {}}
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+        while nxt < len(test) or any(running.values()):
+            while nxt < len(test) and all(len(r) < args.batch for r in running.values()):
+                idx = list(range(nxt, min(nxt + args.batch, len(test))))
+                nxt = idx[-1] + 1
+                forced = [None] * len(idx)
+                if args.small_share is not None:
+                    forced = ["small+examples" if mix.random() < args.small_share else "large"
+                              for _ in idx]  # fmt: skip
+                t_d = time.perf_counter()
+                got = await asyncio.gather(*(
+                    ic.decide(route, "bench", messages(test[k]["input"]), f)
+                    for k, f in zip(idx, forced, strict=True)
+                ))  # fmt: skip
+                decide_s += time.perf_counter() - t_d
+                for k, d in zip(idx, got, strict=True):
+                    ds[k] = d
+                    engine, tok = engines[d.model]
+                    prompt = tok.apply_chat_template(d.messages(messages(test[k]["input"])))
+                    engine.add_request(f"q{k}", prompt, params)
+                    running[d.model][f"q{k}"] = (k, Completion(f"q{k}", list(prompt)))
+                    n_small += d.model == "small"
+            for which, (engine, _) in engines.items():
+                live = running[which]
+                if not live or (len(live) < args.batch and nxt < len(test)):
+                    continue  # a part-full batch waits for arrivals, unless the stream ended
+                for out in engine.step():
+                    k, c = live[out.request_id]
+                    c.add(out)
+                    if out.finished:
+                        del live[out.request_id]
+                        ic_ans[k] = c.text
+                        await ic.finish(ds[k], out.request_id, c.text, c.finish_reason,
+                                        len(c.token_ids))  # fmt: skip
+                        score = float(correct(c.text, test[k]["target"]))
+                        await ic.feedback("bench", out.request_id, score)
+        # decide_seconds: the embedding, search, selection and bandit, in wall time
         r_ic = record("iccache", ic_ans, time.perf_counter() - t, n_small,
                       [ds[k].arm for k in range(len(test))], decide_seconds=decide_s)  # fmt: skip
         await ic.close()

@@ -14,6 +14,8 @@ section in the tenants file, the backend admits through fair admission (router.f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from router.admission import Gate
@@ -45,6 +47,7 @@ class RouterServer:
         self.grpc: ServiceApp | None = None
         self.grpc_address: str | None = None
         self.iccache = None
+        self._replay: asyncio.Task | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -63,6 +66,11 @@ class RouterServer:
             self.iccache = ICCache.for_router(
                 cfg.iccache, cfg.cluster.redis_url, cfg.cluster.namespace, self.tokenizers
             )
+            if cfg.iccache.replay_interval_s > 0:
+                from router.iccache.replay import Replayer
+
+                replayer = Replayer(self.iccache, self.backend, self.tokenizers)
+                self._replay = asyncio.create_task(replayer.run(cfg.iccache.replay_interval_s))
         self.asgi = build_app(
             self.backend,
             self.tokenizers,
@@ -94,5 +102,9 @@ class RouterServer:
             await self.grpc.stop()
         if self.backend is not None:
             await self.backend.close()
+        if self._replay is not None:
+            self._replay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replay
         if self.iccache is not None:
             await self.iccache.close()

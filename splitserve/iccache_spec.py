@@ -15,7 +15,8 @@ and the sharing scope.
       # optional knobs, ICCacheConfig's defaults when unset: candidates, max_examples,
       # min_similarity, token_cost, alpha, arm_costs, arm_priors, load_threshold,
       # load_penalty, load_ema, feedback_ttl_s, outcome_capacity, outcome_neighbours,
-      # outcome_pseudo_count, outcome_explore, bandit_ridge
+      # outcome_pseudo_count, outcome_explore, bandit_ridge, replay_interval_s (0: off),
+      # replay_below_load, replay_budget, replay_max_tokens
 
 The rules of each knob are ICCacheConfig's (checked by building one), so a bad value is an
 error naming the field, as in the rest of the app config.
@@ -85,6 +86,10 @@ class ICCacheSpec(_Strict):
     outcome_pseudo_count: float | None = None
     outcome_explore: float | None = None
     bandit_ridge: float | None = None
+    replay_interval_s: float | None = None
+    replay_below_load: float | None = None
+    replay_budget: int | None = None
+    replay_max_tokens: int | None = None
 
     @field_validator("capacity")
     @classmethod

@@ -85,6 +85,7 @@ def stack(tiny_model_dir, qwen2_model_dir, minilm_dir, redis_url):
             yield SimpleNamespace(
                 client=client, ic=ic, ns=ns, redis_url=redis_url, embed_addr=embed_addr,
                 toks=toks, small_dir=tiny_model_dir, large_dir=qwen2_model_dir,
+                large_addr=large.address, max_len=n,
             )  # fmt: skip
     finally:
         lt.run(embed.stop(drain_s=1))
@@ -209,3 +210,54 @@ def test_feedback_and_errors(stack) -> None:
                              headers=auth("alice"))  # fmt: skip
     assert assert_error_shape(comp)["param"] == "model"
     assert_error_shape(chat(stack, "alice", "hi", n=2))
+
+
+def test_replay_asks_the_large_model_again_and_judges_with_it(stack) -> None:
+    """Off-peak replay on the real large server: nothing while the large model is busy; when
+    quiet, the example is asked again (the model's own greedy answer), the judge's verdict is
+    its preference between the two orders, and an answer cut at max_tokens never replaces
+    the stored one."""
+    from dataclasses import replace
+
+    from router.iccache.replay import Replayer, judge_messages, preference
+
+    q = "Which river flows through Vienna?"
+    admit_directly(stack, "carol", q, "The Seine.")
+
+    async def body():
+        config = replace(stack.ic.config, replay_max_tokens=6, replay_interval_s=1.0)
+        ic = ICCache(config, stack.redis_url, stack.ns, embed=EmbedClient(stack.embed_addr))
+        backend = ColocatedBackend({"large": (stack.large_addr, stack.max_len)})
+        rp = Replayer(ic, backend, stack.toks)
+        try:
+            (ex,) = await ic.store.examples("carol")
+            await ic.store.record_use("carol", [ex.id])  # reused, judged unhelpful
+            await ic.store.record_gain("carol", [ex.id], 0.0)
+            answer, finish, _ = await rp.regenerate(ex)
+            verdict = await rp.prefer_new(ex, answer)
+            ic.load.ema["large"] = config.replay_below_load + 1  # busy: no pass
+            busy = await rp.run_once()
+            ic.load.ema["large"] = 0.0
+            quiet = await rp.run_once()
+            (after,) = await ic.store.examples("carol")
+            return ex, answer, finish, verdict, busy, quiet, after.response
+        finally:
+            await ic.close()
+
+    ex, answer, finish, verdict, busy, quiet, stored = asyncio.run(body())
+    tok = stack.toks["large"]
+    ref = engine(stack.large_dir)
+    again = ref.generate([tok.apply_chat_template([{"role": "user", "content": q}])],
+                         SamplingParams(max_tokens=6, temperature=0))[0]  # fmt: skip
+    assert (answer, finish) == (again.text, again.finish_reason)
+    judge = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
+    outs = ref.generate(
+        [tok.apply_chat_template(judge_messages(q, answer, ex.response)),
+         tok.apply_chat_template(judge_messages(q, ex.response, answer))], [judge, judge],
+    )  # fmt: skip
+    tops = [dict(o.logprobs[0].top_logprobs) for o in outs]
+    ids = (tok.encode("A")[-1], tok.encode("B")[-1])
+    assert verdict == (preference(tops[0], tops[1], ids) > 0)
+    assert busy == {}
+    assert "carol" in quiet and quiet["carol"] == []  # "length": a cut answer is not taken
+    assert finish == "length" and stored == "The Seine."

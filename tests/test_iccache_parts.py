@@ -196,3 +196,41 @@ def test_config_errors() -> None:
         ICCacheConfig(routes=(r, r))
     with pytest.raises(ValueError, match="bandit"):
         ICCacheConfig(routes=(r,), bandit="greedy")  # type: ignore[arg-type]
+
+
+def test_replay_replaces_only_what_the_judge_prefers(redis_url: str, namespace: str) -> None:
+    """The manager's replay order and rules, with the generator and judge as plain functions:
+    the most reused low-gain examples first, within the budget; a cut or unchanged answer is
+    never taken; a preferred one replaces the stored answer and its gain starts over."""
+
+    async def body():
+        store = ExampleStore(redis_url, namespace, DIM, 1 << 20)
+        m = ExampleManager(store)
+        exs = [await store.add(example("t", unit(1, k), f"q{k}", f"old{k}")) for k in range(4)]
+        for k, ex in enumerate(exs):
+            for _ in range(k):  # q3 the most reused, q0 never
+                await store.record_use("t", [ex.id])
+        for ex in exs:
+            await store.record_gain("t", [ex.id], 0.0)
+        await store.record_gain("t", [exs[3].id], 1.0)  # q3 helps: mean gain 0.5, not below
+        await store.record_gain("t", [exs[3].id], 1.0)
+        asked = []
+
+        async def regenerate(ex):
+            asked.append(ex.request)
+            return {"q2": ("new2", "stop", 5), "q1": ("new1", "length", 5),
+                    "q0": (ex.response, "stop", 5)}[ex.request]  # fmt: skip
+
+        async def prefer(ex, new):
+            return True
+
+        replaced = await m.replay("t", regenerate, prefer, budget=3)
+        got = {e.request: e for e in await store.examples("t")}
+        await store.close()
+        return asked, replaced, got, exs
+
+    asked, replaced, got, exs = run(body())
+    assert asked == ["q2", "q1", "q0"]  # most reused first; q3 is helpful, not asked
+    assert replaced == [exs[2].id]
+    assert got["q2"].response == "new2" and got["q2"].gain_n == 0
+    assert got["q1"].response == "old1" and got["q0"].response == "old0"

@@ -47,6 +47,7 @@ def system(tmp_path_factory):
             "capacity": "1MiB",
             "alpha": 0.0,
             "arm_priors": [0.9, 0.1, 0.5],
+            "replay_interval_s": 0.5,  # the router's replay loop runs beside the requests
         },
     }  # fmt: skip
     path = d / "app.yaml"

@@ -67,7 +67,9 @@ class ICCacheConfig:
     load_ema: float = 0.2
     feedback_ttl_s: int = 3600
     replay_interval_s: float = 0.0  # 0: no background replay
-    replay_below_load: float = 1.0
+    replay_below_load: float = 1.0  # replay only while every large model's load is below
+    replay_budget: int = 4  # examples re-asked per scope and pass
+    replay_max_tokens: int = 512
     seed: int = 0
     routes_by_name: dict[str, ICRoute] = field(init=False, repr=False, compare=False)
 
@@ -79,7 +81,8 @@ class ICCacheConfig:
             raise ValueError(f"duplicate IC-Cache route names {names}")
         for name in ("capacity_bytes", "candidates", "max_examples", "embed_dim",
                      "outcome_capacity", "outcome_neighbours", "outcome_pseudo_count",
-                     "bandit_ridge"):  # fmt: skip
+                     "bandit_ridge", "replay_below_load", "replay_budget",
+                     "replay_max_tokens"):  # fmt: skip
             v = getattr(self, name)
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -89,6 +92,8 @@ class ICCacheConfig:
             raise ValueError(f"bandit must be linucb or thompson, got {self.bandit!r}")
         if len(self.arm_costs) != 3 or len(self.arm_priors) != 3:
             raise ValueError(f"arm_costs and arm_priors need one value per arm {ARMS}")
+        if self.replay_interval_s < 0:
+            raise ValueError(f"replay_interval_s must be >= 0, got {self.replay_interval_s}")
         if self.outcome_explore < 0:
             raise ValueError(f"outcome_explore must be >= 0, got {self.outcome_explore}")
         if self.load_threshold <= 0 or not 0 < self.load_ema <= 1:

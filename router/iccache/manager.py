@@ -79,22 +79,22 @@ class ExampleManager:
     async def replay(
         self,
         scope: str,
-        regenerate: Callable[[str], Awaitable[tuple[str, str | None, int]]],
-        prefer_new: Callable[[str, str, str], Awaitable[bool]],
+        regenerate: Callable[[Example], Awaitable[tuple[str, str | None, int]]],
+        prefer_new: Callable[[Example, str], Awaitable[bool]],
         budget: int,
         gain_below: float = 0.5,
     ) -> list[int]:
         """Re-ask up to `budget` examples (most reused first, judged gain below gain_below);
-        regenerate(request) -> (answer, finish_reason, tokens); prefer_new(request, old, new)
-        is the judge. Returns the ids whose answer was replaced."""
+        regenerate(example) -> (answer, finish_reason, tokens) asks its model again;
+        prefer_new(example, answer) is the judge. Returns the ids whose answer was replaced."""
         exs = [e for e in await self.store.examples(scope) if e.mean_gain < gain_below]
         exs.sort(key=lambda e: (e.uses, -e.id), reverse=True)
         replaced = []
         for ex in exs[:budget]:
-            answer, finish, tokens = await regenerate(ex.request)
+            answer, finish, tokens = await regenerate(ex)
             if finish != "stop" or not answer.strip() or answer == ex.response:
                 continue
-            if await prefer_new(ex.request, ex.response, answer):
+            if await prefer_new(ex, answer):
                 await self.store.replace_response(scope, ex.id, answer, tokens)
                 replaced.append(ex.id)
         return replaced

@@ -236,6 +236,10 @@ class ExampleStore:
         hits.sort(key=lambda h: h.similarity, reverse=True)
         return hits[:k]
 
+    async def scopes(self) -> set[str]:
+        """Every scope that has held an example."""
+        return {s.decode() for s in await self.r.smembers(f"{self.prefix}:scopes")}
+
     async def ids(self, scope: str) -> set[int]:
         """The scope's ids in this replica's index (after following the log)."""
         return set((await self._mirror(scope)).examples)
