@@ -44,6 +44,7 @@ from bench.report import write_report
 from kvstore.redis_server import EmbeddedRedis
 from router.iccache.cache import ICCache
 from router.iccache.config import ICCacheConfig, ICRoute
+from router.iccache.replay import judge_messages, preference
 from services.embedder import BatchingEmbedder, Embedder
 from services.engine.completion import Completion
 from services.engine.config import EngineConfig
@@ -58,10 +59,6 @@ DATA = Path(__file__).parent / "data" / "qa_wikidata_600.json"
 SYSTEM = "Complete the sentence with the short fact only, no explanation."
 ANSWER_CACHE_SIM = 0.8
 MAX_TOKENS = 8
-JUDGE = (
-    "You compare two answers to the same question. Reply with the letter of the better "
-    "answer only: A or B."
-)
 
 
 def resolve(model: str) -> Path:
@@ -105,17 +102,6 @@ def run_batch(engine: LLMEngine, tok, convs: list[list[dict]], max_tokens: int =
     return engine.generate([tok.apply_chat_template(c) for c in convs], [params] * len(convs))
 
 
-def judge_prompt(question: str, a: str, b: str) -> list[dict]:
-    user = f"Question: {question}\nAnswer A: {a}\nAnswer B: {b}\nWhich answer is better, A or B?"
-    return [{"role": "system", "content": JUDGE}, {"role": "user", "content": user}]
-
-
-def letter_logprobs(out, ids: tuple[int, int]) -> np.ndarray:
-    """log P("A"), log P("B") as the judge's first token (a floor when out of its top 20)."""
-    top = dict(out.logprobs[0].top_logprobs) if out.logprobs else {}
-    return np.array([top.get(i, -50.0) for i in ids])
-
-
 def win_rates(engine: LLMEngine, tok, questions: list[str], ref: list[str],
               ways: dict[str, list[str]]) -> dict[str, float]:  # fmt: skip
     """Per way, how often the large model prefers its answer to the large model's own: each
@@ -127,15 +113,16 @@ def win_rates(engine: LLMEngine, tok, questions: list[str], ref: list[str],
     for way, answers in ways.items():
         for k, (q, a, r) in enumerate(zip(questions, answers, ref, strict=True)):
             if a.strip() != r.strip():
-                convs = [judge_prompt(q, a, r), judge_prompt(q, r, a)]
+                convs = [judge_messages(q, a, r), judge_messages(q, r, a)]
                 prompts += [tok.apply_chat_template(c) for c in convs]
                 index.append((way, k))
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
     outs = engine.generate(prompts, [params] * len(prompts)) if prompts else []
     score = {way: [0.5] * len(questions) for way in ways}
     for i, (way, k) in enumerate(index):
-        first, second = (letter_logprobs(o, ids) for o in outs[2 * i : 2 * i + 2])
-        pref = (first[0] - first[1]) - (second[0] - second[1])  # > 0: the way's answer
+        first, second = (dict(o.logprobs[0].top_logprobs) if o.logprobs else {}
+                         for o in outs[2 * i : 2 * i + 2])  # fmt: skip
+        pref = preference(first, second, ids)  # > 0: the way's answer
         score[way][k] = 0.5 if pref == 0 else float(pref > 0)
     return {way: float(np.mean(s)) for way, s in score.items()}
 
