@@ -261,3 +261,32 @@ def test_replay_asks_the_large_model_again_and_judges_with_it(stack) -> None:
     assert busy == {}
     assert "carol" in quiet and quiet["carol"] == []  # "length": a cut answer is not taken
     assert finish == "length" and stored == "The Seine."
+
+
+def test_judged_outcomes_are_kept_per_tenant_and_route(stack) -> None:
+    """Feedback joins the outcome memory under the tenant's scope and the route's arm (two
+    routes' large models may differ): alice's judged answer on `auto` moves that route's
+    estimate for a similar request, not `auto-alice`'s, and not bob's."""
+    from router.iccache.outcomes import OutcomeMemory
+
+    favour(stack.ic, "large")
+    q = "Name the longest river in Africa."
+    r = chat(stack, "alice", q)
+    assert r.status_code == 200 and r.headers["x-splitserve-model"] == "large"
+    ok = stack.client.post("/v1/feedback", json={"id": r.json()["id"], "score": 1.0},
+                           headers=auth("alice"))  # fmt: skip
+    assert ok.status_code == 200
+
+    async def body():
+        emb = (await EmbedClient(stack.embed_addr).embed([q]))[0]
+        m = OutcomeMemory(stack.redis_url, stack.ns, 384, 100, k=8, pseudo_count=2.0)
+        priors = {"auto/large": 0.5, "auto-alice/large": 0.5}
+        try:
+            return await m.estimate(["alice"], emb, priors), await m.estimate(["bob"], emb, priors)
+        finally:
+            await m.close()
+
+    alice, bob = asyncio.run(body())
+    assert alice["auto/large"].mean > 0.5 and alice["auto/large"].evidence > 0.5
+    assert alice["auto-alice/large"].mean == 0.5 and alice["auto-alice/large"].evidence == 0
+    assert bob["auto/large"].evidence == 0

@@ -68,6 +68,10 @@ class Decision:
                 "examples": len(self.examples)}  # fmt: skip
 
 
+def outcome_key(route: str, arm: str) -> str:
+    return f"{route}/{arm}"
+
+
 def query_text(messages: list[dict]) -> str:
     """What a request is about: its last user message."""
     for m in reversed(messages):
@@ -147,8 +151,11 @@ class ICCache:
         max_sim = hits[0].similarity if hits else 0.0
         mean_u = float(np.mean([c.utility for c in chosen])) if chosen else 0.0
         chars = sum(len(m["content"]) for m in messages)
-        priors = dict(zip(ARMS, self.config.arm_priors, strict=True))
-        est = await self.outcomes.estimate(scopes, emb, priors)
+        # Outcomes are kept per route: two routes' "large" may be different models.
+        priors = {outcome_key(route.name, a): p
+                  for a, p in zip(ARMS, self.config.arm_priors, strict=True)}  # fmt: skip
+        by_key = await self.outcomes.estimate(scopes, emb, priors)
+        est = {a: by_key[outcome_key(route.name, a)] for a in ARMS}
         x = context(max_sim, mean_u, len(chosen), self.config.max_examples, chars,
                     tuple(est[a].mean for a in ARMS))  # fmt: skip
         allowed = (SMALL_EX, SMALL, LARGE) if chosen else (SMALL, LARGE)
@@ -169,7 +176,7 @@ class ICCache:
     ) -> Admission:  # fmt: skip
         """After the response: keep the decision for feedback; admit a large answer."""
         record = {
-            "tenant": d.tenant, "arm": d.arm, "x": d.x.tolist(),
+            "tenant": d.tenant, "route": d.route.name, "arm": d.arm, "x": d.x.tolist(),
             "emb": base64.b64encode(np.asarray(d.emb, "<f4").tobytes()).decode(),
             "examples": [[c.hit.example.scope, c.hit.example.id, c.x.tolist()]
                          for c in d.examples],
@@ -197,7 +204,8 @@ class ICCache:
         reward = score - self.config.arm_costs[ARMS.index(arm)]
         self.bandit.update(arm, np.asarray(rec["x"]), reward)
         emb = np.frombuffer(base64.b64decode(rec["emb"]), "<f4")
-        await self.outcomes.record(write_scope(tenant, self.config.shared_tenants), arm, emb, score)
+        scope = write_scope(tenant, self.config.shared_tenants)
+        await self.outcomes.record(scope, outcome_key(rec["route"], arm), emb, score)
         if rec["examples"]:
             self.selector.learn([np.asarray(e[2]) for e in rec["examples"]], score)
             for scope in {e[0] for e in rec["examples"]}:
