@@ -21,7 +21,7 @@ import grpc
 from protos.splitserve.v1 import common_pb2 as cpb
 from protos.splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from rpc.channel import insecure_channel
-from rpc.piece import Piece
+from rpc.piece import Piece, gather
 from rpc.sampling import Sampling, sampling_to_pb
 
 
@@ -168,7 +168,4 @@ class PDClient:
 
     async def complete(self, prompt_ids: list[int], params: Sampling) -> Piece:
         """The whole request gathered into one Piece."""
-        out = Piece([], "")
-        async for p in self.generate(prompt_ids, params):
-            out.merge(p)
-        return out
+        return await gather(self.generate(prompt_ids, params))

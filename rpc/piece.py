@@ -3,6 +3,7 @@ produced it (prefill's first token, decode's stream, the router's Generate)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from protos.splitserve.v1 import common_pb2 as cpb
@@ -27,3 +28,11 @@ class Piece:
         self.usage = later.usage or self.usage
         self.prefill_timings = self.prefill_timings or later.prefill_timings
         self.decode_timings = self.decode_timings or later.decode_timings
+
+
+async def gather(pieces: AsyncIterator[Piece]) -> Piece:
+    """A whole response: a stream's pieces merged into one."""
+    out = Piece([], "")
+    async for p in pieces:
+        out.merge(p)
+    return out

@@ -33,30 +33,24 @@ class Estimate:
 
 @dataclass
 class _ArmIndex:
-    dim: int
-    embs: list[np.ndarray] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    index: faiss.IndexFlatIP | None = None
+    index: faiss.IndexFlatIP
+    scores: list[float] = field(default_factory=list)  # row i's judged score
 
     def add(self, emb: np.ndarray, score: float, capacity: int) -> None:
-        self.embs.append(emb)
+        self.index.add(emb[None, :])
         self.scores.append(score)
-        if self.index is None:
-            self.index = faiss.IndexFlatIP(self.dim)
-        if len(self.embs) > capacity + capacity // 4:  # rebuild rarely, keep the newest
-            self.embs, self.scores = self.embs[-capacity:], self.scores[-capacity:]
-            self.index = faiss.IndexFlatIP(self.dim)
-            self.index.add(np.stack(self.embs))
-        else:
-            self.index.add(emb[None, :])
+        if len(self.scores) > capacity + capacity // 4:  # trim rarely, keep the newest
+            drop = len(self.scores) - capacity
+            self.index.remove_ids(faiss.IDSelectorRange(0, drop))  # later rows move up
+            del self.scores[:drop]
 
     def nearest(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, scores) of the k nearest, or empty arrays."""
-        if self.index is None or self.index.ntotal == 0:
+        if self.index.ntotal == 0:
             return np.zeros(0), np.zeros(0)
-        sims, ids = self.index.search(q[None, :].astype(np.float32), min(k, self.index.ntotal))
-        keep = ids[0] >= 0
-        return sims[0][keep], np.asarray(self.scores)[ids[0][keep]]
+        sims, rows = self.index.search(q[None, :].astype(np.float32), min(k, self.index.ntotal))
+        keep = rows[0] >= 0
+        return sims[0][keep], np.array([self.scores[r] for r in rows[0][keep]])
 
 
 @dataclass
@@ -106,8 +100,10 @@ class OutcomeMemory:
                 emb = np.frombuffer(f[b"emb"], "<f4")
                 if emb.shape != (self.dim,):
                     continue  # written by a replica with another embedding model
-                arm = m.arms.setdefault(f[b"arm"].decode(), _ArmIndex(self.dim))
-                arm.add(emb.astype(np.float32), float(f[b"score"]), self.capacity)
+                name = f[b"arm"].decode()
+                if name not in m.arms:
+                    m.arms[name] = _ArmIndex(faiss.IndexFlatIP(self.dim))
+                m.arms[name].add(emb.astype(np.float32), float(f[b"score"]), self.capacity)
             if len(entries) < 1000:
                 return m
 

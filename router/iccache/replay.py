@@ -18,7 +18,7 @@ from typing import Protocol
 
 from router.iccache.cache import ICCache
 from router.iccache.store import Example
-from rpc.piece import Piece
+from rpc.piece import Piece, gather
 from services.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,9 @@ class Replayer:
         self.max_tokens = ic.config.replay_max_tokens
 
     async def _ask(self, model: str, messages: list[dict], params: SamplingParams) -> Piece:
-        tok = self.tokenizers[model]
-        ids = tok.apply_chat_template(messages)
-        whole: Piece | None = None
+        ids = self.tokenizers[model].apply_chat_template(messages)
         rid = f"icc-replay-{uuid.uuid4().hex[:12]}"
-        async for piece in self.backend.generate(model, ids, params, rid):
-            if whole is None:
-                whole = piece
-            else:
-                whole.merge(piece)
-        assert whole is not None  # a backend stream ends with a finish_reason
-        return whole
+        return await gather(self.backend.generate(model, ids, params, rid))
 
     async def regenerate(self, ex: Example) -> tuple[str, str | None, int]:
         params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
