@@ -258,6 +258,8 @@ def part_engine(smoke: bool, out_dir: Path) -> dict:
 
     result["full_queue_prefill"] = run(("disaggregated", "prefill"), full_queue)
     print("engine full-queue prefill:", json.dumps(result["full_queue_prefill"]), flush=True)
+    if not s.get("goodput", True):
+        return result
     work, prompts = workload(model_dir, s)
     result["goodput"] = run(("colocated", "colocated"),
                             lambda c: search_goodput(c, work, prompts, s, "engine"))  # fmt: skip
@@ -367,8 +369,10 @@ def part_stack(mode: str, smoke: bool, out_dir: Path) -> dict:
             # `return_token_ids`, so each SSE chunk names its tokens as gRPC's messages do.
             api = f"grpc://127.0.0.1:{grpc_port}" if API["stack"] == "grpc" else up.url
             result["api"] = API["stack"]
-            result["goodput"] = stack_goodput(api, spec.name, model_dir, s, out_dir / mode)
-            print(f"{mode} up goodput: {result['goodput']['goodput_rps']:.2f} req/s", flush=True)
+            if s.get("goodput", True):
+                result["goodput"] = stack_goodput(api, spec.name, model_dir, s, out_dir / mode)
+                rps = result["goodput"]["goodput_rps"]
+                print(f"{mode} up goodput: {rps:.2f} req/s", flush=True)
         result["up_log_tail"] = "".join(up.stderr)[-3000:]
     return result
 
@@ -424,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api", choices=("grpc", "http"), default="grpc",
                     help="the router API the stack's goodput is replayed through")  # fmt: skip
     ap.add_argument("--part-timeout-s", type=float, default=590)
+    ap.add_argument("--skip-goodput", action="store_true",
+                    help="only the burst, overhead and client checks (no goodput searches)")  # fmt: skip
     ap.add_argument("--run-part", choices=PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--part-json", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -431,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.overhead_requests:
         OVERRIDES["seq_requests"] = a.overhead_requests
     API["stack"] = a.api
+    OVERRIDES["goodput"] = not a.skip_goodput
     if a.run_part:
         fn = part_engine if a.run_part == "engine" else lambda sm, o: part_stack(a.run_part, sm, o)
         a.part_json.write_text(json.dumps(fn(a.cpu_smoke, out_dir), default=str))
@@ -452,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--out", str(out_dir)] + (["--cpu-smoke"] if a.cpu_smoke else [])  # fmt: skip
             if a.overhead_requests:
                 cmd += ["--overhead-requests", str(a.overhead_requests)]
-            cmd += ["--api", a.api]
+            cmd += ["--api", a.api] + (["--skip-goodput"] if a.skip_goodput else [])
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             try:
                 rc = subprocess.run(cmd, env=env, timeout=a.part_timeout_s).returncode

