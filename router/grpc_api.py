@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -24,6 +24,9 @@ from router.admission import Gate, GateBusyError
 from router.tenants import Tenant, TenantBusyError, Tenants, priority_levels_of
 from rpc.sampling import sampling_fields
 from services.engine.sampling_params import SamplingDefaults, SamplingParams
+
+if TYPE_CHECKING:
+    from router.iccache.cache import ICCache
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generate"].full_name
 
@@ -90,11 +93,13 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         tenants: Tenants | None,
         defaults: dict[str, SamplingDefaults] | None = None,
         admission: Gate | None = None,
+        iccache: ICCache | None = None,
     ) -> None:
         """tenants None: authentication off (the local demo). defaults: per model, the
         sampling a request gets for the fields it leaves unset. admission: the router's gate
-        (the HTTP app's too), after the tenant's."""
+        (the HTTP app's too), after the tenant's. iccache: its routes (router.iccache)."""
         self.backend = backend
+        self.iccache = iccache
         self.tokenizers = tokenizers
         self.tenants = tenants
         self.defaults = defaults or {}
@@ -120,13 +125,18 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 f"the request is not a valid {pb.GenerateRequest.DESCRIPTOR.full_name}: "
                 f"{request.reason}",
             )
+        answer = None
+        name = tenant.name if tenant is not None else ""
+        route = self.iccache.route(request.model) if self.iccache is not None else None
+        if route is not None and route.allows(name):  # another tenant's: as any unknown name
+            answer, request = await self._ic_decide(request, name, context)
         request_args = await self._validate(request, context)
         if tenant is not None:
             try:
                 await tenant.acquire()
             except TenantBusyError as e:
                 await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        admitted = False
+        admitted = loaded = False
         try:
             if self.admission is not None:
                 try:
@@ -134,13 +144,36 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 except GateBusyError as e:
                     await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
                 admitted = True
+            if answer is not None:
+                self.iccache.load.start(request_args[0])
+                loaded = True
             async for msg in self._stream(*request_args, tenant, context):
+                if answer is not None:
+                    answer.add(msg)
                 yield msg
+            if answer is not None:
+                await answer.finish(self.iccache)
         finally:
+            if loaded:
+                self.iccache.load.end(request_args[0])
             if admitted:
                 self.admission.release()
             if tenant is not None:
                 tenant.release()
+
+    async def _ic_decide(self, request, tenant: str, context):
+        """IC-Cache's choice for a route's request: (Answer, the request for the chosen model),
+        its metadata sent; or the call aborted with the reason."""
+        from router.iccache import grpc_edge as ic_grpc
+
+        try:
+            new, d = await ic_grpc.decide(self.iccache, request, tenant)
+        except ic_grpc.Refusal as e:
+            await _abort(context, e.code, e.details)
+        # The server's own id, never the client's request_id: feedback records are keyed by it.
+        answer = ic_grpc.Answer(d, f"gen-{uuid.uuid4().hex}")
+        await context.send_initial_metadata(ic_grpc.metadata(d, answer.response_id))
+        return answer, new
 
     async def _validate(self, request, context):
         """(model, prompt ids, params, request id, priority or None), or the call aborted with

@@ -90,7 +90,7 @@ class RouterServer:
             log.warning("gRPC Generate service not started: %s", e)
             return
         servicer = GenerateServicer(
-            self.backend, self.tokenizers, self.tenants, defaults, self.admission
+            self.backend, self.tokenizers, self.tenants, defaults, self.admission, self.iccache
         )
         add_to_server(servicer, self.grpc.server)
         self.grpc.add(SERVICE_NAME)

@@ -54,7 +54,7 @@ def system(tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg))
     up = start_up(["--config", str(path)])
     assert up["redis"], "".join(up["stderr"])
-    yield {"url": up["url"], "redis": up["redis"]}
+    yield {"url": up["url"], "redis": up["redis"], "grpc": f"127.0.0.1:{gport}"}
     stop_up(up["proc"])
 
 
@@ -134,3 +134,43 @@ def test_auto_route_answers_with_examples_and_takes_feedback(system):
         model="small", messages=[{"role": "user", "content": QUESTION}], max_tokens=4
     )
     assert direct.usage.completion_tokens >= 1
+
+
+def test_grpc_generate_serves_the_route_for_chat_messages(system):
+    import grpc
+
+    from protos.splitserve.v1 import common_pb2
+    from protos.splitserve.v1 import generate_pb2 as pb
+    from protos.splitserve.v1 import generate_pb2_grpc as pb_grpc
+
+    sampling = common_pb2.SamplingParams(max_tokens=4, ignore_eos=True)
+
+    def generate(tenant: str, **input) -> tuple[grpc.StatusCode, str, dict, list]:
+        with grpc.insecure_channel(system["grpc"]) as ch:
+            call = pb_grpc.GenerateStub(ch).Generate(
+                pb.GenerateRequest(model="auto", sampling=sampling, **input),
+                metadata=(("authorization", f"Bearer {KEYS[tenant]}"),),
+                timeout=120,
+            )  # fmt: skip
+            try:
+                msgs = list(call)
+            except grpc.RpcError as e:
+                return e.code(), e.details(), {}, []
+            return grpc.StatusCode.OK, "", dict(call.initial_metadata()), msgs
+
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=QUESTION)])
+    code, why, md, msgs = generate("alice", chat=chat)
+    assert code == grpc.StatusCode.OK, why
+    assert md["x-splitserve-model"] in ("small", "large")
+    assert int(md["x-splitserve-examples"]) >= 0
+    assert sum(len(m.token_ids) for m in msgs) == 4 and msgs[-1].usage.completion_tokens == 4
+    # Feedback over HTTP takes the id the metadata named, once.
+    alice = client(system, "alice")
+    got = alice.post("/feedback", body={"id": md["x-splitserve-response-id"], "score": 1.0},
+                     cast_to=object)  # fmt: skip
+    assert got["arm"] in ("small+examples", "small", "large")
+
+    code, why, _, _ = generate("alice", prompt=QUESTION)  # no messages: nothing to match on
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "chat messages" in why, why
+    code, why, _, _ = generate("bob", chat=chat)  # not bob's route: as unknown as any name
+    assert code == grpc.StatusCode.NOT_FOUND and "IC-Cache" not in why, why
