@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: bash scripts/device_wheels_install.sh PART_DIR K N [STORE]
 # Keeps part K of N (made by scripts/device_wheels.py) in STORE (/tmp/device-wheels); with the
-# last part,
-# joins cut wheels, checks every sha256 against MANIFEST and installs them into /tmp/site.
+# last part, joins cut wheels, checks every sha256 against MANIFEST and installs them into
+# /tmp/site.
 set -euo pipefail
 part=$1 k=$2 n=$3
 store=${4:-/tmp/device-wheels}
