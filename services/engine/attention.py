@@ -41,10 +41,6 @@ class AttentionMetadata:
     # CUDA backend: context length of each decode sequence, int32 [num_decode] (0: a padding
     # row of a CUDA graph); its decode_block_table is int32 and decode_mask is None.
     decode_context_lens: torch.Tensor | None = None
-    # A lone decode sequence whose blocks are consecutive (a single user's usual case): its
-    # context is the slots [start, start + length), read as a view of the cache with no gather
-    # and no mask (on 2 cores the gather and the masked kernel cost ~3 ms of a 35 ms step).
-    decode_span: tuple[int, int] | None = None
     # A step with KV held outside the local pool (DistAttention): the model asks it for every
     # layer's attention instead of the backend; slot_mapping is -1 for tokens stored remotely.
     dist: DistStep | None = None

@@ -1,7 +1,6 @@
 """Reference attention backend in plain torch; the CPU default and the GPU path's oracle.
 
-Decode sequences are attended in one batched call over their gathered, padded contexts; a lone
-one held in consecutive blocks over a view of the cache.
+Decode sequences are attended in one batched call over their gathered, padded contexts.
 A prefill chunk with no cached prefix attends over its own K/V with a causal mask (no gather);
 one that continues a cached context gathers its slots and uses an offset causal mask.
 """
@@ -31,20 +30,7 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         nd = meta.num_decode
-        if meta.decode_span is not None:
-            start, length = meta.decode_span
-            o, s = _attend(
-                q[:1].unsqueeze(2),  # [1, H, 1, D]
-                k_cache[start : start + length].transpose(0, 1).unsqueeze(0),  # [1, Hkv, L, D]
-                v_cache[start : start + length].transpose(0, 1).unsqueeze(0),
-                None,
-                meta.scale,
-                return_lse,
-            )
-            out[:1] = o.squeeze(2)
-            if lse is not None:
-                lse[:1] = s.squeeze(2)
-        elif nd:
+        if nd:
             assert meta.decode_block_table is not None and meta.decode_mask is not None
             kc = gather_blocks(k_cache, meta.decode_block_table, meta.block_size)  # [B,L,Hkv,D]
             vc = gather_blocks(v_cache, meta.decode_block_table, meta.block_size)

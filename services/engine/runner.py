@@ -73,10 +73,9 @@ class ModelRunner:
 
         if self.remote is not None and any(self.requests[s.request_id].remote for s in so.seqs):
             return self._prepare_dist(so, ids, pos, logits_rows)
-        decode_table = decode_mask = span = None
+        decode_table = decode_mask = None
         if so.decodes:
             decode_table, decode_mask = self._decode_context(so.decodes)
-            span = self._decode_span(so.decodes)
         prefills = []
         offset = len(so.decodes)
         for s in so.prefills:
@@ -95,7 +94,6 @@ class ModelRunner:
             prefills=tuple(prefills),
             scale=self.scale,
             block_size=bs,
-            decode_span=span,
         )
         return (
             self._dev(torch.tensor(ids, dtype=torch.long)),
@@ -138,16 +136,6 @@ class ModelRunner:
         valid = np.arange(nblk * self.bs)[None, :] < lens[:, None]
         mask = torch.from_numpy(valid)[:, None, None, :]
         return self._dev(torch.from_numpy(table)), self._dev(mask)
-
-    def _decode_span(self, decodes: list[ScheduledSeq]) -> tuple[int, int] | None:
-        """(first slot, context length) of a lone decode sequence held in consecutive blocks."""
-        if len(decodes) != 1:
-            return None
-        s = decodes[0]
-        blocks = self.requests[s.request_id].block_ids[: -(-s.end // self.bs)]
-        if any(b != blocks[0] + i for i, b in enumerate(blocks)):
-            return None
-        return blocks[0] * self.bs, s.end
 
     def _dev(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or self.device == "cpu":
