@@ -6,9 +6,11 @@ decision is kept for that feedback and a complete large-model answer offered for
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import grpc
+from redis.exceptions import RedisError
 
 from protos.splitserve.v1 import generate_pb2 as pb
 from router.iccache.cache import Decision, ICCache
@@ -16,6 +18,7 @@ from router.iccache.embed_client import EmbedUnavailableError
 from router.iccache.http import EXAMPLES_HEADER, MODEL_HEADER
 
 RESPONSE_ID_HEADER = "x-splitserve-response-id"
+log = logging.getLogger(__name__)
 
 
 class Refusal(Exception):
@@ -42,8 +45,13 @@ class Answer:
             self.completion_tokens = msg.usage.completion_tokens
 
     async def finish(self, ic: ICCache) -> None:
-        await ic.finish(self.decision, self.response_id, "".join(self.pieces),
-                        self.finish_reason, self.completion_tokens)  # fmt: skip
+        """The answer has reached the client by now: a failure here (Redis away) costs its
+        feedback record and admission, never the call's status."""
+        try:
+            await ic.finish(self.decision, self.response_id, "".join(self.pieces),
+                            self.finish_reason, self.completion_tokens)  # fmt: skip
+        except Exception as e:
+            log.warning("IC-Cache kept no record of %s: %s", self.response_id, e)
 
 
 async def decide(
@@ -67,6 +75,8 @@ async def decide(
         raise Refusal(grpc.StatusCode.UNAVAILABLE, str(e)) from None
     except ValueError as e:
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    except RedisError as e:
+        raise Refusal(grpc.StatusCode.UNAVAILABLE, f"IC-Cache's store is away: {e}") from None
     new = pb.GenerateRequest()
     new.CopyFrom(request)
     new.model = d.model
