@@ -51,7 +51,8 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import load_tokenizer
-from splitserve.app_config import ModelSpec
+from services.model_prep.presets import PRESETS
+from splitserve.app_config import EngineSpec, ModelSpec
 from splitserve.embed_pull import pull_embedder
 from splitserve.up import resolve_model_path
 
@@ -61,9 +62,14 @@ ANSWER_CACHE_SIM = 0.8
 MAX_TOKENS = 8
 
 
-def resolve(model: str) -> Path:
-    """A pulled model's name (pulled once), a preset's (made once) or a directory."""
-    return resolve_model_path(ModelSpec(name="m", path=model))
+def resolve(model: str) -> tuple[Path, str]:
+    """A pulled model's name (pulled once), a preset's (made once) or a directory, and the
+    engine's load format: a preset's random weights are drawn on the device (load_format
+    dummy), not written out and read back (16 GB for llama-8b)."""
+    fmt = "dummy" if model in PRESETS else "auto"
+    return resolve_model_path(
+        ModelSpec(name="m", path=model, engine=EngineSpec(load_format=fmt))
+    ), fmt
 
 
 def norm(s: str) -> str:
@@ -130,18 +136,24 @@ def win_rates(engine: LLMEngine, tok, questions: list[str], ref: list[str],
 async def main_async(args: argparse.Namespace) -> dict:
     data = json.loads(DATA.read_text())["examples"]
     warm, test = data[: args.warm], data[args.warm : args.warm + args.test]
-    small_dir, large_dir = resolve(args.small), resolve(args.large)
-    cfg = EngineConfig(
-        num_kv_blocks=args.kv_blocks, max_num_seqs=args.batch, device=args.device,
-        dtype=args.dtype,
-    )  # fmt: skip
+    (small_dir, small_fmt), (large_dir, large_fmt) = resolve(args.small), resolve(args.large)
     mix = np.random.default_rng(0)  # --small-share: the fixed routing mix
 
-    def load(model_dir: Path) -> LLMEngine:
-        """Its first step's one-time costs paid on a prompt sharing no block with the
-        questions."""
+    def load(model_dir: Path, fmt: str) -> LLMEngine:
+        """Its one-time costs (kernels and graphs for each batch size a way will run) paid
+        first, on prompts sharing no block with the questions: a full batch of question-sized
+        prompts stepped down to one running sequence, then a batch of longer ones (prompts
+        with examples)."""
+        cfg = EngineConfig(
+            num_kv_blocks=args.kv_blocks, max_num_seqs=args.batch, device=args.device,
+            dtype=args.dtype, load_format=fmt,
+        )  # fmt: skip
         engine = LLMEngine(model_dir, cfg)
-        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0))
+        for n in (48, 256):
+            warm_ids = [[7 + (k % 50), *range(100 + k, 100 + k + n)] for k in range(args.batch)]
+            lens = [SamplingParams(max_tokens=1 + k % MAX_TOKENS, temperature=0.0,
+                                   ignore_eos=True) for k in range(args.batch)]  # fmt: skip
+            engine.generate(warm_ids, lens)
         return engine
 
     def fresh(engine: LLMEngine) -> LLMEngine:
@@ -150,7 +162,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         engine.pool.forget_cached()
         return engine
 
-    small, large = load(small_dir), load(large_dir)
+    small, large = load(small_dir, small_fmt), load(large_dir, large_fmt)
     tok_s, tok_l = load_tokenizer(small_dir), load_tokenizer(large_dir)
     embedder = LocalEmbed(Embedder(pull_embedder()))
     results: list[dict] = []
