@@ -7,9 +7,8 @@ its EngineConfig.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvstore.config import Membership
@@ -160,16 +159,23 @@ def replica_config(
     narrows it to the GPU Ray assigned it (splitserve.app). A model with attention replicas has
     decoders that borrow KV from them (borrow_kv)."""
     side = m.side(role)
+    device = "cuda" if side.num_gpus > 0 else "cpu"
+    # 0: every core (Ray would otherwise hold a 0-CPU replica's torch to one thread).
+    threads = side.threads or os.cpu_count() or 1
+    engine = m.engine_config(role, device=device)
+    if device == "cpu":
+        lone = max(1, threads - 1) if side.lone_threads is None else side.lone_threads
+        lone = lone if lone < threads else 0
+        engine = replace(engine, cpu_lone_step_threads=lone)
     common = {
         "name": m.name,
         "model": model_dir,
-        "engine": m.engine_config(role, device="cuda" if side.num_gpus > 0 else "cpu"),
+        "engine": engine,
         "host": host,
         "port": 0,
         "cluster": cluster,
         "metrics_port": 0,
-        # 0: every core (Ray would otherwise hold a 0-CPU replica's torch to one thread).
-        "cpu_threads": side.threads or os.cpu_count() or 1,
+        "cpu_threads": threads,
     }
     if role == "attention":
         assert m.attention is not None
@@ -178,7 +184,7 @@ def replica_config(
     common["max_waiting"] = side.max_waiting
     if m.offload and role == m.model_worker_role:
         blocks = offload_blocks(m, model_dir)
-        common["engine"] = dataclasses.replace(
+        common["engine"] = replace(
             common["engine"], kv_offload=True, num_kv_blocks=blocks
         )
         assert m.attention is not None

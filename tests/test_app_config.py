@@ -279,3 +279,26 @@ def test_a_preset_with_random_weights_is_written_without_a_checkpoint(tmp_path, 
     d = resolve_model_path(spec)
     assert d.name == "preset-tiny-shapes" and (d / "config.json").exists()
     assert (d / "tokenizer.json").exists() and not list(d.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("threads", "lone", "want"),
+    [(4, None, 3), (2, None, 1), (1, None, 0), (4, 2, 2), (4, 0, 0), (4, 4, 0), (4, 9, 0)],
+)
+def test_cpu_replicas_run_a_lone_sequence_on_a_core_less(threads, lone, want, tiny_model_dir):
+    """A CPU role's one-row steps get threads less one by default (lone_threads: the operator's
+    count; 0, or as many as threads: the same threads as every step); a GPU role's none."""
+    from splitserve.deployment import plan_deployment
+
+    side = {"threads": threads} | ({} if lone is None else {"lone_threads": lone})
+    model = {"name": "m", "path": "tiny", "mode": "colocated", "colocated": side}
+    plan = plan_deployment(parse_config({"models": [model]}), "redis://r:6379/0",
+                           {"m": tiny_model_dir})  # fmt: skip
+    cfg = plan.replicas[0].config
+    assert (cfg.cpu_threads, cfg.engine.cpu_lone_step_threads) == (threads, want)
+    gpu = {"name": "m", "path": "tiny", "mode": "colocated", "colocated": {"num_gpus": 1}}
+    plan = plan_deployment(parse_config({"models": [gpu]}), "redis://r:6379/0",
+                           {"m": tiny_model_dir})  # fmt: skip
+    assert plan.replicas[0].config.engine.cpu_lone_step_threads == 0
+    with pytest.raises(ConfigError, match="lone_threads"):
+        parse_config({"models": [model | {"colocated": {"lone_threads": -1}}]})

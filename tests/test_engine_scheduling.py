@@ -139,3 +139,31 @@ def test_what_the_services_ask(tiny_model_dir, prompts, checked):
     assert not layout.fits("bfloat16", (2, 2, 16, 2, 16))  # another dtype
     assert not layout.fits("float32", (2, 2, 17, 2, 16))  # more tokens than a block holds
     assert not layout.fits("float32", (2, 2, 16, 4, 8))  # another head layout
+
+
+def test_a_lone_sequence_on_fewer_threads_gives_the_same_tokens(tiny_model_dir, prompts, reference):
+    """cpu_lone_step_threads: a step of one row runs on that many threads, every other step on
+    the process's own, and the tokens are those of each prompt alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = make_engine(tiny_model_dir, max_num_batched_tokens=4096, cpu_lone_step_threads=1)
+        seen = {}
+        engine.add_request("long", prompts[0], SHORT)
+        engine.add_request("short", prompts[1], SamplingParams(max_tokens=3, temperature=0.0,
+                                                               ignore_eos=True))  # fmt: skip
+        tokens = {"long": [], "short": []}
+        while engine.has_unfinished():
+            rows = engine.num_running
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+            seen.setdefault(rows, set()).add(torch.get_num_threads())
+        assert seen[2] == {2} and seen[1] == {1}, seen
+        assert tokens["long"] == reference[0]
+        assert tokens["short"] == reference[1][:3]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="cpu_lone_step_threads"):
+        make_engine(tiny_model_dir, cpu_lone_step_threads=-1)

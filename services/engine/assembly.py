@@ -85,4 +85,5 @@ def build_runner(
             max_graph_batch_size=config.max_graph_batch_size,
             use_cuda_graphs=not config.enforce_eager,
         )  # fmt: skip
-    return ModelRunner(model, kv_cache, Sampler(seed), device)
+    lone = config.cpu_lone_step_threads if device == "cpu" else 0
+    return ModelRunner(model, kv_cache, Sampler(seed), device, lone_threads=lone)

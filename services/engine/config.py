@@ -211,6 +211,11 @@ class EngineConfig:
     splits decode steps in two batches that take turns; offload_q_first sends q before k, v.
     Both are off by default: they hide round trips when model and attention workers run on
     separate devices, and measured slower where the two share one (docs/benchmarks.md).
+    cpu_lone_step_threads: CPU, torch threads for a step of one row (a lone sequence decoding;
+    0: the process's own, as for every other step). Where the serving stack shares the cores,
+    the router, ingress and client wake for every token and preempt one of the engine's
+    threads, and a one-row GEMM waits at its barrier for that thread: a core left to them
+    measured faster for one user (docs/benchmarks.md), while batches keep every core.
     """
 
     block_size: int = 16
@@ -235,6 +240,7 @@ class EngineConfig:
     kv_offload: bool = False
     offload_pingpong: bool = False
     offload_q_first: bool = False
+    cpu_lone_step_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.kv_offload and self.num_kv_blocks is None:
@@ -252,6 +258,10 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.cpu_lone_step_threads < 0:
+            raise ValueError(
+                f"cpu_lone_step_threads must be >= 0, got {self.cpu_lone_step_threads}"
             )
         if self.kernels not in ("auto", "torch"):
             raise ValueError(f"kernels must be auto or torch, got {self.kernels!r}")

@@ -33,8 +33,14 @@ def sample_step(
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, device: str) -> None:
+    def __init__(
+        self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, device: str,
+        lone_threads: int = 0,
+    ) -> None:  # fmt: skip
         self.model = model
+        # CPU: a step of one row runs on lone_threads, the others on the threads the process
+        # had when the runner was made (0: every step on those).
+        self.threads = (lone_threads, torch.get_num_threads()) if lone_threads else None
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.device = device
@@ -49,6 +55,11 @@ class ModelRunner:
             self.kv_cache.write_block(block_id, kv.to(self.kv_cache.data.device))
         seqs = so.seqs
         input_ids, positions, meta, logits_rows = self.prepare(so)
+        if self.threads is not None:
+            lone, full = self.threads
+            want = lone if input_ids.numel() == 1 else full
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
         logits = self.model.forward(input_ids, positions, meta, self.kv_cache, logits_rows)
         return sample_step(self.sampler, self.requests, seqs, logits)
 
