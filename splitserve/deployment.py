@@ -184,9 +184,7 @@ def replica_config(
     common["max_waiting"] = side.max_waiting
     if m.offload and role == m.model_worker_role:
         blocks = offload_blocks(m, model_dir)
-        common["engine"] = replace(
-            common["engine"], kv_offload=True, num_kv_blocks=blocks
-        )
+        common["engine"] = replace(common["engine"], kv_offload=True, num_kv_blocks=blocks)
         assert m.attention is not None
         return DecodeConfig(
             **common, colocated=role == "colocated", offload_workers=m.attention.replicas
