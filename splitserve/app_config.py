@@ -64,9 +64,9 @@ class Placement(_Strict):
     autoscaling: Autoscaling | None = None
     # CPU engines: torch threads (0: all cores; Ray would otherwise pin a 0-CPU replica to one).
     threads: int = Field(0, ge=0)
-    # CPU engines: threads for a step of one row, a lone sequence decoding (None: threads less
-    # one, at least one, a core left to the router, ingress and client that wake per token;
-    # 0: threads). EngineConfig.cpu_lone_step_threads says why.
+    # CPU engines: threads for a step of one row, a lone sequence decoding (None: with 4-bit
+    # weights threads less one, at least one, a core left to the router, ingress and client
+    # that wake per token, else threads; 0: threads). EngineConfig.cpu_lone_step_threads.
     lone_threads: int | None = Field(None, ge=0)
 
 

@@ -286,12 +286,14 @@ def test_a_preset_with_random_weights_is_written_without_a_checkpoint(tmp_path, 
     [(4, None, 3), (2, None, 1), (1, None, 0), (4, 2, 2), (4, 0, 0), (4, 4, 0), (4, 9, 0)],
 )
 def test_cpu_replicas_run_a_lone_sequence_on_a_core_less(threads, lone, want, tiny_model_dir):
-    """A CPU role's one-row steps get threads less one by default (lone_threads: the operator's
-    count; 0, or as many as threads: the same threads as every step); a GPU role's none."""
+    """A CPU role's one-row steps get threads less one by default with 4-bit weights
+    (lone_threads: the operator's count; 0, or as many as threads: the same threads as every
+    step); float32 weights the same threads unless asked; a GPU role's none."""
     from splitserve.deployment import plan_deployment
 
     side = {"threads": threads} | ({} if lone is None else {"lone_threads": lone})
-    model = {"name": "m", "path": "tiny", "mode": "colocated", "colocated": side}
+    model = {"name": "m", "path": "tiny", "mode": "colocated", "colocated": side,
+             "engine": {"load_format": "gguf"}}  # fmt: skip
     plan = plan_deployment(parse_config({"models": [model]}), "redis://r:6379/0",
                            {"m": tiny_model_dir})  # fmt: skip
     cfg = plan.replicas[0].config
@@ -300,5 +302,9 @@ def test_cpu_replicas_run_a_lone_sequence_on_a_core_less(threads, lone, want, ti
     plan = plan_deployment(parse_config({"models": [gpu]}), "redis://r:6379/0",
                            {"m": tiny_model_dir})  # fmt: skip
     assert plan.replicas[0].config.engine.cpu_lone_step_threads == 0
+    dense = model | {"engine": {}}  # float32 weights: the same threads unless asked
+    plan = plan_deployment(parse_config({"models": [dense]}), "redis://r:6379/0",
+                           {"m": tiny_model_dir})  # fmt: skip
+    assert plan.replicas[0].config.engine.cpu_lone_step_threads == (want if lone else 0)
     with pytest.raises(ConfigError, match="lone_threads"):
         parse_config({"models": [model | {"colocated": {"lone_threads": -1}}]})
