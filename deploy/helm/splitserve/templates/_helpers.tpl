@@ -94,6 +94,9 @@ splitserve.io/metrics: "true"
 # (~8 ms less a request: bench/gpu_stack.py, docs/benchmarks.md). ray.env may turn it off.
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
+# Replica code on the replica's main event loop: no thread hop per ASGI message or gRPC piece.
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "0"
 {{- with .Values.ray.env }}
 {{ toYaml . }}
 {{- end }}
