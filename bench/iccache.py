@@ -101,7 +101,7 @@ def messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
 
 
-def run_batch(engine: LLMEngine, tok, convs: list[list[dict]], max_tokens: int = MAX_TOKENS):
+def run_batch(engine: LLMEngine, tok, convs: list[list[dict]], max_tokens: int):
     if not convs:
         return []
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -151,7 +151,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         engine = LLMEngine(model_dir, cfg)
         for n in (48, 256):
             warm_ids = [[7 + (k % 50), *range(100 + k, 100 + k + n)] for k in range(args.batch)]
-            lens = [SamplingParams(max_tokens=1 + k % MAX_TOKENS, temperature=0.0,
+            lens = [SamplingParams(max_tokens=1 + k % args.max_tokens, temperature=0.0,
                                    ignore_eos=True) for k in range(args.batch)]  # fmt: skip
             engine.generate(warm_ids, lens)
         return engine
@@ -178,7 +178,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         # each answer was judged (exact match), so the store holds its complete answers and
         # the outcome memory what the large model scored on requests like the test's.
         t0 = time.perf_counter()
-        outs = run_batch(large, tok_l, [messages(q["input"]) for q in warm])
+        outs = run_batch(large, tok_l, [messages(q["input"]) for q in warm], args.max_tokens)
         admitted = 0
         for k, (q, out) in enumerate(zip(warm, outs, strict=True)):
             d = await ic.decide(route, "bench", messages(q["input"]), "large")
@@ -210,11 +210,17 @@ async def main_async(args: argparse.Namespace) -> dict:
 
         large = fresh(large)
         t = time.perf_counter()
-        large_ans = [o.text for o in run_batch(large, tok_l, [messages(q["input"]) for q in test])]
+        large_ans = [
+            o.text
+            for o in run_batch(large, tok_l, [messages(q["input"]) for q in test], args.max_tokens)
+        ]
         r_large = record("all-large", large_ans, time.perf_counter() - t, 0)
         small = fresh(small)
         t = time.perf_counter()
-        small_ans = [o.text for o in run_batch(small, tok_s, [messages(q["input"]) for q in test])]
+        small_ans = [
+            o.text
+            for o in run_batch(small, tok_s, [messages(q["input"]) for q in test], args.max_tokens)
+        ]
         r_small = record("all-small", small_ans, time.perf_counter() - t, len(test))
 
         # The answer cache: the nearest past answer verbatim at cosine >= 0.8.
@@ -227,8 +233,10 @@ async def main_async(args: argparse.Namespace) -> dict:
             ok = hits and hits[0].similarity >= ANSWER_CACHE_SIM
             ans.append(hits[0].example.response if ok else None)
         miss = [k for k, a in enumerate(ans) if a is None]
-        for k, o in zip(miss, run_batch(large, tok_l, [messages(test[k]["input"]) for k in miss]),
-                        strict=True):  # fmt: skip
+        missed = run_batch(
+            large, tok_l, [messages(test[k]["input"]) for k in miss], args.max_tokens
+        )
+        for k, o in zip(miss, missed, strict=True):
             ans[k] = o.text
         ac_ans = [a or "" for a in ans]
         r_ac = record("answer-cache", ac_ans, time.perf_counter() - t, len(test) - len(miss))
@@ -246,7 +254,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         ds: dict = {}
         engines = {"small": (small, tok_s), "large": (large, tok_l)}
         running: dict[str, dict[str, tuple[int, Completion]]] = {"small": {}, "large": {}}
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
         while nxt < len(test) or any(running.values()):
             while nxt < len(test) and all(len(r) < args.batch for r in running.values()):
                 idx = list(range(nxt, min(nxt + args.batch, len(test))))
@@ -316,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test", type=int, default=400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--kv-blocks", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                    help="an answer's cap (short facts: 8; random-weight presets, which run every "
+                    "answer to the cap, measure serving at a chat's length, e.g. 64)")  # fmt: skip
     ap.add_argument("--small", default="smollm2-135m-instruct")
     ap.add_argument("--large", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
