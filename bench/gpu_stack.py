@@ -49,7 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, write_report  # noqa: E402
+from bench.report import cuda_name, machine, write_report  # noqa: E402
 
 perf = time.perf_counter
 EXAMPLES = {"colocated": ROOT / "examples/gpu-llama8b-colocated.yaml",
@@ -270,17 +270,23 @@ def part_engine(smoke: bool, out_dir: Path) -> dict:
 # -- the stack --------------------------------------------------------------------------------
 
 
+def replay_args(target: str, model: str, model_dir: Path, s: dict) -> list[str]:
+    """`splitserve bench run/goodput` arguments of the workload (settings s) against target:
+    an OpenAI base URL (.../v1) or grpc://host:port."""
+    return ["--url", target, "--model", model, "--prompt-format", "ids",
+            "--tokenizer", str(model_dir), "--trace", "azure-conv",
+            "--duration", str(s["span_s"]), "--requests", str(s["requests"]),
+            "--warmup", str(s["warmup_s"]), "--max-prompt-tokens", str(s["max_prompt"]),
+            "--max-output-tokens", str(s["max_output"]), "--timeout", str(s["timeout_s"]),
+            "--extra", '{"temperature": 0}', "--quiet"]  # fmt: skip
+
+
 def stack_goodput(url: str, model: str, model_dir: Path, s: dict, out_dir: Path) -> dict:
     """url: the router's HTTP base (http://...) or its gRPC Generate (grpc://...)."""
     """`splitserve bench run` once at the lowest rate (discarded), then `splitserve bench
     goodput` with the bare engine's workload and search; its report and plots in out_dir."""
     target = url if url.startswith("grpc://") else f"{url}/v1"
-    common = ["--url", target, "--model", model, "--prompt-format", "ids",
-              "--tokenizer", str(model_dir), "--trace", "azure-conv",
-              "--duration", str(s["span_s"]), "--requests", str(s["requests"]),
-              "--warmup", str(s["warmup_s"]), "--max-prompt-tokens", str(s["max_prompt"]),
-              "--max-output-tokens", str(s["max_output"]), "--timeout", str(s["timeout_s"]),
-              "--extra", '{"temperature": 0}', "--quiet"]  # fmt: skip
+    common = replay_args(target, model, model_dir, s)
     cli = [sys.executable, "-m", "splitserve.cli", "bench"]
     warm = [*cli, "run", *common, "--rate", str(s["lo"]), "--seed", "99"]
     subprocess.run(warm, check=True, capture_output=True, text=True)
@@ -324,7 +330,7 @@ async def pd_burst(pre: str, dec: str, planned: list) -> dict:
 
 
 def part_stack(mode: str, smoke: bool, out_dir: Path) -> dict:
-    from bench.up_process import free_port, up_session
+    from bench.up_process import config_session, free_port
     from kvstore.registry import list_replicas
     from services.engine.config import ModelConfig
     from splitserve.up import resolve_model_path
@@ -335,45 +341,38 @@ def part_stack(mode: str, smoke: bool, out_dir: Path) -> dict:
     spec = model_spec(mode, smoke)
     model_dir = resolve_model_path(spec)
     result: dict = {"part": mode, "config": cfg}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{mode}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        t = perf()
-        with up_session("--config", str(path), stop_timeout_s=120) as up:
-            result["up_s"] = perf() - t
-            for _ in range(50):  # its stderr is read on another thread
-                if up.redis:
-                    break
-                time.sleep(0.1)
-            print(f"splitserve up ({mode}) at {up.url} in {result['up_s']:.0f} s", flush=True)
-            roles = spec.serving_roles
-            reps = {r: list_replicas(up.redis, r, spec.name) for r in roles}
-            result["replicas"] = {r: [x.address for x in v] for r, v in reps.items()}
-            if mode == "colocated":
-                from bench.stack_latency import openai_check, overhead
+    t = perf()
+    with config_session(cfg, stop_timeout_s=120) as up:
+        result["up_s"] = perf() - t
+        print(f"splitserve up ({mode}) at {up.url} in {result['up_s']:.0f} s", flush=True)
+        roles = spec.serving_roles
+        reps = {r: list_replicas(up.redis, r, spec.name) for r in roles}
+        result["replicas"] = {r: [x.address for x in v] for r, v in reps.items()}
+        if mode == "colocated":
+            from bench.stack_latency import openai_check, overhead
 
-                result["openai"] = openai_check(up.url, spec.name, s["timeout_s"])
-                print("openai client:", json.dumps(result["openai"]), flush=True)
-                vocab = ModelConfig.from_dir(model_dir).vocab_size
-                result["overhead"] = overhead(up.url, grpc_port, reps["colocated"][0].address,
-                                              spec.name, vocab, s)  # fmt: skip
-                print("overhead:", json.dumps(result["overhead"]), flush=True)
-            else:
-                planned = burst(model_dir, s, 70_000) + burst(model_dir, s, 80_000)
-                result["prefill_burst"] = asyncio.run(
-                    pd_burst(reps["prefill"][0].address, reps["decode"][0].address, planned)
-                )
-                print("prefill burst:", json.dumps(result["prefill_burst"]), flush=True)
-            # Either API times every token: random weights' tokens often have no text of their
-            # own, and the replay's token-id prompts make the HTTP client ask for
-            # `return_token_ids`, so each SSE chunk names its tokens as gRPC's messages do.
-            api = f"grpc://127.0.0.1:{grpc_port}" if API["stack"] == "grpc" else up.url
-            result["api"] = API["stack"]
-            if s.get("goodput", True):
-                result["goodput"] = stack_goodput(api, spec.name, model_dir, s, out_dir / mode)
-                rps = result["goodput"]["goodput_rps"]
-                print(f"{mode} up goodput: {rps:.2f} req/s", flush=True)
-        result["up_log_tail"] = "".join(up.stderr)[-3000:]
+            result["openai"] = openai_check(up.url, spec.name, s["timeout_s"])
+            print("openai client:", json.dumps(result["openai"]), flush=True)
+            vocab = ModelConfig.from_dir(model_dir).vocab_size
+            result["overhead"] = overhead(up.url, grpc_port, reps["colocated"][0].address,
+                                          spec.name, vocab, s)  # fmt: skip
+            print("overhead:", json.dumps(result["overhead"]), flush=True)
+        else:
+            planned = burst(model_dir, s, 70_000) + burst(model_dir, s, 80_000)
+            result["prefill_burst"] = asyncio.run(
+                pd_burst(reps["prefill"][0].address, reps["decode"][0].address, planned)
+            )
+            print("prefill burst:", json.dumps(result["prefill_burst"]), flush=True)
+        # Either API times every token: random weights' tokens often have no text of their
+        # own, and the replay's token-id prompts make the HTTP client ask for
+        # `return_token_ids`, so each SSE chunk names its tokens as gRPC's messages do.
+        api = f"grpc://127.0.0.1:{grpc_port}" if API["stack"] == "grpc" else up.url
+        result["api"] = API["stack"]
+        if s.get("goodput", True):
+            result["goodput"] = stack_goodput(api, spec.name, model_dir, s, out_dir / mode)
+            rps = result["goodput"]["goodput_rps"]
+            print(f"{mode} up goodput: {rps:.2f} req/s", flush=True)
+    result["up_log_tail"] = "".join(up.stderr)[-3000:]
     return result
 
 
@@ -442,12 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         fn = part_engine if a.run_part == "engine" else lambda sm, o: part_stack(a.run_part, sm, o)
         a.part_json.write_text(json.dumps(fn(a.cpu_smoke, out_dir), default=str))
         return 0
-    gpu = "cpu smoke"
-    if not a.cpu_smoke:
-        import torch
-
-        p = torch.cuda.get_device_properties(0)
-        gpu = f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB)"
+    gpu = "cpu smoke" if a.cpu_smoke else cuda_name()
     old = json.loads(a.json.read_text()) if a.json and a.json.exists() else {}
     parts = {r["part"]: r for r in old.get("results", []) if "part" in r}
     for name in a.parts.split(","):

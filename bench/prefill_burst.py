@@ -20,17 +20,14 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import gpu_stack  # noqa: E402
-from bench.report import machine, write_report  # noqa: E402
+from bench.report import cuda_name, machine, write_report  # noqa: E402
 
 WAYS = ("pd", "unpulled", "first-only")
 perf = time.perf_counter
@@ -73,7 +70,7 @@ async def prefill_only(pre: str, dec: str, planned: list, max_tokens: int) -> di
 
 
 def run(ways: list[str], smoke: bool) -> dict:
-    from bench.up_process import free_port, up_session
+    from bench.up_process import config_session, free_port
     from kvstore.registry import list_replicas
     from splitserve.up import resolve_model_path
 
@@ -82,28 +79,21 @@ def run(ways: list[str], smoke: bool) -> dict:
     spec = gpu_stack.model_spec("disaggregated", smoke)
     model_dir = resolve_model_path(spec)
     result: dict = {"config": cfg, "ways": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "disaggregated.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        with up_session("--config", str(path), stop_timeout_s=120) as up:
-            for _ in range(50):  # its stderr is read on another thread
-                if up.redis:
-                    break
-                time.sleep(0.1)
-            pre = list_replicas(up.redis, "prefill", spec.name)[0].address
-            dec = list_replicas(up.redis, "decode", spec.name)[0].address
-            for k, way in enumerate(ways):
-                base = 100_000 * (k + 1)
-                planned = gpu_stack.burst(model_dir, s, base) + gpu_stack.burst(
-                    model_dir, s, base + 50_000
-                )
-                if way == "pd":
-                    got = asyncio.run(gpu_stack.pd_burst(pre, dec, planned))
-                else:
-                    n = 2 if way == "unpulled" else 1
-                    got = asyncio.run(prefill_only(pre, dec, planned, n))
-                result["ways"][way] = got
-                print(f"{way}: {json.dumps(got)}", flush=True)
+    with config_session(cfg, stop_timeout_s=120) as up:
+        pre = list_replicas(up.redis, "prefill", spec.name)[0].address
+        dec = list_replicas(up.redis, "decode", spec.name)[0].address
+        for k, way in enumerate(ways):
+            base = 100_000 * (k + 1)
+            planned = gpu_stack.burst(model_dir, s, base) + gpu_stack.burst(
+                model_dir, s, base + 50_000
+            )
+            if way == "pd":
+                got = asyncio.run(gpu_stack.pd_burst(pre, dec, planned))
+            else:
+                n = 2 if way == "unpulled" else 1
+                got = asyncio.run(prefill_only(pre, dec, planned, n))
+            result["ways"][way] = got
+            print(f"{way}: {json.dumps(got)}", flush=True)
     return result
 
 
@@ -117,12 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [w for w in ways if w not in WAYS]
     if bad or not ways:
         ap.error(f"--ways: choose from {', '.join(WAYS)}")
-    gpu = "cpu smoke"
-    if not a.cpu_smoke:
-        import torch
-
-        p = torch.cuda.get_device_properties(0)
-        gpu = f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB)"
+    gpu = "cpu smoke" if a.cpu_smoke else cuda_name()
     result = run(ways, a.cpu_smoke)
     rates = {w: r.get("tok_s") for w, r in result["ways"].items()}
     summary = {f"{w}_tok_s": v for w, v in rates.items()}

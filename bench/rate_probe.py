@@ -16,18 +16,15 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import gpu_stack  # noqa: E402
-from bench.report import machine, write_report  # noqa: E402
+from bench.report import cuda_name, machine, write_report  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -59,15 +56,10 @@ def sample(stop: threading.Event, peaks: dict) -> None:
 
 
 def replay(target: str, model: str, model_dir: Path, s: dict, rate: float) -> dict:
-    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "run", "--url", target,
-           "--model", model, "--prompt-format", "ids", "--tokenizer", str(model_dir),
-           "--trace", "azure-conv", "--duration", str(s["span_s"]),
-           "--requests", str(s["requests"]), "--warmup", str(s["warmup_s"]),
-           "--max-prompt-tokens", str(s["max_prompt"]),
-           "--max-output-tokens", str(s["max_output"]), "--timeout", str(s["timeout_s"]),
-           "--extra", '{"temperature": 0}', "--rate", str(rate), "--seed", "1",
-           "--slo-ttft", str(s["ttft_ms"]), "--slo-tpot", str(s["tpot_ms"]),
-           "--quiet"]  # fmt: skip
+    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "run",
+           *gpu_stack.replay_args(target, model, model_dir, s), "--rate", str(rate),
+           "--seed", "1", "--slo-ttft", str(s["ttft_ms"]),
+           "--slo-tpot", str(s["tpot_ms"])]  # fmt: skip
     stop, seen = threading.Event(), {}
     watcher = threading.Thread(target=sample, args=(stop, seen))
     watcher.start()
@@ -89,7 +81,7 @@ def replay(target: str, model: str, model_dir: Path, s: dict, rate: float) -> di
 
 def run(rate: float, smoke: bool) -> dict:
     from bench.stack_latency import overhead
-    from bench.up_process import free_port, up_session
+    from bench.up_process import config_session, free_port
     from kvstore.registry import list_replicas
     from services.engine.config import ModelConfig
     from splitserve.up import resolve_model_path
@@ -100,24 +92,15 @@ def run(rate: float, smoke: bool) -> dict:
     spec = gpu_stack.model_spec("colocated", smoke)
     model_dir = resolve_model_path(spec)
     result: dict = {"rate": rate}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "colocated.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        with up_session("--config", str(path), stop_timeout_s=120) as up:
-            for _ in range(50):  # its stderr is read on another thread
-                if up.redis:
-                    break
-                time.sleep(0.1)
-            replica = list_replicas(up.redis, "colocated", spec.name)[0].address
-            vocab = ModelConfig.from_dir(model_dir).vocab_size
-            result["overhead"] = overhead(up.url, grpc_port, replica, spec.name, vocab, s)
-            print("overhead:", json.dumps(result["overhead"]), flush=True)
-            for api, target in (
-                ("http", f"{up.url}/v1"),
-                ("grpc", f"grpc://127.0.0.1:{grpc_port}"),
-            ):
-                print(f"== {api} at {rate} req/s", flush=True)
-                result[api] = replay(target, spec.name, model_dir, s, rate)
+    with config_session(cfg, stop_timeout_s=120) as up:
+        name, url = spec.name, up.url
+        replica = list_replicas(up.redis, "colocated", name)[0].address
+        vocab = ModelConfig.from_dir(model_dir).vocab_size
+        result["overhead"] = overhead(url, grpc_port, replica, name, vocab, s)
+        print("overhead:", json.dumps(result["overhead"]), flush=True)
+        for api, target in (("http", f"{url}/v1"), ("grpc", f"grpc://127.0.0.1:{grpc_port}")):
+            print(f"== {api} at {rate} req/s", flush=True)
+            result[api] = replay(target, name, model_dir, s, rate)
     return result
 
 
@@ -129,12 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.rate <= 0:
         ap.error("--rate must be > 0")
-    gpu = "cpu smoke"
-    if not a.cpu_smoke:
-        import torch
-
-        p = torch.cuda.get_device_properties(0)
-        gpu = f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB)"
+    gpu = "cpu smoke" if a.cpu_smoke else cuda_name()
     result = run(a.rate, a.cpu_smoke)
     summary = {
         "http_added_ms_per_request": result["overhead"]["http"].get("added_ms_per_request"),

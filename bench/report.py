@@ -10,6 +10,14 @@ import time
 from pathlib import Path
 
 
+def cuda_name() -> str:
+    """The CUDA cards a report names: how many, their name and memory."""
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    return f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB)"
+
+
 def machine(extra: str = "") -> str:
     cpu = platform.processor() or platform.machine()
     try:

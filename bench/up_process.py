@@ -13,7 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,23 @@ def up_session(*args: str, stop_timeout_s: float = 90.0) -> Iterator[Up]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def config_session(cfg: dict, stop_timeout_s: float = 90.0) -> Iterator[Up]:
+    """`splitserve up --config` with cfg (an app config) written to a file, once it serves and
+    its private Redis server's URL, if it runs one, has been read from its stderr."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "app.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        with up_session("--config", str(path), stop_timeout_s=stop_timeout_s) as up:
+            for _ in range(50):  # its stderr is read on another thread
+                if up.redis:
+                    break
+                time.sleep(0.1)
+            yield up
 
 
 @contextlib.contextmanager
