@@ -124,6 +124,65 @@ def test_paged_decode_attention(dtype, heads, kv_heads, head_dim, splits):
         assert rel_err(out[i], torch.einsum("hs,shd->hd", p, vs)) < TOL[dtype], (i, n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 16), (32, 8, 64), (32, 8, 128)])
+def test_paged_prefill_attention(dtype, heads, kv_heads, head_dim):
+    """Chunks with and without a cached prefix, shorter and longer than a tile, in one launch,
+    against causal attention in float64; rows that are not prefill rows stay untouched."""
+    import numpy as np
+
+    from services.engine.attention import gather_blocks
+    from services.engine.prefill_attention_cuda import (
+        PrefillPlan,
+        fill_plan,
+        paged_prefill_attention,
+        plan_space,
+    )
+
+    bs, num_blocks = 16, 160
+    g = gen(head_dim * 3 + heads)
+    kc = torch.randn(num_blocks * bs, kv_heads, head_dim, device="cuda", dtype=dtype, generator=g)
+    vc = torch.randn(num_blocks * bs, kv_heads, head_dim, device="cuda", dtype=dtype, generator=g)
+    # (queries, context length): whole prompts, a one-token chunk, chunks behind a prefix
+    shapes = [(5, 5), (1, 40), (64, 64), (130, 300), (77, 77), (20, 533)]
+    nd = 3  # decode rows first, not the kernel's
+    rows, tables, start = [], [], nd
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(head_dim))
+    used = 0
+    for nq, ctx in shapes:
+        nblk = -(-ctx // bs)
+        tables.append(perm[used : used + nblk].tolist())
+        used += nblk
+        rows.append((start, nq, ctx))
+        start += nq
+    host = np.zeros(plan_space(start, len(shapes)), dtype=np.int32)
+    seqs_at, seqs_end = fill_plan(rows, host)
+    width = max(len(t) for t in tables)
+    table = torch.zeros(len(shapes), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = torch.tensor(t)
+    dev = torch.from_numpy(host[:seqs_end]).cuda()
+    plan = PrefillPlan(dev[:seqs_at].view(-1, 2), dev[seqs_at:].view(-1, 3), table.cuda())
+    q = torch.randn(start, heads, head_dim, device="cuda", dtype=dtype, generator=g)
+    out = torch.full_like(q, math.nan)
+    scale = head_dim**-0.5
+    paged_prefill_attention(q, kc, vc, plan, bs, scale, out)
+    assert out[:nd].isnan().all()
+    group = heads // kv_heads
+    for (first, nq, ctx), t in zip(rows, tables, strict=True):
+        idx = torch.tensor(t, device="cuda")
+        ks = gather_blocks(kc, idx, bs)[:ctx].double().repeat_interleave(group, 1)
+        vs = gather_blocks(vc, idx, bs)[:ctx].double().repeat_interleave(group, 1)
+        s = torch.einsum("qhd,shd->hqs", q[first : first + nq].double(), ks) * scale
+        visible = (
+            torch.arange(ctx, device="cuda")[None, :]
+            <= (ctx - nq) + torch.arange(nq, device="cuda")[:, None]
+        )
+        p = s.masked_fill(~visible, -math.inf).softmax(-1)
+        ref = torch.einsum("hqs,shd->qhd", p, vs)
+        assert rel_err(out[first : first + nq], ref) < TOL[dtype], (nq, ctx)
+
+
 # -- the engine -------------------------------------------------------------------------------
 
 

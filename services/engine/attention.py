@@ -16,6 +16,7 @@ import torch
 
 if TYPE_CHECKING:
     from services.engine.dist_attention import DistStep
+    from services.engine.prefill_attention_cuda import PrefillPlan
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class AttentionMetadata:
     # A step with KV held outside the local pool (DistAttention): the model asks it for every
     # layer's attention instead of the backend; slot_mapping is -1 for tokens stored remotely.
     dist: DistStep | None = None
+    # CUDA backend: every prefill chunk for one kernel launch (prefill_attention_cuda.py)
+    prefill_plan: PrefillPlan | None = None
 
 
 def gather_blocks(cache: torch.Tensor, table: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The CUDA attention backend: a paged decode kernel (Triton) and varlen prefill (torch SDPA).
+"""The CUDA attention backend: a paged decode kernel (Triton) and paged prefill (Triton, one
+launch per layer: prefill_attention_cuda.py; torch SDPA per chunk where no plan was made).
 
 Decode is split-KV ("flash decoding"): stage 1 runs one program per (sequence, KV head, split),
 each over a contiguous run of the context, reading K/V rows through the block table and keeping
@@ -6,9 +7,9 @@ all query heads of its group in one tile, so every K/V byte is read once per ste
 merges the splits by their log-sum-exp. The split count is fixed per launch (so a CUDA graph
 can hold it) and context lengths are read on the device, so one graph serves any lengths.
 
-Prefill with no cached prefix is causal attention over the chunk's own K/V: SDPA's flash
-kernel (GQA native). A chunk that continues a cached context gathers its context's blocks and
-runs SDPA's memory-efficient kernel with the offset causal mask.
+Without a plan, prefill with no cached prefix is causal attention over the chunk's own K/V:
+SDPA's flash kernel (GQA native). A chunk that continues a cached context gathers its context's
+blocks and runs SDPA's memory-efficient kernel with the offset causal mask.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from services.engine.attention import AttentionMetadata, gather_blocks
 from services.engine.attention_cpu import TorchAttentionBackend, _offset_causal_mask
 from services.engine.fused_ops import HAS_TRITON
+from services.engine.prefill_attention_cuda import paged_prefill_attention
 
 if HAS_TRITON:
     import triton
@@ -240,6 +242,11 @@ class CudaAttentionBackend:
                 q[:nd], k_cache, v_cache, meta.decode_block_table, meta.decode_context_lens,
                 meta.block_size, meta.scale, out=out[:nd],
             )  # fmt: skip
+        if meta.prefill_plan is not None:
+            paged_prefill_attention(
+                q, k_cache, v_cache, meta.prefill_plan, meta.block_size, meta.scale, out
+            )
+            return out
         for p in meta.prefills:
             sl = slice(p.query_start, p.query_start + p.num_query)
             qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]

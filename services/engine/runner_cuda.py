@@ -30,6 +30,7 @@ from services.engine.dist_attention import placements, plan_host, plan_step
 from services.engine.dist_graphs import DistGraphs, HolderRows, pool_inputs
 from services.engine.kv_cache import KVCache, slot_mapping
 from services.engine.model import LlamaModel
+from services.engine.prefill_attention_cuda import PrefillPlan, fill_plan, plan_space
 from services.engine.runner_state import RequestState, RequestStates
 from services.engine.sampler import SampledToken, Sampler
 from services.engine.sampling_params import SamplingParams
@@ -82,9 +83,10 @@ class _Inputs:
         t, s = max_tokens, max_seqs
         self.off = {
             "ids": 0, "pos": t, "slots": 2 * t, "lens": 3 * t, "rows": 3 * t + s,
-            "sidx": 3 * t + 2 * s, "table": 3 * t + 3 * s,
+            "sidx": 3 * t + 2 * s, "plan": 3 * t + 3 * s,
+            "table": 3 * t + 3 * s + plan_space(t, s),
         }  # fmt: skip
-        size = 3 * t + 3 * s + s * max_blocks
+        size = self.off["table"] + s * max_blocks
         self.host = [torch.zeros(size, dtype=torch.int32).pin_memory() for _ in range(2)]
         self.np = [h.numpy() for h in self.host]
         self.dev = torch.zeros(size, dtype=torch.int32, device=device)
@@ -233,14 +235,18 @@ class CudaModelRunner:
         ends = np.cumsum([s.num_new for s in seqs])
         inp.host_np("rows", len(sampling))[:] = ends[sampling] - 1 if sampling else []
         inp.host_np("sidx", len(sampling))[:] = sampling
-        inp.upload(nd)
+        plan = self._plan_prefills(so.prefills, starts, nd) if so.prefills else None
+        inp.upload(nd + len(so.prefills) if plan else nd)
 
         prefills = []
-        for start, s in zip(starts, so.prefills, strict=True):
+        for i, (start, s) in enumerate(zip(starts, so.prefills, strict=True)):
             table = None
             if s.start > 0:
-                blocks = self.requests[s.request_id].block_ids[: -(-s.end // self.bs)]
-                table = torch.tensor(blocks, dtype=torch.long).to(self.device, non_blocking=True)
+                if plan is not None:
+                    table = plan.table[i, : -(-s.end // self.bs)]
+                else:
+                    blocks = self.requests[s.request_id].block_ids[: -(-s.end // self.bs)]
+                    table = torch.tensor(blocks, dtype=torch.long).to(self.device)
             prefills.append(PrefillSeq(start, s.num_new, s.end, table))
         meta = AttentionMetadata(
             num_decode=nd,
@@ -251,9 +257,31 @@ class CudaModelRunner:
             scale=self.scale,
             block_size=self.bs,
             decode_context_lens=inp.view("lens", nd) if nd else None,
+            prefill_plan=plan,
         )
         ids_dev = self._resolve(inp.view("ids", n_tok))
         return ids_dev, inp.view("pos", n_tok), meta, inp.view("rows", len(sampling)).long()
+
+    def _plan_prefills(
+        self, chunks: list[ScheduledSeq], starts: list[int], nd: int
+    ) -> PrefillPlan | None:
+        """The step's prefill chunks for the one-launch kernel (the fused path), in the pinned
+        inputs: tiles and chunk rows in "plan", block tables in the table rows after decode's."""
+        if not self.model.fused:
+            return None
+        inp = self.inputs
+        rows = [(st, s.num_new, s.end) for st, s in zip(starts, chunks, strict=True)]
+        seqs_at, seqs_end = fill_plan(rows, inp.host_np("plan", plan_space(*inp.sizes)))
+        table = inp.host_table()[nd : nd + len(chunks)]
+        for r, s in zip(table, chunks, strict=True):
+            blocks = self.requests[s.request_id].block_ids[: -(-s.end // self.bs)]
+            r[: len(blocks)] = blocks
+        dev = inp.view("plan", seqs_end)
+        return PrefillPlan(
+            dev[:seqs_at].view(-1, 2),
+            dev[seqs_at:seqs_end].view(-1, 3),
+            inp.table(nd + len(chunks))[nd:],
+        )
 
     def _has_remote(self, so: SchedulerOutput) -> bool:
         return self.remote is not None and any(self.requests[s.request_id].remote for s in so.seqs)
