@@ -77,6 +77,26 @@ def test_memory_is_bounded_and_keeps_the_newest(redis_url: str, namespace: str):
     asyncio.run(body())
 
 
+def test_concurrent_estimates_read_each_outcome_once(redis_url: str, namespace: str):
+    """A burst of decisions estimates concurrently: the mirror still holds each judged
+    outcome once, so the k nearest are k different requests, not copies of one."""
+
+    async def body():
+        m = memory(redis_url, namespace)
+        for k in range(10):
+            await m.record("t", "large", unit(1, 0.1 * k), k / 10)
+        await asyncio.gather(*(m.estimate(["t"], unit(1), PRIORS) for _ in range(32)))
+        for k in range(10, 15):  # more arrive between bursts
+            await m.record("t", "large", unit(1, 0.1 * k), k / 10)
+        await asyncio.gather(*(m.estimate(["t"], unit(1), PRIORS) for _ in range(32)))
+        arm = m._mirrors["t"].arms["large"]
+        assert arm.index.ntotal == 15
+        assert arm.scores == pytest.approx([k / 10 for k in range(15)])
+        await m.close()
+
+    asyncio.run(body())
+
+
 def test_bad_scope_and_knobs_are_refused(redis_url: str, namespace: str):
     with pytest.raises(ValueError, match="positive"):
         OutcomeMemory(redis_url, namespace, DIM, 0, 8, 2.0)

@@ -16,6 +16,7 @@ loaded on first use and followed before every estimate, bounded like the stream.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import faiss
@@ -57,6 +58,9 @@ class _ArmIndex:
 class _Mirror:
     arms: dict[str, _ArmIndex]
     last_id: bytes = b"0-0"
+    # One reader at a time: concurrent estimates (a router deciding a burst) would each read
+    # the stream from the same last_id and add every new entry once per reader.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class OutcomeMemory:
@@ -89,11 +93,16 @@ class OutcomeMemory:
 
     async def _follow(self, scope: str) -> _Mirror:
         m = self._mirrors.setdefault(scope, _Mirror(arms={}))
+        async with m.lock:
+            await self._read(scope, m)
+        return m
+
+    async def _read(self, scope: str, m: _Mirror) -> None:
         key = self._key(scope)
         while True:
             got = await self.r.xread({key: m.last_id}, count=1000)
             if not got:
-                return m
+                return
             entries = got[0][1]
             for entry_id, f in entries:
                 m.last_id = entry_id
@@ -105,7 +114,7 @@ class OutcomeMemory:
                     m.arms[name] = _ArmIndex(faiss.IndexFlatIP(self.dim))
                 m.arms[name].add(emb.astype(np.float32), float(f[b"score"]), self.capacity)
             if len(entries) < 1000:
-                return m
+                return
 
     async def estimate(
         self, scopes: list[str], emb: np.ndarray, priors: dict[str, float]

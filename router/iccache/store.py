@@ -20,6 +20,7 @@ expected offloading gain, reuse x mean judged gain) that fit; eviction drops the
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ class ExampleStore:
         self.dim = dim
         self.capacity_bytes = capacity_bytes
         self._scopes: dict[str, _ScopeIndex] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -139,7 +141,13 @@ class ExampleStore:
         return ":".join((self.prefix, scope, *map(str, rest)))
 
     async def _mirror(self, scope: str) -> _ScopeIndex:
-        """The scope's mirror, loaded on first use and brought up to date with the log."""
+        """The scope's mirror, loaded on first use and brought up to date with the log. One
+        caller at a time per scope: a burst of searches loads it once and reads each log
+        entry once."""
+        async with self._locks.setdefault(scope, asyncio.Lock()):
+            return await self._mirror_locked(scope)
+
+    async def _mirror_locked(self, scope: str) -> _ScopeIndex:
         idx = self._scopes.get(scope)
         if idx is None:
             idx = _ScopeIndex(self.dim)
