@@ -241,58 +241,19 @@ async def main_async(args: argparse.Namespace) -> dict:
         ac_ans = [a or "" for a in ans]
         r_ac = record("answer-cache", ac_ans, time.perf_counter() - t, len(test) - len(miss))
 
-        # IC-Cache over a stream served as a server would: requests are decided as they
-        # arrive, in groups of --batch decided concurrently (their embeddings share a pass, as
-        # the embed service batches concurrent calls), and each model runs continuous
-        # batching: a finished request's slot takes the next arrival routed there, and a
-        # model steps only with a full batch until the stream ends. Each answer is judged
-        # (feedback) as soon as it finishes, so later decisions learn from it.
         small, large = fresh(small), fresh(large)
         t = time.perf_counter()
-        ic_ans: list[str] = [""] * len(test)
-        n_small, decide_s, nxt = 0, 0.0, 0
-        ds: dict = {}
-        engines = {"small": (small, tok_s), "large": (large, tok_l)}
-        running: dict[str, dict[str, tuple[int, Completion]]] = {"small": {}, "large": {}}
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-        while nxt < len(test) or any(running.values()):
-            while nxt < len(test) and all(len(r) < args.batch for r in running.values()):
-                idx = list(range(nxt, min(nxt + args.batch, len(test))))
-                nxt = idx[-1] + 1
-                forced = [None] * len(idx)
-                if args.small_share is not None:
-                    forced = ["small+examples" if mix.random() < args.small_share else "large"
-                              for _ in idx]  # fmt: skip
-                t_d = time.perf_counter()
-                got = await asyncio.gather(*(
-                    ic.decide(route, "bench", messages(test[k]["input"]), f)
-                    for k, f in zip(idx, forced, strict=True)
-                ))  # fmt: skip
-                decide_s += time.perf_counter() - t_d
-                for k, d in zip(idx, got, strict=True):
-                    ds[k] = d
-                    engine, tok = engines[d.model]
-                    prompt = tok.apply_chat_template(d.messages(messages(test[k]["input"])))
-                    engine.add_request(f"q{k}", prompt, params)
-                    running[d.model][f"q{k}"] = (k, Completion(f"q{k}", list(prompt)))
-                    n_small += d.model == "small"
-            for which, (engine, _) in engines.items():
-                live = running[which]
-                if not live or (len(live) < args.batch and nxt < len(test)):
-                    continue  # a part-full batch waits for arrivals, unless the stream ended
-                for out in engine.step():
-                    k, c = live[out.request_id]
-                    c.add(out)
-                    if out.finished:
-                        del live[out.request_id]
-                        ic_ans[k] = c.text
-                        await ic.finish(ds[k], out.request_id, c.text, c.finish_reason,
-                                        len(c.token_ids))  # fmt: skip
-                        score = float(correct(c.text, test[k]["target"]))
-                        await ic.feedback("bench", out.request_id, score)
-        # decide_seconds: the embedding, search, selection and bandit, in wall time
+        ic_ans, ds, n_small, decide_s, busy = await serve_stream(
+            ic, route, test, {"small": (small, tok_s), "large": (large, tok_l)},
+            args.batch, args.max_tokens, mix if args.small_share is not None else None,
+            args.small_share or 0.0,
+        )  # fmt: skip
+        # decide_seconds: the embedding, search, selection and bandit, in wall time when no
+        # model was stepping
         r_ic = record("iccache", ic_ans, time.perf_counter() - t, n_small,
-                      [ds[k].arm for k in range(len(test))], decide_seconds=decide_s)  # fmt: skip
+                      [ds[k].arm for k in range(len(test))], decide_seconds=decide_s,
+                      steps={w: b[0] for w, b in busy.items()},
+                      step_seconds={w: b[1] for w, b in busy.items()})  # fmt: skip
         await ic.close()
 
     others = {"all-small": small_ans, "answer-cache": ac_ans, "iccache": ic_ans}
@@ -314,6 +275,105 @@ async def main_async(args: argparse.Namespace) -> dict:
             "small_accuracy": r_small["accuracy"],
         },
     }
+
+
+async def serve_stream(
+    ic: ICCache, route: ICRoute, test: list[dict], engines: dict, batch: int, max_tokens: int,
+    mix: np.random.Generator | None, small_share: float,
+) -> tuple[list[str], dict, int, float, dict]:  # fmt: skip
+    """IC-Cache over a stream served as a server would. Requests are decided as they arrive,
+    in groups of `batch` decided concurrently (their embeddings share a pass, as the embed
+    service batches concurrent calls), up to a batch ahead of each model's running one. Each
+    model runs continuous batching: a finished request's slot takes the next arrival routed
+    there, and a model steps only with a full batch until the stream ends. Each answer is
+    judged (feedback) as soon as it finishes, so later decisions learn from it.
+
+    The models step in turns on the event loop while a group's embedding pass runs in its
+    own thread. A thread per model was slower on a GPU (H100: 120 against 151 questions/s;
+    their host threads contend for the GIL). Returns (answers, decisions, small count,
+    seconds deciding while no model stepped, {model: [steps, seconds in them]}).
+    """
+    n = len(test)
+    answers, ds = [""] * n, {}
+    inbox: dict[str, list] = {w: [] for w in engines}
+    live: dict[str, dict] = {w: {} for w in engines}
+    wake = {w: asyncio.Event() for w in [*engines, "feed"]}
+    state = {"next": 0, "small": 0, "decide_s": 0.0, "fed": False}
+    judged: list[asyncio.Task] = []
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    busy = {w: [0, 0.0] for w in engines}
+
+    def room() -> bool:
+        # One batch decided ahead of what each model runs: a server's router decides each
+        # request as it arrives, while the models step, not only once a slot is free.
+        return all(len(live[w]) + len(inbox[w]) < 2 * batch for w in engines)
+
+    async def judge(k: int, rid: str, c: Completion) -> None:
+        await ic.finish(ds[k], rid, c.text, c.finish_reason, len(c.token_ids))
+        await ic.feedback("bench", rid, float(correct(c.text, test[k]["target"])))
+
+    async def feed() -> None:
+        while state["next"] < n:
+            while not room():
+                wake["feed"].clear()
+                await wake["feed"].wait()
+            idx = list(range(state["next"], min(state["next"] + batch, n)))
+            state["next"] = idx[-1] + 1
+            forced = [None] * len(idx)
+            if mix is not None:  # the fixed routing mix
+                forced = ["small+examples" if mix.random() < small_share else "large"
+                          for _ in idx]  # fmt: skip
+            t_d, stepped = time.perf_counter(), sum(b[1] for b in busy.values())
+            got = await asyncio.gather(*(
+                ic.decide(route, "bench", messages(test[k]["input"]), f)
+                for k, f in zip(idx, forced, strict=True)
+            ))  # fmt: skip
+            # the models' steps taken meanwhile are theirs: what is left held them up
+            stepped = sum(b[1] for b in busy.values()) - stepped
+            state["decide_s"] += time.perf_counter() - t_d - stepped
+            for k, d in zip(idx, got, strict=True):
+                ds[k] = d
+                tok = engines[d.model][1]
+                prompt = tok.apply_chat_template(d.messages(messages(test[k]["input"])))
+                inbox[d.model].append((k, prompt))
+                state["small"] += d.model == "small"
+            for w in engines:
+                wake[w].set()
+        state["fed"] = True
+        for w in engines:  # the stream ended: part-full batches run now
+            wake[w].set()
+
+    async def drive(which: str) -> None:
+        engine = engines[which][0]
+        mine = live[which]
+        while True:
+            for k, prompt in inbox[which]:
+                engine.add_request(f"q{k}", prompt, params)
+                mine[f"q{k}"] = (k, Completion(f"q{k}", list(prompt)))
+            inbox[which].clear()
+            if not mine and state["fed"]:
+                return
+            if not mine or (len(mine) < batch and not state["fed"]):
+                wake[which].clear()  # a part-full batch waits for arrivals
+                await wake[which].wait()
+                continue
+            t_s = time.perf_counter()
+            outs = engine.step()
+            busy[which][0] += 1
+            busy[which][1] += time.perf_counter() - t_s
+            for out in outs:
+                k, c = mine[out.request_id]
+                c.add(out)
+                if out.finished:
+                    del mine[out.request_id]
+                    answers[k] = c.text
+                    judged.append(asyncio.create_task(judge(k, out.request_id, c)))
+                    wake["feed"].set()
+            await asyncio.sleep(0)  # the other model's turn, and the decisions
+
+    await asyncio.gather(feed(), *(drive(w) for w in engines))
+    await asyncio.gather(*judged)
+    return answers, ds, state["small"], state["decide_s"], busy
 
 
 def main(argv: list[str] | None = None) -> None:
