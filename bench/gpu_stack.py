@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import cuda_name, machine, write_report  # noqa: E402
+from bench.step_stats import loop_counters, step_counters, step_split  # noqa: E402
 
 perf = time.perf_counter
 EXAMPLES = {"colocated": ROOT / "examples/gpu-llama8b-colocated.yaml",
@@ -252,9 +253,10 @@ def part_engine(smoke: bool, out_dir: Path) -> dict:
         # new shapes; 2026-12-05 measured both sides cold, at ~1/3 of the warm rate).
         await replay(burst(model_dir, s, 50_000), client, 32, None, s["timeout_s"] + 30)
         planned = burst(model_dir, s, 60_000)
+        before = loop_counters(client.loop)
         t0 = perf()
         res = await replay(planned, client, 32, None, s["timeout_s"] + 30)
-        return prefill_rate(res.outcomes, t0)
+        return prefill_rate(res.outcomes, t0) | step_split(before, loop_counters(client.loop))
 
     result["full_queue_prefill"] = run(("disaggregated", "prefill"), full_queue)
     print("engine full-queue prefill:", json.dumps(result["full_queue_prefill"]), flush=True)
@@ -305,9 +307,10 @@ def stack_goodput(url: str, model: str, model_dir: Path, s: dict, out_dir: Path)
                        for p in rep["probes"]]}  # fmt: skip
 
 
-async def pd_burst(pre: str, dec: str, planned: list) -> dict:
+async def pd_burst(pre: str, dec: str, planned: list, metrics: str = "") -> dict:
     """The burst through the prefill replica and on to decode (which pulls the KV, as in
-    service): the prefill replica's rate and where its requests' time went."""
+    service): the prefill replica's rate, where its requests' time went and (with the
+    replica's metrics address) its steps during the timed half."""
     import numpy as np
 
     from bench.goodput_2gpu import PDReplayClient
@@ -319,9 +322,11 @@ async def pd_burst(pre: str, dec: str, planned: list) -> dict:
     half = len(planned) // 2  # the first half warms (see part_engine)
     await replay(planned[:half], client, 32, None, 300)
     client.timings.clear()
+    before = await asyncio.to_thread(step_counters, metrics)
     t0 = perf()
     res = await replay(planned[half:], client, 32, None, 300)
     out = prefill_rate(res.outcomes, t0)
+    out.update(step_split(before, await asyncio.to_thread(step_counters, metrics)))
     for key in ("queue_ms", "prefill_ms", "publish_ms", "transfer_ms"):
         v = [t[key] for t in client.timings.values() if key in t]
         out[f"{key}_mean"] = float(np.mean(v)) if v else None
@@ -359,8 +364,9 @@ def part_stack(mode: str, smoke: bool, out_dir: Path) -> dict:
             print("overhead:", json.dumps(result["overhead"]), flush=True)
         else:
             planned = burst(model_dir, s, 70_000) + burst(model_dir, s, 80_000)
+            pre = reps["prefill"][0]
             result["prefill_burst"] = asyncio.run(
-                pd_burst(reps["prefill"][0].address, reps["decode"][0].address, planned)
+                pd_burst(pre.address, reps["decode"][0].address, planned, pre.metrics_address)
             )
             print("prefill burst:", json.dumps(result["prefill_burst"]), flush=True)
         # Either API times every token: random weights' tokens often have no text of their

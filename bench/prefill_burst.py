@@ -8,7 +8,8 @@ decode sharing one GPU) three ways, each warmed by a burst of its own first:
   first-only max_tokens 1: prefill alone, the KV kept in the replica's own store.
 
 Each way's rate is the burst's prompt tokens over the time to its last first token, with the
-replica's own split (queued, in prefill steps, publishing) per request.
+replica's own split (queued, in prefill steps, publishing) per request and its engine steps
+meanwhile (count, mean time, mean tokens: slower steps or emptier ones than the bare engine's).
 
     python bench/prefill_burst.py [--json PATH] [--ways pd,unpulled,first-only]
     python bench/prefill_burst.py --cpu-smoke           # tiny preset on the CPU: plumbing
@@ -28,12 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench import gpu_stack  # noqa: E402
 from bench.report import cuda_name, machine, write_report  # noqa: E402
+from bench.step_stats import step_counters, step_split  # noqa: E402
 
 WAYS = ("pd", "unpulled", "first-only")
 perf = time.perf_counter
 
 
-async def prefill_only(pre: str, dec: str, planned: list, max_tokens: int) -> dict:
+async def prefill_only(pre: str, dec: str, planned: list, max_tokens: int, metrics: str) -> dict:
     """The burst through the Prefill RPC alone (no decode): max_tokens 1 ends each request
     there; 2 publishes its KV for a decode that never comes."""
     import numpy as np
@@ -56,10 +58,12 @@ async def prefill_only(pre: str, dec: str, planned: list, max_tokens: int) -> di
 
     half = len(planned) // 2
     await asyncio.gather(*(one(p) for p in planned[:half]))  # warms
+    before = await asyncio.to_thread(step_counters, metrics)
     t0 = perf()
     got = [g for g in await asyncio.gather(*(one(p) for p in planned[half:])) if g]
     await client.close()
     out = {"requests": len(planned) - half, "completed": len(got)}
+    out.update(step_split(before, step_counters(metrics)))
     if got:
         wall = max(g[0] for g in got) - t0
         tokens = sum(g[2] for g in got)
@@ -80,7 +84,8 @@ def run(ways: list[str], smoke: bool) -> dict:
     model_dir = resolve_model_path(spec)
     result: dict = {"config": cfg, "ways": {}}
     with config_session(cfg, stop_timeout_s=120) as up:
-        pre = list_replicas(up.redis, "prefill", spec.name)[0].address
+        pre_replica = list_replicas(up.redis, "prefill", spec.name)[0]
+        pre, metrics = pre_replica.address, pre_replica.metrics_address
         dec = list_replicas(up.redis, "decode", spec.name)[0].address
         for k, way in enumerate(ways):
             base = 100_000 * (k + 1)
@@ -88,10 +93,10 @@ def run(ways: list[str], smoke: bool) -> dict:
                 model_dir, s, base + 50_000
             )
             if way == "pd":
-                got = asyncio.run(gpu_stack.pd_burst(pre, dec, planned))
+                got = asyncio.run(gpu_stack.pd_burst(pre, dec, planned, metrics))
             else:
                 n = 2 if way == "unpulled" else 1
-                got = asyncio.run(prefill_only(pre, dec, planned, n))
+                got = asyncio.run(prefill_only(pre, dec, planned, n, metrics))
             result["ways"][way] = got
             print(f"{way}: {json.dumps(got)}", flush=True)
     return result

@@ -35,6 +35,7 @@ class Replica:
     waiting: int
     free_blocks: int
     total_blocks: int
+    metrics_address: str = ""  # host:port of its /metrics, where it serves one
 
 
 class Registration:
@@ -127,7 +128,8 @@ def list_replicas(url: str, role: str, model: str | None = None, ns: str = "spli
             ints = {k: int(h.get(k, 0)) for k in ("running", "waiting", "free_blocks",
                                                    "total_blocks")}  # fmt: skip
             out.append(Replica(rid, h.get("role", role), h.get("model", ""), h.get("address", ""),
-                               h.get("holder_id", ""), **ints))  # fmt: skip
+                               h.get("holder_id", ""), **ints,
+                               metrics_address=h.get("metrics_address", "")))  # fmt: skip
         return out
     finally:
         r.close()

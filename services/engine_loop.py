@@ -55,6 +55,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.steps = 0
+        self.step_seconds = 0.0  # in engine.step(), on the engine thread
         self._thread.start()
 
     # -- asyncio side ------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class EngineLoop:
             self._drain(block=not e.has_unfinished())
             if self._stop.is_set() or not e.has_unfinished():
                 continue
+            t = time.perf_counter()
             try:
                 outs = e.step()
             except Exception as exc:  # a bug, not bad input: fail the affected requests loudly
@@ -134,6 +136,7 @@ class EngineLoop:
                     self._send(rid, RuntimeError(f"engine step failed: {exc}"), final=True)
                 continue
             self.steps += 1
+            self.step_seconds += time.perf_counter() - t
             if not outs and e.num_running == 0 and e.num_waiting:
                 # Waiting for memory that isn't there yet (lenders busy or unreachable): poll
                 # at a gentle pace rather than spin, still woken at once by any command.

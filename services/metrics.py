@@ -460,11 +460,16 @@ class EngineCollector(Collector):
         c.add_metric([*self.labels, "fetched"], sched.tier_blocks_fetched)
         c.add_metric([*self.labels, "missed"], sched.tier_blocks_missed)
         yield c
-        c = CounterMetricFamily(
-            "splitserve:engine_steps", "Engine steps run.", labels=("role", "model")
-        )
-        c.add_metric(self.labels, self.loop.steps)
-        yield c
+        for name, doc, value in (
+            ("engine_steps", "Engine steps run.", self.loop.steps),
+            ("engine_step_seconds", "Time in engine steps (per step: rate over steps' rate).",
+             self.loop.step_seconds),
+            ("engine_step_tokens", "Tokens the engine's steps scheduled, prompt and generated "
+             "(per step: rate over steps' rate).", sched.tokens_scheduled),
+        ):  # fmt: skip
+            c = CounterMetricFamily(f"splitserve:{name}", doc, labels=("role", "model"))
+            c.add_metric(self.labels, value)
+            yield c
 
 
 class _LendingCollector(Collector):

@@ -56,6 +56,9 @@ def assert_pool_gauges(m: Scrape, server, loop_thread, role: str) -> None:
     assert m("splitserve:num_requests_running", role=role) == 0
     assert m("splitserve:num_requests_waiting", role=role) == 0
     assert m("splitserve:engine_steps_total", role=role) == server.loop.steps > 0
+    assert m("splitserve:engine_step_seconds_total", role=role) == server.loop.step_seconds > 0
+    tokens = server.loop.engine.scheduler.tokens_scheduled
+    assert m("splitserve:engine_step_tokens_total", role=role) == tokens >= server.loop.steps
 
 
 def test_colocated_metrics(tiny_model_dir, loop_thread):

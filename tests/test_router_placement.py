@@ -190,3 +190,22 @@ def test_a_busy_replica_is_passed_over_for_the_least_loaded(
         for rid in ("decode-a", "decode-b")
     }
     assert hits == {"decode-a": 0, "decode-b": len(ids)}
+
+
+def test_registry_lists_where_a_replica_serves_its_metrics(redis_url, namespace):
+    from kvstore.registry import register_replica
+
+    cluster = Membership(redis_url=redis_url, namespace=namespace, heartbeat_s=0.25, ttl_s=1.5)
+    load = {"running": 1, "waiting": 2, "free_blocks": 3, "total_blocks": 4}
+    with_m = register_replica(cluster, "prefill", "p1", model="m", address="127.0.0.1:1",
+                              load=lambda: load, metrics_address="127.0.0.1:2")  # fmt: skip
+    without = register_replica(cluster, "prefill", "p2", model="m", address="127.0.0.1:3",
+                               load=lambda: load)  # fmt: skip
+    try:
+        wait_for(lambda: len(list_replicas(redis_url, "prefill", "m", ns=namespace)) == 2, 10)
+        got = {r.replica_id: r for r in list_replicas(redis_url, "prefill", "m", ns=namespace)}
+        assert got["p1"].metrics_address == "127.0.0.1:2" and got["p1"].waiting == 2
+        assert got["p2"].metrics_address == ""
+    finally:
+        with_m.close()
+        without.close()

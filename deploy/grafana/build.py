@@ -129,6 +129,12 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
             "{{role}} {{model}}"),)),
         Panel("Engine steps / s by replica", "short", ((
             f"sum by (replica) (rate(splitserve:engine_steps_total[{RI}]))", "{{replica}}"),)),
+        Panel("Engine step time by replica", "s", ((
+            f"sum by (replica) (rate(splitserve:engine_step_seconds_total[{RI}])) / "
+            f"sum by (replica) (rate(splitserve:engine_steps_total[{RI}]))", "{{replica}}"),)),
+        Panel("Tokens per engine step by replica", "short", ((
+            f"sum by (replica) (rate(splitserve:engine_step_tokens_total[{RI}])) / "
+            f"sum by (replica) (rate(splitserve:engine_steps_total[{RI}]))", "{{replica}}"),)),
         Panel("Queue time p99", "s", ((_q(
             0.99, "splitserve:request_queue_time_seconds", "", "le, role"), "{{role}}"),)),
         Panel("Requests ended / s by status", "reqps", ((

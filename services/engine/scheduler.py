@@ -76,6 +76,7 @@ class Scheduler(SwapScheduling, TierScheduling):
         self.policy: SchedulingPolicy = FCFSPolicy() if policy is None else policy
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
+        self.tokens_scheduled = 0  # every step's tokens, for the step metrics
         # Requests that left the running batch since the runner was last told (see
         # SchedulerOutput: only a step that computes something reaches it).
         self._finished_ids: list[str] = []
@@ -196,6 +197,7 @@ class Scheduler(SwapScheduling, TierScheduling):
         for s in scheduled:
             (out.decodes if s.num_new == 1 else out.prefills).append(s)
         self._preempted_ids += preempted
+        self.tokens_scheduled += out.num_tokens
         if scheduled:
             out.finished_ids, self._finished_ids = self._finished_ids, []
             out.preempted_ids, self._preempted_ids = self._preempted_ids, []
