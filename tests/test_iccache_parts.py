@@ -117,6 +117,27 @@ def test_index_agrees_with_redis_after_restart_and_across_replicas(
     run(body())
 
 
+def test_a_burst_of_searches_shares_one_read_of_the_log(redis_url: str, namespace: str) -> None:
+    """Another replica's additions reach a burst of concurrent searches through one read of
+    the scope's log (not one per search), and every search sees them."""
+
+    async def body():
+        a = ExampleStore(redis_url, namespace, DIM, 1 << 20)
+        b = ExampleStore(redis_url, namespace, DIM, 1 << 20)
+        await b.search(["t"], unit(1), 4)  # b follows the scope from here
+        for k in range(5):
+            await a.add(example("t", unit(1, k / 5), f"q{k}"))
+        before = b._followers["t"].reads
+        got = await asyncio.gather(*(b.search(["t"], unit(1), 8) for _ in range(32)))
+        assert all(len(hits) == 5 for hits in got)
+        assert b._followers["t"].reads - before <= 2  # the first caller's, then one for the rest
+        assert len(b._scopes["t"].examples) == 5 == b._scopes["t"].index.ntotal
+        await a.close()
+        await b.close()
+
+    run(body())
+
+
 def test_capacity_is_a_knapsack_by_value_per_byte(redis_url: str, namespace: str) -> None:
     async def body():
         one = example("t", unit(1), "x" * 100, "y" * 100).nbytes

@@ -16,12 +16,13 @@ loaded on first use and followed before every estimate, bounded like the stream.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 import redis.asyncio as aioredis
+
+from router.iccache.follow import Follower
 
 SHARPNESS = 4  # weight = similarity**SHARPNESS: the nearest of the neighbours count most
 
@@ -58,9 +59,7 @@ class _ArmIndex:
 class _Mirror:
     arms: dict[str, _ArmIndex]
     last_id: bytes = b"0-0"
-    # One reader at a time: concurrent estimates (a router deciding a burst) would each read
-    # the stream from the same last_id and add every new entry once per reader.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    follower: Follower = field(default_factory=Follower)  # a burst of estimates: one read
 
 
 class OutcomeMemory:
@@ -93,8 +92,7 @@ class OutcomeMemory:
 
     async def _follow(self, scope: str) -> _Mirror:
         m = self._mirrors.setdefault(scope, _Mirror(arms={}))
-        async with m.lock:
-            await self._read(scope, m)
+        await m.follower.follow(lambda: self._read(scope, m))
         return m
 
     async def _read(self, scope: str, m: _Mirror) -> None:

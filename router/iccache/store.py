@@ -20,7 +20,6 @@ expected offloading gain, reuse x mean judged gain) that fit; eviction drops the
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import redis.asyncio as aioredis
+
+from router.iccache.follow import Follower
 
 PRIOR_GAIN = 0.5  # an example's judged gain before any feedback
 LOG_MAXLEN = 100_000
@@ -130,7 +131,7 @@ class ExampleStore:
         self.dim = dim
         self.capacity_bytes = capacity_bytes
         self._scopes: dict[str, _ScopeIndex] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._followers: dict[str, Follower] = {}
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -141,13 +142,12 @@ class ExampleStore:
         return ":".join((self.prefix, scope, *map(str, rest)))
 
     async def _mirror(self, scope: str) -> _ScopeIndex:
-        """The scope's mirror, loaded on first use and brought up to date with the log. One
-        caller at a time per scope: a burst of searches loads it once and reads each log
-        entry once."""
-        async with self._locks.setdefault(scope, asyncio.Lock()):
-            return await self._mirror_locked(scope)
+        """The scope's mirror, loaded on first use and brought up to date with the log (one
+        reader at a time; a burst of searches shares one read: follow.py)."""
+        await self._followers.setdefault(scope, Follower()).follow(lambda: self._load(scope))
+        return self._scopes[scope]
 
-    async def _mirror_locked(self, scope: str) -> _ScopeIndex:
+    async def _load(self, scope: str) -> None:
         idx = self._scopes.get(scope)
         if idx is None:
             idx = _ScopeIndex(self.dim)
@@ -158,7 +158,6 @@ class ExampleStore:
                 idx.add(ex)
             self._scopes[scope] = idx
         await self._follow(scope, idx)
-        return idx
 
     async def _fetch(self, scope: str, ids: list[int]) -> list[Example]:
         if not ids:
