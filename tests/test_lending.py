@@ -258,8 +258,17 @@ def test_a_decode_replica_lends_free_blocks_and_takes_them_back(
                     )
                     for i, p in enumerate(own)
                 ]
+                # A waits here until B, short of blocks for its own work, has asked for A's
+                # back (or B is done): that B needs them while A's sequence is still on B must
+                # not depend on which of the two runs faster on a loaded machine.
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and not all(j.done() for j in b_jobs):
+                    if any(sess.reclaim for sess in list(b.lender._sessions.values())):
+                        break
+                    time.sleep(0.01)
 
-        own = random_prompts(3, 256, 180, 200, seed=17)  # B's own work: 13 blocks each
+        # B's own work: 12-13 blocks each, 16-17 once answered: four need more than B's 48
+        own = random_prompts(4, 256, 180, 200, seed=17)
         traced, errors = drive(engine, {"long": (long_prompt, slow)}, busy_b)
         assert not errors
         outs = traced["long"]
