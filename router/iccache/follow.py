@@ -20,7 +20,6 @@ class Follower:
         self.lock = asyncio.Lock()
         self.started = 0  # reads begun
         self.done = 0  # the number of the latest read that has ended
-        self.reads = 0  # reads run (tests, metrics)
 
     async def follow(self, read: Callable[[], Awaitable[None]]) -> None:
         arrived = self.started
@@ -29,6 +28,5 @@ class Follower:
                 return
             self.started += 1
             ticket = self.started
-            self.reads += 1
             await read()
             self.done = ticket
