@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine as base_machine
 from kvstore.block import CHUNK_BYTES
+from rpc.ports import free_port as free_port  # for the tests and benchmarks that import it here
 
 BLOCK_TOKENS = 16  # EngineConfig.block_size
 PRESETS = ("tiny", "llama-8b")
@@ -258,12 +259,6 @@ def to_result(
 
 
 # -- processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def last_line(log: Path) -> str:

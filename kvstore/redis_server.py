@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from rpc import ports
 
 
 class RedisServerError(RuntimeError):
@@ -41,9 +42,7 @@ def find_server_binary() -> str:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return ports.free_port(host)
 
 
 class EmbeddedRedis:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+from rpc import ports
 from splitserve.app_config import AppConfig, ModelSpec, parse_config
 
 err = Console(stderr=True, soft_wrap=True)
@@ -134,9 +134,7 @@ def serve_ingress_env() -> dict[str, str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ports.free_port("127.0.0.1")
 
 
 # How long `up` waits for the Redis a config names to answer before giving up (one that was

@@ -16,6 +16,7 @@ import uvicorn
 from protos.splitserve.v1 import common_pb2 as cpb
 from router.pd_client import PDClient
 from rpc.piece import Piece
+from rpc.ports import free_port as free_port  # for the tests and benchmarks that import it here
 from services.engine.sampling_params import SamplingDefaults, SamplingParams
 
 
@@ -76,12 +77,6 @@ class InstantBackend:
             yield Piece([5], " tok")
         usage = cpb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=params.max_tokens)
         yield Piece([5], " tok", finish_reason="length", usage=usage)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
