@@ -430,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--overhead-requests", type=int, help="requests per path at low load")
+    ap.add_argument("--overhead-prompt", type=int,
+                    help="their prompt's tokens (512 on a GPU, 32 in the smoke)")  # fmt: skip
     ap.add_argument("--api", choices=("grpc", "http"), default="grpc",
                     help="the router API the stack's goodput is replayed through")  # fmt: skip
     ap.add_argument("--part-timeout-s", type=float, default=590)
@@ -441,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = a.out or Path(tempfile.mkdtemp(prefix="gpu-stack-"))
     if a.overhead_requests:
         OVERRIDES["seq_requests"] = a.overhead_requests
+    if a.overhead_prompt:
+        OVERRIDES["seq_prompt"] = a.overhead_prompt
     API["stack"] = a.api
     OVERRIDES["goodput"] = not a.skip_goodput
     if a.run_part:
@@ -459,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--out", str(out_dir)] + (["--cpu-smoke"] if a.cpu_smoke else [])  # fmt: skip
             if a.overhead_requests:
                 cmd += ["--overhead-requests", str(a.overhead_requests)]
+            if a.overhead_prompt:
+                cmd += ["--overhead-prompt", str(a.overhead_prompt)]
             cmd += ["--api", a.api] + (["--skip-goodput"] if a.skip_goodput else [])
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             try:

@@ -126,6 +126,17 @@ def _scrape_names(address: str, names: set[str]) -> None:
                 names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
 
 
+def _samples(prom: str, metric: str) -> int:
+    """How many scrapes in the last minute held `metric` (its most-scraped series)."""
+    r = query(prom, "query", query=f"max(count_over_time({metric}[1m]))")["result"]
+    return int(float(r[0]["value"][1])) if r else 0
+
+
+def _sample_lines(address: str) -> list[str]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        return [ln for ln in r.read().decode().splitlines() if ln and not ln.startswith("#")]
+
+
 def _wait_scraped(prom: str, after: float, metric: str) -> None:
     """Until (bounded) Prometheus holds a sample of `metric` scraped after `after` + 1 s."""
     deadline = time.monotonic() + 60
@@ -167,15 +178,22 @@ def _load(system) -> set[str]:
 
     def borrow_until_scraped() -> int:
         """A prompt longer than tiny-long's own pool, decoding until Prometheus has scraped the
-        loan from both sides (bounded): the lending gauges exist only while a loan does, so a
-        loan shorter than a scrape interval would leave their panels empty; one that ended
-        before both were scraped is made again."""
+        loan from both sides three times (bounded): the lending gauges exist only while a loan
+        does, and a series scraped once, then gone, may fall between the points a range query
+        evaluates; a loan that ended before that is made again."""
         deadline = time.monotonic() + 120
-        status = 0
+        status, seen = 0, False
         for _ in range(4):
             status, seen = borrow_once(deadline)
             if seen or time.monotonic() > deadline:
                 break
+        if not seen:  # say which side failed: the loan, or Prometheus's scrapes of it
+            now = [ln for ln in _sample_lines(system["metrics"]) if "kv_blocks_" in ln]
+            targets = query(system["prom"], "targets")["activeTargets"]
+            pytest.fail(
+                f"no loan scraped by Prometheus; {len(loans)} samples of one seen directly "
+                f"(last: {loans[-4:]}); now: {now}; targets: {targets}"
+            )
         return status
 
     def borrow_once(deadline: float) -> tuple[int, bool]:
@@ -192,12 +210,14 @@ def _load(system) -> set[str]:
                 now = time.monotonic()
                 if now >= next_look:
                     next_look = now + 0.3
-                    seen = all(query(system["prom"], "query", query=f"count({m})")["result"]
-                               for m in gauges)  # fmt: skip
+                    loans.extend(ln for ln in _sample_lines(system["metrics"])
+                                 if ln.startswith(gauges))  # fmt: skip
+                    seen = all(_samples(system["prom"], m) >= 3 for m in gauges)
                     if seen or now > deadline:
                         break
             return r.status_code, seen
 
+    loans: list[str] = []  # the gauges' samples read straight from /metrics while borrowing
     long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
     warm = [call(keys["acme"], {**base, "prompt": "warm"}, s) for s in (False, True)]
     warm.append(call(keys["acme"], {**base, "model": "tiny-long", "prompt": "warm"}))
