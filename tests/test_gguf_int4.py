@@ -1,4 +1,5 @@
-"""load_format "gguf": a model's GGUF 4-bit blocks served as they are by the int4 CPU kernel."""
+"""load_format "gguf": a model's GGUF 4-bit blocks served as they are by an int4 CPU kernel, ours
+(AVX-512 VNNI, int8 activations) or torch's (bfloat16 activations): both are checked."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from services.engine import int4_native
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.errors import ModelLoadError
@@ -22,43 +24,65 @@ Q4_0, Q4_1 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
+@pytest.fixture(params=["ours", "torch"])
+def kernel(request, monkeypatch) -> str:
+    """Which int4 kernel the weights made in the test use."""
+    monkeypatch.setattr(int4_native, "_state", {})
+    if request.param == "torch":
+        monkeypatch.setenv(int4_native.ENV, "torch")
+    else:
+        monkeypatch.delenv(int4_native.ENV, raising=False)
+        if int4_native.why_not() is not None:
+            pytest.skip(f"our kernel cannot run here: {int4_native.why_not()}")
+    assert int4_native.available() == (request.param == "ours")
+    return request.param
+
+
 @pytest.mark.parametrize("kind", [Q4_0, Q4_1])
 def test_blocks_decode_to_ggufs_own_values(kind) -> None:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((6, 96)).astype(np.float32)
     blocks = gguf.quants.quantize(a, kind)
-    q, scale, zero = q4_groups(blocks, kind.name)
-    assert q.shape == (6, 96) and scale.shape == zero.shape == (6, 3)
+    q, d, m = q4_groups(blocks, kind.name)
+    assert q.shape == (6, 96) and d.shape == m.shape == (6, 3)
     assert int(q.min()) >= 0 and int(q.max()) <= 15
-    ours = (q.double().view(6, 3, 32) - 8) * scale.double()[..., None] + zero.double()[..., None]
+    ours = q.double().view(6, 3, 32) * d.double()[..., None] + m.double()[..., None]
     want = gguf.quants.dequantize(blocks, kind).astype(np.float64)
     np.testing.assert_allclose(ours.view(6, 96).numpy(), want, rtol=1e-6, atol=1e-6)
 
 
-def test_int4_linear_is_the_groups_matrix_in_bfloat16() -> None:
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+@pytest.mark.parametrize("k", [128, 576])  # groups in fours only, and a last pair of groups
+def test_int4_linear_is_the_groups_matrix(kernel, k) -> None:
     g = torch.Generator().manual_seed(0)
-    n, k = 96, 128
+    n = 96
     q = torch.randint(0, 16, (n, k), generator=g)
-    scale = torch.rand(n, k // 32, generator=g) * 0.1
-    zero = torch.randn(n, k // 32, generator=g) * 0.1
-    w = Int4Weight.from_groups(q, scale, zero)
-    s, z = scale.bfloat16().float(), zero.bfloat16().float()
-    dense = ((q.float().view(n, -1, 32) - 8) * s[..., None] + z[..., None]).view(n, k)
-    x = torch.randn(5, k, generator=g)
+    d = (torch.rand(n, k // 32, generator=g) * 0.1).half().float()
+    m = (torch.randn(n, k // 32, generator=g) * 0.1).half().float()
+    dense = (q.float().view(n, -1, 32) * d[..., None] + m[..., None]).view(n, k)
+    w = Int4Weight.from_groups(q, d, m)
+    assert (w.offsets is not None) == (kernel == "ours")
     bias = torch.randn(n, generator=g)
-    got = linear(x, w, bias)
-    want = x.bfloat16().float() @ dense.t() + bias
-    assert got.dtype == torch.float32 and got.shape == (5, n)
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    # every row count the kernel unrolls (1..8) and more than one block of 8
+    for rows in (1, 2, 3, 5, 7, 8, 9, 19):
+        x = torch.randn(rows, k, generator=g)
+        got = linear(x, w, bias)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        # int8 or bfloat16 activations: within a percent of the largest output
+        assert _rel_err(got, x.double() @ dense.double().t() + bias.double()) < 1e-2
     # a float matrix goes through F.linear unchanged
+    x = torch.randn(5, k, generator=g)
     assert torch.equal(linear(x, dense, bias), torch.nn.functional.linear(x, dense, bias))
-    with pytest.raises(ValueError, match="K % 32"):
-        Int4Weight.from_groups(q[:, :40], scale[:, :1], zero[:, :1])
+    with pytest.raises(ValueError, match="K % 64"):
+        Int4Weight.from_groups(q[:, :96], d[:, :3], m[:, :3])
     with pytest.raises(ValueError, match="N % 16"):
-        Int4Weight.from_groups(q[:40], scale[:40], zero[:40])
+        Int4Weight.from_groups(q[:40], d[:40], m[:40])
 
 
-def test_q8_0_as_two_nibble_planes_is_the_files_matrix() -> None:
+def test_q8_0_as_two_nibble_planes_is_the_files_matrix(kernel) -> None:
     rng = np.random.default_rng(1)
     a = rng.standard_normal((48, 64)).astype(np.float32)
     blocks = gguf.quants.quantize(a, Q8_0)
@@ -69,11 +93,19 @@ def test_q8_0_as_two_nibble_planes_is_the_files_matrix() -> None:
     w = Int8Weight.from_groups(q, d)
     assert w.shape == (48, 64)
     x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32))
-    got = linear(x, w)
     exact = x.double() @ torch.from_numpy(want).double().t()
-    # bfloat16 activations and scales: within a few parts in a thousand of the file's product
-    scale = exact.abs().max()
-    assert float((got.double() - exact).abs().max() / scale) < 1e-2
+    # int8 or bfloat16 activations: within a percent of the file's product
+    assert _rel_err(linear(x, w), exact) < 1e-2
+
+
+def test_a_machine_without_our_kernel_says_why(monkeypatch) -> None:
+    monkeypatch.setattr(int4_native, "_state", {})
+    monkeypatch.setattr(int4_native, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.delenv(int4_native.ENV, raising=False)
+    assert "avx512_vnni" in int4_native.why_not()
+    assert not int4_native.available()
+    q = torch.randint(0, 16, (16, 64))
+    assert Int4Weight.from_groups(q, torch.ones(16, 2), torch.zeros(16, 2)).offsets is None
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +127,9 @@ def _engine(model_dir: Path, load_format: str) -> LLMEngine:
     return LLMEngine(model_dir, EngineConfig(load_format=load_format, num_kv_blocks=64), seed=0)
 
 
-def test_engine_serves_the_gguf_blocks_close_to_float32(q4_model: Path) -> None:
+def test_engine_serves_the_gguf_blocks_close_to_float32(q4_model: Path, kernel) -> None:
     """The float32 engine runs the dequantized values of the very same blocks, so the only
-    difference is the kernel's bfloat16 activations and scales: logits agree closely, and the
+    difference is the kernel's int8 or bfloat16 activations: logits agree closely, and the
     4-bit matrices really are served as such (permuted q/k rows included)."""
     fp, q4 = _engine(q4_model, "auto"), _engine(q4_model, "gguf")
     w = q4.runner.model.w
@@ -121,7 +153,7 @@ def test_engine_serves_the_gguf_blocks_close_to_float32(q4_model: Path) -> None:
     assert top >= 0.8, top
 
 
-def test_gguf_greedy_generation_runs_to_the_end(q4_model: Path) -> None:
+def test_gguf_greedy_generation_runs_to_the_end(q4_model: Path, kernel) -> None:
     e = _engine(q4_model, "gguf")
     e.add_request("r", list(range(3, 20)), SamplingParams(max_tokens=12, ignore_eos=True))
     out = []
