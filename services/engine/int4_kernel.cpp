@@ -1,14 +1,14 @@
 // y = x W^T for W held as 4-bit integers in groups of 32 (w = d q + m, q in 0..15, d and m
 // float16 per group: GGUF's Q4_0 / Q4_1 blocks, and each plane of a Q8_0 matrix), with x
 // quantized per group of 32 to int16 on the way in. The products are integer dot products
-// (AVX-512 VNNI): the weights are never expanded to float, so a step streams them at memory
-// speed instead of spending its time converting them.
+// (AVX-512 VNNI's vpdpbusd; on AVX2 machines, vpmaddubsw and vpmaddwd): the weights are never
+// expanded to float, so a step streams them at memory speed instead of converting them.
 //
 // int16, not llama.cpp's int8: with int8, one outlier in a group leaves the rest of it a few
 // levels, and SmolLM2 no longer knew the capital of France. An int16 x is split into a signed
 // high byte h and an unsigned low byte l (x = 256 h + l), and q . x = 256 (q . h) + (l . q):
-// two byte dot products (vpdpbusd takes unsigned x signed bytes, and q fits either), so the
-// 4-bit weights are unpacked only to bytes.
+// two byte dot products (both instructions take unsigned x signed bytes, and q fits either),
+// so the 4-bit weights are unpacked only to bytes.
 //
 // Layout of W (the loader's job, int4_weight.py): packed uint8 [N, K/2] in GGUF's own block
 // order (byte j of a group: element j in its low nibble, j + 16 in its high one); d, m
@@ -71,12 +71,14 @@ QuantX quantize_rows(const float* x, int64_t rows, int64_t k) {
   return out;
 }
 
-inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
 inline float hsum(__m128 v) {
   v = _mm_add_ps(v, _mm_movehl_ps(v, v));
   return _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)));
 }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // 256 (q . h) + (l . q), 4 products a lane, for 512 bits of unpacked q (lo, hi halves).
 inline __m512i dot16(__m512i lo, __m512i hi, const int8_t* h, const uint8_t* l) {
@@ -133,6 +135,85 @@ void rows_block(const uint8_t* w, const at::Half* d, const at::Half* m, const Qu
       y[(x_row0 + r) * n_total + n] = hsum(acc[r]) + hsum(macc[r]);
   }
 }
+
+#else  // AVX2, FMA and F16C: the same sums, 256 bits at a time
+
+inline float hsum(__m256 v) {
+  return hsum(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// 256 (q . h) + (l . q) for 256 bits of unpacked q (two groups' lo and hi halves), 4 products
+// a lane. vpmaddubsw's 16-bit pair sums cannot saturate here: 2 * 15 * 128 and 2 * 255 * 15,
+// and two of them added, stay under 32767.
+inline __m256i dot16(__m256i lo, __m256i hi, const int8_t* h, const uint8_t* l) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i a = _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo, load256(h)), _mm256_maddubs_epi16(hi, load256(h + 64))),
+      ones);
+  const __m256i b = _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(load256(l), lo), _mm256_maddubs_epi16(load256(l + 64), hi)),
+      ones);
+  return _mm256_add_epi32(_mm256_slli_epi32(a, 8), b);
+}
+
+template <int MB>
+void rows_block(const uint8_t* w, const at::Half* d, const at::Half* m, const QuantX& qx,
+                int64_t x_row0, int64_t k, int64_t n0, int64_t n1, float* y, int64_t n_total) {
+  const int64_t groups = k / kGroup;
+  const int64_t chunks = (groups + 3) / 4, padded = chunks * 4;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i first2 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i last2 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wn = w + n * (k / 2);
+    const uint16_t* dn = reinterpret_cast<const uint16_t*>(d + n * groups);
+    const uint16_t* mn = reinterpret_cast<const uint16_t*>(m + n * groups);
+    if (n + kAhead < n1) {
+      const char* next = reinterpret_cast<const char*>(wn + kAhead * (k / 2));
+      for (int64_t b = 0; b < k / 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(dn + kAhead * groups), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mn + kAhead * groups), _MM_HINT_T0);
+    }
+    __m256 acc[MB];
+    __m128 macc[MB];
+    for (int r = 0; r < MB; ++r) {
+      acc[r] = _mm256_setzero_ps();
+      macc[r] = _mm_setzero_ps();
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      // a chunk's 4 groups as two halves of 2: bytes 0..31 hold groups 0 and 1
+      const __m256i p0 = load256(wn + c * 64), p1 = load256(wn + c * 64 + 32);
+      const __m256i lo0 = _mm256_and_si256(p0, low4);
+      const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), low4);
+      const __m256i lo1 = _mm256_and_si256(p1, low4);
+      const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), low4);
+      const __m128 d4 =
+          _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(dn + c * 4)));
+      const __m256 d0 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d4), first2);
+      const __m256 d1 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d4), last2);
+      const __m128 m4 =
+          _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + c * 4)));
+      for (int r = 0; r < MB; ++r) {
+        const int64_t xr = x_row0 + r, at = xr * qx.stride + c * 128;
+        const int8_t* h = qx.h.data() + at;
+        const uint8_t* l = qx.l.data() + at;
+        const float* f = qx.f.data() + (xr * padded + c * 4) * 4;
+        const __m256i s0 = dot16(lo0, hi0, h, l), s1 = dot16(lo1, hi1, h + 32, l + 32);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, _mm256_loadu_ps(f)),
+                                 acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1),
+                                 _mm256_mul_ps(d1, _mm256_loadu_ps(f + 8)), acc[r]);
+        macc[r] = _mm_fmadd_ps(m4, _mm_loadu_ps(qx.xs.data() + xr * padded + c * 4), macc[r]);
+      }
+    }
+    for (int r = 0; r < MB; ++r)
+      y[(x_row0 + r) * n_total + n] = hsum(acc[r]) + hsum(macc[r]);
+  }
+}
+
+#endif
 
 template <int MB>
 void run_rows(const uint8_t* w, const at::Half* d, const at::Half* m, const QuantX& qx,

@@ -1,9 +1,11 @@
 """The int4 kernel of int4_kernel.cpp: built once per machine with the system's C++ compiler
 against this torch, cached, and loaded as the op `torch.ops.splitserve_int4.linear`.
 
-It needs AVX-512 with VNNI (integer dot products) and a g++; where either is missing, or the
-build fails, or SPLITSERVE_INT4_KERNEL=torch, 4-bit weights use torch's own int4 kernel
-instead (bfloat16 activations, about half the speed for one row). The build takes ~10 s, and
+It needs AVX2 with FMA and F16C (most x86-64 CPUs since 2015; with AVX-512 VNNI it takes the
+faster path) and a g++; where either is missing, or the build fails, or
+SPLITSERVE_INT4_KERNEL=torch, 4-bit weights use torch's own int4 kernel instead (bfloat16
+activations). SPLITSERVE_INT4_MARCH sets g++'s -march (default native; e.g. x86-64-v3 builds
+the AVX2 path on an AVX-512 machine). The build takes ~10 s, and
 once a machine: the library is kept under $SPLITSERVE_HOME/kernels, named by what it was built
 from (source, torch, Python, CPU), and a lock keeps concurrent replicas from building it twice.
 """
@@ -26,8 +28,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_kernel.cpp")
-NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+NEEDS = ("avx2", "fma", "f16c")  # the AVX2 path; AVX-512 VNNI is used where -march has it
 ENV = "SPLITSERVE_INT4_KERNEL"  # "torch": torch's kernel even where ours builds
+MARCH_ENV = "SPLITSERVE_INT4_MARCH"
 BUILD_TIMEOUT_S = 600  # a compile on two busy cores, never a hang
 
 _lock = threading.Lock()
@@ -67,10 +70,14 @@ def _library_path() -> Path:
     from torch.utils import cpp_extension
 
     flags = sorted(f for f in _cpu_flags() if f.startswith(("avx", "f16c", "fma")))
-    parts = [SOURCE.read_text(), torch.__version__, sys.version, " ".join(flags)]
+    parts = [SOURCE.read_text(), torch.__version__, sys.version, " ".join(flags), _march()]
     parts += cpp_extension.include_paths()
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return _home() / "kernels" / f"int4-{key}.so"
+
+
+def _march() -> str:
+    return os.environ.get(MARCH_ENV) or "native"
 
 
 def _build(out: Path) -> None:
@@ -80,7 +87,7 @@ def _build(out: Path) -> None:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     cmd = [
-        "g++", "-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
+        "g++", "-O3", f"-march={_march()}", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
         *(f"-I{p}" for p in cpp_extension.include_paths()),
         str(SOURCE), f"-L{lib_dir}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}",
