@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.engine import int4_native
+from services.engine import cpu_kernels
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.errors import ModelLoadError
@@ -27,14 +27,14 @@ Q8_0 = gguf.GGMLQuantizationType.Q8_0
 @pytest.fixture(params=["ours", "torch"])
 def kernel(request, monkeypatch) -> str:
     """Which int4 kernel the weights made in the test use."""
-    monkeypatch.setattr(int4_native, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "_state", {})
     if request.param == "torch":
-        monkeypatch.setenv(int4_native.ENV, "torch")
+        monkeypatch.setenv(cpu_kernels.ENV, "attention")
     else:
-        monkeypatch.delenv(int4_native.ENV, raising=False)
-        if int4_native.why_not() is not None:
-            pytest.skip(f"our kernel cannot run here: {int4_native.why_not()}")
-    assert int4_native.available() == (request.param == "ours")
+        monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+        if cpu_kernels.why_not() is not None:
+            pytest.skip(f"our kernel cannot run here: {cpu_kernels.why_not()}")
+    assert cpu_kernels.available("int4") == (request.param == "ours")
     return request.param
 
 
@@ -126,10 +126,10 @@ def test_the_avx2_path_of_our_kernel() -> None:
     import subprocess
     import sys
 
-    if int4_native.why_not() is not None:
-        pytest.skip(f"our kernel cannot run here: {int4_native.why_not()}")
-    env = {**os.environ, int4_native.MARCH_ENV: "x86-64-v3"}
-    env.pop(int4_native.ENV, None)
+    if cpu_kernels.why_not() is not None:
+        pytest.skip(f"our kernel cannot run here: {cpu_kernels.why_not()}")
+    env = {**os.environ, cpu_kernels.MARCH_ENV: "x86-64-v3"}
+    env.pop(cpu_kernels.ENV, None)
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, cwd=root,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -137,11 +137,11 @@ def test_the_avx2_path_of_our_kernel() -> None:
 
 
 def test_a_machine_without_our_kernel_says_why(monkeypatch) -> None:
-    monkeypatch.setattr(int4_native, "_state", {})
-    monkeypatch.setattr(int4_native, "_cpu_flags", lambda: {"avx", "sse4_2"})
-    monkeypatch.delenv(int4_native.ENV, raising=False)
-    assert int4_native.why_not() == "the CPU lacks avx2, fma, f16c"
-    assert not int4_native.available()
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx", "sse4_2"})
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    assert cpu_kernels.why_not() == "the CPU lacks avx2, fma, f16c"
+    assert not cpu_kernels.available("int4") and not cpu_kernels.available("attention")
     q = torch.randint(0, 16, (16, 64))
     assert Int4Weight.from_groups(q, torch.ones(16, 2), torch.zeros(16, 2)).offsets is None
 

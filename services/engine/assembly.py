@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from services.engine import cpu_kernels
 from services.engine.attention_cpu import TorchAttentionBackend
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.gpu_memory import gpu_kv_blocks
@@ -24,6 +25,8 @@ def build_model(
     """Weights (from the directory, or drawn at random for load_format "dummy") and the
     attention backend of the path the engine runs (fused: the CUDA one)."""
     dtype, device = config.resolve_dtype(mcfg), config.device
+    if torch.device(device).type == "cpu":
+        cpu_kernels.prepare()  # built (once a machine) now, not in the middle of a first step
     if config.load_format == "dummy":
         weights = random_weights(mcfg, dtype, device, seed or 0)
     elif config.load_format == "gguf":

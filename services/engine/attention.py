@@ -39,8 +39,9 @@ class AttentionMetadata:
     prefills: tuple[PrefillSeq, ...]
     scale: float
     block_size: int
-    # CUDA backend: context length of each decode sequence, int32 [num_decode] (0: a padding
-    # row of a CUDA graph); its decode_block_table is int32 and decode_mask is None.
+    # Context length of each decode sequence [num_decode]. CUDA backend: int32 (0: a padding
+    # row of a CUDA graph), its decode_block_table int32 and decode_mask None. CPU: int64, for
+    # the paged decode kernel (the mask stays for SDPA's path).
     decode_context_lens: torch.Tensor | None = None
     # A step with KV held outside the local pool (DistAttention): the model asks it for every
     # layer's attention instead of the backend; slot_mapping is -1 for tokens stored remotely.

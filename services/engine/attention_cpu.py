@@ -1,6 +1,8 @@
 """Reference attention backend in plain torch; the CPU default and the GPU path's oracle.
 
-Decode sequences are attended in one batched call over their gathered, padded contexts.
+Decode sequences are attended straight over the paged cache by the engine's own CPU kernel
+(cpu_kernels: decode_attention_cpu.cpp) where it runs and the step has their context lengths;
+otherwise in one batched SDPA call over their gathered, padded contexts.
 A prefill chunk with no cached prefix attends over its own K/V with a causal mask (no gather);
 one that continues a cached context gathers its slots and uses an offset causal mask.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from services.engine import cpu_kernels
 from services.engine.attention import AttentionMetadata, gather_blocks
 
 
@@ -30,7 +33,21 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         nd = meta.num_decode
-        if nd:
+        paged = (
+            nd
+            and not return_lse
+            and meta.decode_context_lens is not None
+            and q.device.type == "cpu"
+            and q.dtype == torch.float32
+            and cpu_kernels.available("attention")
+        )
+        if paged:
+            assert meta.decode_block_table is not None and meta.decode_context_lens is not None
+            out[:nd] = cpu_kernels.decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_block_table, meta.decode_context_lens,
+                meta.block_size, meta.scale,
+            )  # fmt: skip
+        elif nd:
             assert meta.decode_block_table is not None and meta.decode_mask is not None
             kc = gather_blocks(k_cache, meta.decode_block_table, meta.block_size)  # [B,L,Hkv,D]
             vc = gather_blocks(v_cache, meta.decode_block_table, meta.block_size)

@@ -270,8 +270,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 
 }  // namespace
 
-TORCH_LIBRARY(splitserve_int4, lib) {
-  lib.def("linear(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
+TORCH_LIBRARY_FRAGMENT(splitserve_cpu, lib) {
+  lib.def("int4_linear(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(splitserve_int4, CPU, lib) { lib.impl("linear", int4_linear); }
+TORCH_LIBRARY_IMPL(splitserve_cpu, CPU, lib) { lib.impl("int4_linear", int4_linear); }

@@ -137,6 +137,7 @@ class KVShard:
         if nd and on_gpu:
             lens = t(layout.decode_lens, torch.int32)
         elif nd:
+            lens = t(layout.decode_lens)
             width = layout.decode_table.shape[1] * self.block_size
             valid = torch.arange(width)[None, :] < torch.from_numpy(layout.decode_lens)[:, None]
             mask = valid[:, None, None, :]

@@ -84,9 +84,9 @@ class ModelRunner:
 
         if self.remote is not None and any(self.requests[s.request_id].remote for s in so.seqs):
             return self._prepare_dist(so, ids, pos, logits_rows)
-        decode_table = decode_mask = None
+        decode_table = decode_mask = decode_lens = None
         if so.decodes:
-            decode_table, decode_mask = self._decode_context(so.decodes)
+            decode_table, decode_mask, decode_lens = self._decode_context(so.decodes)
         prefills = []
         offset = len(so.decodes)
         for s in so.prefills:
@@ -105,6 +105,7 @@ class ModelRunner:
             prefills=tuple(prefills),
             scale=self.scale,
             block_size=bs,
+            decode_context_lens=decode_lens,
         )
         return (
             self._dev(torch.tensor(ids, dtype=torch.long)),
@@ -135,10 +136,12 @@ class ModelRunner:
             self._dev(torch.tensor(logits_rows, dtype=torch.long)),
         )
 
-    def _decode_context(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_context(
+        self, decodes: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block table of every decode sequence's context, padded to the longest: [B, nblk],
-        and the mask of real slots: [B, 1, 1, nblk * bs]."""
-        lens = np.array([s.end for s in decodes])
+        the mask of real slots: [B, 1, 1, nblk * bs], and the context lengths: int64 [B]."""
+        lens = np.array([s.end for s in decodes], dtype=np.int64)
         nblk = -(-int(lens.max()) // self.bs)
         table = np.zeros((len(decodes), nblk), dtype=np.int64)
         for r, s in enumerate(decodes):
@@ -146,7 +149,11 @@ class ModelRunner:
             table[r, : len(b)] = b
         valid = np.arange(nblk * self.bs)[None, :] < lens[:, None]
         mask = torch.from_numpy(valid)[:, None, None, :]
-        return self._dev(torch.from_numpy(table)), self._dev(mask)
+        return (
+            self._dev(torch.from_numpy(table)),
+            self._dev(mask),
+            self._dev(torch.from_numpy(lens)),
+        )
 
     def _dev(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or self.device == "cpu":
