@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,12 +20,55 @@
 
 namespace {
 
+// dot(a, b) and acc += w * v over D floats, D a multiple of the vector width where it is
+// one (64 and 128 are), element by element otherwise.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
 inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+  if (n % kLanes) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+  }
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += kLanes)
+    s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
+  return _mm512_reduce_add_ps(s);
 }
+inline void axpy(float* acc, float w, const float* v, int64_t n) {
+  if (n % kLanes) {
+    for (int64_t i = 0; i < n; ++i) acc[i] += w * v[i];
+    return;
+  }
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t i = 0; i < n; i += kLanes)
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(acc + i)));
+}
+#else
+constexpr int kLanes = 8;
+inline float dot(const float* a, const float* b, int64_t n) {
+  if (n % kLanes) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+  }
+  __m256 s = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += kLanes)
+    s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+inline void axpy(float* acc, float w, const float* v, int64_t n) {
+  if (n % kLanes) {
+    for (int64_t i = 0; i < n; ++i) acc[i] += w * v[i];
+    return;
+  }
+  const __m256 wv = _mm256_set1_ps(w);
+  for (int64_t i = 0; i < n; i += kLanes)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+}
+#endif
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& table,
@@ -61,35 +105,48 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   float* op = out.data_ptr<float>();
   const int64_t group = h_n / hkv;
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, b_n * h_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(longest);
-    std::vector<float> acc(d_n);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / h_n, h = i % h_n, hk = h / group, len = lp[b];
-      const float* qv = qp + i * d_n;
+  // a task: one sequence, all its heads, its context read block by block in memory order (a
+  // block's slots hold every KV head side by side: a cold cache streams it, where reading one
+  // head at a time strides through it three or more times)
+  at::parallel_for(0, b_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(h_n * longest);
+    std::vector<float> acc(h_n * d_n);
+    std::vector<float> mx(h_n);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = lp[b];
+      const float* qb = qp + b * h_n * d_n;
       const int64_t* row = tp + b * nblk;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = row[t / block_size] * block_size + t % block_size;
-        p[t] = dot(qv, kp + (slot * hkv + hk) * d_n, d_n) * sc;
-        mx = std::max(mx, p[t]);
+      std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const float* kb = kp + row[t0 / block_size] * block_size * hkv * d_n;
+        for (int64_t j = 0, n = std::min(block_size, len - t0); j < n; ++j) {
+          for (int64_t h = 0; h < h_n; ++h) {
+            const float s = dot(qb + h * d_n, kb + (j * hkv + h / group) * d_n, d_n) * sc;
+            p[h * longest + t0 + j] = s;
+            mx[h] = std::max(mx[h], s);
+          }
+        }
       }
-      float sum = 0.f;
-      for (int64_t t = 0; t < len; ++t) {
-        p[t] = std::exp(p[t] - mx);
-        sum += p[t];
+      float* o = op + b * h_n * d_n;
+      for (int64_t h = 0; h < h_n; ++h) {
+        float* ph = p.data() + h * longest;
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          ph[t] = std::exp(ph[t] - mx[h]);
+          sum += ph[t];
+        }
+        mx[h] = 1.f / sum;  // now the normalizer
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = row[t / block_size] * block_size + t % block_size;
-        const float* v = vp + (slot * hkv + hk) * d_n;
-        const float w = p[t];
-#pragma omp simd
-        for (int64_t d = 0; d < d_n; ++d) acc[d] += w * v[d];
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const float* vb = vp + row[t0 / block_size] * block_size * hkv * d_n;
+        for (int64_t j = 0, n = std::min(block_size, len - t0); j < n; ++j)
+          for (int64_t h = 0; h < h_n; ++h)
+            axpy(acc.data() + h * d_n, p[h * longest + t0 + j], vb + (j * hkv + h / group) * d_n,
+                 d_n);
       }
-      float* o = op + i * d_n;
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < d_n; ++d) o[d] = acc[d] * inv;
+      for (int64_t h = 0; h < h_n; ++h)
+        for (int64_t d = 0; d < d_n; ++d) o[h * d_n + d] = acc[h * d_n + d] * mx[h];
     }
   });
   return out;
