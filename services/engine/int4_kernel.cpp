@@ -76,6 +76,14 @@ inline float hsum(__m128 v) {
   return _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)));
 }
 
+// Rows are short (a few cache lines): the row kAhead rows on is fetched ahead of the stream.
+inline void fetch_ahead(const uint8_t* wn, const uint16_t* dn, const uint16_t* mn, int64_t k) {
+  const char* next = reinterpret_cast<const char*>(wn + kAhead * (k / 2));
+  for (int64_t b = 0; b < k / 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(dn + kAhead * (k / kGroup)), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(mn + kAhead * (k / kGroup)), _MM_HINT_T0);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -102,12 +110,7 @@ void rows_block(const uint8_t* w, const at::Half* d, const at::Half* m, const Qu
     const uint8_t* wn = w + n * (k / 2);
     const uint16_t* dn = reinterpret_cast<const uint16_t*>(d + n * groups);
     const uint16_t* mn = reinterpret_cast<const uint16_t*>(m + n * groups);
-    if (n + kAhead < n1) {  // rows are short (a few cache lines): fetch ahead of the stream
-      const char* next = reinterpret_cast<const char*>(wn + kAhead * (k / 2));
-      for (int64_t b = 0; b < k / 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(dn + kAhead * groups), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(mn + kAhead * groups), _MM_HINT_T0);
-    }
+    if (n + kAhead < n1) fetch_ahead(wn, dn, mn, k);
     __m512 acc[MB];
     __m128 macc[MB];  // the m * xs terms, 4 groups a lane
     for (int r = 0; r < MB; ++r) {
@@ -170,12 +173,7 @@ void rows_block(const uint8_t* w, const at::Half* d, const at::Half* m, const Qu
     const uint8_t* wn = w + n * (k / 2);
     const uint16_t* dn = reinterpret_cast<const uint16_t*>(d + n * groups);
     const uint16_t* mn = reinterpret_cast<const uint16_t*>(m + n * groups);
-    if (n + kAhead < n1) {
-      const char* next = reinterpret_cast<const char*>(wn + kAhead * (k / 2));
-      for (int64_t b = 0; b < k / 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(dn + kAhead * groups), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(mn + kAhead * groups), _MM_HINT_T0);
-    }
+    if (n + kAhead < n1) fetch_ahead(wn, dn, mn, k);
     __m256 acc[MB];
     __m128 macc[MB];
     for (int r = 0; r < MB; ++r) {
