@@ -89,3 +89,15 @@ def test_choosing_kernels(monkeypatch) -> None:
     _use(monkeypatch, "int4,flash")
     with pytest.raises(ValueError, match="unknown kernels \\['flash'\\]"):
         cpu_kernels.chosen()
+
+
+def test_one_library_a_process(monkeypatch, tmp_path) -> None:
+    """Another SPLITSERVE_HOME later in the same process reuses the loaded library: loading a
+    second build would register the ops twice and abort the process."""
+    _use(monkeypatch, None)
+    if not cpu_kernels.available("attention"):
+        pytest.skip(f"our kernels cannot run here: {cpu_kernels.why_not()}")
+    monkeypatch.setenv("SPLITSERVE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.available("int4")
+    assert not (tmp_path / "kernels").exists()

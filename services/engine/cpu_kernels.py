@@ -40,6 +40,9 @@ BUILD_TIMEOUT_S = 600  # a compile on two busy cores, never a hang
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+# The library this process loaded, if any. A second one (another SPLITSERVE_HOME, another
+# -march) would register the same ops again, which aborts the process: never load two.
+_library: list[Path] = []
 
 
 def _home() -> Path:
@@ -120,8 +123,10 @@ def _build(out: Path) -> None:
 
 def available(kernel: str) -> bool:
     """Whether `kernel` ("int4" or "attention") is chosen and loaded (building the library
-    first if this machine has not yet)."""
-    return kernel in chosen() and _loaded()
+    first if this machine has not yet). Read at every layer: both answers are kept."""
+    if "chosen" not in _state:
+        _state["chosen"] = chosen()
+    return kernel in _state["chosen"] and _loaded()
 
 
 def prepare() -> None:
@@ -136,7 +141,7 @@ def _loaded() -> bool:
         if "ok" in _state:
             return bool(_state["ok"])
         reason = why_not()
-        if reason is None:
+        if reason is None and not _library:
             try:
                 path = _library_path()
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +151,7 @@ def _loaded() -> bool:
                         log.info("building the CPU kernels (once per machine) into %s", path)
                         _build(path)
                 torch.ops.load_library(str(path))
+                _library.append(path)
             except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
                 reason = f"its build or load failed: {e}"
         if reason is not None:
