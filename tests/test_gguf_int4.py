@@ -73,6 +73,11 @@ def test_int4_linear_is_the_groups_matrix(kernel, k) -> None:
         assert got.dtype == torch.float32 and got.shape == (rows, n)
         # int8 or bfloat16 activations: within a percent of the largest output
         assert _rel_err(got, x.double() @ dense.double().t() + bias.double()) < 1e-2
+    # a NaN in x comes out as NaN in every output of its row, never as integer garbage
+    x = torch.randn(2, k, generator=g)
+    x[1, 3] = float("nan")
+    y = linear(x, w)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
     # a float matrix goes through F.linear unchanged
     x = torch.randn(5, k, generator=g)
     assert torch.equal(linear(x, dense, bias), torch.nn.functional.linear(x, dense, bias))

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -52,9 +53,14 @@ QuantX quantize_rows(const float* x, int64_t rows, int64_t k) {
     const float* xr = x + r * k;
     for (int64_t g = 0; g < groups; ++g) {
       float amax = 0.f;
-      for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(xr[g * kGroup + j]));
-      const float d = amax / 32767.f;
-      const float inv = d > 0.f ? 1.f / d : 0.f;
+      bool finite = true;
+      for (int j = 0; j < kGroup; ++j) {
+        amax = std::max(amax, std::fabs(xr[g * kGroup + j]));
+        finite = finite && std::isfinite(xr[g * kGroup + j]);
+      }
+      // a NaN or infinity in x gives NaN out, as a float product would (never int garbage)
+      const float d = finite ? amax / 32767.f : std::numeric_limits<float>::quiet_NaN();
+      const float inv = finite && d > 0.f ? 1.f / d : 0.f;
       const int64_t lo = r * out.stride + (g / 4) * 128 + (g % 4) * 16, hi = lo + 64;
       int64_t sum = 0;
       for (int j = 0; j < 32; ++j) {
